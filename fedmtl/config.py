@@ -1,0 +1,255 @@
+"""The one configuration model of fedmtl, stored as ``params.yaml`` (DVC's parameter file).
+
+Every setting lives here, in five sections plus validation: ``data``, ``model``, ``training``,
+``grouping``, ``tracking`` and ``validation``. ``load_config`` reads a YAML file, applies
+``key=value`` overrides and validates the result; every error names the key at fault and, for
+choices, the allowed values (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Source = Literal["digits", "synthetic", "table"]
+Scheme = Literal["iid", "dirichlet", "shards", "label-permutation", "rotation"]
+Base = Literal["mlp", "cnn"]
+GroupWeighting = Literal["samples", "uniform", "sqrt"]
+Grouping = Literal["column"]
+TaskKind = Literal["classification", "regression"]
+PersonalInit = Literal["group", "personal"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(_Section):
+    """How the prepared data set is split into clients (only for the built-in sources)."""
+
+    scheme: Scheme = "label-permutation"
+    n_clients: int = Field(20, ge=1)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (scheme=dirichlet)")
+    shards_per_client: int = Field(2, ge=1, description="classes per client (scheme=shards)")
+    n_groups: int = Field(
+        4, ge=1, description="groups (scheme=label-permutation: any; rotation: 1..4)"
+    )
+
+
+class SyntheticConfig(_Section):
+    """FedProx's Synthetic(alpha, beta) generator (Li et al. 2020)."""
+
+    alpha: float = Field(0.5, ge=0)
+    beta: float = Field(0.5, ge=0)
+    n_clients: int = Field(30, ge=1)
+    n_features: int = Field(60, ge=1)
+    n_classes: int = Field(10, ge=2)
+    size_scale: float = Field(1.0, gt=0, description="multiplies each client's lognormal size")
+
+
+class TableConfig(_Section):
+    """The user's own CSV or Parquet file: one row per example, a column naming its client."""
+
+    path: str | None = None
+    client_column: str = "client"
+    label_columns: list[str] = Field(default_factory=lambda: ["label"], min_length=1)
+    group_column: str | None = None
+    feature_columns: list[str] | None = Field(
+        None, description="default: every other numeric column"
+    )
+    task_kinds: dict[str, TaskKind] = Field(
+        default_factory=dict, description="per label column; default classification"
+    )
+
+
+class DataConfig(_Section):
+    source: Source = "digits"
+    seed: int = 0
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    raw_dir: str = "data/raw"
+    partitions_dir: str = "data/partitions"
+    validation_dir: str = "data/validation"
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    table: TableConfig = Field(default_factory=TableConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "table" and not self.table.path:
+            raise ValueError("data.table.path must be set when data.source is 'table'")
+        if self.partition.scheme == "rotation" and self.partition.n_groups > 4:
+            raise ValueError("data.partition.n_groups must be 1..4 for scheme 'rotation'")
+        return self
+
+
+class ModelConfig(_Section):
+    base: Base = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    cnn_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+
+
+class TrainingConfig(_Section):
+    rounds: int = Field(30, ge=1)
+    clients_per_round: float = Field(
+        1.0, gt=0, description="a fraction (<=1) or a count (>1) of the clients, sampled per round"
+    )
+    local_epochs: int = Field(5, ge=1)
+    personal_epochs: int = Field(
+        5, ge=0, description="epochs of personal-head training on the frozen received base"
+    )
+    personal_init: PersonalInit = Field(
+        "group", description="start ψ_c each round from the group head, or from the stored ψ_c"
+    )
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    min_clients: int = Field(2, ge=1, description="fewest valid clients a run may start with")
+    seed: int = 0
+    workdir: str = Field(".fedmtl", description="run state: per-client stores, checkpoints")
+
+
+class GroupingConfig(_Section):
+    method: Grouping = "column"
+    column: str = "group"
+    weighting: GroupWeighting = "samples"
+
+
+class ValidationConfig(_Section):
+    min_train_rows: int = Field(8, ge=1)
+    min_test_rows: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "fedmtl"
+    registered_model: str = "fedmtl-personalized"
+    register_model: bool = True
+    client_runs: bool = Field(True, description="a child run per client with its metrics")
+    bundle_personal_heads: bool = Field(
+        True, description="ship personal heads inside the registered model (else group heads)"
+    )
+    metrics_file: str = "metrics.json"
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    grouping: GroupingConfig = Field(default_factory=GroupingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the key and what is allowed."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, checking every part against the Config schema."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        if model is not None and part not in model.model_fields:
+            allowed = ", ".join(_allowed_keys(model))
+            raise ConfigError(f"unknown setting '{here}'; allowed keys here: {allowed}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = model.model_fields[part].annotation if model is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            raise ConfigError(f"setting '{here}' is a value, not a section: cannot set '{dotted}'")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. training.rounds=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    msg = error["msg"]
+    if error.get("type") == "extra_forbidden":
+        return f"unknown setting '{loc}'"
+    if error.get("type") == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"setting '{loc}' = {error.get('input')!r} is not allowed; allowed values: {expected}"
+    if not loc:
+        return msg.removeprefix("Value error, ")
+    return f"setting '{loc}' = {error.get('input')!r}: {msg}"
+
+
+def validate_config(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (default: built-in defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"parameter file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"parameter file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"parameter file '{path}' must hold a mapping of sections")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_key(tree, key, value)
+    return validate_config(tree)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    return get_args(literal)

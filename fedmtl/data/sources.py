@@ -1,0 +1,303 @@
+"""Data sources: the raw data set before it is split into client partitions.
+
+Three sources, chosen by ``data.source``:
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download); no clients yet,
+  they are made by a partition scheme (:mod:`fedmtl.data.partitioners`).
+- ``synthetic``: FedProx's Synthetic(alpha, beta) (Li et al. 2020), already one set per client.
+- ``table``: the user's own CSV or Parquet file with a column naming each row's client.
+
+Each returns a :class:`RawData`: one frame with the feature columns (float32), one column per
+task (label) and, for sources that have clients, the ``client`` and ``group`` columns (str).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedmtl.config import DataConfig, SyntheticConfig, TableConfig
+from fedmtl.data.manifest import TaskSpec
+
+#: Columns of the partition contract that a table's features or labels may not be called.
+RESERVED_COLUMNS = ("client", "group", "split", "row")
+#: Largest number of rows one synthetic client gets (caps the heavy lognormal tail).
+MAX_SYNTHETIC_CLIENT_ROWS = 20_000
+#: Fewest rows one synthetic client gets (``size_scale`` may shrink the FedProx sizes).
+MIN_SYNTHETIC_CLIENT_ROWS = 1
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message names the file and the column."""
+
+
+@dataclass
+class RawData:
+    """A loaded source: the rows plus what training needs to know about them."""
+
+    frame: pd.DataFrame
+    features: list[str]
+    tasks: list[TaskSpec]
+    feature_range: tuple[float, float] | None  # declared [min, max] of every feature
+    input_shape: list[int] | None  # e.g. [1, 8, 8] for images
+    has_clients: bool  # whether ``frame`` already has ``client`` and ``group`` columns
+    true_groups: bool  # whether ``group`` is a known ground truth
+
+
+def client_ids(n_clients: int) -> list[str]:
+    """``c000``, ``c001``, ... zero-padded to width 3, or wider when there are more clients."""
+    width = max(3, len(str(n_clients - 1)))
+    return [f"c{i:0{width}d}" for i in range(n_clients)]
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+
+
+def load_digits() -> RawData:
+    """scikit-learn's 1,797 8x8 digit images, pixels scaled from 0..16 to [0, 1]."""
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    data = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)
+    features = [f"x{j}" for j in range(data.shape[1])]
+    frame = pd.DataFrame(data, columns=features)
+    frame["label"] = np.asarray(bunch.target, dtype=np.int64)
+    return RawData(
+        frame=frame,
+        features=features,
+        tasks=[TaskSpec("label", "classification", list(range(10)))],
+        feature_range=(0.0, 1.0),
+        input_shape=[1, 8, 8],
+        has_clients=False,
+        true_groups=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic
+
+
+def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
+    """FedProx's Synthetic(alpha, beta) (Li et al. 2020, ``generate_synthetic``).
+
+    For client k: u_k ~ N(0, alpha), W_k ~ N(u_k, 1) (classes x features), b_k ~ N(u_k, 1);
+    B_k ~ N(0, beta), v_k ~ N(B_k, 1) per feature; x ~ N(v_k, Sigma) with
+    Sigma = diag(j^-1.2), j = 1..d; y = argmax(softmax(W_k x + b_k)). Sizes are
+    ``int(lognormal(4, 2)) + 50`` times ``cfg.size_scale``, clipped to
+    [:data:`MIN_SYNTHETIC_CLIENT_ROWS`, :data:`MAX_SYNTHETIC_CLIENT_ROWS`] (the lognormal tail
+    would otherwise give a client millions of rows once in a while). Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    k, d, c = cfg.n_clients, cfg.n_features, cfg.n_classes
+    base_sizes = rng.lognormal(4.0, 2.0, k).astype(np.int64) + 50
+    sizes = np.clip(
+        (base_sizes * cfg.size_scale).astype(np.int64),
+        MIN_SYNTHETIC_CLIENT_ROWS,
+        MAX_SYNTHETIC_CLIENT_ROWS,
+    )
+    mean_w = rng.normal(0.0, cfg.alpha, k)  # u_k (mean of W_k and b_k)
+    mean_v = rng.normal(0.0, cfg.beta, k)  # B_k
+    v = rng.normal(mean_v[:, None], 1.0, (k, d))  # v_k, the mean of x
+    sigma = np.arange(1, d + 1, dtype=np.float64) ** -1.2  # diagonal of Sigma
+
+    ids = client_ids(k)
+    xs, ys = [], []
+    for i in range(k):
+        w = rng.normal(mean_w[i], 1.0, (c, d))
+        b = rng.normal(mean_w[i], 1.0, c)
+        x = v[i] + rng.standard_normal((int(sizes[i]), d)) * np.sqrt(sigma)
+        # softmax is monotone, so argmax(softmax(z)) == argmax(z)
+        ys.append(np.argmax(x @ w.T + b, axis=1).astype(np.int64))
+        xs.append(x.astype(np.float32))
+
+    features = [f"x{j}" for j in range(d)]
+    frame = pd.DataFrame(np.concatenate(xs), columns=features)
+    frame.insert(0, "client", pd.Series(np.repeat(ids, sizes), dtype=str))
+    frame.insert(1, "group", "0")
+    frame["label"] = np.concatenate(ys)
+    return RawData(
+        frame=frame,
+        features=features,
+        tasks=[TaskSpec("label", "classification", list(range(c)))],
+        feature_range=None,
+        input_shape=None,
+        has_clients=True,
+        true_groups=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# table
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"data.table.path: file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            table = pd.read_csv(path)
+        elif suffix in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        else:
+            table = None
+    except Exception as exc:  # parser errors of pandas/pyarrow have no common base class
+        raise DataError(f"data.table.path: cannot read '{path}': {exc}") from exc
+    if table is None:
+        raise DataError(
+            f"data.table.path: file '{path}' has suffix '{path.suffix}'; "
+            "expected .csv or .parquet"
+        )
+    if any(name is not None for name in table.index.names):
+        return table.reset_index()  # a named index (e.g. a Parquet file's) is a column too
+    return table.reset_index(drop=True)
+
+
+def _require_column(table: pd.DataFrame, column: str, setting: str, path: Path) -> None:
+    if column not in table.columns:
+        raise DataError(
+            f"{setting}: column '{column}' is not in '{path}' "
+            f"(columns: {', '.join(map(str, table.columns))})"
+        )
+
+
+def _id_column(table: pd.DataFrame, column: str, setting: str, path: Path) -> pd.Series:
+    """A client or group column as str; nulls are an error."""
+    _require_column(table, column, setting, path)
+    values = table[column]
+    if values.isna().any():
+        raise DataError(f"{setting}: column '{column}' of '{path}' has missing values")
+    return values.astype(str).astype(object)
+
+
+def _classes(values: pd.Series, column: str, path: Path) -> list[Any]:
+    try:
+        return sorted(pd.unique(values).tolist())
+    except TypeError:
+        raise DataError(
+            f"data.table.label_columns: column '{column}' of '{path}' mixes value types "
+            "that cannot be sorted into classes"
+        ) from None
+
+
+def load_table(cfg: TableConfig) -> RawData:
+    """The user's CSV or Parquet file (read only, never modified).
+
+    The client column becomes ``client`` (str), the optional group column ``group`` (str, "0"
+    when none is given). Features are ``cfg.feature_columns`` or, by default, every numeric
+    column but the client, group and label columns and the reserved names
+    :data:`RESERVED_COLUMNS`; they are cast to float32. Labels keep their values; each task is
+    a classification (classes: the sorted distinct values) unless ``cfg.task_kinds`` says
+    regression.
+    """
+    if not cfg.path:
+        raise DataError("data.table.path must be set when data.source is 'table'")
+    path = Path(cfg.path)
+    table = _read_table(path)
+
+    client = _id_column(table, cfg.client_column, "data.table.client_column", path)
+    if cfg.group_column is not None:
+        group = _id_column(table, cfg.group_column, "data.table.group_column", path)
+    else:
+        group = pd.Series("0", index=table.index, dtype=object)
+
+    labels = list(cfg.label_columns)
+    if len(set(labels)) != len(labels):
+        raise DataError(f"data.table.label_columns: {labels} names a column twice")
+    for name in labels:
+        _require_column(table, name, "data.table.label_columns", path)
+        if name in RESERVED_COLUMNS or name in (cfg.client_column, cfg.group_column):
+            raise DataError(
+                f"data.table.label_columns: column '{name}' of '{path}' cannot be a label: "
+                f"it is the client/group column or a reserved name {RESERVED_COLUMNS}"
+            )
+        if table[name].isna().any():
+            raise DataError(
+                f"data.table.label_columns: label column '{name}' of '{path}' has missing values"
+            )
+    unknown = sorted(set(cfg.task_kinds) - set(labels))
+    if unknown:
+        raise DataError(
+            f"data.table.task_kinds: {unknown} are not label columns (label_columns: {labels})"
+        )
+
+    not_features = {cfg.client_column, cfg.group_column, *labels, *RESERVED_COLUMNS}
+    if cfg.feature_columns is not None:
+        features = list(cfg.feature_columns)
+        for name in features:
+            _require_column(table, name, "data.table.feature_columns", path)
+            if name in not_features:
+                raise DataError(
+                    f"data.table.feature_columns: column '{name}' of '{path}' cannot be a "
+                    f"feature: it is the client/group column, a label or a reserved name "
+                    f"{RESERVED_COLUMNS}"
+                )
+            if not pd.api.types.is_numeric_dtype(table[name]):
+                raise DataError(
+                    f"data.table.feature_columns: feature column '{name}' of '{path}' is not "
+                    f"numeric (dtype {table[name].dtype})"
+                )
+    else:
+        features = [
+            str(name)
+            for name in table.columns
+            if name not in not_features and pd.api.types.is_numeric_dtype(table[name])
+        ]
+    if not features:
+        raise DataError(
+            f"data.table.feature_columns: '{path}' has no numeric feature columns besides the "
+            f"client, group and label columns"
+        )
+
+    tasks: list[TaskSpec] = []
+    for name in labels:
+        kind = cfg.task_kinds.get(name, "classification")
+        if kind == "regression":
+            if not pd.api.types.is_numeric_dtype(table[name]):
+                raise DataError(
+                    f"data.table.task_kinds: regression label column '{name}' of '{path}' is "
+                    f"not numeric (dtype {table[name].dtype})"
+                )
+            tasks.append(TaskSpec(name, "regression", []))
+        else:
+            tasks.append(TaskSpec(name, "classification", _classes(table[name], name, path)))
+
+    groups_per_client = group.groupby(client).nunique()
+    mixed = groups_per_client[groups_per_client > 1]
+    if len(mixed):
+        raise DataError(
+            f"data.table.group_column: column '{cfg.group_column}' of '{path}' gives client "
+            f"'{mixed.index[0]}' more than one group"
+        )
+
+    frame = pd.DataFrame({"client": client.to_numpy(), "group": group.to_numpy()})
+    frame = frame.astype({"client": str, "group": str})
+    feats = table[features].to_numpy(dtype=np.float32)
+    frame = pd.concat([frame, pd.DataFrame(feats, columns=features)], axis=1)
+    for name in labels:
+        frame[name] = table[name]
+    return RawData(
+        frame=frame,
+        features=features,
+        tasks=tasks,
+        feature_range=None,
+        input_shape=None,
+        has_clients=True,
+        true_groups=cfg.group_column is not None,
+    )
+
+
+def load_source(cfg: DataConfig) -> RawData:
+    """Load ``cfg.source``: ``digits``, ``synthetic`` or ``table``."""
+    if cfg.source == "digits":
+        return load_digits()
+    if cfg.source == "synthetic":
+        return generate_synthetic(cfg.synthetic, cfg.seed)
+    if cfg.source == "table":
+        return load_table(cfg.table)
+    raise DataError(f"data.source = {cfg.source!r}; allowed values: digits, synthetic, table")

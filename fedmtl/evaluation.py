@@ -1,0 +1,105 @@
+"""Evaluation on each client's own held-out split, and the summaries that leave the clients.
+
+Three models are scored per client and task: ``global`` (θ + φ₀), ``group`` (θ + φ_g) and
+``personal`` (θ + ψ_c). Classification: accuracy and macro precision, recall and F1
+(scikit-learn). Regression: MAE and RMSE. The round summary over clients: mean, sample-weighted
+mean, worst-10 % (the mean of the worst ⌈10 %⌉ of clients) and the personalisation gain
+(mean over clients of personal minus global).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    mean_absolute_error,
+    mean_squared_error,
+    precision_recall_fscore_support,
+)
+from torch import nn
+
+from fedmtl.client import ClientData
+from fedmtl.data.manifest import TaskSpec
+from fedmtl.state import Heads, Vector
+from fedmtl.training import load_weights
+
+VARIANTS = ("global", "group", "personal")
+HIGHER_IS_BETTER = {"accuracy": True, "precision": True, "recall": True, "f1": True, "mae": False, "rmse": False}
+
+
+def task_metrics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    if task.kind == "classification":
+        y_pred = output.argmax(axis=1)
+        # macro over the classes present in the client's labels or predictions: classes the
+        # client never sees would otherwise count as zeros.
+        present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=present, average="macro", zero_division=0
+        )
+        return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
+                "recall": float(r), "f1": float(f)}
+    pred = output.reshape(-1)
+    return {"mae": float(mean_absolute_error(y_true, pred)),
+            "rmse": float(math.sqrt(mean_squared_error(y_true, pred)))}
+
+
+@torch.no_grad()
+def evaluate_client(
+    model: nn.Module,
+    base: Vector,
+    heads_by_variant: dict[str, Heads],
+    data: ClientData,
+    tasks: Sequence[TaskSpec],
+) -> list[dict]:
+    """One record per (variant, task): the client's metrics on its held-out split."""
+    records: list[dict] = []
+    if data.n_test == 0:
+        return records
+    model.eval()
+    for variant, heads in heads_by_variant.items():
+        load_weights(model, base, heads)
+        outputs = model(data.x_test)
+        for task in tasks:
+            metrics = task_metrics(task, data.y_test[task.name].numpy(), outputs[task.name].numpy())
+            records.append({"client": data.client, "group": data.group, "n_test": data.n_test,
+                            "variant": variant, "task": task.name, **metrics})
+    return records
+
+
+def worst_fraction_mean(values: pd.Series, higher_is_better: bool, fraction: float = 0.1) -> float:
+    k = max(1, math.ceil(fraction * len(values)))
+    ordered = values.sort_values(ascending=higher_is_better)
+    return float(ordered.iloc[:k].mean())
+
+
+def summarize(records: pd.DataFrame) -> dict[str, float]:
+    """Round summaries: ``{variant}/{metric}/{mean|weighted_mean|worst10}`` for the first task
+    (prefixed ``{task}/`` for further tasks) and ``personalisation_gain/{metric}``."""
+    out: dict[str, float] = {}
+    if records.empty:
+        return out
+    tasks = list(dict.fromkeys(records["task"]))
+    for i, task in enumerate(tasks):
+        prefix = "" if i == 0 else f"{task}/"
+        rows = records[records["task"] == task]
+        metrics = [m for m in HIGHER_IS_BETTER if m in rows.columns and rows[m].notna().any()]
+        for variant, part in rows.groupby("variant", sort=False):
+            w = part["n_test"].to_numpy(dtype=float)
+            for m in metrics:
+                values = part[m]
+                out[f"{prefix}{variant}/{m}/mean"] = float(values.mean())
+                out[f"{prefix}{variant}/{m}/weighted_mean"] = float(np.average(values, weights=w))
+                out[f"{prefix}{variant}/{m}/worst10"] = worst_fraction_mean(values, HIGHER_IS_BETTER[m])
+        pivot = rows.pivot_table(index="client", columns="variant", values=metrics)
+        for m in metrics:
+            if ("personal" in pivot[m]) and ("global" in pivot[m]):
+                gain = pivot[m]["personal"] - pivot[m]["global"]
+                if not HIGHER_IS_BETTER[m]:
+                    gain = -gain
+                out[f"{prefix}personalisation_gain/{m}"] = float(gain.mean())
+    return out

@@ -1,0 +1,39 @@
+"""Keep library chatter off the user's terminal: analytics, progress bars, INFO logs.
+
+Only environment defaults and logging levels: a user's own settings always win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+DEFAULTS = {
+    # Prefect: no telemetry (it logs an ERROR with no network); warnings and errors only.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
+    # MLflow and GitPython
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    # Great Expectations
+    "GX_ANALYTICS_ENABLED": "false",
+    # tqdm-based progress bars in libraries
+    "TQDM_DISABLE": "1",
+}
+
+NOISY_LOGGERS = ("alembic", "mlflow", "great_expectations", "dvc", "httpx", "urllib3")
+
+
+def configure(verbose: bool = False) -> None:
+    for key, value in DEFAULTS.items():
+        if verbose and key == "PREFECT_LOGGING_LEVEL":
+            continue
+        os.environ.setdefault(key, value)
+    if not verbose:
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*pkg_resources.*")

@@ -1,0 +1,24 @@
+"""The whole pipeline in one flow run: prepare → partition → validate → train.
+
+``dvc repro`` runs the same steps as separate DVC stages (dvc.yaml); this flow is what
+``fedmtl run`` and scheduled deployments use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from fedmtl.config import Config
+from flows.training import federated_training
+from tasks.data import partition, prepare, validate
+
+
+@flow(name="fedmtl-pipeline", log_prints=False)
+def pipeline(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.model_validate(config)
+    prepare(cfg)
+    partition(cfg)
+    validate(cfg)
+    return federated_training(cfg.model_dump(mode="json"))

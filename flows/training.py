@@ -1,0 +1,228 @@
+"""The federated training flow: rounds of dispatch → local_train → group_aggregate →
+global_merge → evaluate, reported to MLflow, ending with a registered personalised model."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, runtime, unmapped
+from prefect.futures import wait
+
+from fedmtl import plots
+from fedmtl.config import Config, dump_config
+from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
+from fedmtl.evaluation import summarize
+from fedmtl.federation import Federation
+from fedmtl.provenance import data_version, git_commit
+from fedmtl.state import ServerState
+from fedmtl.store import ClientStore
+from fedmtl.training import LocalConfig
+from fedmtl.validation import read_report, usable_clients
+from models.personalized import CLIENT_COLUMN, PersonalizedBundle
+from tasks.registry import log_personalized_model
+from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train
+from tasks.tracking import RunTracker
+
+STEPS = ("dispatch", "local_train", "group_aggregate", "global_merge", "evaluate", "tracking")
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients returned an update for the round to count."""
+
+
+@flow(name="fedmtl-train", log_prints=False)
+def federated_training(config: dict[str, Any]) -> dict[str, Any]:
+    """Train on the validated partitions named in ``config`` (a ``Config`` as a dict)."""
+    cfg = Config.model_validate(config)
+    logger = get_run_logger()
+    manifest = read_manifest(cfg.data.partitions_dir)
+    report = read_report(cfg.data.validation_dir)
+    clients = usable_clients(manifest, report, cfg.training.min_clients)
+    run_key = uuid.uuid4().hex[:8]
+    fed = Federation(
+        partitions_dir=Path(cfg.data.partitions_dir),
+        manifest=manifest,
+        model_cfg=cfg.model,
+        local=LocalConfig.from_training(cfg.training),
+        store=ClientStore(Path(cfg.training.workdir) / "runs" / run_key / "clients"),
+        seed=cfg.training.seed,
+        groups={c.client: c.group for c in manifest.clients},
+    )
+    tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    tags = run_tags(cfg, manifest, report)
+    run_id = tracker.start(f"{manifest.source}-fedmtl-{run_key}", cfg.flat(), tags)
+    tracker.log_text(dump_config(cfg), "config/params.yaml")
+    tracker.log_artifact(cfg.data.validation_dir, "validation")
+    logger.info("MLflow run %s: %d clients (%d quarantined)", run_id, len(clients), len(report.quarantined))
+
+    state = fed.initial_state()
+    history: list[dict[str, float]] = []
+    try:
+        for _ in range(cfg.training.rounds):
+            state, records, summary = run_round(fed, state, clients, cfg, tracker, tags)
+            history.append(summary)
+            logger.info("round %d: %s", state.round, _headline(summary))
+        result = finish(fed, state, clients, records, history, cfg, tracker, tags)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def run_round(fed, state, clients, cfg, tracker, tags):
+    """One round; returns the new state, per-client records and the round summary."""
+    t = {}
+    start = time.perf_counter()
+    chosen = dispatch(fed, clients, cfg.training.clients_per_round, state.round)
+    t["dispatch"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    futures = local_train.map(chosen, unmapped(fed), unmapped(state))
+    wait(futures)
+    updates, failed = [], {}
+    for client, future in zip(chosen, futures):
+        if future.state.is_completed():
+            updates.append(future.result())
+        else:
+            failed[client] = str(future.state.result(raise_on_failure=False))
+    t["local_train"] = time.perf_counter() - start
+    if len(updates) < cfg.training.min_clients:
+        raise RoundFailed(
+            f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
+            f"update (training.min_clients = {cfg.training.min_clients}); failed: "
+            + "; ".join(f"{c}: {e}" for c, e in failed.items())
+        )
+
+    start = time.perf_counter()
+    groups = group_aggregate(updates)
+    t["group_aggregate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    state = global_merge(state, groups, cfg.grouping.weighting, cfg.training.server_lr)
+    t["global_merge"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    records = evaluate(fed, state, clients)
+    t["evaluate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    summary = summarize(records)
+    train_loss = [u.metrics["train_loss"] for u in updates]
+    extra = {
+        "clients/participating": len(updates),
+        "clients/failed": len(failed),
+        "train/loss/mean": sum(train_loss) / len(train_loss),
+    }
+    tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
+    if cfg.tracking.client_runs:
+        tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
+    tracker.log_metrics({"time/tracking_s": time.perf_counter() - start}, state.round)
+    if failed:
+        tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
+    return state, records, summary
+
+
+def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[str, Any]:
+    """Plots, the per-client table, the registered model and the DVC metrics file."""
+    fig = plots.convergence(history)
+    tracker.log_figure(fig, "plots/convergence.png")
+    plots.close(fig)
+    fig = plots.clients_global_vs_personal(records)
+    tracker.log_figure(fig, "plots/clients_global_vs_personal.png")
+    plots.close(fig)
+    tracker.log_table(records, "clients_final.csv")
+
+    version = None
+    model_uri = None
+    if cfg.tracking.register_model:
+        bundle = make_bundle(fed, state, cfg)
+        example = input_example(fed, clients)
+        model_uri, version = log_personalized_model(
+            tracker.run_id, bundle, example, cfg.tracking.registered_model,
+            tags={"data_version": tags["data_version"], "git_commit": tags["git_commit"]},
+        )
+        tracker.set_tags({"registered_model": cfg.tracking.registered_model, "model_version": version or ""})
+
+    final = history[-1]
+    metrics = {
+        "global_accuracy": final.get("global/accuracy/mean"),
+        "group_accuracy": final.get("group/accuracy/mean"),
+        "personal_accuracy": final.get("personal/accuracy/mean"),
+        "global_f1": final.get("global/f1/mean"),
+        "group_f1": final.get("group/f1/mean"),
+        "personal_f1": final.get("personal/f1/mean"),
+        "personal_accuracy_worst10": final.get("personal/accuracy/worst10"),
+        "global_accuracy_worst10": final.get("global/accuracy/worst10"),
+        "group_accuracy_worst10": final.get("group/accuracy/worst10"),
+        "personalisation_gain": final.get("personalisation_gain/accuracy"),
+        "rounds": state.round,
+        "clients": len(clients),
+        "mlflow_run_id": tracker.run_id,
+        "model_version": version,
+        "data_version": tags["data_version"],
+    }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    atomic_write_bytes(cfg.tracking.metrics_file, (json.dumps(metrics, indent=2) + "\n").encode())
+    return {**metrics, "model_uri": model_uri, "registered_model": cfg.tracking.registered_model,
+            "tracking_uri": tracker.tracking_uri, "history": history}
+
+
+def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> PersonalizedBundle:
+    personal = {}
+    if cfg.tracking.bundle_personal_heads:
+        for client in fed.manifest.client_ids:
+            heads = fed.store.load(client)
+            if heads is not None:
+                personal[client] = heads
+    return PersonalizedBundle(
+        model_cfg=cfg.model.model_dump(mode="json"),
+        features=list(fed.manifest.features),
+        tasks=[{"name": t.name, "kind": t.kind, "classes": list(t.classes)} for t in fed.manifest.tasks],
+        input_shape=fed.manifest.input_shape,
+        base=state.base,
+        global_heads=state.global_heads,
+        group_heads=state.group_heads,
+        client_groups=dict(fed.groups),
+        personal_heads=personal,
+    )
+
+
+def input_example(fed: Federation, clients: list[str], rows: int = 2) -> pd.DataFrame:
+    parts = []
+    for client in clients[:2]:
+        data = fed.data(client)
+        x = data.x_test[:rows] if data.n_test else data.x_train[:rows]
+        frame = pd.DataFrame(x.numpy().astype("float64"), columns=fed.manifest.features)
+        frame.insert(0, CLIENT_COLUMN, client)
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
+    tags = {
+        **data_version(cfg.data.partitions_dir),
+        **git_commit(),
+        "method": "fedmtl",
+        "dataset": manifest.source,
+        "partition_scheme": manifest.scheme,
+        "grouping": cfg.grouping.method,
+        "privacy": "none",
+        "quarantined_clients": ",".join(sorted(report.quarantined)) or "none",
+    }
+    try:
+        tags["prefect_flow_run_id"] = str(runtime.flow_run.id)
+        tags["prefect_flow_run_name"] = str(runtime.flow_run.name)
+    except Exception:  # noqa: BLE001 - outside a flow run there is no id to record
+        pass
+    return tags
+
+
+def _headline(summary: dict[str, float]) -> str:
+    keys = ("global/accuracy/mean", "group/accuracy/mean", "personal/accuracy/mean")
+    return ", ".join(f"{k.split('/')[0]} {summary[k]:.3f}" for k in keys if k in summary)

@@ -1,0 +1,85 @@
+"""Log the personalised model as an MLflow pyfunc and register it with an alias."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import models
+from models.personalized import PersonalizedBundle, PersonalizedPredictor
+from models.pyfunc import BUNDLE_ARTIFACT
+
+CHALLENGER = "challenger"
+SERVING_ENTRY = Path(models.__file__).parent / "serving.py"
+DESCRIPTION = (
+    "fedmtl personalised model: a shared base plus heads routed by client_id "
+    "(personal head, else the client's group head, else the global head)."
+)
+
+
+def pip_requirements() -> list[str]:
+    import numpy
+    import pandas
+    import sklearn
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"pandas=={pandas.__version__}",
+        f"numpy=={numpy.__version__}",
+        f"scikit-learn=={sklearn.__version__}",
+    ]
+
+
+def log_personalized_model(
+    run_id: str,
+    bundle: PersonalizedBundle,
+    input_example: pd.DataFrame,
+    registered_model: str | None,
+    tags: dict[str, str] | None = None,
+) -> tuple[str, str | None]:
+    """Log under ``run_id`` as artifact ``model``; register as a new version of
+    ``registered_model`` with alias ``challenger``. Returns (model URI, version or None).
+
+    The registry entry is created only after the model's artifacts were written, so a crash
+    leaves no version that points at a half-written model."""
+    predictor = PersonalizedPredictor(bundle)
+    output_example = predictor.predict(input_example)
+    with warnings.catch_warnings():  # MLflow's hint about integer columns: labels never miss
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(input_example, output_example)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bundle.pt"
+        buffer = io.BytesIO()
+        torch.save(bundle.to_dict(), buffer)
+        path.write_bytes(buffer.getvalue())
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(SERVING_ENTRY),
+                artifacts={BUNDLE_ARTIFACT: str(path)},
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=pip_requirements(),
+            )
+    version = None
+    if registered_model:
+        client = MlflowClient()
+        try:
+            client.get_registered_model(registered_model)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(registered_model, description=DESCRIPTION)
+        mv = client.create_model_version(
+            registered_model, info.model_uri, run_id=run_id, tags=tags or {}, model_id=info.model_id
+        )
+        version = str(mv.version)
+        client.set_registered_model_alias(registered_model, CHALLENGER, version)
+    return info.model_uri, version

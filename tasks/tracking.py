@@ -1,0 +1,143 @@
+"""MLflow reporting for a training flow run: one parent run, per-client child runs, batched.
+
+Every metric goes through ``MlflowClient.log_batch`` (one call per run per round), never
+``log_metric`` in a loop; child runs are created once per client and reused every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+for _name in ("alembic", "mlflow", "mlflow.store.db.utils", "mlflow.tracking"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute and create its folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if artifact_root and "://" not in artifact_root:
+        path = Path(artifact_root).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        location = path.as_uri()
+    elif artifact_root:
+        location = artifact_root
+    return client.create_experiment(name, artifact_location=location)
+
+
+class RunTracker:
+    """The MLflow side of one training flow run."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
+        self.run_id: str | None = None
+        self.child_runs: dict[str, str] = {}
+
+    # -- runs -------------------------------------------------------------------------------
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        return self.run_id
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end(self, status: str = "FINISHED") -> None:
+        for run_id in self.child_runs.values():
+            self.client.set_terminated(run_id, status)
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status)
+
+    # -- metrics ----------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int, run_id: str | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [
+            Metric(_metric_key(k), float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and v == v  # drop NaN
+        ]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+
+    def log_clients(self, records: pd.DataFrame, step: int, tags: dict[str, str]) -> None:
+        """Per-client metrics into one child run per client (created on first use)."""
+        if records.empty:
+            return
+        metric_cols = [c for c in records.columns if c not in ("client", "group", "n_test", "variant", "task")]
+        first_task = records["task"].iloc[0]
+        for client, rows in records.groupby("client", sort=True):
+            run_id = self.child_runs.get(client)
+            if run_id is None:
+                child_tags = {"mlflow.parentRunId": self.run_id, "client": str(client),
+                              "group": str(rows["group"].iloc[0]), **tags}
+                run = self.client.create_run(self.experiment_id, run_name=f"client-{client}", tags=child_tags)
+                run_id = self.child_runs[client] = run.info.run_id
+            metrics: dict[str, float] = {}
+            for row in rows.itertuples(index=False):
+                prefix = "" if row.task == first_task else f"{row.task}/"
+                for m in metric_cols:
+                    metrics[f"{prefix}{row.variant}/{m}"] = getattr(row, m)
+            self.log_metrics(metrics, step, run_id)
+
+    # -- artifacts --------------------------------------------------------------------------
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_table(self, frame: pd.DataFrame, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            frame.to_csv(path, index=False)
+            self.client.log_artifact(self.run_id, str(path))
+
+
+def _metric_key(key: str) -> str:
+    return key.replace("%", "pct")
+
+
+def _param_value(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text[:6000]
