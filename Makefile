@@ -10,9 +10,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: run test venv clean ui
 
 run: $(STAMP)
-	dvc repro --quiet
-	dvc push --quiet
-	fedmtl report
+	@if dvc status --quiet >/dev/null 2>&1 && [ -f metrics.json ]; then \
+	  echo "pipeline up to date (dvc status): the last run's result"; fedmtl report; \
+	else dvc repro --quiet; fi
+	@dvc push --quiet
 
 test: $(STAMP)
 	$(PY) -m pytest -q

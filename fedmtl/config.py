@@ -105,7 +105,7 @@ class TrainingConfig(_Section):
         "group", description="start ψ_c each round from the group head, or from the stored ψ_c"
     )
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)

@@ -1,0 +1,159 @@
+"""The core's arithmetic and invariants, on tiny tensors (milliseconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from fedmtl.aggregation import global_merge, group_aggregate, weighted_mean
+from fedmtl.config import ConfigError, load_config
+from fedmtl.data import partition, prepare
+from fedmtl.data.manifest import read_manifest
+from fedmtl.dispatch import clients_for_round
+from fedmtl.evaluation import summarize, worst_fraction_mean
+from fedmtl.federation import Federation, RejectedUpdate, check_update, run_rounds
+from fedmtl.state import ClientUpdate, ServerState, assign, flat
+from fedmtl.store import ClientStore
+from fedmtl.training import LocalConfig
+from tests.conftest import tiny_overrides
+
+
+def update(client, group, n, base, head):
+    return ClientUpdate(client, group, n, torch.tensor(base), {"label": torch.tensor(head)})
+
+
+def test_weighted_mean_matches_hand_computation():
+    v = weighted_mean([torch.tensor([1.0, 0.0]), torch.tensor([4.0, 3.0])], [1, 2])
+    assert torch.allclose(v, torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError, match="weights"):
+        weighted_mean([torch.zeros(2)], [0])
+
+
+def test_hierarchical_aggregation_by_hand():
+    ups = [
+        update("a", "g1", 10, [1.0], [2.0]),
+        update("b", "g1", 30, [3.0], [6.0]),
+        update("c", "g2", 20, [-1.0], [1.0]),
+    ]
+    groups = group_aggregate(ups)
+    # within g1: sample-weighted (10*1 + 30*3) / 40 = 2.5 ; heads (10*2 + 30*6)/40 = 5
+    assert groups["g1"].delta_base.item() == pytest.approx(2.5)
+    assert groups["g1"].delta_heads["label"].item() == pytest.approx(5.0)
+    assert groups["g1"].n_samples == 40 and groups["g1"].clients == ["a", "b"]
+    state = ServerState(0, torch.tensor([0.0]), {"g1": {"label": torch.tensor([0.0])},
+                                                 "g2": {"label": torch.tensor([10.0])}},
+                        {"label": torch.tensor([5.0])})
+    by_samples = global_merge(state, groups, "samples")
+    # across groups by samples: (40*2.5 + 20*(-1)) / 60 = 4/3
+    assert by_samples.base.item() == pytest.approx(4 / 3)
+    assert by_samples.group_heads["g1"]["label"].item() == pytest.approx(5.0)
+    assert by_samples.group_heads["g2"]["label"].item() == pytest.approx(11.0)
+    assert by_samples.global_heads["label"].item() == pytest.approx(8.0)  # mean of group heads
+    assert global_merge(state, groups, "uniform").base.item() == pytest.approx(0.75)
+    sqrt = global_merge(state, groups, "sqrt").base.item()
+    assert sqrt == pytest.approx((40**0.5 * 2.5 - 20**0.5) / (40**0.5 + 20**0.5))
+    assert state.base.item() == 0.0 and by_samples.round == 1  # input state untouched
+
+
+def test_assign_copies_instead_of_aliasing():
+    layer = nn.Linear(2, 1)
+    vec = torch.zeros(3)
+    assign(layer, vec)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert torch.equal(vec, torch.zeros(3)), "training must never write into the server's vector"
+    with pytest.raises(ValueError, match="needs 3"):
+        assign(layer, torch.zeros(4))
+
+
+def test_rejects_non_finite_and_misshapen_updates():
+    state = ServerState(0, torch.zeros(3), {"0": {"label": torch.zeros(2)}}, {"label": torch.zeros(2)})
+    with pytest.raises(RejectedUpdate, match="client 'x'.*NaN"):
+        check_update(update("x", "0", 5, [0.0, float("nan"), 0.0], [0.0, 0.0]), state)
+    with pytest.raises(RejectedUpdate, match="client 'y'.*shape"):
+        check_update(update("y", "0", 5, [0.0, 0.0], [0.0, 0.0]), state)
+
+
+def test_client_sampling_is_seeded_and_sized():
+    clients = [f"c{i}" for i in range(10)]
+    assert clients_for_round(clients, 1.0, 0, 3) == clients
+    a = clients_for_round(clients, 0.3, 0, 3)
+    assert len(a) == 3 and a == clients_for_round(clients, 0.3, 0, 3)
+    assert len(clients_for_round(clients, 4, 0, 3)) == 4
+
+
+def test_summaries():
+    records = pd.DataFrame(
+        [
+            {"client": c, "group": "0", "n_test": n, "variant": v, "task": "label", "accuracy": a}
+            for c, n, v, a in [("a", 10, "global", 0.2), ("a", 10, "personal", 0.9),
+                               ("b", 30, "global", 0.6), ("b", 30, "personal", 0.7)]
+        ]
+    )
+    s = summarize(records)
+    assert s["personal/accuracy/mean"] == pytest.approx(0.8)
+    assert s["personal/accuracy/weighted_mean"] == pytest.approx((9 + 21) / 40)
+    assert s["global/accuracy/worst10"] == pytest.approx(0.2)
+    assert s["personalisation_gain/accuracy"] == pytest.approx(((0.9 - 0.2) + (0.7 - 0.6)) / 2)
+    assert worst_fraction_mean(pd.Series([0.1, 0.5, 0.9] * 10), True) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    cfg = load_config(None, tiny_overrides(root))
+    prepare(cfg.data)
+    partition(cfg.data)
+    manifest = read_manifest(cfg.data.partitions_dir)
+
+    def make(store_dir: str) -> Federation:
+        return Federation(Path(cfg.data.partitions_dir), manifest, cfg.model,
+                          LocalConfig.from_training(cfg.training), ClientStore(root / store_dir),
+                          cfg.training.seed, {c.client: c.group for c in manifest.clients})
+
+    return make, manifest
+
+
+def test_same_seed_same_result_and_personal_heads_stay_on_clients(tiny_federation):
+    make, manifest = tiny_federation
+    s1, rec1, _ = run_rounds(make("s1"), manifest.client_ids, 2)
+    s2, rec2, _ = run_rounds(make("s2"), manifest.client_ids, 2)
+    assert torch.equal(s1.base, s2.base)
+    pd.testing.assert_frame_equal(rec1, rec2)
+    # the server state holds groups and tasks only, never a client's personal head
+    assert set(s1.group_heads) == {c.group for c in manifest.clients}
+    stored = make("s1").store
+    assert stored.clients() == sorted(manifest.client_ids)
+    for client in manifest.client_ids:
+        personal = stored.load(client)["label"]
+        for heads in [s1.global_heads, *s1.group_heads.values()]:
+            assert not torch.equal(personal, heads["label"])
+
+
+def test_config_errors_name_the_key_and_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match="data.partition.scheme.*allowed values.*'iid'"):
+        load_config(None, ["data.partition.scheme=bogus"])
+    with pytest.raises(ConfigError, match="unknown setting 'training.epochs'.*local_epochs"):
+        load_config(None, ["training.epochs=3"])
+    with pytest.raises(ConfigError, match="training.lr"):
+        load_config(None, ["training.lr=-1"])
+    bad = tmp_path / "p.yaml"
+    bad.write_text("training:\n  rounds: zero\n")
+    with pytest.raises(ConfigError, match="training.rounds"):
+        load_config(bad)
+
+
+def test_cli_rejects_invalid_setting_with_exit_code_2(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedmtl.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--set", "grouping.weighting=median"])
+    assert result.exit_code == 2
+    assert "grouping.weighting" in result.output and "'samples'" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written
