@@ -140,6 +140,7 @@ def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[st
 
     version = None
     model_uri = None
+    bundle = None
     if cfg.tracking.register_model:
         bundle = make_bundle(fed, state, cfg)
         example = input_example(fed, clients)
@@ -170,7 +171,7 @@ def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[st
     metrics = {k: v for k, v in metrics.items() if v is not None}
     atomic_write_bytes(cfg.tracking.metrics_file, (json.dumps(metrics, indent=2) + "\n").encode())
     return {**metrics, "model_uri": model_uri, "registered_model": cfg.tracking.registered_model,
-            "tracking_uri": tracker.tracking_uri, "history": history}
+            "tracking_uri": tracker.tracking_uri, "history": history, "bundle": bundle}
 
 
 def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> PersonalizedBundle:
