@@ -1,0 +1,77 @@
+"""DVC for real: the pipeline in a temporary git repository, reproduced and re-versioned."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fedmtl.config import load_config
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def partitions_hash(repo: Path) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return lock["stages"]["partition"]["outs"][0]["md5"]
+
+
+def test_repro_versions_data_and_mlflow_records_it(tmp_path):
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    for package in ("fedmtl", "models", "tasks", "flows"):  # the train stage's code deps
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["partition"].update(n_clients=6, n_groups=2)
+    params["training"].update(rounds=1, local_epochs=1, personal_epochs=1)
+    params["tracking"]["client_runs"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+
+    sh(repo, "dvc", "repro", "--quiet")
+    first = partitions_hash(repo)
+    metrics = json.loads((repo / "metrics.json").read_text())
+    assert metrics["data_version"] == first
+    cfg = load_config(repo / "params.yaml")
+    uri = f"sqlite:///{repo / 'mlflow/mlflow.db'}"
+    run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["data_version"] == first
+    assert run.data.tags["data_version_source"] == "dvc.lock"
+    assert len(run.data.tags["git_commit"]) == 40
+    sh(repo, "dvc", "push", "--quiet")
+    assert any((tmp_path / "remote").rglob("*")), "dvc push wrote nothing to the local remote"
+
+    # nothing changed: nothing re-runs
+    assert "Running stage" not in sh(repo, "dvc", "repro")
+
+    # change a data parameter: new partitions, new hash, and the new MLflow run records it
+    params["data"]["seed"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "dvc", "repro", "--quiet")
+    second = partitions_hash(repo)
+    assert second != first
+    metrics2 = json.loads((repo / "metrics.json").read_text())
+    assert metrics2["mlflow_run_id"] != metrics["mlflow_run_id"]
+    assert MlflowClient(uri).get_run(metrics2["mlflow_run_id"]).data.tags["data_version"] == second
+    assert cfg.data.partitions_dir == "data/partitions"
