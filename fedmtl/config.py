@@ -9,7 +9,7 @@ choices, the allowed values (:class:`ConfigError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -250,6 +250,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
-
-def choices(literal: Any) -> tuple[str, ...]:
-    return get_args(literal)

@@ -8,7 +8,6 @@ without any orchestrator (tests, benchmarks, debugging).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +133,3 @@ def run_rounds(
         history.append(summarize(records))
     return state, records, history
 
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
