@@ -7,6 +7,7 @@ the recorder is still writing prints ``CancelledError`` tracebacks and loses the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Callable
@@ -27,27 +28,20 @@ _OPEN = [StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED, StateType.CA
 
 
 class _ShutdownNoise(logging.Filter):
-    """Drop the recorder's 'Error flushing' records caused by cancellation at interpreter exit."""
+    """After the flow has settled: drop the recorder's flush errors caused by the cancellation
+    of its in-flight write at interpreter exit (nothing of this run is left to record)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None:
-            import asyncio
-
-            if issubclass(record.exc_info[0], asyncio.CancelledError):
-                return False
-        return "Error flushing" not in record.getMessage() or not _exiting
-
-_exiting = False
+        cancelled = bool(record.exc_info) and record.exc_info[0] is asyncio.CancelledError
+        return not (cancelled or "Error flushing" in record.getMessage())
 
 
 def run_and_settle(flow_fn: Callable[..., Any], *args: Any, timeout: float = 20.0, **kwargs: Any) -> Any:
     """Run ``flow_fn``; wait for its task runs to be recorded; return its result or raise."""
-    global _exiting
     state = flow_fn(*args, return_state=True, **kwargs)
     try:
         settle(state.state_details.flow_run_id, timeout)
     finally:
-        _exiting = True
         logging.getLogger("prefect.server.services.task_run_recorder").addFilter(_ShutdownNoise())
     return state.result()
 

@@ -28,9 +28,6 @@ from tasks.registry import log_personalized_model
 from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train
 from tasks.tracking import RunTracker
 
-STEPS = ("dispatch", "local_train", "group_aggregate", "global_merge", "evaluate", "tracking")
-
-
 class RoundFailed(RuntimeError):
     """Too few clients returned an update for the round to count."""
 

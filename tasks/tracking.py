@@ -6,8 +6,6 @@ Every metric goes through ``MlflowClient.log_batch`` (one call per run per round
 
 from __future__ import annotations
 
-import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,15 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-for _name in ("alembic", "mlflow", "mlflow.store.db.utils", "mlflow.tracking"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+import mlflow  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
