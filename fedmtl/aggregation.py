@@ -1,8 +1,10 @@
 """Hierarchical aggregation: within each group first, then across groups (FedAvg server).
 
 ``group_aggregate``: per group, the sample-weighted mean of the clients' Δθ and Δφ_g.
-``global_merge``: Δθ = Σ_g w_g Δθ_g with w_g by samples, uniform or √samples; the server applies
-θ ← θ + η·Δθ (η = ``server_lr``; η = 1 is FedAvg), φ_g ← φ_g + Δφ_g, and φ₀ ← mean of the φ_g.
+``global_merge``: Δθ = Σ_g w_g Δθ_g with w_g by samples, uniform or √samples; the server
+optimiser steps θ with Δθ (FedAvg θ ← θ + η·Δθ, or FedAdam/FedYogi, :mod:`fedmtl.server_optim`);
+group heads φ_g ← φ_g + Δφ_g, and φ₀ ← mean of the φ_g. Methods with one global head instead
+step φ₀ like θ. With samples weighting the two levels compose to plain FedAvg over clients.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, Vector
 
 WEIGHTINGS = ("samples", "uniform", "sqrt")
@@ -42,7 +45,8 @@ def group_weight(n_samples: int, n_clients: int, weighting: str) -> float:
 
 
 def group_aggregate(updates: Sequence[ClientUpdate]) -> dict[str, GroupAggregate]:
-    """Per group, the sample-weighted mean of the members' updates (sorted by client id)."""
+    """Per group, the sample-weighted mean of the members' updates (sorted by client id).
+    Parts a method keeps local (``delta_base`` None, no heads) stay absent."""
     by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
     for u in sorted(updates, key=lambda u: u.client):
         by_group[u.group].append(u)
@@ -51,12 +55,15 @@ def group_aggregate(updates: Sequence[ClientUpdate]) -> dict[str, GroupAggregate
         weights = [max(u.n_samples, 0) for u in members]
         if sum(weights) == 0:
             weights = [1] * len(members)
+        shares_base = members[0].delta_base is not None
+        if any((u.delta_base is not None) != shares_base for u in members):
+            raise ValueError(f"group '{group}': some clients released a base update and some did not")
         tasks = members[0].delta_heads.keys()
         out[group] = GroupAggregate(
             group=group,
             n_clients=len(members),
             n_samples=sum(u.n_samples for u in members),
-            delta_base=weighted_mean([u.delta_base for u in members], weights),
+            delta_base=weighted_mean([u.delta_base for u in members], weights) if shares_base else None,
             delta_heads={t: weighted_mean([u.delta_heads[t] for u in members], weights) for t in tasks},
             clients=[u.client for u in members],
         )
@@ -67,23 +74,46 @@ def global_merge(
     state: ServerState,
     groups: dict[str, GroupAggregate],
     weighting: str = "samples",
-    server_lr: float = 1.0,
+    optimizer: ServerOptimizer | None = None,
+    head_scope: str = "group",
 ) -> ServerState:
-    """The next server state from this round's group aggregates (the input state is unchanged)."""
+    """The next server state from this round's group aggregates (the input state is unchanged).
+
+    ``head_scope``: ``group`` (fedmtl, IFCA: φ_g ← φ_g + Δφ_g, φ₀ = mean of the φ_g) or
+    ``global`` (FedAvg-like methods: one head φ₀ stepped by the server optimiser like θ).
+    The members of each aggregate are recorded in the state's client → group assignment.
+    """
     if not groups:
         raise ValueError(f"round {state.round}: no group aggregates to merge (no client updates)")
+    optimizer = optimizer or ServerOptimizer()
+    moments = dict(state.optimizer)
     ordered = [groups[g] for g in sorted(groups)]
     weights = [group_weight(a.n_samples, a.n_clients, weighting) for a in ordered]
-    delta = weighted_mean([a.delta_base for a in ordered], weights)
-    base = state.base + server_lr * delta
+
+    base = state.base
+    if ordered[0].delta_base is not None:
+        base = optimizer.step("base", state.base, weighted_mean([a.delta_base for a in ordered], weights), moments)
+
     group_heads = {g: {t: v.clone() for t, v in heads.items()} for g, heads in state.group_heads.items()}
+    global_heads = {t: v.clone() for t, v in state.global_heads.items()}
+    tasks = [t for t in state.global_heads if t in ordered[0].delta_heads]
+    if head_scope == "group":
+        for agg in ordered:
+            current = group_heads.setdefault(agg.group, {t: v.clone() for t, v in state.global_heads.items()})
+            for task, d in agg.delta_heads.items():
+                current[task] = current[task] + d
+        if group_heads:
+            global_heads = {
+                t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))
+                for t in state.global_heads
+            }
+    elif head_scope == "global":
+        for t in tasks:
+            delta = weighted_mean([a.delta_heads[t] for a in ordered], weights)
+            global_heads[t] = optimizer.step(f"head/{t}", state.global_heads[t], delta, moments)
+    else:
+        raise ValueError(f"head_scope '{head_scope}' is not known; allowed values: 'group', 'global'")
+    assignment = dict(state.assignment)
     for agg in ordered:
-        current = group_heads.setdefault(agg.group, {t: v.clone() for t, v in state.global_heads.items()})
-        for task, d in agg.delta_heads.items():
-            current[task] = current[task] + d
-    tasks = state.global_heads.keys()
-    global_heads = {
-        t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))
-        for t in tasks
-    }
-    return ServerState(state.round + 1, base, group_heads, global_heads)
+        assignment.update({c: agg.group for c in agg.clients})
+    return ServerState(state.round + 1, base, group_heads, global_heads, assignment, moments)

@@ -1,7 +1,7 @@
 """The one configuration model of fedmtl, stored as ``params.yaml`` (DVC's parameter file).
 
-Every setting lives here, in five sections plus validation: ``data``, ``model``, ``training``,
-``grouping``, ``tracking`` and ``validation``. ``load_config`` reads a YAML file, applies
+Every setting lives here, in sections: ``data``, ``model``, ``training``, ``algorithm``,
+``server``, ``grouping``, ``validation`` and ``tracking``. ``load_config`` reads a YAML file, applies
 ``key=value`` overrides and validates the result; every error names the key at fault and, for
 choices, the allowed values (:class:`ConfigError`).
 """
@@ -14,13 +14,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Source = Literal["digits", "synthetic", "table"]
+Source = Literal["digits", "synthetic", "table", "har"]
 Scheme = Literal["iid", "dirichlet", "shards", "label-permutation", "rotation"]
 Base = Literal["mlp", "cnn"]
 GroupWeighting = Literal["samples", "uniform", "sqrt"]
-Grouping = Literal["column"]
+Grouping = Literal["column", "ifca", "cluster"]
+Method = Literal[
+    "fedmtl", "local", "fedavg", "fedavg-ft", "fedper", "fedrep", "lg-fedavg", "ditto", "pfedme", "ifca"
+]
+ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
 PersonalInit = Literal["group", "personal"]
+HarWindows = Literal["segment", "session"]
 
 
 class _Section(BaseModel):
@@ -48,6 +53,9 @@ class SyntheticConfig(_Section):
     n_features: int = Field(60, ge=1)
     n_classes: int = Field(10, ge=2)
     size_scale: float = Field(1.0, gt=0, description="multiplies each client's lognormal size")
+    n_tasks: int = Field(
+        1, ge=1, le=4, description="label columns: label, then label_1 (binary), label_2, ..."
+    )
 
 
 class TableConfig(_Section):
@@ -65,6 +73,20 @@ class TableConfig(_Section):
     )
 
 
+class HarConfig(_Section):
+    """UCI HAPT smartphone recordings (``pip install 'fedmtl[har]'``): one client per user."""
+
+    window: int = Field(128, ge=8, description="samples per window (50 Hz: 128 = 2.56 s)")
+    overlap: float = Field(0.5, ge=0, lt=1, description="overlap of consecutive windows")
+    windows: HarWindows = Field(
+        "segment",
+        description="segment: inside each labelled activity segment (HAPT's own windows); "
+        "session: across the whole session, labelled by majority",
+    )
+    transition_task: bool = Field(True, description="add the is_transition task")
+    max_users: int | None = Field(None, ge=1, description="keep only the first N users")
+
+
 class DataConfig(_Section):
     source: Source = "digits"
     seed: int = 0
@@ -75,6 +97,7 @@ class DataConfig(_Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     table: TableConfig = Field(default_factory=TableConfig)
+    har: HarConfig = Field(default_factory=HarConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -87,9 +110,20 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     base: Base = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    hidden: list[int] = Field(
+        default_factory=lambda: [128, 64],
+        description="widths of the base's layers; [] with mlp = multinomial logistic regression",
+    )
     dropout: float = Field(0.0, ge=0, lt=1)
     cnn_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.base == "cnn" and not self.hidden:
+            raise ValueError("model.hidden must name at least one width for base 'cnn'")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"model.hidden widths must be positive, got {self.hidden}")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -99,25 +133,52 @@ class TrainingConfig(_Section):
     )
     local_epochs: int = Field(5, ge=1)
     personal_epochs: int = Field(
-        5, ge=0, description="epochs of personal-head training on the frozen received base"
-    )
-    personal_init: PersonalInit = Field(
-        "group", description="start ψ_c each round from the group head, or from the stored ψ_c"
+        5, ge=0, description="epochs of training the personal part (fedmtl/FedRep heads, Ditto's "
+        "personal model, FedAvg-FT's fine-tuning)"
     )
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)
     min_clients: int = Field(2, ge=1, description="fewest valid clients a run may start with")
     seed: int = 0
     workdir: str = Field(".fedmtl", description="run state: per-client stores, checkpoints")
+
+
+class AlgorithmConfig(_Section):
+    """The federated method and its own settings (docs/algorithm.md)."""
+
+    method: Method = "fedmtl"
+    prox_mu: float = Field(0.0, ge=0, description="FedProx μ on the shared local objective")
+    personal_init: PersonalInit = Field(
+        "group", description="fedmtl: start ψ_c each round from the group head, or from the stored ψ_c"
+    )
+    personal_lambda: float = Field(0.0, ge=0, description="fedmtl: pull of ψ_c towards φ_g")
+    ditto_lambda: float = Field(0.1, ge=0, description="Ditto: λ of λ/2·‖v − w‖²")
+    pfedme_lambda: float = Field(15.0, gt=0, description="pFedMe: λ of the Moreau envelope")
+    pfedme_inner_steps: int = Field(5, ge=1, description="pFedMe: K steps per mini-batch")
+    pfedme_personal_lr: float = Field(0.05, gt=0, description="pFedMe: personal learning rate")
+
+
+class ServerConfig(_Section):
+    """The server optimiser (Reddi et al. 2021)."""
+
+    optimizer: ServerOptimizerName = "fedavg"
+    lr: float = Field(1.0, gt=0, description="server step η (1 with fedavg = plain averaging)")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="adaptivity τ of FedAdam/FedYogi")
 
 
 class GroupingConfig(_Section):
     method: Grouping = "column"
     column: str = "group"
     weighting: GroupWeighting = "samples"
+    n_groups: int = Field(4, ge=1, description="ifca: k heads; cluster: the most groups tried")
+    warmup_rounds: int = Field(3, ge=1, description="cluster: rounds in one group before clustering")
+    min_silhouette: float = Field(
+        0.1, ge=-1, le=1, description="cluster: below this best silhouette, keep one group"
+    )
 
 
 class ValidationConfig(_Section):
@@ -142,6 +203,8 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     grouping: GroupingConfig = Field(default_factory=GroupingConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

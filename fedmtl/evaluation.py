@@ -1,7 +1,7 @@
 """Evaluation on each client's own held-out split, and the summaries that leave the clients.
 
 Three models are scored per client and task: ``global`` (θ + φ₀), ``group`` (θ + φ_g) and
-``personal`` (θ + ψ_c). Classification: accuracy and macro precision, recall and F1
+``personal`` (the method's personalised weights, e.g. θ + ψ_c for fedmtl). Classification: accuracy and macro precision, recall and F1
 (scikit-learn). Regression: MAE and RMSE. The round summary over clients: mean, sample-weighted
 mean, worst-10 % (the mean of the worst ⌈10 %⌉ of clients) and the personalisation gain
 (mean over clients of personal minus global).
@@ -51,17 +51,17 @@ def task_metrics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict
 @torch.no_grad()
 def evaluate_client(
     model: nn.Module,
-    base: Vector,
-    heads_by_variant: dict[str, Heads],
+    variants: dict[str, tuple[Vector, Heads]],
     data: ClientData,
     tasks: Sequence[TaskSpec],
 ) -> list[dict]:
-    """One record per (variant, task): the client's metrics on its held-out split."""
+    """One record per (variant, task): the client's metrics on its held-out split, for each
+    variant's (base, heads) weights."""
     records: list[dict] = []
     if data.n_test == 0:
         return records
     model.eval()
-    for variant, heads in heads_by_variant.items():
+    for variant, (base, heads) in variants.items():
         load_weights(model, base, heads)
         outputs = model(data.x_test)
         for task in tasks:

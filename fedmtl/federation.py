@@ -16,13 +16,16 @@ import pandas as pd
 import torch
 
 from fedmtl.aggregation import global_merge, group_aggregate
+from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
 from fedmtl.client import ClientData, load_client_data
 from fedmtl.data.manifest import Manifest
 from fedmtl.dispatch import clients_for_round
 from fedmtl.evaluation import evaluate_client, summarize
-from fedmtl.state import ClientUpdate, ServerState, initial_state
+from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
+from fedmtl.server_optim import ServerOptimizer
+from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, initial_state
 from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig, client_seed, local_train
+from fedmtl.training import LocalConfig, client_seed
 
 
 class RejectedUpdate(ValueError):
@@ -37,7 +40,36 @@ class Federation:
     local: LocalConfig
     store: ClientStore
     seed: int = 0
-    groups: dict[str, str] = field(default_factory=dict)  # client -> group
+    groups: dict[str, str] = field(default_factory=dict)  # client -> group of the column
+    algorithm: Algorithm = field(default_factory=FedMTL)
+    grouping: GroupingSpec = field(default_factory=GroupingSpec)
+    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    weighting: str = "samples"
+
+    @classmethod
+    def from_config(cls, cfg, manifest: Manifest, store: ClientStore) -> "Federation":
+        from fedmtl.algorithms import get_algorithm
+
+        return cls(
+            partitions_dir=Path(cfg.data.partitions_dir),
+            manifest=manifest,
+            model_cfg=cfg.model,
+            local=LocalConfig.from_config(cfg),
+            store=store,
+            seed=cfg.training.seed,
+            groups={c.client: c.group for c in manifest.clients},
+            algorithm=get_algorithm(cfg.algorithm.method),
+            grouping=GroupingSpec.from_config(cfg.grouping),
+            optimizer=ServerOptimizer.from_config(cfg.server),
+            weighting=cfg.grouping.weighting,
+        )
+
+    @property
+    def grouping_method(self) -> str | None:
+        """The grouping rule in force: None for methods without groups; IFCA always learns."""
+        if not self.algorithm.uses_groups:
+            return None
+        return "ifca" if self.algorithm.learns_groups else self.grouping.method
 
     def new_model(self) -> torch.nn.Module:
         from models import build_model  # the torch modules live in the top-level models/ package
@@ -50,53 +82,102 @@ class Federation:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = self.new_model()
-        return initial_state(model, sorted(set(self.groups.values())) or ["0"])
+            method = self.grouping_method
+            if method is None:
+                return initial_state(model, [], {c: ALL for c in self.groups})
+            if method == "column":
+                return initial_state(model, sorted(set(self.groups.values())) or ["0"], self.groups)
+            if method == "cluster":
+                return initial_state(model, [WARMUP_GROUP])
+            # ifca: k heads, each its own random initialisation, so that losses differ
+            names = [str(i) for i in range(self.grouping.n_groups)]
+            heads = [{t: _fresh_head(h) for t, h in model.heads.items()} for _ in names]
+            return initial_state(model, names, distinct_heads=heads)
 
     def data(self, client: str) -> ClientData:
         return load_client_data(self.partitions_dir, self.manifest, client)
 
-    def group_of(self, client: str) -> str:
-        return self.groups.get(client) or self.manifest.entry(client).group
+    def context(self, client: str, round_: int, purpose: str = "") -> ClientContext:
+        generator = torch.Generator().manual_seed(client_seed(self.seed, round_, client, purpose))
+        return ClientContext(self.new_model(), list(self.manifest.tasks), self.local, generator, round_)
+
+    def group_of(self, client: str, state: ServerState, data: ClientData, ctx: ClientContext) -> str:
+        """The group ``client`` trains and is evaluated in, under the grouping in force."""
+        method = self.grouping_method
+        if method is None:
+            return ALL
+        if method == "column":
+            return state.assignment.get(client) or self.groups.get(client) or data.group
+        if method == "cluster":
+            if set(state.group_heads) == {WARMUP_GROUP}:
+                return WARMUP_GROUP
+            known = state.assignment.get(client)
+            if known in state.group_heads:
+                return known
+        return choose_group(ctx.model, state, data, ctx.tasks)
 
     def client_round(self, client: str, state: ServerState) -> ClientUpdate:
-        """Local training on ``client``: keeps ψ_c in its store, returns what it releases."""
+        """Local training on ``client``: keeps its personal state, returns what it releases."""
         data = self.data(client)
-        group = self.group_of(client)
-        update, personal = local_train(
-            self.new_model(),
-            state.base,
-            state.heads_for(group),
-            self.store.load(client),
-            data,
-            self.manifest.tasks,
-            self.local,
-            client_seed(self.seed, state.round, client),
-        )
-        update.group = group
+        ctx = self.context(client, state.round)
+        group = self.group_of(client, state, data, ctx)
+        update, personal = self.algorithm.client_round(ctx, state, data, group, self.store.load(client))
         check_update(update, state)
-        self.store.save(client, personal)
+        if personal is not None:
+            self.store.save(client, personal)
         return update
 
     def client_evaluate(self, client: str, state: ServerState) -> list[dict]:
         """The client scores global, group and personalised models on its held-out split."""
         data = self.data(client)
-        group = self.group_of(client)
-        heads = {"global": state.global_heads, "group": state.heads_for(group)}
-        personal = self.store.load(client)
-        heads["personal"] = personal if personal is not None else heads["group"]
-        return evaluate_client(self.new_model(), state.base, heads, data, self.manifest.tasks)
+        ctx = self.context(client, state.round, "evaluate")
+        group = self.group_of(client, state, data, ctx)
+        base, heads, keep = self.algorithm.personalized(ctx, state, data, group, self.store.load(client))
+        if keep is not None:
+            self.store.save(client, keep)
+        variants = {"global": (state.base, state.global_heads), "group": (state.base, state.heads_for(group)),
+                    "personal": (base, heads)}
+        records = evaluate_client(ctx.model, variants, data, self.manifest.tasks)
+        for r in records:
+            r["assigned_group"] = group
+        return records
+
+    def merge(
+        self, state: ServerState, groups: dict[str, GroupAggregate], updates: list[ClientUpdate] | None = None
+    ) -> ServerState:
+        """The server step: merge the group aggregates; at the end of the warm-up of
+        ``grouping: cluster``, split the clients into learned groups."""
+        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope)
+        if self.regroup_due(state) and updates:
+            merged, _ = regroup(state, merged, updates, self.grouping)
+        return merged
+
+    def regroup_due(self, state: ServerState) -> bool:
+        return self.grouping_method == "cluster" and state.round + 1 == self.grouping.warmup_rounds
+
+
+def _fresh_head(head: torch.nn.Module) -> torch.Tensor:
+    """A new random initialisation of ``head`` (its own reset_parameters), flattened."""
+    from fedmtl.state import flat
+
+    clone = type(head)(head.in_features, head.out_features) if isinstance(head, torch.nn.Linear) else None
+    if clone is None:
+        raise TypeError(f"cannot re-initialise a head of type {type(head).__name__}")
+    return flat(clone)
 
 
 def check_update(update: ClientUpdate, state: ServerState) -> None:
     """Reject an update whose shapes do not match the server's or that holds NaN/inf."""
-    parts = {"base": (update.delta_base, state.base)}
+    parts = {}
+    if update.delta_base is not None:
+        parts["base"] = (update.delta_base, state.base)
     ref_heads = state.heads_for(update.group)
-    if set(update.delta_heads) != set(ref_heads):
+    if update.delta_heads and set(update.delta_heads) != set(ref_heads):
         raise RejectedUpdate(
             f"client '{update.client}': update has heads {sorted(update.delta_heads)}, "
             f"expected {sorted(ref_heads)}"
         )
-    parts.update({f"head '{t}'": (update.delta_heads[t], ref_heads[t]) for t in ref_heads})
+    parts.update({f"head '{t}'": (update.delta_heads[t], ref_heads[t]) for t in update.delta_heads})
     for name, (delta, ref) in parts.items():
         if delta.shape != ref.shape:
             raise RejectedUpdate(
@@ -116,20 +197,19 @@ def run_rounds(
     clients: list[str],
     rounds: int,
     per_round: float = 1.0,
-    weighting: str = "samples",
-    server_lr: float = 1.0,
     state: ServerState | None = None,
+    evaluate_every: int = 1,
 ) -> tuple[ServerState, pd.DataFrame, list[dict[str, float]]]:
-    """The federated round without an orchestrator: returns the final state, the last round's
-    per-client records and every round's summary."""
+    """The federated round without an orchestrator: returns the final state, the last
+    evaluation's per-client records and every evaluated round's summary."""
     state = state or fed.initial_state()
     history: list[dict[str, float]] = []
     records = pd.DataFrame()
-    for _ in range(rounds):
+    for r in range(rounds):
         chosen = participants(fed, clients, per_round, state.round)
         updates = [fed.client_round(c, state) for c in chosen]
-        state = global_merge(state, group_aggregate(updates), weighting, server_lr)
-        records = pd.DataFrame([r for c in clients for r in fed.client_evaluate(c, state)])
-        history.append(summarize(records))
+        state = fed.merge(state, group_aggregate(updates), updates)
+        if (r + 1) % evaluate_every == 0 or r + 1 == rounds:
+            records = pd.DataFrame([x for c in clients for x in fed.client_evaluate(c, state)])
+            history.append(summarize(records))
     return state, records, history
-

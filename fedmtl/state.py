@@ -18,7 +18,10 @@ Heads = dict[str, Vector]  # task name -> head parameters
 
 
 def flat(module: nn.Module) -> Vector:
-    return parameters_to_vector(module.parameters()).detach().clone()
+    params = list(module.parameters())
+    if not params:  # e.g. the identity base of multinomial logistic regression
+        return torch.zeros(0)
+    return parameters_to_vector(params).detach().clone()
 
 
 def assign(module: nn.Module, vector: Vector) -> None:
@@ -38,15 +41,21 @@ def assign(module: nn.Module, vector: Vector) -> None:
 
 @dataclass
 class ServerState:
-    """Shared base θ, one head per (group, task) φ_g, the global head φ₀ per task, the round."""
+    """Shared base θ, one head per (group, task) φ_g, the global head φ₀ per task, the round,
+    the client → group assignment (given by a column, or learned) and the server optimiser's
+    moments (FedAdam/FedYogi; empty for FedAvg)."""
 
     round: int
     base: Vector
     group_heads: dict[str, Heads]
     global_heads: Heads
+    assignment: dict[str, str] = field(default_factory=dict)
+    optimizer: dict[str, Vector] = field(default_factory=dict)
 
-    def heads_for(self, group: str) -> Heads:
+    def heads_for(self, group: str | None) -> Heads:
         """The heads a client of ``group`` starts from: its group's, else the global fallback."""
+        if group is None:
+            return self.global_heads
         return self.group_heads.get(group, self.global_heads)
 
     def to_dict(self) -> dict:
@@ -55,21 +64,43 @@ class ServerState:
             "base": self.base,
             "group_heads": self.group_heads,
             "global_heads": self.global_heads,
+            "assignment": self.assignment,
+            "optimizer": self.optimizer,
         }
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ServerState":
-        return cls(raw["round"], raw["base"], raw["group_heads"], raw["global_heads"])
+        return cls(raw["round"], raw["base"], raw["group_heads"], raw["global_heads"],
+                   dict(raw.get("assignment", {})), dict(raw.get("optimizer", {})))
+
+
+@dataclass
+class PersonalState:
+    """What a client keeps and never releases: personal heads ψ_c and, for methods that keep
+    the whole model or the representation local (local-only, LG-FedAvg, Ditto, pFedMe), a
+    personal base θ_c."""
+
+    heads: Heads
+    base: Vector | None = None
+
+    def to_dict(self) -> dict:
+        return {"heads": self.heads, "base": self.base}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "PersonalState":
+        return cls(dict(raw["heads"]), raw.get("base"))
 
 
 @dataclass
 class ClientUpdate:
-    """What a client releases after local training: deltas, its sample count, train metrics."""
+    """What a client releases after local training: deltas of the parts its method shares
+    (``delta_base`` is None and ``delta_heads`` empty for parts kept local), its sample count,
+    the group it trained for, and train metrics."""
 
     client: str
     group: str
     n_samples: int
-    delta_base: Vector
+    delta_base: Vector | None
     delta_heads: Heads
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -81,14 +112,23 @@ class GroupAggregate:
     group: str
     n_clients: int
     n_samples: int
-    delta_base: Vector
+    delta_base: Vector | None
     delta_heads: Heads
     clients: list[str] = field(default_factory=list)
 
 
-def initial_state(model: nn.Module, groups: list[str]) -> ServerState:
-    """Round 0: the model's initial weights, every group head a copy of the global head."""
+def initial_state(
+    model: nn.Module,
+    groups: list[str],
+    assignment: dict[str, str] | None = None,
+    distinct_heads: list[Heads] | None = None,
+) -> ServerState:
+    """Round 0: the model's initial weights; every group head a copy of the global head, or,
+    for learned groups (IFCA), its own random initialisation from ``distinct_heads``."""
     base = flat(model.base)
     global_heads = {t: flat(h) for t, h in model.heads.items()}
-    group_heads = {g: {t: v.clone() for t, v in global_heads.items()} for g in groups}
-    return ServerState(0, base, group_heads, global_heads)
+    if distinct_heads is not None:
+        group_heads = {g: distinct_heads[i] for i, g in enumerate(groups)}
+    else:
+        group_heads = {g: {t: v.clone() for t, v in global_heads.items()} for g in groups}
+    return ServerState(0, base, group_heads, global_heads, dict(assignment or {}))

@@ -1,22 +1,19 @@
-"""Local training on a client: the shared update it releases and the personal head it keeps.
+"""Local training primitives that every method's client procedure is built from.
 
-The default client procedure of fedmtl (see docs/algorithm.md):
-
-1. **personal step** (FedRep's head phase): with the received base θ frozen, train the client's
-   personal heads ψ_c for ``personal_epochs``, starting from its group's heads φ_g (default,
-   ``personal_init: group``: fine-tuning that stays anchored to the group) or from its stored ψ_c
-   (``personal_init: personal``). ψ_c stays on the client.
-2. **shared step**: from (θ, φ_g), train base and group heads jointly for ``local_epochs``
-   (optionally with FedProx's proximal term μ/2·‖θ−θ_r‖²) and release Δθ and Δφ_g.
+- :func:`fit`: mini-batch SGD over chosen parameters, with an optional penalty (FedProx's
+  proximal term) or a per-step hook (Ditto's proximal step);
+- :func:`train_heads`: heads only, on the frozen base (features computed once);
+- :func:`train_joint`: base and heads together, either part optionally frozen;
+- :func:`train_loss`: the loss of given weights on the client's train split (IFCA's choice).
 
 Every random draw comes from a generator seeded by (seed, round, client), so a client's result
-does not depend on which thread or process trains it.
+does not depend on which thread or process trains it (:func:`client_seed`).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,30 +22,44 @@ from torch.nn import functional as F
 
 from fedmtl.client import ClientData
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.state import ClientUpdate, Heads, Vector, assign, flat
+from fedmtl.state import Heads, Vector, assign, flat
 
 
 @dataclass(frozen=True)
 class LocalConfig:
+    """Client-side settings of every method (see ``training`` and ``algorithm`` in params.yaml)."""
+
     epochs: int = 2
     personal_epochs: int = 2
     batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    prox_mu: float = 0.0
-    personal_init: str = "group"  # or "personal": continue from the stored ψ_c
+    prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
+    personal_init: str = "group"  # fedmtl: start ψ_c from φ_g each round, or "personal"
+    personal_lambda: float = 0.0  # fedmtl: proximal pull of ψ_c towards φ_g
+    ditto_lambda: float = 0.1
+    pfedme_lambda: float = 15.0
+    pfedme_inner_steps: int = 5
+    pfedme_personal_lr: float = 0.05
 
     @classmethod
-    def from_training(cls, training) -> "LocalConfig":  # a fedmtl.config.TrainingConfig
+    def from_config(cls, cfg) -> "LocalConfig":  # a fedmtl.config.Config
+        t, a = cfg.training, cfg.algorithm
         return cls(
-            epochs=training.local_epochs,
-            personal_epochs=training.personal_epochs,
-            batch_size=training.batch_size,
-            lr=training.lr,
-            momentum=training.momentum,
-            weight_decay=training.weight_decay,
-            personal_init=training.personal_init,
+            epochs=t.local_epochs,
+            personal_epochs=t.personal_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            prox_mu=a.prox_mu,
+            personal_init=a.personal_init,
+            personal_lambda=a.personal_lambda,
+            ditto_lambda=a.ditto_lambda,
+            pfedme_lambda=a.pfedme_lambda,
+            pfedme_inner_steps=a.pfedme_inner_steps,
+            pfedme_personal_lr=a.pfedme_personal_lr,
         )
 
 
@@ -71,18 +82,14 @@ def multitask_loss(
     return total
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
 
 
-def _sgd(params: list[nn.Parameter], cfg: LocalConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def _run_epochs(
-    forward,
+def fit(
+    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     params: list[nn.Parameter],
     x: torch.Tensor,
     y: dict[str, torch.Tensor],
@@ -90,21 +97,26 @@ def _run_epochs(
     epochs: int,
     cfg: LocalConfig,
     generator: torch.Generator,
-    penalty=None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    lr: float | None = None,
 ) -> float:
     """Mini-batch SGD over (x, y) for ``epochs``; returns the mean loss of the last epoch."""
-    if x.shape[0] == 0 or epochs == 0:
+    if x.shape[0] == 0 or epochs == 0 or not params:
         return float("nan")
-    opt = _sgd(params, cfg)
+    opt = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     last = 0.0
     for _ in range(epochs):
         total, count = 0.0, 0
-        for idx in _batches(x.shape[0], cfg.batch_size, generator):
+        for idx in batches(x.shape[0], cfg.batch_size, generator):
             opt.zero_grad(set_to_none=True)
             loss = multitask_loss(forward(x[idx]), {k: v[idx] for k, v in y.items()}, tasks)
             objective = loss + penalty() if penalty is not None else loss
             objective.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / max(count, 1)
@@ -117,7 +129,23 @@ def load_weights(model: nn.Module, base: Vector, heads: Heads) -> None:
         assign(model.heads[task], vec)
 
 
-def train_personal_heads(
+def read_heads(model: nn.Module, like: Heads) -> Heads:
+    return {t: flat(model.heads[t]) for t in like}
+
+
+def proximal_penalty(params: list[nn.Parameter], mu: float) -> Callable[[], torch.Tensor] | None:
+    """μ/2·‖w − w₀‖² around the parameters' current values (FedProx, Li et al. 2020)."""
+    if mu <= 0 or not params:
+        return None
+    anchor = [p.detach().clone() for p in params]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+    return penalty
+
+
+def train_heads(
     model: nn.Module,
     base: Vector,
     start: Heads,
@@ -125,10 +153,13 @@ def train_personal_heads(
     tasks: Sequence[TaskSpec],
     cfg: LocalConfig,
     generator: torch.Generator,
+    epochs: int,
+    prox_mu: float = 0.0,
 ) -> tuple[Heads, float]:
-    """Train only the heads on the frozen base (features computed once). Returns ψ_c and loss."""
+    """Train only the heads on the frozen base (features computed once); returns heads, loss.
+    ``prox_mu`` pulls the heads towards ``start`` (μ/2·‖ψ − start‖²)."""
     load_weights(model, base, start)
-    if cfg.personal_epochs == 0 or data.n_train == 0:
+    if epochs == 0 or data.n_train == 0:
         return {t: v.clone() for t, v in start.items()}, float("nan")
     with torch.no_grad():
         model.base.eval()
@@ -140,63 +171,48 @@ def train_personal_heads(
     def forward(zb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(zb) for name, head in heads.items()}
 
-    loss = _run_epochs(forward, params, z, data.y_train, tasks, cfg.personal_epochs, cfg, generator)
-    return {t: flat(model.heads[t]) for t in start}, loss
+    loss = fit(forward, params, z, data.y_train, tasks, epochs, cfg, generator,
+               penalty=proximal_penalty(params, prox_mu))
+    return read_heads(model, start), loss
 
 
-def train_shared(
+def train_joint(
     model: nn.Module,
     base: Vector,
-    group_heads: Heads,
+    heads: Heads,
     data: ClientData,
     tasks: Sequence[TaskSpec],
     cfg: LocalConfig,
     generator: torch.Generator,
+    epochs: int,
+    train_base: bool = True,
+    train_head: bool = True,
+    prox_mu: float = 0.0,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> tuple[Vector, Heads, float]:
-    """Joint training of base and group heads; returns (Δθ, Δφ_g, loss)."""
-    load_weights(model, base, group_heads)
+    """Train base and heads from (base, heads); either part may be frozen. Returns the new
+    base, the new heads and the last epoch's loss. ``prox_mu``: FedProx's term on the trained
+    parameters; ``after_step(model)``: called after every optimiser step."""
+    load_weights(model, base, heads)
     model.train()
-    penalty = None
-    if cfg.prox_mu > 0:
-        anchor = [p.detach().clone() for p in model.base.parameters()]
-
-        def penalty() -> torch.Tensor:  # FedProx (Li et al. 2020)
-            sq = sum(((p - a) ** 2).sum() for p, a in zip(model.base.parameters(), anchor))
-            return 0.5 * cfg.prox_mu * sq
-
-    loss = _run_epochs(
-        model, list(model.parameters()), data.x_train, data.y_train, tasks, cfg.epochs, cfg,
-        generator, penalty,
-    )
-    delta_base = flat(model.base) - base
-    delta_heads = {t: flat(model.heads[t]) - v for t, v in group_heads.items()}
-    return delta_base, delta_heads, loss
+    params: list[nn.Parameter] = []
+    if train_base:
+        params += list(model.base.parameters())
+    if train_head:
+        params += [p for t in heads for p in model.heads[t].parameters()]
+    hook = (lambda: after_step(model)) if after_step is not None else None
+    loss = fit(model, params, data.x_train, data.y_train, tasks, epochs, cfg, generator,
+               penalty=proximal_penalty(params, prox_mu), after_step=hook)
+    return flat(model.base), read_heads(model, heads), loss
 
 
-def local_train(
-    model: nn.Module,
-    base: Vector,
-    group_heads: Heads,
-    personal: Heads | None,
-    data: ClientData,
-    tasks: Sequence[TaskSpec],
-    cfg: LocalConfig,
-    seed: int,
-) -> tuple[ClientUpdate, Heads]:
-    """One client's round: the personal step, then the shared step. Returns (update, ψ_c)."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = cfg.personal_init == "personal" and personal is not None
-    start = personal if keep else group_heads
-    new_personal, personal_loss = train_personal_heads(
-        model, base, start, data, tasks, cfg, generator
-    )
-    delta_base, delta_heads, loss = train_shared(model, base, group_heads, data, tasks, cfg, generator)
-    update = ClientUpdate(
-        client=data.client,
-        group=data.group,
-        n_samples=data.n_train,
-        delta_base=delta_base,
-        delta_heads=delta_heads,
-        metrics={"train_loss": loss, "personal_train_loss": personal_loss},
-    )
-    return update, new_personal
+@torch.no_grad()
+def train_loss(
+    model: nn.Module, base: Vector, heads: Heads, data: ClientData, tasks: Sequence[TaskSpec]
+) -> float:
+    """The loss of (base, heads) on the client's whole train split."""
+    if data.n_train == 0:
+        return float("inf")
+    load_weights(model, base, heads)
+    model.eval()
+    return float(multitask_loss(model(data.x_train), data.y_train, tasks))

@@ -18,10 +18,10 @@ from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
 from fedmtl.evaluation import summarize
 from fedmtl.federation import Federation
+from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
 from fedmtl.state import ServerState
 from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig
 from fedmtl.validation import read_report, usable_clients
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import log_personalized_model
@@ -41,30 +41,25 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
     report = read_report(cfg.data.validation_dir)
     clients = usable_clients(manifest, report, cfg.training.min_clients)
     run_key = uuid.uuid4().hex[:8]
-    fed = Federation(
-        partitions_dir=Path(cfg.data.partitions_dir),
-        manifest=manifest,
-        model_cfg=cfg.model,
-        local=LocalConfig.from_training(cfg.training),
-        store=ClientStore(Path(cfg.training.workdir) / "runs" / run_key / "clients"),
-        seed=cfg.training.seed,
-        groups={c.client: c.group for c in manifest.clients},
-    )
+    store = ClientStore(Path(cfg.training.workdir) / "runs" / run_key / "clients")
+    fed = Federation.from_config(cfg, manifest, store)
     tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     tags = run_tags(cfg, manifest, report)
-    run_id = tracker.start(f"{manifest.source}-fedmtl-{run_key}", cfg.flat(), tags)
+    run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{run_key}", cfg.flat(), tags)
     tracker.log_text(dump_config(cfg), "config/params.yaml")
     tracker.log_artifact(cfg.data.validation_dir, "validation")
     logger.info("MLflow run %s: %d clients (%d quarantined)", run_id, len(clients), len(report.quarantined))
 
     state = fed.initial_state()
     history: list[dict[str, float]] = []
+    assignments: list[pd.DataFrame] = []
     try:
         for _ in range(cfg.training.rounds):
             state, records, summary = run_round(fed, state, clients, cfg, tracker, tags)
             history.append(summary)
+            assignments.append(assignment_table(records, state.round))
             logger.info("round %d: %s", state.round, _headline(summary))
-        result = finish(fed, state, clients, records, history, cfg, tracker, tags)
+        result = finish(fed, state, clients, records, history, assignments, cfg, tracker, tags)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -101,7 +96,7 @@ def run_round(fed, state, clients, cfg, tracker, tags):
     t["group_aggregate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    state = global_merge(state, groups, cfg.grouping.weighting, cfg.training.server_lr)
+    state = global_merge(fed, state, groups, updates if fed.regroup_due(state) else None)
     t["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -115,6 +110,7 @@ def run_round(fed, state, clients, cfg, tracker, tags):
         "clients/participating": len(updates),
         "clients/failed": len(failed),
         "train/loss/mean": sum(train_loss) / len(train_loss),
+        **grouping_metrics(fed, records),
     }
     tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
     if cfg.tracking.client_runs:
@@ -125,7 +121,31 @@ def run_round(fed, state, clients, cfg, tracker, tags):
     return state, records, summary
 
 
-def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[str, Any]:
+def grouping_metrics(fed: Federation, records: pd.DataFrame) -> dict[str, float]:
+    """How many groups are in use and, where the data has true groups, the adjusted Rand
+    index of the learned assignment against them."""
+    if fed.grouping_method is None or records.empty:
+        return {}
+    assigned = assignment_table(records, 0).set_index("client")["group"].to_dict()
+    out = {"grouping/n_groups": float(len(set(assigned.values())))}
+    if fed.manifest.true_groups and fed.grouping_method != "column":
+        ari = adjusted_rand(assigned, fed.groups)
+        if ari is not None:
+            out["grouping/ari"] = ari
+    return out
+
+
+def assignment_table(records: pd.DataFrame, round_: int) -> pd.DataFrame:
+    """Each client's group in this round (as the client itself resolved it at evaluation)."""
+    if records.empty or "assigned_group" not in records:
+        return pd.DataFrame(columns=["round", "client", "group"])
+    table = records.drop_duplicates("client")[["client", "assigned_group"]].rename(
+        columns={"assigned_group": "group"})
+    table.insert(0, "round", round_)
+    return table.reset_index(drop=True)
+
+
+def finish(fed, state, clients, records, history, assignments, cfg, tracker, tags) -> dict[str, Any]:
     """Plots, the per-client table, the registered model and the DVC metrics file."""
     fig = plots.convergence(history)
     tracker.log_figure(fig, "plots/convergence.png")
@@ -134,6 +154,8 @@ def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[st
     tracker.log_figure(fig, "plots/clients_global_vs_personal.png")
     plots.close(fig)
     tracker.log_table(records, "clients_final.csv")
+    if fed.grouping_method is not None and assignments:
+        tracker.log_table(pd.concat(assignments, ignore_index=True), "groups/assignment.csv")
 
     version = None
     model_uri = None
@@ -159,6 +181,7 @@ def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[st
         "global_accuracy_worst10": final.get("global/accuracy/worst10"),
         "group_accuracy_worst10": final.get("group/accuracy/worst10"),
         "personalisation_gain": final.get("personalisation_gain/accuracy"),
+        "grouping_ari": final.get("grouping/ari"),
         "rounds": state.round,
         "clients": len(clients),
         "mlflow_run_id": tracker.run_id,
@@ -172,12 +195,16 @@ def finish(fed, state, clients, records, history, cfg, tracker, tags) -> dict[st
 
 
 def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> PersonalizedBundle:
-    personal = {}
+    personal, bases = {}, {}
     if cfg.tracking.bundle_personal_heads:
         for client in fed.manifest.client_ids:
-            heads = fed.store.load(client)
-            if heads is not None:
-                personal[client] = heads
+            kept = fed.store.load(client)
+            if kept is None:
+                continue
+            if kept.heads:
+                personal[client] = kept.heads
+            if kept.base is not None:
+                bases[client] = kept.base
     return PersonalizedBundle(
         model_cfg=cfg.model.model_dump(mode="json"),
         features=list(fed.manifest.features),
@@ -186,8 +213,9 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
         base=state.base,
         global_heads=state.global_heads,
         group_heads=state.group_heads,
-        client_groups=dict(fed.groups),
+        client_groups={c: g for c, g in state.assignment.items() if g in state.group_heads},
         personal_heads=personal,
+        personal_bases=bases,
     )
 
 
@@ -206,7 +234,8 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
     tags = {
         **data_version(cfg.data.partitions_dir),
         **git_commit(),
-        "method": "fedmtl",
+        "method": cfg.algorithm.method,
+        "server_optimizer": cfg.server.optimizer,
         "dataset": manifest.source,
         "partition_scheme": manifest.scheme,
         "grouping": cfg.grouping.method,

@@ -7,7 +7,7 @@ took no part in training).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,6 +36,7 @@ class PersonalizedBundle:
     group_heads: dict[str, dict[str, torch.Tensor]]
     client_groups: dict[str, str]
     personal_heads: dict[str, dict[str, torch.Tensor]]
+    personal_bases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -56,12 +57,15 @@ class PersonalizedPredictor:
         self.model.eval()
 
     def heads_for(self, client: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """Which heads answer for ``client``: personal, else its group's, else global."""
         b = self.bundle
         if client in b.personal_heads:
             return "personal", b.personal_heads[client]
         group = b.client_groups.get(client)
         if group is not None and group in b.group_heads:
             return "group", b.group_heads[group]
+        if client in b.personal_bases:  # a personal base with the global head (LG-FedAvg)
+            return "personal", b.global_heads
         return "global", b.global_heads
 
     @torch.no_grad()
@@ -81,7 +85,11 @@ class PersonalizedPredictor:
             rows = np.flatnonzero(clients == client)
             source, heads = self.heads_for(client)
             used[rows] = source
-            z = z_all[rows]
+            if client in b.personal_bases:  # methods that keep the whole model on the client
+                base = self.model.base
+                z = functional_call(base, unflatten(base, b.personal_bases[client]), (x_all[rows],))
+            else:
+                z = z_all[rows]
             for task in b.tasks:
                 head = self.model.heads[task["name"]]
                 y = functional_call(head, unflatten(head, heads[task["name"]]), (z,))

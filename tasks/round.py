@@ -34,9 +34,13 @@ def group_aggregate(updates: list[ClientUpdate]) -> dict[str, GroupAggregate]:
 
 @task(name="global_merge", cache_policy=NO_CACHE)
 def global_merge(
-    state: ServerState, groups: dict[str, GroupAggregate], weighting: str, server_lr: float
+    fed: Federation,
+    state: ServerState,
+    groups: dict[str, GroupAggregate],
+    updates: list[ClientUpdate] | None = None,
 ) -> ServerState:
-    return aggregation.global_merge(state, groups, weighting, server_lr)
+    """Merge across groups with the server optimiser (and learn groups when that is due)."""
+    return fed.merge(state, groups, updates)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -120,10 +120,12 @@ class RunTracker:
         self.client.log_figure(self.run_id, figure, name)
 
     def log_table(self, frame: pd.DataFrame, name: str) -> None:
+        """``frame`` as CSV at artifact path ``name`` (which may name a folder, e.g. groups/x.csv)."""
+        folder, _, filename = name.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
+            path = Path(tmp) / filename
             frame.to_csv(path, index=False)
-            self.client.log_artifact(self.run_id, str(path))
+            self.client.log_artifact(self.run_id, str(path), folder or None)
 
 
 def _metric_key(key: str) -> str:

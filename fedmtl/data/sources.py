@@ -1,11 +1,15 @@
 """Data sources: the raw data set before it is split into client partitions.
 
-Three sources, chosen by ``data.source``:
+Four sources, chosen by ``data.source``:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download); no clients yet,
   they are made by a partition scheme (:mod:`fedmtl.data.partitioners`).
-- ``synthetic``: FedProx's Synthetic(alpha, beta) (Li et al. 2020), already one set per client.
+- ``synthetic``: FedProx's Synthetic(alpha, beta) (Li et al. 2020), already one set per client;
+  ``data.synthetic.n_tasks`` adds label functions (tasks) beside FedProx's one.
 - ``table``: the user's own CSV or Parquet file with a column naming each row's client.
+- ``har``: UCI HAPT smartphone recordings cut into windows of statistical features, one client
+  per user, tasks ``activity`` and ``is_transition`` (:mod:`fedmtl.data.har`; needs
+  ``pip install 'fedmtl[har]'``).
 
 Each returns a :class:`RawData`: one frame with the feature columns (float32), one column per
 task (label) and, for sources that have clients, the ``client`` and ``group`` columns (str).
@@ -82,6 +86,16 @@ def load_digits() -> RawData:
 # synthetic
 
 
+def synthetic_task_name(task: int) -> str:
+    """The label column of synthetic task ``task``: ``label``, ``label_1``, ``label_2``, ..."""
+    return "label" if task == 0 else f"label_{task}"
+
+
+def synthetic_task_classes(task: int, n_classes: int) -> list[int]:
+    """Task 1 is binary; every other task has ``n_classes`` classes."""
+    return [0, 1] if task == 1 else list(range(n_classes))
+
+
 def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     """FedProx's Synthetic(alpha, beta) (Li et al. 2020, ``generate_synthetic``).
 
@@ -91,6 +105,22 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     ``int(lognormal(4, 2)) + 50`` times ``cfg.size_scale``, clipped to
     [:data:`MIN_SYNTHETIC_CLIENT_ROWS`, :data:`MAX_SYNTHETIC_CLIENT_ROWS`] (the lognormal tail
     would otherwise give a client millions of rows once in a while). Deterministic in ``seed``.
+
+    ``cfg.n_tasks`` > 1 adds label functions of the same x, each with its own per-client
+    weights drawn around the same u_k (so clients differ in the same way in every task):
+
+    - task 1, column ``label_1``, binary (classes [0, 1]): y = 1 if w_k . (x - v_k) + c_k > 0,
+      with w_k ~ N(u_k, 1) (features), c_k ~ N(u_k, 1): a random hyperplane through (near)
+      the client's own data. It is centred on v_k because w_k . x alone is dominated by
+      w_k . v_k, which would give most clients a single class; centred, both classes occur
+      in nearly every client, each with its own balance (defaults, seeds 0..3: the minority
+      class is 3-50 % of a client's rows, about a third at the median).
+    - tasks 2 and 3, columns ``label_2``, ``label_3``: like task 0, y = argmax(W^t_k x + b^t_k)
+      over ``n_classes`` classes, with fresh W^t_k ~ N(u_k, 1), b^t_k ~ N(u_k, 1).
+
+    Task t's weights come from their own generator, ``default_rng([seed, t])``, so the data of
+    task 0 (features, sizes, ``label``) is bit-identical whatever ``n_tasks`` is, and
+    ``label_t`` does not depend on how many tasks follow it.
     """
     rng = np.random.default_rng(seed)
     k, d, c = cfg.n_clients, cfg.n_features, cfg.n_classes
@@ -104,9 +134,12 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     mean_v = rng.normal(0.0, cfg.beta, k)  # B_k
     v = rng.normal(mean_v[:, None], 1.0, (k, d))  # v_k, the mean of x
     sigma = np.arange(1, d + 1, dtype=np.float64) ** -1.2  # diagonal of Sigma
+    extra = range(1, cfg.n_tasks)
+    task_rngs = {t: np.random.default_rng([seed, t]) for t in extra}
 
     ids = client_ids(k)
     xs, ys = [], []
+    extra_ys: dict[int, list[np.ndarray]] = {t: [] for t in extra}
     for i in range(k):
         w = rng.normal(mean_w[i], 1.0, (c, d))
         b = rng.normal(mean_w[i], 1.0, c)
@@ -114,16 +147,32 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
         # softmax is monotone, so argmax(softmax(z)) == argmax(z)
         ys.append(np.argmax(x @ w.T + b, axis=1).astype(np.int64))
         xs.append(x.astype(np.float32))
+        for t in extra:
+            trng = task_rngs[t]
+            if t == 1:
+                w_t = trng.normal(mean_w[i], 1.0, d)
+                c_t = trng.normal(mean_w[i], 1.0)
+                extra_ys[t].append(((x - v[i]) @ w_t + c_t > 0).astype(np.int64))
+            else:
+                w_t = trng.normal(mean_w[i], 1.0, (c, d))
+                b_t = trng.normal(mean_w[i], 1.0, c)
+                extra_ys[t].append(np.argmax(x @ w_t.T + b_t, axis=1).astype(np.int64))
 
     features = [f"x{j}" for j in range(d)]
     frame = pd.DataFrame(np.concatenate(xs), columns=features)
     frame.insert(0, "client", pd.Series(np.repeat(ids, sizes), dtype=str))
     frame.insert(1, "group", "0")
     frame["label"] = np.concatenate(ys)
+    for t in extra:
+        frame[synthetic_task_name(t)] = np.concatenate(extra_ys[t])
+    tasks = [
+        TaskSpec(synthetic_task_name(t), "classification", synthetic_task_classes(t, c))
+        for t in range(cfg.n_tasks)
+    ]
     return RawData(
         frame=frame,
         features=features,
-        tasks=[TaskSpec("label", "classification", list(range(c)))],
+        tasks=tasks,
         feature_range=None,
         input_shape=None,
         has_clients=True,
@@ -293,11 +342,17 @@ def load_table(cfg: TableConfig) -> RawData:
 
 
 def load_source(cfg: DataConfig) -> RawData:
-    """Load ``cfg.source``: ``digits``, ``synthetic`` or ``table``."""
+    """Load ``cfg.source``: ``digits``, ``synthetic``, ``table`` or ``har``."""
     if cfg.source == "digits":
         return load_digits()
     if cfg.source == "synthetic":
         return generate_synthetic(cfg.synthetic, cfg.seed)
     if cfg.source == "table":
         return load_table(cfg.table)
-    raise DataError(f"data.source = {cfg.source!r}; allowed values: digits, synthetic, table")
+    if cfg.source == "har":
+        from fedmtl.data.har import load_har  # imports this module: load it only when used
+
+        return load_har(cfg.har)
+    raise DataError(
+        f"data.source = {cfg.source!r}; allowed values: digits, synthetic, table, har"
+    )

@@ -18,7 +18,6 @@ from fedmtl.evaluation import summarize, worst_fraction_mean
 from fedmtl.federation import Federation, RejectedUpdate, check_update, run_rounds
 from fedmtl.state import ClientUpdate, ServerState, assign, flat
 from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig
 from tests.conftest import tiny_overrides
 
 
@@ -111,9 +110,7 @@ def tiny_federation(tmp_path_factory):
     manifest = read_manifest(cfg.data.partitions_dir)
 
     def make(store_dir: str) -> Federation:
-        return Federation(Path(cfg.data.partitions_dir), manifest, cfg.model,
-                          LocalConfig.from_training(cfg.training), ClientStore(root / store_dir),
-                          cfg.training.seed, {c.client: c.group for c in manifest.clients})
+        return Federation.from_config(cfg, manifest, ClientStore(root / store_dir))
 
     return make, manifest
 
@@ -129,7 +126,7 @@ def test_same_seed_same_result_and_personal_heads_stay_on_clients(tiny_federatio
     stored = make("s1").store
     assert stored.clients() == sorted(manifest.client_ids)
     for client in manifest.client_ids:
-        personal = stored.load(client)["label"]
+        personal = stored.load(client).heads["label"]
         for heads in [s1.global_heads, *s1.group_heads.values()]:
             assert not torch.equal(personal, heads["label"])
 

@@ -1,0 +1,109 @@
+"""What a federated method is, in one interface, so that one flow runs them all.
+
+A method decides, for each part of the model (the base θ and the task heads):
+
+- whether clients **release** an update of it (``shares_base``, ``shares_heads``);
+- at which level the server keeps the released heads (``head_scope``: one ``global`` head, or
+  one per ``group``);
+- what the client does in a round (:meth:`Algorithm.client_round`), and what it keeps
+  (a :class:`~fedmtl.state.PersonalState`);
+- which weights the client calls its **personalised** model (:meth:`Algorithm.personalized`).
+
+Every method is scored with the same three variants on each client's held-out split:
+``global`` (θ, φ₀), ``group`` (θ, φ_g; φ₀ for methods without groups) and ``personal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fedmtl.client import ClientData
+from fedmtl.data.manifest import TaskSpec
+from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
+from fedmtl.training import LocalConfig
+
+#: The one group of methods that do not group clients.
+ALL = "all"
+
+
+@dataclass
+class ClientContext:
+    """What a client procedure works with: a fresh model, the tasks, settings and its RNG."""
+
+    model: nn.Module
+    tasks: list[TaskSpec]
+    cfg: LocalConfig
+    generator: torch.Generator
+    round: int
+
+
+class Algorithm:
+    name: ClassVar[str]
+    #: clients release Δθ / Δφ
+    shares_base: ClassVar[bool] = True
+    shares_heads: ClassVar[bool] = True
+    #: ``group``: one head per group (learned or given); ``global``: one head for everyone
+    head_scope: ClassVar[str] = "global"
+    #: whether clients are grouped (``grouping`` applies); else every client is in group ``all``
+    uses_groups: ClassVar[bool] = False
+    #: whether the server needs distinct initial group heads (clusters are found by loss)
+    learns_groups: ClassVar[bool] = False
+
+    def client_round(
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
+        personal: PersonalState | None,
+    ) -> tuple[ClientUpdate, PersonalState | None]:
+        raise NotImplementedError
+
+    def personalized(
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
+        personal: PersonalState | None,
+    ) -> tuple[Vector, Heads, PersonalState | None]:
+        """The client's personalised weights (base, heads) for evaluation and serving, and
+        the personal state to keep if evaluation produced a new one (else None). Default:
+        the personal state's parts where it has them, the server's otherwise."""
+        received = state.heads_for(group if self.head_scope == "group" else None)
+        if personal is None:
+            return state.base, received, None
+        base = personal.base if personal.base is not None else state.base
+        heads = personal.heads or received
+        return base, heads, None
+
+    # helpers shared by the methods ------------------------------------------------------
+
+    def update(
+        self,
+        data: ClientData,
+        group: str,
+        delta_base: Vector | None,
+        delta_heads: Heads,
+        **metrics: float,
+    ) -> ClientUpdate:
+        return ClientUpdate(
+            client=data.client,
+            group=group,
+            n_samples=data.n_train,
+            delta_base=delta_base if self.shares_base else None,
+            delta_heads=delta_heads if self.shares_heads else {},
+            metrics=dict(metrics),
+        )
+
+
+def copy_heads(heads: Heads) -> Heads:
+    return {t: v.clone() for t, v in heads.items()}
+
+
+def diff(new: Heads, old: Heads) -> Heads:
+    return {t: new[t] - old[t] for t in old}

@@ -1,0 +1,180 @@
+"""Each method's defining property on small cases, and the learned-grouping rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmtl.algorithms import METHODS, ClientContext, get_algorithm
+from fedmtl.config import load_config
+from fedmtl.data import partition, prepare
+from fedmtl.data.manifest import read_manifest
+from fedmtl.federation import Federation, run_rounds
+from fedmtl.grouping import adjusted_rand, choose_group, cluster_vectors
+from fedmtl.server_optim import ServerOptimizer
+from fedmtl.state import flat
+from fedmtl.store import ClientStore
+from fedmtl.training import LocalConfig, load_weights, train_joint
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alg")
+    cfg = load_config(None, tiny_overrides(root, **{"training.rounds": 3}))
+    prepare(cfg.data)
+    partition(cfg.data)
+    manifest = read_manifest(cfg.data.partitions_dir)
+
+    def make(method: str, store: str, **overrides) -> Federation:
+        c = cfg.model_copy(deep=True)
+        c.algorithm.method = method
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            setattr(getattr(c, section), name, value)
+        return Federation.from_config(c, manifest, ClientStore(root / store))
+
+    return make, manifest
+
+
+def one_client(fed: Federation, local: LocalConfig | None = None, method: str | None = None):
+    """(context, state, data) for the first client, with optional other local settings."""
+    if local is not None or method is not None:
+        fed = dataclasses.replace(fed, local=local or fed.local,
+                                  algorithm=get_algorithm(method) if method else fed.algorithm)
+    client = fed.manifest.client_ids[0]
+    state = fed.initial_state()
+    data = fed.data(client)
+    return fed, fed.context(client, 0), state, data
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(setup):
+    make, _ = setup
+    fed = make("fedavg", "prox")
+    runs = {}
+    for mu in (0.0, 10.0):
+        f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, prox_mu=mu))
+        runs[mu] = f.algorithm.client_round(ctx, state, data, "all", None)[0]
+    plain_fed, ctx, state, data = one_client(fed)
+    plain = plain_fed.algorithm.client_round(ctx, state, data, "all", None)[0]
+    assert fed.local.prox_mu == 0.0
+    assert torch.equal(runs[0.0].delta_base, plain.delta_base)
+    assert runs[10.0].delta_base.norm() < 0.8 * runs[0.0].delta_base.norm()
+
+
+def test_fedrep_trains_the_head_on_a_frozen_base_then_the_base_with_the_head_frozen(setup):
+    make, _ = setup
+    fed = make("fedrep", "rep")
+    # only the head phase: the base must not move, the head must
+    f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, epochs=0, personal_epochs=2))
+    update, personal = f.algorithm.client_round(ctx, state, data, "all", None)
+    assert torch.count_nonzero(update.delta_base) == 0
+    assert not torch.equal(personal.heads["label"], state.global_heads["label"])
+    assert update.delta_heads == {}  # FedRep never releases a head
+    # only the base phase: the head must stay exactly where it started
+    f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, epochs=2, personal_epochs=0))
+    update, personal = f.algorithm.client_round(ctx, state, data, "all", None)
+    assert torch.count_nonzero(update.delta_base) > 0
+    assert torch.equal(personal.heads["label"], state.global_heads["label"])
+
+
+def test_fedper_and_lg_fedavg_release_complementary_parts(setup):
+    make, _ = setup
+    for method, base_released, heads_released in (("fedper", True, False), ("lg-fedavg", False, True),
+                                                   ("local", False, False), ("fedmtl", True, True)):
+        f, ctx, state, data = one_client(make(method, f"rel-{method}"))
+        update, _ = f.algorithm.client_round(ctx, state, data, "all" if method != "fedmtl" else data.group, None)
+        assert (update.delta_base is not None) is base_released, method
+        assert bool(update.delta_heads) is heads_released, method
+
+
+def test_ditto_with_huge_lambda_is_the_global_model_and_with_zero_is_not(setup):
+    make, _ = setup
+    fed = make("ditto", "ditto")
+    received = None
+    for lam, should_match in ((1e12, True), (0.0, False)):
+        f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, ditto_lambda=lam))
+        _, personal = f.algorithm.client_round(ctx, state, data, "all", None)
+        received = torch.cat([state.base, state.global_heads["label"]])
+        mine = torch.cat([personal.base, personal.heads["label"]])
+        assert torch.allclose(mine, received, atol=1e-6) is should_match, lam
+
+
+def test_pfedme_personal_model_differs_from_the_released_local_model(setup):
+    make, _ = setup
+    f, ctx, state, data = one_client(make("pfedme", "pfedme"))
+    update, personal = f.algorithm.client_round(ctx, state, data, "all", None)
+    assert torch.isfinite(update.delta_base).all() and torch.count_nonzero(update.delta_base) > 0
+    assert not torch.allclose(personal.base, state.base + update.delta_base)
+
+
+def test_ifca_rule_picks_the_head_that_generated_the_clients_data(setup):
+    make, manifest = setup
+    fed = make("ifca", "ifca-rule")
+    state = fed.initial_state()
+    # plant: train one head per true group on that group's pooled data, from the same base
+    by_group: dict[str, list[str]] = {}
+    for c in manifest.clients:
+        by_group.setdefault(c.group, []).append(c.client)
+    planted = {}
+    for g, members in sorted(by_group.items()):
+        heads = state.global_heads
+        for client in members:
+            ctx = fed.context(client, 0)
+            _, heads, _ = train_joint(ctx.model, state.base, heads, fed.data(client), ctx.tasks,
+                                      fed.local, ctx.generator, 3, train_base=False)
+        planted[g] = heads
+    state = dataclasses.replace(state, group_heads=planted)
+    for c in manifest.clients:
+        ctx = fed.context(c.client, 0)
+        assert choose_group(ctx.model, state, fed.data(c.client), ctx.tasks) == c.group
+
+
+def test_cluster_vectors_finds_planted_directions_and_declines_noise():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 40))
+    rows = np.concatenate([c + 0.1 * rng.normal(size=(5, 40)) for c in centres])
+    labels, score = cluster_vectors(rows, max_groups=6)
+    assert adjusted_rand(dict(enumerate(map(str, labels))), dict(enumerate(map(str, np.repeat([0, 1, 2], 5))))) == 1.0
+    assert score > 0.5
+    flat_labels, _ = cluster_vectors(rng.normal(size=(15, 40)), max_groups=6, min_silhouette=0.3)
+    assert set(flat_labels.tolist()) == {0}
+
+
+def test_cluster_grouping_recovers_the_true_groups_in_the_flowless_loop(setup):
+    make, manifest = setup
+    fed = make("fedmtl", "cluster", **{"grouping.method": "cluster", "grouping.warmup_rounds": 2})
+    state, records, _ = run_rounds(fed, manifest.client_ids, 3)
+    assert len(state.group_heads) == 2
+    assert adjusted_rand(state.assignment, fed.groups) == 1.0
+    assert set(records["assigned_group"]) == set(state.group_heads)
+
+
+def test_server_optimisers_match_reddi_et_al_by_hand():
+    x, d = torch.tensor([1.0, -1.0]), torch.tensor([0.5, -2.0])
+    assert torch.equal(ServerOptimizer("fedavg", lr=0.5).step("base", x, d, {}), x + 0.25 * torch.tensor([1.0, -4.0]))
+    for name in ("fedadam", "fedyogi"):
+        moments: dict = {}
+        opt = ServerOptimizer(name, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+        out = opt.step("base", x, d, moments)
+        m = 0.1 * d
+        v0 = torch.full_like(x, 1e-6)
+        v = 0.99 * v0 + 0.01 * d**2 if name == "fedadam" else v0 - 0.01 * d**2 * torch.sign(v0 - d**2)
+        assert torch.allclose(out, x + 0.1 * m / (v.sqrt() + 1e-3))
+        assert set(moments) == {"base/m", "base/v"}
+    with pytest.raises(ValueError, match="server.optimizer 'sgd'"):
+        ServerOptimizer("sgd")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_learns_something_and_is_deterministic(setup, method):
+    make, manifest = setup
+    a = run_rounds(make(method, f"det-{method}-a"), manifest.client_ids, 2)
+    b = run_rounds(make(method, f"det-{method}-b"), manifest.client_ids, 2)
+    assert torch.equal(a[0].base, b[0].base)
+    acc = a[2][-1]["personal/accuracy/mean"]
+    assert acc > 0.2, f"{method}: personalised accuracy {acc:.3f} is no better than chance"
