@@ -70,7 +70,8 @@ METHODS = ("local", "fedavg", "fedavg-ft", "fedper", "fedrep", "lg-fedavg", "dit
 METHOD_OVERRIDES = {"fedmtl-cluster": {"algorithm.method": "fedmtl", "grouping.method": "cluster"}}
 
 
-def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str) -> list[dict]:
+def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
+            extra: tuple[str, ...] = ()) -> list[dict]:
     """Train ``method`` on ``scenario`` with ``seed``; return metric records."""
     import torch
 
@@ -88,7 +89,8 @@ def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str) ->
               "training.rounds": sc.quick_rounds if quick else sc.rounds,
               "data.raw_dir": str(data_dir / "raw"), "data.partitions_dir": str(data_dir / "partitions"),
               "algorithm.method": method, **METHOD_OVERRIDES.get(method, {})}
-    cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()])
+    cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+                      + list(extra))
     if not (data_dir / "partitions" / "manifest.json").exists():
         prepare(cfg.data)
         partition(cfg.data)
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 1)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.md and quality.json")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        help="a setting for every run, key=value (repeatable; for tuning)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     scenarios = args.scenarios.split(",") if args.scenarios else list(QUICK_SCENARIOS if args.quick else SCENARIOS)
@@ -202,9 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fedmtl-quality-") as workdir:
         # prepare each scenario's data once per seed before the parallel runs
-        jobs = [(s, m, seed, args.quick, workdir) for s in scenarios for seed in range(args.seeds) for m in methods]
+        extra = tuple(args.extra)
+        jobs = [(s, m, seed, args.quick, workdir, extra) for s in scenarios for seed in range(args.seeds)
+                for m in methods]
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            firsts = [(s, methods[0], seed, args.quick, workdir) for s in scenarios for seed in range(args.seeds)]
+            firsts = [j for j in jobs if j[1] == methods[0]]
             for res in pool.map(_run_star, firsts):
                 records += res
                 _progress(res)

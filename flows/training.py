@@ -104,13 +104,12 @@ def run_round(fed, state, clients, cfg, tracker, tags):
     t["evaluate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    summary = summarize(records)
+    summary = {**summarize(records), **grouping_metrics(fed, records)}
     train_loss = [u.metrics["train_loss"] for u in updates]
     extra = {
         "clients/participating": len(updates),
         "clients/failed": len(failed),
         "train/loss/mean": sum(train_loss) / len(train_loss),
-        **grouping_metrics(fed, records),
     }
     tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
     if cfg.tracking.client_runs:
