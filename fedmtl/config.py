@@ -24,7 +24,6 @@ Method = Literal[
 ]
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
-PersonalInit = Literal["group", "personal"]
 HarWindows = Literal["segment", "session"]
 
 
@@ -150,9 +149,6 @@ class AlgorithmConfig(_Section):
 
     method: Method = "fedmtl"
     prox_mu: float = Field(0.0, ge=0, description="FedProx μ on the shared local objective")
-    personal_init: PersonalInit = Field(
-        "group", description="fedmtl: start ψ_c each round from the group head, or from the stored ψ_c"
-    )
     personal_lambda: float = Field(0.0, ge=0, description="fedmtl: pull of ψ_c towards φ_g")
     ditto_lambda: float = Field(0.1, ge=0, description="Ditto: λ of λ/2·‖v − w‖²")
     pfedme_lambda: float = Field(15.0, gt=0, description="pFedMe: λ of the Moreau envelope")
@@ -199,6 +195,18 @@ class TrackingConfig(_Section):
     metrics_file: str = "metrics.json"
 
 
+class ColdStartConfig(_Section):
+    """A client that took no part in training (``fedmtl personalize``, the pyfunc given labels):
+    it picks the group head with the lowest loss on its k labelled rows, then fine-tunes its
+    own head from it on those rows, the base frozen (fedmtl/coldstart.py)."""
+
+    epochs: int = Field(10, ge=0, description="passes over the labelled rows (0 = the chosen group head as is)")
+    lr: float = Field(0.05, gt=0, description="learning rate of the head fine-tune")
+    batch_size: int = Field(32, ge=1, description="rows per step (k <= batch_size: one full-batch step per epoch)")
+    prox_mu: float = Field(0.0, ge=0, description="pull of the fine-tuned head towards the group head")
+    seed: int = Field(0, description="seeds the fine-tune's draws (with the client id)")
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -208,6 +216,7 @@ class Config(_Section):
     grouping: GroupingConfig = Field(default_factory=GroupingConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""

@@ -36,7 +36,6 @@ class LocalConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
-    personal_init: str = "group"  # fedmtl: start ψ_c from φ_g each round, or "personal"
     personal_lambda: float = 0.0  # fedmtl: proximal pull of ψ_c towards φ_g
     ditto_lambda: float = 0.1
     pfedme_lambda: float = 15.0
@@ -54,7 +53,6 @@ class LocalConfig:
             momentum=t.momentum,
             weight_decay=t.weight_decay,
             prox_mu=a.prox_mu,
-            personal_init=a.personal_init,
             personal_lambda=a.personal_lambda,
             ditto_lambda=a.ditto_lambda,
             pfedme_lambda=a.pfedme_lambda,

@@ -2,22 +2,21 @@
 
 Client round (docs/algorithm.md):
 
-1. **personal step**: with the received θ frozen, train ψ_c for ``personal_epochs``, starting
-   from φ_g (``personal_init: group``, a fine-tune anchored to the group) or from the stored ψ_c
-   (``personal``), optionally pulled towards φ_g by ``personal_lambda``/2·‖ψ_c − φ_g‖².
-   ψ_c never leaves the client.
-2. **shared step**: from (θ, φ_g) train base and group head jointly for ``local_epochs``
-   (FedProx's μ optional) and release Δθ and Δφ_g.
-
-The server aggregates within groups first, then across groups (:mod:`fedmtl.aggregation`).
-Groups come from a column or are learned (:mod:`fedmtl.grouping`).
+- **shared step**: from the received (θ, φ_g) train base and group head jointly for
+  ``local_epochs`` (FedProx's μ optional) and release Δθ and Δφ_g. The server aggregates
+  within groups first, then across groups (:mod:`fedmtl.aggregation`); groups come from a
+  column or are learned (:mod:`fedmtl.grouping`).
+- **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
+  ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
+  pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²). ψ_c is fitted on the base it will
+  be used with, and never leaves the client.
 """
 
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
 from fedmtl.client import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
+from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 from fedmtl.training import train_heads, train_joint
 
 
@@ -29,19 +28,20 @@ class FedMTL(Algorithm):
     def client_round(
         self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
         personal: PersonalState | None,
-    ) -> tuple[ClientUpdate, PersonalState]:
-        cfg = ctx.cfg
+    ) -> tuple[ClientUpdate, None]:
         group_heads = state.heads_for(group)
-        keep = cfg.personal_init == "personal" and personal is not None and personal.heads
-        start = personal.heads if keep else group_heads
-        psi, personal_loss = train_heads(
-            ctx.model, state.base, start, data, ctx.tasks, cfg, ctx.generator, cfg.personal_epochs,
-            prox_mu=cfg.personal_lambda,
-        )
         base, heads, loss = train_joint(
-            ctx.model, state.base, group_heads, data, ctx.tasks, cfg, ctx.generator, cfg.epochs,
-            prox_mu=cfg.prox_mu,
+            ctx.model, state.base, group_heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
+            prox_mu=ctx.cfg.prox_mu,
         )
-        update = self.update(data, group, base - state.base, diff(heads, group_heads),
-                             train_loss=loss, personal_train_loss=personal_loss)
-        return update, PersonalState(psi)
+        return self.update(data, group, base - state.base, diff(heads, group_heads), train_loss=loss), None
+
+    def personalized(
+        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        personal: PersonalState | None,
+    ) -> tuple[Vector, Heads, PersonalState]:
+        psi, _ = train_heads(
+            ctx.model, state.base, state.heads_for(group), data, ctx.tasks, ctx.cfg, ctx.generator,
+            ctx.cfg.personal_epochs, prox_mu=ctx.cfg.personal_lambda,
+        )
+        return state.base, psi, PersonalState(psi)
