@@ -16,6 +16,7 @@ Where the data has true groups, :func:`adjusted_rand` scores an assignment again
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,15 @@ def choose_group(model: nn.Module, state: ServerState, data: ClientData, tasks: 
         raise ValueError("no group heads to choose from")
     losses = {g: train_loss(model, state.base, state.group_heads[g], data, tasks)
               for g in sorted(state.group_heads)}
-    return min(losses, key=lambda g: (losses[g], g))
+    return lowest_loss(losses)
+
+
+def lowest_loss(losses: dict[str, float]) -> str:
+    """The group with the lowest loss (NaN counts as +inf; ties go to the first group in
+    sorted order): the rule of :func:`choose_group` and of a cold start (fedmtl/coldstart.py)."""
+    if not losses:
+        raise ValueError("no group heads to choose from")
+    return min(sorted(losses), key=lambda g: (math.inf if math.isnan(losses[g]) else losses[g], g))
 
 
 def cluster_vectors(

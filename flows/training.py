@@ -215,6 +215,7 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
         client_groups={c: g for c, g in state.assignment.items() if g in state.group_heads},
         personal_heads=personal,
         personal_bases=bases,
+        coldstart=cfg.coldstart.model_dump(mode="json"),
     )
 
 

@@ -1,12 +1,17 @@
 """The personalised model as one servable object: base + a head per client, routed by client id.
 
 Routing, for each row: the client's personal heads if the bundle has them, else its group's
-heads if the client is known, else the global heads (the documented fallback for a client that
-took no part in training).
+heads if the client is known, else, for a client that took no part in training, a cold start:
+when its rows carry labels (the task's label column present and not null), those rows are its
+support set, it picks its group by the loss of each group head on them and fine-tunes its own
+head from it (:func:`fedmtl.coldstart.personalize`, settings in the bundle's ``coldstart``), and
+all its rows are predicted with that head (``head`` = "cold-start"); without labels, the global
+heads. A cold start is not remembered: send the labelled rows with every request.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -17,10 +22,19 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils import vector_to_parameters
 
+from fedmtl.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
+from fedmtl.training import client_seed
 from models.multitask import build_model
 
 CLIENT_COLUMN = "client_id"
-HEAD_COLUMN = "head"  # which heads answered: personal | group | global
+HEAD_COLUMN = "head"  # which heads answered: personal | group | cold-start | global
+
+
+def default_coldstart() -> dict[str, Any]:
+    """The cold-start settings of a bundle that does not name its own (``coldstart`` defaults)."""
+    from fedmtl.config import ColdStartConfig
+
+    return ColdStartConfig().model_dump(mode="json")
 
 
 @dataclass
@@ -37,6 +51,7 @@ class PersonalizedBundle:
     client_groups: dict[str, str]
     personal_heads: dict[str, dict[str, torch.Tensor]]
     personal_bases: dict[str, torch.Tensor] = field(default_factory=dict)
+    coldstart: dict[str, Any] = field(default_factory=default_coldstart)  # ColdStartConfig fields
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -49,9 +64,9 @@ class PersonalizedBundle:
 class PersonalizedPredictor:
     def __init__(self, bundle: PersonalizedBundle) -> None:
         self.bundle = bundle
-        tasks = [SimpleNamespace(n_outputs=_n_outputs(t), **t) for t in bundle.tasks]
+        self.tasks = [SimpleNamespace(n_outputs=_n_outputs(t), **t) for t in bundle.tasks]
         self.model = build_model(
-            SimpleNamespace(**bundle.model_cfg), len(bundle.features), tasks, bundle.input_shape
+            SimpleNamespace(**bundle.model_cfg), len(bundle.features), self.tasks, bundle.input_shape
         )
         vector_to_parameters(bundle.base.clone(), self.model.base.parameters())
         self.model.eval()
@@ -68,8 +83,43 @@ class PersonalizedPredictor:
             return "personal", b.global_heads
         return "global", b.global_heads
 
+    def is_known(self, client: str) -> bool:
+        """Whether the routing has heads of its own for ``client`` (personal or its group's)."""
+        b = self.bundle
+        return client in b.personal_heads or client in b.personal_bases or (
+            b.client_groups.get(client) in b.group_heads)
+
+    def label_columns(self, frame: pd.DataFrame) -> list[str]:
+        """The tasks' label columns that ``frame`` has."""
+        return [t["name"] for t in self.bundle.tasks if t["name"] in frame.columns]
+
+    def cold_start(self, client: str, frame: pd.DataFrame) -> ColdStart:
+        """Personalise for ``client`` (unknown to the bundle) on the labelled rows of ``frame``
+        (features and label columns; rows without any label are ignored; none: global heads).
+        Raises ``ValueError`` for a missing feature column or a label that is not a declared class."""
+        b = self.bundle
+        missing = [c for c in b.features if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        y = encode_support(frame, self.tasks, client)
+        x = torch.tensor(frame[b.features].to_numpy(dtype=np.float32, copy=True))
+        cfg = self.coldstart_settings()
+        seed = client_seed(cfg.seed, 0, client, "cold-start")
+        model = copy.deepcopy(self.model)  # training writes into the module: never the shared one
+        return personalize(model, b.base, b.group_heads, b.global_heads, x, y, self.tasks, cfg,
+                           seed=seed, client=client)
+
+    def coldstart_settings(self) -> ColdStartSettings:
+        """The bundle's cold-start settings (the ``coldstart`` defaults where it names none)."""
+        return ColdStartSettings.from_any(self.bundle.coldstart or {})
+
     @torch.no_grad()
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict(
+        self, frame: pd.DataFrame, overrides: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None
+    ) -> pd.DataFrame:
+        """One column per task (the predicted label or value) and ``head`` (which heads answered).
+        ``overrides``: client -> (source, heads) to answer with instead of the routing (e.g. the
+        result of :meth:`cold_start`)."""
         b = self.bundle
         missing = [c for c in [CLIENT_COLUMN, *b.features] if c not in frame.columns]
         if missing:
@@ -81,9 +131,18 @@ class PersonalizedPredictor:
         for task in b.tasks:
             out[task["name"]] = np.empty(len(frame), dtype=object if task["kind"] == "classification" else float)
         z_all = self.model.base(x_all) if len(frame) else None
+        labels = self.label_columns(frame)
         for client in pd.unique(clients):
             rows = np.flatnonzero(clients == client)
             source, heads = self.heads_for(client)
+            if overrides and client in overrides:
+                source, heads = overrides[client]
+            elif source == "global" and labels:  # a client the bundle does not know
+                support = frame.iloc[rows]
+                support = support[support[labels].notna().any(axis=1)]
+                if len(support):
+                    done = self.cold_start(client, support)
+                    source, heads = done.source, done.heads
             used[rows] = source
             if client in b.personal_bases:  # methods that keep the whole model on the client
                 base = self.model.base

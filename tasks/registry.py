@@ -10,7 +10,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 from mlflow.tracking import MlflowClient
 
 import models
@@ -21,7 +23,9 @@ CHALLENGER = "challenger"
 SERVING_ENTRY = Path(models.__file__).parent / "serving.py"
 DESCRIPTION = (
     "fedmtl personalised model: a shared base plus heads routed by client_id "
-    "(personal head, else the client's group head, else the global head)."
+    "(personal head, else the client's group head, else the global head). A client unknown to "
+    "the model that sends labelled rows (optional label columns) gets a cold start: the group "
+    "head with the lowest loss on them, fine-tuned on them."
 )
 
 
@@ -37,6 +41,17 @@ def pip_requirements() -> list[str]:
         f"numpy=={numpy.__version__}",
         f"scikit-learn=={sklearn.__version__}",
     ]
+
+
+def with_optional_labels(signature: ModelSignature, bundle: PersonalizedBundle) -> ModelSignature:
+    """Add each task's label column to the input schema as an optional column of any type:
+    the labelled rows of a client the model does not know are its cold-start support set.
+    (Any type: a label column that mixes labelled and unlabelled rows arrives as floats with
+    NaN, or as text; the model checks labels against the declared classes itself.)"""
+    inputs = list(signature.inputs.inputs)
+    names = {c.name for c in inputs}
+    inputs += [ColSpec(AnyType(), t["name"], required=False) for t in bundle.tasks if t["name"] not in names]
+    return ModelSignature(Schema(inputs), signature.outputs, signature.params)
 
 
 def log_personalized_model(
@@ -55,7 +70,7 @@ def log_personalized_model(
     output_example = predictor.predict(input_example)
     with warnings.catch_warnings():  # MLflow's hint about integer columns: labels never miss
         warnings.simplefilter("ignore", UserWarning)
-        signature = infer_signature(input_example, output_example)
+        signature = with_optional_labels(infer_signature(input_example, output_example), bundle)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bundle.pt"
         buffer = io.BytesIO()

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedmtl.algorithms import METHODS, ClientContext, get_algorithm
+from fedmtl.algorithms import METHODS, get_algorithm
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.federation import Federation, run_rounds
 from fedmtl.grouping import adjusted_rand, choose_group, cluster_vectors
 from fedmtl.server_optim import ServerOptimizer
-from fedmtl.state import flat
 from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig, load_weights, train_joint
+from fedmtl.training import LocalConfig, train_joint
 from tests.conftest import tiny_overrides
 
 
