@@ -140,7 +140,9 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
     table = summarise(records)
     lines = ["# Quality benchmark", "",
              f"`python -m benchmarks.quality {' '.join(args.argv)}`: {args.seeds} seed(s), "
-             f"{'quick' if args.quick else 'full'} mode, {wall / 60:.1f} min on {os.cpu_count()} cores.", "",
+             f"{'quick' if args.quick else 'full'} mode, {wall / 60:.1f} min on {os.cpu_count()} cores"
+             + (" (these runs only; the other runs' records were kept from the existing quality.json)."
+                if args.update else "."), "",
              "Mean over seeds (± standard deviation) of the client-mean on held-out splits, after the last round. "
              "**Bold**: the best method of the scenario (highest mean).", ""]
     for metric, title in (("personal_accuracy", "Personalised accuracy (client mean, %)"),
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 1)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.md and quality.json")
+    parser.add_argument("--update", action="store_true",
+                        help="merge into the existing quality.json: replace only the runs made now")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="a setting for every run, key=value (repeatable; for tuning)")
     args = parser.parse_args(argv)
@@ -221,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.update and (out / "quality.json").exists():
+        done = {(r["scenario"], r["method"], r["seed"]) for r in records}
+        kept = [r for r in json.loads((out / "quality.json").read_text())
+                if (r["scenario"], r["method"], r["seed"]) not in done]
+        records = kept + records
     (out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records, args, wall)
     (out / "quality.md").write_text(text + "\n")

@@ -24,6 +24,7 @@ Method = Literal[
 ]
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
+PersonalFit = Literal["sgd", "map"]
 HarWindows = Literal["segment", "session"]
 
 
@@ -149,7 +150,12 @@ class AlgorithmConfig(_Section):
 
     method: Method = "fedmtl"
     prox_mu: float = Field(0.0, ge=0, description="FedProx μ on the shared local objective")
-    personal_lambda: float = Field(0.0, ge=0, description="fedmtl: pull of ψ_c towards φ_g")
+    personal_fit: PersonalFit = Field(
+        "map", description="fedmtl: fit ψ_c exactly (map: L-BFGS, prior at φ_g) or by personal_epochs of SGD"
+    )
+    personal_lambda: float = Field(
+        0.3, ge=0, description="fedmtl: precision of the prior pulling ψ_c towards φ_g"
+    )
     ditto_lambda: float = Field(0.1, ge=0, description="Ditto: λ of λ/2·‖v − w‖²")
     pfedme_lambda: float = Field(15.0, gt=0, description="pFedMe: λ of the Moreau envelope")
     pfedme_inner_steps: int = Field(5, ge=1, description="pFedMe: K steps per mini-batch")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
 from fedmtl.client import ClientData
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import train_heads, train_joint
+from fedmtl.training import fit_heads_map, train_heads, train_joint
 
 
 class FedMTL(Algorithm):
@@ -40,8 +40,12 @@ class FedMTL(Algorithm):
         self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
         personal: PersonalState | None,
     ) -> tuple[Vector, Heads, PersonalState]:
-        psi, _ = train_heads(
-            ctx.model, state.base, state.heads_for(group), data, ctx.tasks, ctx.cfg, ctx.generator,
-            ctx.cfg.personal_epochs, prox_mu=ctx.cfg.personal_lambda,
-        )
+        if ctx.cfg.personal_fit == "map":
+            psi, _ = fit_heads_map(ctx.model, state.base, state.heads_for(group), data, ctx.tasks,
+                                   ctx.cfg.personal_lambda)
+        else:
+            psi, _ = train_heads(
+                ctx.model, state.base, state.heads_for(group), data, ctx.tasks, ctx.cfg, ctx.generator,
+                ctx.cfg.personal_epochs, prox_mu=ctx.cfg.personal_lambda,
+            )
         return state.base, psi, PersonalState(psi)

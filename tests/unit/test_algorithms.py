@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -16,7 +17,8 @@ from fedmtl.federation import Federation, run_rounds
 from fedmtl.grouping import adjusted_rand, choose_group, cluster_vectors
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig, train_joint
+from fedmtl.state import assign
+from fedmtl.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
 from tests.conftest import tiny_overrides
 
 
@@ -176,3 +178,40 @@ def test_every_method_learns_something_and_is_deterministic(setup, method):
     assert torch.equal(a[0].base, b[0].base)
     acc = a[2][-1]["personal/accuracy/mean"]
     assert acc > 0.2, f"{method}: personalised accuracy {acc:.3f} is no better than chance"
+
+
+def test_fedmtl_personal_map_fit_is_exact_and_shrinks_to_the_group_head(setup):
+    make, _ = setup
+    fed, ctx, state, data = one_client(make("fedmtl", "map"))
+    prior = state.heads_for(data.group)
+    pinned, _ = fit_heads_map(ctx.model, state.base, prior, data, ctx.tasks, lam=1e9)
+    assert torch.allclose(pinned["label"], prior["label"], atol=1e-4)
+    free, loss = fit_heads_map(ctx.model, state.base, prior, data, ctx.tasks, lam=0.3)
+    again, _ = fit_heads_map(ctx.model, state.base, prior, data, ctx.tasks, lam=0.3)
+    assert torch.equal(free["label"], again["label"])
+    # at the optimum the objective's gradient vanishes
+    head = ctx.model.heads["label"]
+    assign(head, free["label"])
+    with torch.no_grad():
+        ctx.model.base.eval()
+        z = ctx.model.base(data.x_train)
+    params = list(head.parameters())
+    objective = multitask_loss({"label": head(z)}, data.y_train, ctx.tasks) + 0.5 * 0.3 / data.n_train * sum(
+        ((p - a) ** 2).sum() for p, a in zip(params, _split(head, prior["label"])))
+    grads = torch.autograd.grad(objective, params)
+    assert max(float(g.abs().max()) for g in grads) < 1e-3
+    assert loss < multitask_loss({"label": _with(head, prior["label"])(z)}, data.y_train, ctx.tasks).item()
+
+
+def _split(module, vector):
+    out, offset = [], 0
+    for p in module.parameters():
+        out.append(vector[offset: offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
+def _with(module, vector):
+    clone = copy.deepcopy(module)
+    assign(clone, vector)
+    return clone
