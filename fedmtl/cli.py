@@ -275,12 +275,10 @@ def _load_predictor(model: str, tracking_uri: str):
         if not db.exists():
             _fail(FileNotFoundError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
                                     "train first, or pass --tracking-uri"), 2)
-    import mlflow
+    from tasks.registry import load_predictor  # the MLflow side lives in tasks/
 
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        loaded = mlflow.pyfunc.load_model(model)
-        predictor = loaded.unwrap_python_model().predictor
+        predictor = load_predictor(model, tracking_uri)
     except Exception as exc:  # noqa: BLE001 - unknown name, alias, run or store
         _fail(ValueError(f"cannot load model '{model}' from {tracking_uri}: {str(exc).splitlines()[0]}"), 2)
     return predictor

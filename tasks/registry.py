@@ -98,3 +98,9 @@ def log_personalized_model(
         version = str(mv.version)
         client.set_registered_model_alias(registered_model, CHALLENGER, version)
     return info.model_uri, version
+
+
+def load_predictor(model_uri: str, tracking_uri: str) -> PersonalizedPredictor:
+    """The predictor inside a registered (or logged) fedmtl pyfunc model."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
