@@ -139,7 +139,7 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
 
     table = summarise(records)
     lines = ["# Quality benchmark", "",
-             f"`python -m benchmarks.quality {' '.join(args.argv)}`: {args.seeds} seed(s), "
+             f"`python -m benchmarks.quality {' '.join(args.argv)}`: {args.seeds} seed(s) in this run, "
              f"{'quick' if args.quick else 'full'} mode, {wall / 60:.1f} min on {os.cpu_count()} cores"
              + (" (these runs only; the other runs' records were kept from the existing quality.json)."
                 if args.update else "."), "",
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default=None, help=f"comma-separated, from: {', '.join(SCENARIOS)}")
     parser.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (with --update: add seeds)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.md and quality.json")
     parser.add_argument("--update", action="store_true",
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fedmtl-quality-") as workdir:
         # prepare each scenario's data once per seed before the parallel runs
         extra = tuple(args.extra)
-        jobs = [(s, m, seed, args.quick, workdir, extra) for s in scenarios for seed in range(args.seeds)
+        jobs = [(s, m, seed, args.quick, workdir, extra) for s in scenarios for seed in range(args.first_seed, args.first_seed + args.seeds)
                 for m in methods]
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             firsts = [j for j in jobs if j[1] == methods[0]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.table import Table
 
 from fedmtl import quiet
 from fedmtl.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # pandas is imported where a command needs it (fast --help)
+    import pandas as pd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="The data pipeline's stages (what dvc.yaml runs).")

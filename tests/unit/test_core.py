@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,7 +15,7 @@ from fedmtl.data.manifest import read_manifest
 from fedmtl.dispatch import clients_for_round
 from fedmtl.evaluation import summarize, worst_fraction_mean
 from fedmtl.federation import Federation, RejectedUpdate, check_update, run_rounds
-from fedmtl.state import ClientUpdate, ServerState, assign, flat
+from fedmtl.state import ClientUpdate, ServerState, assign
 from fedmtl.store import ClientStore
 from tests.conftest import tiny_overrides
 
