@@ -8,6 +8,7 @@ without any orchestrator (tests, benchmarks, debugging).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fedmtl.dispatch import clients_for_round
 from fedmtl.evaluation import evaluate_client, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.server_optim import ServerOptimizer
-from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, initial_state
+from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
 from fedmtl.store import ClientStore
 from fedmtl.training import LocalConfig, client_seed
 
@@ -157,12 +158,11 @@ class Federation:
 
 
 def _fresh_head(head: torch.nn.Module) -> torch.Tensor:
-    """A new random initialisation of ``head`` (its own reset_parameters), flattened."""
-    from fedmtl.state import flat
-
-    clone = type(head)(head.in_features, head.out_features) if isinstance(head, torch.nn.Linear) else None
-    if clone is None:
-        raise TypeError(f"cannot re-initialise a head of type {type(head).__name__}")
+    """A new random initialisation of ``head`` (each layer's own ``reset_parameters``), flat."""
+    clone = copy.deepcopy(head)
+    for layer in clone.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
     return flat(clone)
 
 
