@@ -14,7 +14,8 @@ DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
-    # MLflow and GitPython
+    # MLflow (its import resets its loggers to this level) and GitPython
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     # Great Expectations
@@ -28,7 +29,7 @@ NOISY_LOGGERS = ("alembic", "mlflow", "great_expectations", "dvc", "httpx", "url
 
 def configure(verbose: bool = False) -> None:
     for key, value in DEFAULTS.items():
-        if verbose and key == "PREFECT_LOGGING_LEVEL":
+        if verbose and key in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL"):
             continue
         os.environ.setdefault(key, value)
     if not verbose:
