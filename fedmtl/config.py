@@ -1,9 +1,9 @@
 """The one configuration model of fedmtl, stored as ``params.yaml`` (DVC's parameter file).
 
 Every setting lives here, in sections: ``data``, ``model``, ``training``, ``algorithm``,
-``server``, ``grouping``, ``validation`` and ``tracking``. ``load_config`` reads a YAML file, applies
-``key=value`` overrides and validates the result; every error names the key at fault and, for
-choices, the allowed values (:class:`ConfigError`).
+``server``, ``grouping``, ``validation``, ``tracking``, ``coldstart`` and ``promotion``.
+``load_config`` reads a YAML file, applies ``key=value`` overrides and validates the result;
+every error names the key at fault and, for choices, the allowed values (:class:`ConfigError`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
 PersonalFit = Literal["sgd", "map"]
 HarWindows = Literal["segment", "session"]
+PromotionMetric = Literal["f1", "accuracy", "precision", "recall", "mae", "rmse"]
 
 
 class _Section(BaseModel):
@@ -225,6 +226,31 @@ class ColdStartConfig(_Section):
         return self
 
 
+class PromotionConfig(_Section):
+    """The gates a challenger must pass to become the registry's ``champion`` (``fedmtl
+    promote``). Both models answer every client's held-out rows through their own routing;
+    ``metric`` is the client's personalised score on ``task`` (default: the first task)."""
+
+    metric: PromotionMetric = Field("f1", description="per-client score compared: macro-F1, accuracy (or mae/rmse)")
+    task: str | None = Field(None, description="the task whose metric is compared (default: the first)")
+    min_gain: float = Field(0.0, description="the challenger's client mean must beat the champion's by this much")
+    max_client_regression: float = Field(
+        0.05, ge=0, description="no client may score worse than under the champion by more than this"
+    )
+    worst_fraction: float = Field(
+        0.1, gt=0, le=1, description="the worst clients' mean (this fraction of them) must not drop"
+    )
+    min_metric: float | None = Field(
+        0.5, description="absolute gate: the challenger's client mean must reach this (also for the first champion)"
+    )
+    max_quarantined_fraction: float = Field(
+        0.25, ge=0, le=1, description="absolute gate: at most this fraction of clients failed validation"
+    )
+    max_epsilon: float = Field(
+        10.0, gt=0, description="absolute gate when privacy is on: the run's spent ε must not exceed this"
+    )
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -235,6 +261,7 @@ class Config(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""

@@ -33,17 +33,24 @@ HIGHER_IS_BETTER = {"accuracy": True, "precision": True, "recall": True, "f1": T
 
 
 def task_metrics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """Metrics of one task from the model's raw output (class scores or values)."""
     if task.kind == "classification":
-        y_pred = output.argmax(axis=1)
-        # macro over the classes present in the client's labels or predictions: classes the
-        # client never sees would otherwise count as zeros.
-        present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-        p, r, f, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=present, average="macro", zero_division=0
-        )
-        return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
-                "recall": float(r), "f1": float(f)}
-    pred = output.reshape(-1)
+        return classification_metrics(y_true, output.argmax(axis=1))
+    return regression_metrics(y_true, output.reshape(-1))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision, recall and F1 over the classes present in the client's
+    labels or predictions (classes the client never sees would otherwise count as zeros)."""
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    p, r, f, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=present, average="macro", zero_division=0
+    )
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
+            "recall": float(r), "f1": float(f)}
+
+
+def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {"mae": float(mean_absolute_error(y_true, pred)),
             "rmse": float(math.sqrt(mean_squared_error(y_true, pred)))}
 

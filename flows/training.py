@@ -241,6 +241,7 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
         "grouping": cfg.grouping.method,
         "privacy": "none",
         "quarantined_clients": ",".join(sorted(report.quarantined)) or "none",
+        "validated_clients": str(len(report.passed)),
     }
     try:
         tags["prefect_flow_run_id"] = str(runtime.flow_run.id)

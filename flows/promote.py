@@ -1,0 +1,87 @@
+"""Champion/challenger promotion and rollback as Prefect flows.
+
+``fedmtl-promote``: both versions answer every validated client's held-out rows (the current
+partitions, through each model's own routing), the gates of ``promotion`` decide
+(``fedmtl/promotion.py``), and the registry records the decision and, on a pass, moves the
+``champion`` alias (``tasks/promotion.py``). ``fedmtl-rollback`` gives ``champion`` back to the
+version the current champion replaced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from fedmtl.config import Config
+from fedmtl.data.manifest import read_manifest
+from fedmtl.promotion import Decision, decide
+from fedmtl.validation import read_report, usable_clients
+from models.scoring import held_out_rows, score_clients
+from tasks.promotion import CHALLENGER, CHAMPION, Registry, RegistryError, actor_name
+
+
+@task(name="score_model", task_run_name="score-v{version}", cache_policy=NO_CACHE)
+def score_model(version: str, registry: Registry, partitions_dir: str, clients: list[str]) -> pd.DataFrame:
+    """Every client's held-out metrics under one model version."""
+    mv = registry.version(version)
+    predictor = registry.predictor(mv)
+    try:
+        return score_clients(predictor, held_out_rows(partitions_dir, clients))
+    except ValueError as exc:
+        raise RegistryError(f"version {version} of '{registry.name}' cannot score the current data: {exc}") from None
+
+
+@flow(name="fedmtl-promote", log_prints=False)
+def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | None = None,
+            dry_run: bool = False) -> dict[str, Any]:
+    """Compare ``challenger`` (a version number or alias) with the champion on every client's
+    held-out data; promote it if every gate passes. ``dry_run``: decide, record nothing."""
+    cfg = Config.model_validate(config)
+    logger = get_run_logger()
+    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model)
+    new = registry.version(challenger)
+    old = registry.by_alias(CHAMPION)
+    if old is not None and old.version == new.version:
+        raise RegistryError(f"version {new.version} of '{registry.name}' is already the champion")
+    manifest = read_manifest(cfg.data.partitions_dir)
+    clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
+
+    versions = [str(new.version)] + ([str(old.version)] if old is not None else [])
+    futures = score_model.map(versions, unmapped(registry), unmapped(cfg.data.partitions_dir), unmapped(clients))
+    scores = [f.result() for f in futures]
+    decision = decide(scores[0], scores[1] if old is not None else None, registry.run_facts(new), cfg.promotion)
+    who = actor_name(actor)
+    record = None
+    if not dry_run:
+        tables = {"per_client.csv": decision.per_client, "challenger_scores.csv": scores[0]}
+        if old is not None:
+            tables["champion_scores.csv"] = scores[1]
+        record = registry.apply(decision, new, old, who, cfg.tracking.experiment, tables)
+    logger.info("version %s %s: %s", new.version, "promoted" if decision.promote else "rejected",
+                "; ".join(decision.reasons))
+    return result(decision, registry, new.version, old.version if old else None, who, record, dry_run)
+
+
+@flow(name="fedmtl-rollback", log_prints=False)
+def rollback(config: dict[str, Any], actor: str | None = None, reason: str = "") -> dict[str, Any]:
+    """Give ``champion`` back to the version the current champion replaced."""
+    cfg = Config.model_validate(config)
+    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model)
+    who = actor_name(actor)
+    current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason)
+    get_run_logger().info("champion of '%s': version %s -> %s", registry.name, current.version, restored.version)
+    return {"model": registry.name, "from_version": str(current.version), "to_version": str(restored.version),
+            "by": who, "record_run": record}
+
+
+def result(decision: Decision, registry: Registry, new: str, old: str | None, who: str,
+           record: str | None, dry_run: bool) -> dict[str, Any]:
+    return {
+        **decision.summary(), "reasons": decision.reasons, "model": registry.name,
+        "challenger_version": str(new), "champion_version": str(old) if old else None,
+        "by": who, "record_run": record, "dry_run": dry_run,
+        "per_client": decision.per_client.to_dict(orient="records"),
+    }

@@ -1,0 +1,193 @@
+"""Champion/challenger for real: two models trained by the Prefect flow into a temp MLflow
+registry, judged by `fedmtl promote`, rolled back by `fedmtl rollback`, and the champion
+served by MLflow's scoring server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from fedmtl.cli import app
+from fedmtl.config import load_config
+from fedmtl.data import load_partition, partition, prepare
+from fedmtl.data.manifest import read_manifest
+from fedmtl.validation import validate_partitions
+from models.personalized import PersonalizedPredictor
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+MODEL = "fedmtl-promotion-test"
+
+
+@pytest.fixture(scope="module")
+def registry(prefect_harness, tmp_path_factory):
+    from flows.training import federated_training
+
+    root = tmp_path_factory.mktemp("promotion")
+    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "tracking.client_runs": "false"})
+    cfg = load_config(None, overrides)
+    prepare(cfg.data)
+    partition(cfg.data)
+    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir), cfg.validation,
+                        cfg.data.validation_dir)
+    weak = federated_training(load_config(None, [*overrides, "training.rounds=1"]).model_dump(mode="json"))
+    strong = federated_training(load_config(None, [*overrides, "training.rounds=4"]).model_dump(mode="json"))
+    return SimpleNamespace(root=root, cfg=cfg, overrides=overrides, weak=weak, strong=strong,
+                           client=MlflowClient(cfg.tracking.tracking_uri))
+
+
+def cli(r, *args: str, extra: tuple[str, ...] = ()):
+    sets = [a for o in (*r.overrides, *extra) for a in ("--set", o)]
+    return runner.invoke(app, [*args, *sets])
+
+
+def alias(r, name: str = "champion") -> str | None:
+    try:
+        return str(r.client.get_model_version_by_alias(MODEL, name).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def tags(r, version: str) -> dict[str, str]:
+    return r.client.get_model_version(MODEL, version).tags
+
+
+def test_promote_reject_promote_and_rollback(registry):
+    r = registry
+    v1, v2 = r.weak["model_version"], r.strong["model_version"]
+    assert (v1, v2) == ("1", "2") and alias(r) is None
+
+    # the first model: no champion yet, the absolute gates alone
+    res = cli(r, "promote", "--challenger", v1, "--actor", "alice")
+    assert res.exit_code == 0, res.output
+    assert "promoted" in res.output and "(the first champion)" in res.output
+    assert alias(r) == v1
+    t = tags(r, v1)
+    assert t["promotion.decision"] == "promoted" and t["promotion.by"] == "alice"
+    assert t["promotion.replaced_version"] == "none" and t["promotion.compared_with"] == "none"
+    record = r.client.get_run(t["promotion.record_run"])
+    assert record.info.status == "FINISHED" and record.data.tags["decision"] == "promoted"
+    assert r.client.get_experiment(record.info.experiment_id).name == "fedmtl-promotions"
+    decision = json.loads(Path(r.client.download_artifacts(record.info.run_id, "decision.json", str(r.root)))
+                          .read_text())
+    assert decision["by"] == "alice" and decision["champion_mean"] is None
+    assert {c["name"] for c in decision["checks"]} == {"min_metric", "validation"}
+
+    # a dry run changes nothing
+    res = cli(r, "promote", "--dry-run")
+    assert res.exit_code == 0 and "nothing was changed" in res.output
+    assert alias(r) == v1 and "promotion.decision" not in tags(r, v2)
+
+    # a gate that cannot pass: rejected, exit code 3, reasons on the version, champion stays
+    res = cli(r, "promote", extra=("promotion.min_gain=0.9",))
+    assert res.exit_code == 3, res.output
+    assert "rejected" in res.output and "FAIL" in res.output
+    assert alias(r) == v1
+    t = tags(r, v2)
+    assert t["promotion.decision"] == "rejected" and "promotion.min_gain 0.9" in t["promotion.reasons"]
+    assert t["promotion.compared_with"] == v1 and float(t["promotion.challenger_mean"]) > 0
+
+    # permissive gates: the challenger (alias) replaces the champion, which keeps a tag
+    res = cli(r, "promote", extra=("promotion.min_gain=-1", "promotion.max_client_regression=1",
+                                  "promotion.worst_fraction=1"))
+    assert res.exit_code == 0, res.output
+    assert alias(r) == v2 and f"was version {v1}" in res.output
+    assert tags(r, v1)["previous_champion"] == "true" and tags(r, v1)["replaced_by"] == v2
+    assert tags(r, v2)["promotion.replaced_version"] == v1
+    per_client = pd.read_csv(r.client.download_artifacts(tags(r, v2)["promotion.record_run"], "per_client.csv",
+                                                         str(r.root)))
+    assert {"client", "challenger", "champion", "delta"} <= set(per_client.columns) and len(per_client) == 8
+
+    # promoting the champion again is an error, not a decision
+    res = cli(r, "promote", "--challenger", v2)
+    assert res.exit_code == 2 and "already the champion" in res.output
+
+    # rollback: the previous champion is back, and the rolled-back version says so
+    res = cli(r, "rollback", "--reason", "regression seen in production", "--actor", "bob")
+    assert res.exit_code == 0, res.output
+    assert f"version {v2} -> {v1}" in res.output and alias(r) == v1
+    t2 = tags(r, v2)
+    assert t2["promotion.decision"] == "rolled_back" and t2["rolled_back_by"] == "bob"
+    assert t2["rolled_back_reason"] == "regression seen in production"
+    assert "previous_champion" not in tags(r, v1) and "restored_at" in tags(r, v1)
+    res = cli(r, "rollback")
+    assert res.exit_code == 2 and "replaced no earlier champion" in res.output
+
+
+def test_evaluate_scores_every_client_through_the_models_routing(registry):
+    r = registry
+    out = r.root / "scores.csv"
+    res = cli(r, "evaluate", "--model", r.strong["model_version"], "--out", str(out))
+    assert res.exit_code == 0, res.output
+    scores = pd.read_csv(out)
+    assert len(scores) == 8 and set(scores["head"]) == {"personal"}
+    # the routed model's per-client accuracy equals the flow's own personalised evaluation
+    assert scores["accuracy"].mean() == pytest.approx(r.strong["personal_accuracy"], abs=1e-9)
+    res = cli(r, "evaluate", "--model", "nonesuch")
+    assert res.exit_code == 2 and "nonesuch" in res.output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_champion_answers_like_the_model_in_memory(registry):
+    r = registry
+    res = cli(r, "promote", "--challenger", r.weak["model_version"], extra=("promotion.min_gain=-1",))
+    assert alias(r) is not None, res.output
+    champion = alias(r)
+    bundle = r.weak["bundle"] if champion == r.weak["model_version"] else r.strong["bundle"]
+    manifest = read_manifest(r.cfg.data.partitions_dir)
+    rows = []
+    for c in manifest.client_ids[:3]:
+        part = load_partition(r.cfg.data.partitions_dir, c)
+        rows.append(part[part["split"] == "test"].head(3)[manifest.features].assign(client_id=c))
+    rows.append(rows[0].head(2).assign(client_id="never-seen"))
+    frame = pd.concat(rows, ignore_index=True)[["client_id", *manifest.features]]
+
+    port = free_port()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    sets = [a for o in r.overrides for a in ("--set", o)]
+    server = subprocess.Popen([str(bindir / "fedmtl"), "serve", "--port", str(port), *sets], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}).encode()
+        answer = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    answer = json.loads(reply.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        assert answer is not None, f"the scoring server did not answer:\n{server.stdout.read() if server.poll() is not None else ''}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    served = pd.DataFrame(answer["predictions"])
+    expected = PersonalizedPredictor(bundle).predict(frame)
+    pd.testing.assert_frame_equal(served.reset_index(drop=True), expected.reset_index(drop=True),
+                                  check_dtype=False)
+    assert set(served.loc[frame["client_id"] == "never-seen", "head"]) == {"global"}
+    assert set(served.loc[frame["client_id"] == manifest.client_ids[0], "head"]) == {"personal"}
