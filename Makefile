@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ui: $(STAMP)
-	mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db
+	fedmtl ui
 
 clean:
 	rm -rf data/raw data/partitions data/validation mlflow/mlflow.db mlflow/artifacts .fedmtl metrics.json

@@ -1,4 +1,7 @@
-"""``fedmtl``: the command line. Exit codes: 0 done, 1 the run failed, 2 bad settings or input."""
+"""fedmtl: federated multi-task learning as a Prefect + MLflow + DVC workflow.
+
+Exit codes: 0 done, 1 the run failed, 2 bad settings or input, 3 a promotion was rejected
+(the champion stays), 130 interrupted."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from fedmtl.config import Config, ConfigError, load_config
 if TYPE_CHECKING:  # pandas is imported where a command needs it (fast --help)
     import pandas as pd
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode="markdown")
 data_app = typer.Typer(no_args_is_help=True, help="The data pipeline's stages (what dvc.yaml runs).")
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
@@ -94,7 +97,40 @@ def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, 
         console.print(f"  [yellow]quarantined[/] {client}: {reasons[0]}")
 
 
+class RoundsBar:
+    """A rich progress bar over rounds and, within a round, the clients that finished."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console,
+                            disable=not console.is_terminal, transient=False)
+        self.rounds = self.clients = None
+
+    def __enter__(self) -> "RoundsBar":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def start(self, rounds: int) -> None:
+        self.rounds = self.bar.add_task("rounds", total=rounds, note="")
+        self.clients = self.bar.add_task("  clients", total=None, note="")
+
+    def round_started(self, round_: int, clients: int) -> None:
+        self.bar.reset(self.clients, total=clients, description=f"  round {round_}: clients", note="")
+
+    def client_done(self) -> None:
+        self.bar.advance(self.clients)
+
+    def round_done(self, round_: int, headline: str) -> None:
+        self.bar.update(self.rounds, advance=1, note=headline)
+
+
 def _train(cfg: Config, whole_pipeline: bool) -> dict:
+    from flows import progress
     from flows.runtime import run_and_settle
 
     if whole_pipeline:
@@ -102,7 +138,8 @@ def _train(cfg: Config, whole_pipeline: bool) -> dict:
     else:
         from flows.training import federated_training as flow_fn
     try:
-        return run_and_settle(flow_fn, cfg.model_dump(mode="json"))
+        with RoundsBar() as bar, progress.reporting(bar):
+            return run_and_settle(flow_fn, cfg.model_dump(mode="json"))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - the flow's failure, reported without a traceback
@@ -153,10 +190,12 @@ def promote(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="decide and print, change nothing")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Compare the challenger with the champion on every client's held-out data and promote it
-    (alias `champion`) if every gate in `promotion` passes. Exit codes: 0 promoted, 3 rejected
-    (the champion stays; the reasons are on the version's tags), 2 bad settings or unknown
-    model/version, 1 the flow failed."""
+    """Promote the challenger to champion if it passes every gate.
+
+    Both versions answer every validated client's held-out split; the gates in `promotion`
+    compare their per-client scores. Exit codes: 0 promoted, 3 rejected (the champion stays;
+    the reasons are on the version's tags), 2 bad settings or unknown model/version, 1 the flow
+    failed."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from flows.promote import promote as flow_fn
@@ -176,7 +215,7 @@ def rollback(
     reason: Annotated[str, typer.Option("--reason", "-r", help="why (recorded with the decision)")] = "",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Give the alias `champion` back to the version the current champion replaced."""
+    """Give the alias champion back to the version the current champion replaced."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from flows.promote import rollback as flow_fn
@@ -195,8 +234,10 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the per-client scores (.csv)")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Score a registered model on every validated client's held-out split, through the
-    model's own routing (personal, group or global heads), as it would answer when served."""
+    """Score a registered model on every client's held-out split.
+
+    Each client's rows go through the model's own routing (personal, group or global heads),
+    as they would when served; only clients whose partitions passed validation count."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from fedmtl.data.manifest import read_manifest
@@ -237,8 +278,10 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 5001,
 ) -> None:
-    """Serve a registered model over HTTP with MLflow's scoring server (`mlflow models serve
-    --env-manager local`): POST rows of client_id + features to /invocations."""
+    """Serve a registered model (default: the champion) over HTTP.
+
+    Runs MLflow's scoring server (`mlflow models serve --env-manager local`); POST rows of
+    client_id plus the feature columns to /invocations."""
     import os
     import shutil
 
@@ -324,8 +367,10 @@ def personalize(
     out: Annotated[Path, typer.Option("--out", "-o", help="predictions file (.csv or .parquet)")] = Path("predictions.csv"),
     verbose: VerboseOpt = False,
 ) -> None:
-    """Cold start for a client that took no part in training: pick its group by the loss of each
-    group head on its labelled rows, fine-tune its own head on them, predict (no labels: global heads)."""
+    """Cold start: a model for a client that took no part in training.
+
+    Picks the client's group by the loss of each group head on its labelled rows, fine-tunes
+    its own head on them and predicts (no labelled rows: the global heads)."""
     quiet.configure(verbose)
     import pandas as pd
 
@@ -476,6 +521,163 @@ def _print_scores(predicted, target, truth, tasks, path: Path) -> None:
             console.print(f"MAE on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{err_.mean():.4f}[/]")
 
 
+@app.command("compare")
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="two or more MLflow run ids or run names")],
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking store")] = DEFAULT_TRACKING,
+    all_params: Annotated[bool, typer.Option("--all-params", help="show equal parameters too")] = False,
+    metric: Annotated[Optional[list[str]], typer.Option(
+        "--metric", "-m", help="only metrics matching: a glob (personal/*) or a substring (accuracy); "
+                               "repeatable")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Runs side by side: the parameters that differ and each final metric (last round), the
+    better value marked ✓ (higher accuracy/precision/recall/F1/gain/ARI, lower loss and time)."""
+    quiet.configure(verbose)
+    from fedmtl.comparison import BEST_MARK, compare as compare_runs
+
+    if len(runs) < 2:
+        _fail(ValueError(f"compare needs at least two runs, got {len(runs)}: {' '.join(runs)}"), 2)
+    from tasks.runs import RunLookupError, fetch_runs  # the MLflow side lives in tasks/
+
+    try:
+        records = fetch_runs(runs, tracking_uri)
+    except RunLookupError as exc:
+        _fail(exc, 2)
+    result = compare_runs(records, all_params=all_params, patterns=metric)
+    for i, r in enumerate(result.runs, 1):
+        console.print(f"run {i}: [bold]{r.name}[/]  {r.run_id}  {r.status}")
+    sections = (("parameter" if not all_params else "parameter (all)", result.params + result.tags),
+                ("final metric (last round)", result.metrics))
+    for title, rows in sections:
+        table = Table(title_justify="left")
+        # names are never cut; on a narrow terminal the run columns fold instead
+        table.add_column(title, no_wrap=True, min_width=max([len(title), *(len(row.key) for row in rows)]))
+        for r in result.runs:
+            table.add_column(r.name, justify="right", overflow="fold")
+        for row in rows:
+            table.add_row(row.key, *(f"[bold green]{c}[/]" if i in row.best else c
+                                     for i, c in enumerate(row.cells())))
+        if rows:
+            console.print(table)
+        elif title.startswith("parameter"):
+            console.print("parameters: all equal (--all-params shows them)")
+        else:
+            console.print("no final metrics" + (f" matching {', '.join(metric)}" if metric else ""))
+    console.print(f"{BEST_MARK} better: higher accuracy, precision, recall, F1, gain, ARI; lower loss, "
+                  "error and time/*")
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option("--port", "-p", help="port to listen on")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="interface to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking store")] = DEFAULT_TRACKING,
+    allowed_hosts: Annotated[Optional[str], typer.Option(
+        "--allowed-hosts", help="Host headers MLflow accepts beyond localhost and private IPs "
+                                "(MLflow 3's DNS-rebinding protection), e.g. mlflow.example.com")] = None,
+) -> None:
+    """The MLflow UI on the tracking store: replaces this process with `mlflow ui` (Ctrl-C stops it)."""
+    import os
+    import shutil
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            _fail(FileNotFoundError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
+                                    "train first, or pass --tracking-uri"), 2)
+    beside = Path(sys.executable).with_name("mlflow")
+    exe = str(beside) if beside.is_file() else shutil.which("mlflow")
+    if exe is None:
+        _fail(FileNotFoundError("the `mlflow` command is not installed (pip install mlflow)"), 2)
+    args = [exe, "ui", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port)]
+    if allowed_hosts:
+        args += ["--allowed-hosts", allowed_hosts]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    console.print(f"MLflow UI on [bold]http://{shown}:{port}[/] (store {tracking_uri}); Ctrl-C stops it")
+    sys.stdout.flush()
+    # MLflow 3 also starts a GenAI job runner (a pool of worker processes) that runs and models never use
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(exe, args)
+
+
+@app.command("schedule")
+def schedule(
+    cron: Annotated[Optional[str], typer.Option(
+        "--cron", help='cron expression, e.g. "0 2 * * *" (02:00 every day; UTC unless --timezone)')] = None,
+    interval: Annotated[Optional[float], typer.Option("--interval", help="seconds between runs (instead of --cron)")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="deployment name (default: schedule.deployment)")] = None,
+    timezone: Annotated[Optional[str], typer.Option("--timezone", help="time zone of --cron, e.g. Europe/Berlin")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Schedule recurring training (a Prefect deployment, served in the foreground).
+
+    The deployment fedmtl-scheduled/NAME runs on the schedule: DVC data refresh, warm start
+    from the champion, training, promotion gates; one run at a time. Needs a Prefect server
+    (PREFECT_API_URL). Ctrl-C stops serving and pauses the schedule."""
+    import datetime as dt
+
+    cfg = _config(params, set_)
+    quiet.configure(verbose)
+    if (cron is None) == (interval is None):
+        _fail(ValueError('give exactly one schedule: --cron "0 2 * * *" or --interval SECONDS'), 2)
+    if cfg.schedule.refresh_data:
+        from fedmtl.datarefresh import DataRefreshError, check_params, require_project
+
+        try:
+            check_params(cfg, require_project(Path.cwd()))
+        except DataRefreshError as exc:
+            _fail(exc, 2)
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        _fail(ValueError("fedmtl schedule needs a Prefect server to keep the schedule: start one with "
+                         "`prefect server start`, then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` "
+                         "(or export PREFECT_API_URL)"), 2)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        unhealthy = client.api_healthcheck()
+    if unhealthy is not None:
+        _fail(ConnectionError(f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {unhealthy}"), 2)
+    from flows.deploy import FLOW_NAME, ScheduleError, build_deployment, describe_schedule, next_run
+    from flows.deploy import serve as serve_deployment
+
+    try:
+        deployment = build_deployment(cfg, name, cron, interval, timezone)
+    except ScheduleError as exc:
+        _fail(exc, 2)
+    full = f"{FLOW_NAME}/{deployment.name}"
+    when = next_run(deployment)
+    if when is not None:
+        wait = when - dt.datetime.now(dt.timezone.utc)
+        minutes = max(0, int(wait.total_seconds() // 60))
+        when_text = f"{when:%Y-%m-%d %H:%M:%S %Z} (in {minutes // 60} h {minutes % 60} min)"
+    else:
+        when_text = "unknown"
+    steps = ("DVC data refresh (prepare, partition, validate" + (", push" if cfg.schedule.push_data else "") + ") → "
+             if cfg.schedule.refresh_data else "")
+    start = "the champion" if cfg.schedule.warm_start == "champion" else "a fresh initialisation"
+    console.print(f"serving deployment [bold]{full}[/] (Prefect API {api})")
+    console.print(f"  schedule:   {describe_schedule(deployment)}; next run {when_text}")
+    console.print(f"  each run:   {steps}train {cfg.training.rounds} rounds from {start} "
+                  f"of '{cfg.tracking.registered_model}'")
+    console.print("  overlap:    never (concurrency limit 1: a run due while one runs waits for it)")
+    console.print(f"  run now:    [bold]prefect deployment run '{full}'[/]")
+    if PREFECT_UI_URL.value():
+        console.print(f"  runs:       {PREFECT_UI_URL.value()}/deployments")
+    console.print("Ctrl-C stops serving (and pauses the schedule until the next `fedmtl schedule`).")
+    sys.stdout.flush()
+    try:
+        serve_deployment(deployment)
+    except KeyboardInterrupt:
+        pass
+    console.print(f"stopped serving {full}; its schedule is paused")
+
+
 def print_summary(result: dict) -> None:
     table = Table(title="fedmtl: final round, mean over clients' held-out splits", title_justify="left")
     table.add_column("model")
@@ -499,7 +701,10 @@ def print_summary(result: dict) -> None:
     console.print(f"MLflow run: [bold]{result.get('mlflow_run_id')}[/]"
                   + (f"; registered model version {result['model_version']} (alias challenger)"
                      if result.get("model_version") else ""))
-    console.print("open the UI: [bold]mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db[/]")
+    next_steps = "compare runs: [bold]fedmtl ui[/] (or [bold]fedmtl compare RUN_A RUN_B[/])"
+    if result.get("model_version"):
+        next_steps += "; make it the champion: [bold]fedmtl promote[/]"
+    console.print(next_steps)
 
 
 def main() -> None:

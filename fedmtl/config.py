@@ -144,6 +144,10 @@ class TrainingConfig(_Section):
     min_clients: int = Field(2, ge=1, description="fewest valid clients a run may start with")
     seed: int = 0
     workdir: str = Field(".fedmtl", description="run state: per-client stores, checkpoints")
+    warm_start: Literal["none", "champion"] = Field(
+        "none", description="champion: start from the registry's champion (its base, heads, personal "
+        "heads and round count) when one exists; none: from a fresh initialisation"
+    )
 
 
 class AlgorithmConfig(_Section):
@@ -251,6 +255,23 @@ class PromotionConfig(_Section):
     )
 
 
+class ScheduleConfig(_Section):
+    """Scheduled recurring training (``fedmtl schedule``, ``prefect.yaml``): each run brings the
+    data to its latest DVC version, then trains, continuing from the champion."""
+
+    deployment: str = Field("nightly", description="the Prefect deployment's name (fedmtl-scheduled/<name>)")
+    warm_start: Literal["none", "champion"] = Field(
+        "champion", description="training.warm_start of scheduled runs: continue from the registry's champion"
+    )
+    refresh_data: bool = Field(
+        True, description="re-run the DVC data stages (prepare, partition, validate) before training"
+    )
+    push_data: bool = Field(True, description="dvc push the new data version when a DVC remote is configured")
+    promote: bool = Field(
+        True, description="after training, judge the new version with the promotion gates (fedmtl promote)"
+    )
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -262,6 +283,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""

@@ -148,9 +148,11 @@ def decide(
             more = f" and {len(worse) - 5} more" if len(worse) > 5 else ""
             detail = (f"{len(worse)} client(s) worse by more than promotion.max_client_regression "
                       f"{policy.max_client_regression}: {named}{more}")
-        else:
+        elif len(delta) and float(delta.min()) < 0:
             detail = (f"no client worse by more than {policy.max_client_regression} "
-                      f"(largest drop {min(0.0, float(delta.min())) if len(delta) else 0.0:+.3f})")
+                      f"(largest drop {float(delta.min()):+.3f}, client '{delta.idxmin()}')")
+        else:
+            detail = "no client scores worse than under the champion"
         checks.append(Check("client_regression", not len(worse), detail,
                             float(delta.min()) if len(delta) else None, -policy.max_client_regression))
         drop = sign * (new_worst - old_worst)

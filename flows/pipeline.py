@@ -1,7 +1,8 @@
 """The whole pipeline in one flow run: prepare → partition → validate → train.
 
 ``dvc repro`` runs the same steps as separate DVC stages (dvc.yaml); this flow is what
-``fedmtl run`` and scheduled deployments use.
+``fedmtl run`` uses. Scheduled runs (flows/scheduled.py) reproduce the DVC stages instead, so
+that every scheduled run's data is a version DVC records.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
     held-out data; promote it if every gate passes. ``dry_run``: decide, record nothing."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
-    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model)
+    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
+                             cfg.tracking.artifact_root)
     new = registry.version(challenger)
     old = registry.by_alias(CHAMPION)
     if old is not None and old.version == new.version:
@@ -69,7 +70,8 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
 def rollback(config: dict[str, Any], actor: str | None = None, reason: str = "") -> dict[str, Any]:
     """Give ``champion`` back to the version the current champion replaced."""
     cfg = Config.model_validate(config)
-    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model)
+    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
+                             cfg.tracking.artifact_root)
     who = actor_name(actor)
     current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason)
     get_run_logger().info("champion of '%s': version %s -> %s", registry.name, current.version, restored.version)

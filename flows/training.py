@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, runtime, unmapped
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from fedmtl import plots
 from fedmtl.config import Config, dump_config
@@ -23,8 +23,10 @@ from fedmtl.provenance import data_version, git_commit
 from fedmtl.state import ServerState
 from fedmtl.store import ClientStore
 from fedmtl.validation import read_report, usable_clients
+from fedmtl.warmstart import seed_store, state_from_bundle
+from flows import progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
-from tasks.registry import log_personalized_model
+from tasks.registry import CHAMPION, champion_bundle, log_personalized_model
 from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train
 from tasks.tracking import RunTracker
 
@@ -50,21 +52,50 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
     tracker.log_artifact(cfg.data.validation_dir, "validation")
     logger.info("MLflow run %s: %d clients (%d quarantined)", run_id, len(clients), len(report.quarantined))
 
-    state = fed.initial_state()
     history: list[dict[str, float]] = []
     assignments: list[pd.DataFrame] = []
     try:
+        state = starting_state(fed, cfg, tracker)
+        progress.current().start(cfg.training.rounds)
         for _ in range(cfg.training.rounds):
             state, records, summary = run_round(fed, state, clients, cfg, tracker, tags)
             history.append(summary)
             assignments.append(assignment_table(records, state.round))
             logger.info("round %d: %s", state.round, _headline(summary))
+            progress.current().round_done(state.round, _headline(summary))
         result = finish(fed, state, clients, records, history, assignments, cfg, tracker, tags)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
     return result
+
+
+def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerState:
+    """Round 0, or, with ``training.warm_start: champion`` and a ``champion`` alias on
+    ``tracking.registered_model``, the champion's state: its base and heads, its round count
+    (so rounds and metric steps continue) and its clients' personal state, seeded into this
+    run's client stores. Tags the MLflow run ``warm_start`` (``models:/<name>/<version>`` or
+    ``none``). A champion that does not fit the data or settings fails the run (WarmStartError)."""
+    logger = get_run_logger()
+    fresh = fed.initial_state()
+    started_from = "none"
+    if cfg.training.warm_start == "champion":
+        name = cfg.tracking.registered_model
+        found = champion_bundle(name, tracker.tracking_uri)
+        if found is None:
+            logger.info("no '%s' alias on '%s' yet: starting from a fresh initialisation", CHAMPION, name)
+        else:
+            version, bundle = found
+            fresh, personal = state_from_bundle(
+                fed, bundle, f"{CHAMPION} version {version} of '{name}'",
+                "train with training.warm_start=none (scheduled runs: schedule.warm_start=none)", fresh)
+            seed_store(fed.store, personal)
+            started_from = f"models:/{name}/{version}"
+            logger.info("warm start from %s: round %d, %d clients' personal state", started_from,
+                        fresh.round, len(personal))
+    tracker.set_tags({"warm_start": started_from})
+    return fresh
 
 
 def run_round(fed, state, clients, cfg, tracker, tags):
@@ -76,9 +107,12 @@ def run_round(fed, state, clients, cfg, tracker, tags):
 
     start = time.perf_counter()
     futures = local_train.map(chosen, unmapped(fed), unmapped(state))
-    wait(futures)
+    progress.current().round_started(state.round + 1, len(chosen))
+    for _ in as_completed(futures):
+        progress.current().client_done()
     updates, failed = [], {}
     for client, future in zip(chosen, futures):
+        future.wait()  # keeps the task's own final state: the API records states asynchronously
         if future.state.is_completed():
             updates.append(future.result())
         else:
@@ -152,9 +186,17 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
     fig = plots.clients_global_vs_personal(records)
     tracker.log_figure(fig, "plots/clients_global_vs_personal.png")
     plots.close(fig)
+    fig = plots.personalisation_gain_histogram(records)
+    tracker.log_figure(fig, "plots/personalisation_gain.png")
+    plots.close(fig)
     tracker.log_table(records, "clients_final.csv")
     if fed.grouping_method is not None and assignments:
-        tracker.log_table(pd.concat(assignments, ignore_index=True), "groups/assignment.csv")
+        assigned = pd.concat(assignments, ignore_index=True)
+        tracker.log_table(assigned, "groups/assignment.csv")
+        if not assigned.empty:
+            fig = plots.group_assignment(assigned)
+            tracker.log_figure(fig, "plots/group_assignment.png")
+            plots.close(fig)
 
     version = None
     model_uri = None
@@ -216,6 +258,7 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
         personal_heads=personal,
         personal_bases=bases,
         coldstart=cfg.coldstart.model_dump(mode="json"),
+        round=state.round,
     )
 
 

@@ -30,10 +30,9 @@ from mlflow.tracking import MlflowClient
 
 from fedmtl.promotion import Decision, RunFacts
 from models.personalized import PersonalizedPredictor
-from tasks.registry import CHALLENGER, load_predictor
+from tasks.registry import CHALLENGER, CHAMPION, load_predictor
 from tasks.tracking import ensure_experiment, resolve_tracking_uri
 
-CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 
 
@@ -47,12 +46,13 @@ class Registry:
 
     tracking_uri: str
     name: str
+    artifact_root: str = ""  # where the decision records' artifacts go (tracking.artifact_root)
 
     @classmethod
-    def open(cls, tracking_uri: str, name: str) -> "Registry":
+    def open(cls, tracking_uri: str, name: str, artifact_root: str = "") -> "Registry":
         uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(uri)
-        registry = cls(uri, name)
+        registry = cls(uri, name, artifact_root)
         try:
             registry.client.get_registered_model(name)
         except MlflowException:
@@ -102,7 +102,7 @@ class Registry:
                actor: str, summary: dict[str, Any], tables: dict[str, Any] | None = None) -> str:
         """Open the decision's record run (left RUNNING until :meth:`close`); returns its id."""
         client = self.client
-        experiment_id = ensure_experiment(client, f"{experiment}-promotions", "")
+        experiment_id = ensure_experiment(client, f"{experiment}-promotions", self.artifact_root)
         when = now()
         run = client.create_run(experiment_id, run_name=f"{action}-{self.name}-v{version.version}", tags={
             "action": action, "registered_model": self.name, "version": str(version.version),

@@ -104,3 +104,33 @@ def load_predictor(model_uri: str, tracking_uri: str) -> PersonalizedPredictor:
     """The predictor inside a registered (or logged) fedmtl pyfunc model."""
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+
+
+CHAMPION = "champion"
+
+
+def champion_bundle(
+    registered_model: str, tracking_uri: str, alias: str = CHAMPION
+) -> tuple[str, PersonalizedBundle] | None:
+    """(version, bundle) of the model version that ``alias`` of ``registered_model`` points at,
+    or None when the registered model or the alias does not exist. A version that exists but
+    cannot be loaded raises ``RuntimeError`` naming it."""
+    client = MlflowClient(tracking_uri)
+    try:
+        model = client.get_registered_model(registered_model)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get(alias)
+    if version is None:
+        return None
+    uri = f"models:/{registered_model}/{version}"
+    try:
+        bundle = load_predictor(uri, tracking_uri).bundle
+    except Exception as exc:  # noqa: BLE001 - any failure to load names the version
+        raise RuntimeError(
+            f"cannot load {alias} version {version} of '{registered_model}' ({uri}) from {tracking_uri}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    return str(version), bundle

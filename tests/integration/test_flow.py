@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(prefect_harness, tmp_path_factory):
-    from flows.training import federated_training, make_bundle  # noqa: F401
+    from flows.training import federated_training
 
     root = tmp_path_factory.mktemp("flow")
     cfg = load_config(None, tiny_overrides(root))

@@ -83,6 +83,7 @@ def test_promote_reject_promote_and_rollback(registry):
     record = r.client.get_run(t["promotion.record_run"])
     assert record.info.status == "FINISHED" and record.data.tags["decision"] == "promoted"
     assert r.client.get_experiment(record.info.experiment_id).name == "fedmtl-promotions"
+    assert record.info.artifact_uri.startswith((r.root / "mlflow/artifacts").as_uri())  # not ./mlruns
     decision = json.loads(Path(r.client.download_artifacts(record.info.run_id, "decision.json", str(r.root)))
                           .read_text())
     assert decision["by"] == "alice" and decision["champion_mean"] is None

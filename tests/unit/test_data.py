@@ -14,7 +14,6 @@ import pytest
 from fedmtl.config import DataConfig, SyntheticConfig, TableConfig
 from fedmtl.data import (
     MANIFEST,
-    DataError,
     generate_synthetic,
     load_digits,
     load_partition,
