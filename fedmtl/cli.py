@@ -663,8 +663,9 @@ def schedule(
     start = "the champion" if cfg.schedule.warm_start == "champion" else "a fresh initialisation"
     console.print(f"serving deployment [bold]{full}[/] (Prefect API {api})")
     console.print(f"  schedule:   {describe_schedule(deployment)}; next run {when_text}")
+    judged = " → promotion gates (champion if it passes)" if cfg.schedule.promote else ""
     console.print(f"  each run:   {steps}train {cfg.training.rounds} rounds from {start} "
-                  f"of '{cfg.tracking.registered_model}'")
+                  f"of '{cfg.tracking.registered_model}'{judged}")
     console.print("  overlap:    never (concurrency limit 1: a run due while one runs waits for it)")
     console.print(f"  run now:    [bold]prefect deployment run '{full}'[/]")
     if PREFECT_UI_URL.value():
