@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -qq --upgrade pip
 	$(PIP) install -qq torch==2.13.0
-	$(PIP) install -qq -e ".[test,har]"
+	$(PIP) install -qq -e ".[test,har,dask]"
 	touch $(STAMP)
 
 ui: $(STAMP)

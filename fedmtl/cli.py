@@ -122,23 +122,32 @@ class RoundsBar:
     def round_started(self, round_: int, clients: int) -> None:
         self.bar.reset(self.clients, total=clients, description=f"  round {round_}: clients", note="")
 
-    def client_done(self) -> None:
-        self.bar.advance(self.clients)
+    def client_done(self, n: int = 1) -> None:
+        self.bar.advance(self.clients, n)
 
     def round_done(self, round_: int, headline: str) -> None:
         self.bar.update(self.rounds, advance=1, note=headline)
 
 
-def _train(cfg: Config, whole_pipeline: bool) -> dict:
+def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False) -> dict:
     from flows import progress
     from flows.runtime import run_and_settle
+
+    _own_errors(verbose)
+
+    from flows.runners import RunnerError, with_runner, worker_environment
 
     if whole_pipeline:
         from flows.pipeline import pipeline as flow_fn
     else:
-        from flows.training import federated_training as flow_fn
+        from flows.training import federated_training
+
+        try:
+            flow_fn = with_runner(federated_training, cfg)
+        except RunnerError as exc:
+            _fail(exc, 2)
     try:
-        with RoundsBar() as bar, progress.reporting(bar):
+        with RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner):
             return run_and_settle(flow_fn, cfg.model_dump(mode="json"))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
@@ -152,7 +161,7 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose:
     """Federated training on the validated partitions (the DVC train stage)."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
-    result = _train(cfg, whole_pipeline=False)
+    result = _train(cfg, whole_pipeline=False, verbose=verbose)
     print_summary(result)
 
 
@@ -161,7 +170,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: V
     """The whole pipeline in one Prefect flow run: prepare, partition, validate, train."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
-    result = _train(cfg, whole_pipeline=True)
+    result = _train(cfg, whole_pipeline=True, verbose=verbose)
     print_summary(result)
 
 
@@ -300,8 +309,26 @@ def serve(
                            "--host", host, "--port", str(port)], env)
 
 
+def _own_errors(verbose: bool) -> None:
+    """The command reports a failed flow run itself (one line, the cause): unless --verbose,
+    Prefect's engine does not print its traceback as well."""
+    if not verbose:
+        import logging
+
+        class EngineFailures(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                text = record.getMessage()
+                return not text.startswith(("Encountered exception during execution",
+                                            "Task run failed with exception", "Finished in state Failed"))
+
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(EngineFailures())
+
+
 def _run_flow(flow_fn, *args, **kwargs) -> dict:
     from flows.runtime import run_and_settle
+
+    _own_errors(False)
 
     try:
         return run_and_settle(flow_fn, *args, **kwargs)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Source = Literal["digits", "synthetic", "table", "har"]
 Scheme = Literal["iid", "dirichlet", "shards", "label-permutation", "rotation"]
@@ -26,6 +26,7 @@ ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
 PersonalFit = Literal["sgd", "map"]
 HarWindows = Literal["segment", "session"]
+RunnerKind = Literal["thread", "process", "dask"]
 PromotionMetric = Literal["f1", "accuracy", "precision", "recall", "mae", "rmse"]
 
 
@@ -148,6 +149,22 @@ class TrainingConfig(_Section):
         "none", description="champion: start from the registry's champion (its base, heads, personal "
         "heads and round count) when one exists; none: from a fresh initialisation"
     )
+    batched: Literal["auto", "on", "off"] = Field(
+        "auto", description="train a task's clients together (torch.func, fedmtl/batched.py): auto: "
+        "whenever the method's client round is the shared step (fedmtl, fedavg, fedavg-ft, FedProx) and "
+        "the model has no dropout or batch norm; on: the same, else an error naming why; off: one client "
+        "at a time"
+    )
+    clients_per_task: int | None = Field(
+        None, ge=1, description="clients trained by one Prefect task; null: one task per worker "
+        "(runner.workers, else the CPU count), at least 8 clients each (fedmtl.dispatch.shards)"
+    )
+
+    @field_validator("batched", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class AlgorithmConfig(_Section):
@@ -200,6 +217,10 @@ class TrackingConfig(_Section):
     registered_model: str = "fedmtl-personalized"
     register_model: bool = True
     client_runs: bool = Field(True, description="a child run per client with its metrics")
+    max_client_runs: int = Field(
+        50, ge=0, description="above this many clients, per-client metrics go to the table artifact "
+        "clients/rounds.csv instead of child runs"
+    )
     bundle_personal_heads: bool = Field(
         True, description="ship personal heads inside the registered model (else group heads)"
     )
@@ -272,6 +293,26 @@ class ScheduleConfig(_Section):
     )
 
 
+class RunnerConfig(_Section):
+    """Where a round's client tasks run (Prefect task runners). ``thread`` (default): threads
+    of the flow's process; ``process``: a pool of local processes; ``dask``: a Dask cluster
+    through prefect-dask (``pip install 'fedmtl[dask]'``), a ``distributed.LocalCluster`` of
+    ``workers`` processes unless ``dask_address`` names an existing scheduler."""
+
+    kind: RunnerKind = "thread"
+    workers: int | None = Field(None, ge=1, description="threads/processes/Dask workers (default: the CPU count)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker process (default: 1 for process/dask, torch's own for thread)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunnerConfig":
+        if self.dask_address and self.kind != "dask":
+            raise ValueError(f"runner.dask_address is set but runner.kind is '{self.kind}': set runner.kind=dask")
+        return self
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -284,6 +325,7 @@ class Config(_Section):
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""

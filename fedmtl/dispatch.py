@@ -1,8 +1,10 @@
-"""Dispatch: which clients take part in a round, and which group each one belongs to."""
+"""Dispatch: which clients take part in a round, which group each one belongs to, and how a
+round's clients are split into training tasks (:func:`shards`)."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,3 +23,41 @@ def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round
     rng = np.random.default_rng([seed, round_])
     chosen = set(rng.choice(n, size=k, replace=False).tolist())
     return [c for i, c in enumerate(clients) if i in chosen]
+
+
+#: Fewest clients an automatically sized shard holds (smaller shards would not amortise the
+#: batched step's per-step cost, see fedmtl/batched.py).
+MIN_CLIENTS_PER_TASK = 8
+
+
+def default_workers() -> int:
+    """The workers that train shards side by side: the machine's CPU count."""
+    return max(os.cpu_count() or 1, 1)
+
+
+def shards(clients: Sequence[str], clients_per_task: int | None = None, workers: int | None = None) -> list[list[str]]:
+    """Split a round's clients into contiguous shards, one training task each, in order.
+
+    ``clients_per_task`` given: shards of that many clients, the last one smaller. None
+    (``training.clients_per_task: null``): one shard per worker (each task costs ~20-30 ms of
+    Prefect overhead, and a batched shard trains at about the cost of its largest client), but
+    none smaller than :data:`MIN_CLIENTS_PER_TASK` clients: ``max(1, min(workers,
+    n // MIN_CLIENTS_PER_TASK))`` shards whose sizes differ by at most one. ``workers``
+    defaults to :func:`default_workers`."""
+    clients = list(clients)
+    n = len(clients)
+    if n == 0:
+        return []
+    if clients_per_task is not None:
+        if clients_per_task < 1:
+            raise ValueError(f"training.clients_per_task must be at least 1, got {clients_per_task}")
+        return [clients[i : i + clients_per_task] for i in range(0, n, clients_per_task)]
+    workers = default_workers() if workers is None else max(int(workers), 1)
+    count = max(1, min(workers, n // MIN_CLIENTS_PER_TASK))
+    small, extra = divmod(n, count)  # the first `extra` shards get one client more
+    out, start = [], 0
+    for i in range(count):
+        end = start + small + (1 if i < extra else 0)
+        out.append(clients[start:end])
+        start = end
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 
 from fedmtl.config import Config
+from flows.runners import with_runner, worker_environment
 from flows.training import federated_training
 from tasks.data import partition, prepare, validate
 
@@ -22,4 +23,5 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     prepare(cfg)
     partition(cfg)
     validate(cfg)
-    return federated_training(cfg.model_dump(mode="json"))
+    with worker_environment(cfg.runner):
+        return with_runner(federated_training, cfg)(cfg.model_dump(mode="json"))

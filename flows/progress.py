@@ -16,7 +16,7 @@ class Progress(Protocol):
 
     def round_started(self, round_: int, clients: int) -> None: ...
 
-    def client_done(self) -> None: ...
+    def client_done(self, n: int = 1) -> None: ...
 
     def round_done(self, round_: int, headline: str) -> None: ...
 
@@ -28,7 +28,7 @@ class Silent:
     def round_started(self, round_: int, clients: int) -> None:
         pass
 
-    def client_done(self) -> None:
+    def client_done(self, n: int = 1) -> None:
         pass
 
     def round_done(self, round_: int, headline: str) -> None:

@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, runtime
 
 from fedmtl.config import Config, load_config, validate_config
 from flows.promote import promote
+from flows.runners import with_runner, worker_environment
 from flows.training import federated_training
 from tasks.versioning import push_data, refresh_data
 
@@ -51,7 +52,8 @@ def scheduled_training(config: dict[str, Any] | None = None) -> dict[str, Any]:
             push_data()
     else:
         logger.info("schedule.refresh_data is false: training on the data as it is")
-    result = federated_training(training_config(cfg))
+    with worker_environment(cfg.runner):
+        result = with_runner(federated_training, cfg)(training_config(cfg))
     summary = {k: v for k, v in result.items() if k not in SUMMARY_DROP}
     if cfg.schedule.promote and result.get("model_version"):
         decision = promote(cfg.model_dump(mode="json"), challenger=str(result["model_version"]),

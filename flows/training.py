@@ -11,11 +11,13 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, runtime, unmapped
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 from fedmtl import plots
 from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
+from fedmtl.dispatch import default_workers, shards
 from fedmtl.evaluation import summarize
 from fedmtl.federation import Federation
 from fedmtl.grouping import adjusted_rand
@@ -27,7 +29,7 @@ from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import CHAMPION, champion_bundle, log_personalized_model
-from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train
+from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard
 from tasks.tracking import RunTracker
 
 class RoundFailed(RuntimeError):
@@ -54,6 +56,7 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
 
     history: list[dict[str, float]] = []
     assignments: list[pd.DataFrame] = []
+    client_rounds: list[pd.DataFrame] = []
     try:
         state = starting_state(fed, cfg, tracker)
         progress.current().start(cfg.training.rounds)
@@ -61,8 +64,12 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
             state, records, summary = run_round(fed, state, clients, cfg, tracker, tags)
             history.append(summary)
             assignments.append(assignment_table(records, state.round))
+            if cfg.tracking.client_runs and not client_runs(cfg, clients):
+                client_rounds.append(records.assign(round=state.round))
             logger.info("round %d: %s", state.round, _headline(summary))
             progress.current().round_done(state.round, _headline(summary))
+        if client_rounds:  # per-client metrics of every round, as one table (above max_client_runs)
+            tracker.log_table(pd.concat(client_rounds, ignore_index=True), "clients/rounds.csv")
         result = finish(fed, state, clients, records, history, assignments, cfg, tracker, tags)
     except BaseException:
         tracker.end("FAILED")
@@ -101,22 +108,27 @@ def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerS
 def run_round(fed, state, clients, cfg, tracker, tags):
     """One round; returns the new state, per-client records and the round summary."""
     t = {}
-    start = time.perf_counter()
+    began = start = time.perf_counter()
     chosen = dispatch(fed, clients, cfg.training.clients_per_round, state.round)
     t["dispatch"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    futures = local_train.map(chosen, unmapped(fed), unmapped(state))
+    parts = shards(chosen, cfg.training.clients_per_task, cfg.runner.workers or default_workers())
+    futures = local_train_shard.map(parts, unmapped(fed), unmapped(state))
     progress.current().round_started(state.round + 1, len(chosen))
-    for _ in as_completed(futures):
-        progress.current().client_done()
+    sizes = {id(f): len(p) for f, p in zip(futures, parts)}
+    for done in as_completed(futures):
+        progress.current().client_done(sizes[id(done)])
     updates, failed = [], {}
-    for client, future in zip(chosen, futures):
+    for part, future in zip(parts, futures):
         future.wait()  # keeps the task's own final state: the API records states asynchronously
         if future.state.is_completed():
-            updates.append(future.result())
-        else:
-            failed[client] = str(future.state.result(raise_on_failure=False))
+            trained, lost = future.result()
+            updates += trained
+            failed.update(lost)
+        else:  # the whole shard failed
+            error = str(future.state.result(raise_on_failure=False))
+            failed.update({client: error for client in part})
     t["local_train"] = time.perf_counter() - start
     if len(updates) < cfg.training.min_clients:
         raise RoundFailed(
@@ -146,12 +158,18 @@ def run_round(fed, state, clients, cfg, tracker, tags):
         "train/loss/mean": sum(train_loss) / len(train_loss),
     }
     tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
-    if cfg.tracking.client_runs:
+    if client_runs(cfg, clients):
         tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
-    tracker.log_metrics({"time/tracking_s": time.perf_counter() - start}, state.round)
+    now = time.perf_counter()
+    tracker.log_metrics({"time/tracking_s": now - start, "time/round_s": now - began}, state.round)
     if failed:
         tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
     return state, records, summary
+
+
+def client_runs(cfg: Config, clients: list[str]) -> bool:
+    """Whether per-client metrics go to child runs (else to the table clients/rounds.csv)."""
+    return cfg.tracking.client_runs and len(clients) <= cfg.tracking.max_client_runs
 
 
 def grouping_metrics(fed: Federation, records: pd.DataFrame) -> dict[str, float]:
@@ -286,6 +304,9 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
         "quarantined_clients": ",".join(sorted(report.quarantined)) or "none",
         "validated_clients": str(len(report.passed)),
     }
+    context = FlowRunContext.get()
+    if context is not None and context.task_runner is not None:
+        tags["task_runner"] = type(context.task_runner).__name__
     try:
         tags["prefect_flow_run_id"] = str(runtime.flow_run.id)
         tags["prefect_flow_run_name"] = str(runtime.flow_run.name)

@@ -7,7 +7,8 @@ round, and hashing them would cost more than the work.
 from __future__ import annotations
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.runtime import task_run
 from prefect.cache_policies import NO_CACHE
 
 from fedmtl import aggregation
@@ -21,10 +22,28 @@ def dispatch(fed: Federation, clients: list[str], per_round: float, round_: int)
     return participants(fed, clients, per_round, round_)
 
 
-@task(name="local_train", task_run_name="train-{client}", cache_policy=NO_CACHE)
-def local_train(client: str, fed: Federation, state: ServerState) -> ClientUpdate:
-    """Local training on one client partition; its personal head stays in its store."""
-    return fed.client_round(client, state)
+def _shard_name() -> str:
+    clients = task_run.parameters.get("clients") or []
+    return f"train-{clients[0]}..{clients[-1]}" if clients else "train-empty"
+
+
+@task(name="local_train_shard", task_run_name=_shard_name, cache_policy=NO_CACHE)
+def local_train_shard(
+    clients: list[str], fed: Federation, state: ServerState
+) -> tuple[list[ClientUpdate], dict[str, str]]:
+    """Local training of a shard of clients (``fedmtl.dispatch.shards``), batched when the
+    method and model allow it (``training.batched``); each client's update carries its own
+    metrics and its personal state stays in its own store. Returns (updates, failed clients
+    with their errors): a client that fails is left out and logged (the shard's other clients
+    still count); the task fails only if the whole shard does (e.g. ``training.batched: on``
+    with a method that cannot batch)."""
+    failed: dict[str, str] = {}
+    updates = fed.train_clients(clients, state, failed)
+    if failed:
+        logger = get_run_logger()
+        for client, error in failed.items():
+            logger.warning("client '%s' failed: %s", client, error)
+    return updates, failed
 
 
 @task(name="group_aggregate", cache_policy=NO_CACHE)

@@ -1,7 +1,12 @@
-"""MLflow reporting for a training flow run: one parent run, per-client child runs, batched.
+"""MLflow reporting for a training flow run: one parent run, per-client child runs, batched
+and asynchronous.
 
 Every metric goes through ``MlflowClient.log_batch`` (one call per run per round), never
-``log_metric`` in a loop; child runs are created once per client and reused every round.
+``log_metric`` in a loop, and asynchronously (``synchronous=False``: MLflow's own logging queue
+writes while the next round trains); :meth:`RunTracker.end` flushes the queue before it closes
+the runs. Child runs are created once per client and reused every round; above
+``tracking.max_client_runs`` clients the flow keeps per-client metrics in a table artifact
+instead (one child run per client would cost a round trip per client per round).
 """
 
 from __future__ import annotations
@@ -68,7 +73,12 @@ class RunTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def flush(self) -> None:
+        """Wait until every queued metric is written."""
+        mlflow.flush_async_logging()
+
     def end(self, status: str = "FINISHED") -> None:
+        self.flush()
         for run_id in self.child_runs.values():
             self.client.set_terminated(run_id, status)
         if self.run_id:
@@ -83,13 +93,14 @@ class RunTracker:
             if v is not None and v == v  # drop NaN
         ]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH],
+                                  synchronous=False)
 
     def log_clients(self, records: pd.DataFrame, step: int, tags: dict[str, str]) -> None:
         """Per-client metrics into one child run per client (created on first use)."""
         if records.empty:
             return
-        metric_cols = [c for c in records.columns if c not in ("client", "group", "n_test", "variant", "task")]
+        metric_cols = [c for c in records.select_dtypes("number").columns if c != "n_test"]
         first_task = records["task"].iloc[0]
         for client, rows in records.groupby("client", sort=True):
             run_id = self.child_runs.get(client)

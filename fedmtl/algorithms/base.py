@@ -9,6 +9,13 @@ A method decides, for each part of the model (the base θ and the task heads):
   (a :class:`~fedmtl.state.PersonalState`);
 - which weights the client calls its **personalised** model (:meth:`Algorithm.personalized`).
 
+Methods whose client round is the **standard shared step** (``batchable``: train base and
+heads jointly from a start for ``local_epochs``, FedProx's μ optional, and release what
+changed) say so by defining :meth:`Algorithm.shared_start` (where a client starts from) and
+:meth:`Algorithm.shared_result` (its update and personal state from the trained weights);
+:meth:`Algorithm.shared_round` is then their ``client_round``, and
+:func:`fedmtl.batched.train_shared` can train many such clients at once.
+
 Every method is scored with the same three variants on each client's held-out split:
 ``global`` (θ, φ₀), ``group`` (θ, φ_g; φ₀ for methods without groups) and ``personal``.
 """
@@ -24,7 +31,7 @@ from torch import nn
 from fedmtl.client import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import LocalConfig
+from fedmtl.training import LocalConfig, train_joint
 
 #: The one group of methods that do not group clients.
 ALL = "all"
@@ -41,6 +48,15 @@ class ClientContext:
     round: int
 
 
+@dataclass
+class SharedStart:
+    """Where a client's shared step starts from: base, heads (every task) and FedProx's μ."""
+
+    base: Vector
+    heads: Heads
+    prox_mu: float = 0.0
+
+
 class Algorithm:
     name: ClassVar[str]
     #: clients release Δθ / Δφ
@@ -52,6 +68,10 @@ class Algorithm:
     uses_groups: ClassVar[bool] = False
     #: whether the server needs distinct initial group heads (clusters are found by loss)
     learns_groups: ClassVar[bool] = False
+    #: whether ``client_round`` is the standard shared step (``shared_start`` → train_joint of
+    #: base and heads for ``local_epochs`` → ``shared_result``), so clients can be trained in
+    #: batches (:mod:`fedmtl.batched`)
+    batchable: ClassVar[bool] = False
 
     def client_round(
         self,
@@ -62,6 +82,44 @@ class Algorithm:
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState | None]:
         raise NotImplementedError
+
+    def shared_start(
+        self, cfg: LocalConfig, state: ServerState, group: str, personal: PersonalState | None
+    ) -> SharedStart:
+        """Batchable methods: the (base, heads, μ) the client's shared step starts from."""
+        raise NotImplementedError(f"algorithm '{self.name}' has no standard shared step")
+
+    def shared_result(
+        self,
+        data: ClientData,
+        group: str,
+        state: ServerState,
+        start: SharedStart,
+        base: Vector,
+        heads: Heads,
+        loss: float,
+        personal: PersonalState | None,
+    ) -> tuple[ClientUpdate, PersonalState | None]:
+        """Batchable methods: what the client releases and keeps after its shared step.
+        Default: Δθ and Δφ against the start, ``train_loss``; no personal state."""
+        update = self.update(data, group, base - start.base, diff(heads, start.heads), train_loss=loss)
+        return update, None
+
+    def shared_round(
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
+        personal: PersonalState | None,
+    ) -> tuple[ClientUpdate, PersonalState | None]:
+        """The per-client shared step: the ``client_round`` of every batchable method."""
+        start = self.shared_start(ctx.cfg, state, group, personal)
+        base, heads, loss = train_joint(
+            ctx.model, start.base, start.heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
+            prox_mu=start.prox_mu,
+        )
+        return self.shared_result(data, group, state, start, base, heads, loss, personal)
 
     def personalized(
         self,

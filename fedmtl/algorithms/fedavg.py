@@ -7,22 +7,23 @@ The personalised model is the global model itself.
 
 from __future__ import annotations
 
-from fedmtl.algorithms.base import Algorithm, ClientContext, diff
+from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import train_joint
+from fedmtl.training import LocalConfig
 
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    batchable = True  # the shared step from (θ, φ₀); also FedAvg-FT's and FedProx's (prox_mu)
+
+    def shared_start(
+        self, cfg: LocalConfig, state: ServerState, group: str, personal: PersonalState | None
+    ) -> SharedStart:
+        return SharedStart(state.base, state.global_heads, cfg.prox_mu)
 
     def client_round(
         self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState | None]:
-        base, heads, loss = train_joint(
-            ctx.model, state.base, state.global_heads, data, ctx.tasks, ctx.cfg, ctx.generator,
-            ctx.cfg.epochs, prox_mu=ctx.cfg.prox_mu,
-        )
-        return self.update(data, group, base - state.base, diff(heads, state.global_heads),
-                           train_loss=loss), None
+        return self.shared_round(ctx, state, data, group, personal)

@@ -14,27 +14,28 @@ Client round (docs/algorithm.md):
 
 from __future__ import annotations
 
-from fedmtl.algorithms.base import Algorithm, ClientContext, diff
+from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client import ClientData
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import fit_heads_map, train_heads, train_joint
+from fedmtl.training import LocalConfig, fit_heads_map, train_heads
 
 
 class FedMTL(Algorithm):
     name = "fedmtl"
     head_scope = "group"
     uses_groups = True
+    batchable = True  # the client round is the shared step from (θ, φ_g); ψ_c is fitted in personalized
+
+    def shared_start(
+        self, cfg: LocalConfig, state: ServerState, group: str, personal: PersonalState | None
+    ) -> SharedStart:
+        return SharedStart(state.base, state.heads_for(group), cfg.prox_mu)
 
     def client_round(
         self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
         personal: PersonalState | None,
-    ) -> tuple[ClientUpdate, None]:
-        group_heads = state.heads_for(group)
-        base, heads, loss = train_joint(
-            ctx.model, state.base, group_heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
-            prox_mu=ctx.cfg.prox_mu,
-        )
-        return self.update(data, group, base - state.base, diff(heads, group_heads), train_loss=loss), None
+    ) -> tuple[ClientUpdate, PersonalState | None]:
+        return self.shared_round(ctx, state, data, group, personal)
 
     def personalized(
         self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from fedmtl.config import DataConfig
 from fedmtl.data import partitioners
@@ -225,6 +224,8 @@ def train_test_rows(
     Stratified by ``task``'s label when every class has at least 2 rows (and the split can
     hold each class on both sides), else unstratified; with fewer than 2 rows, all train.
     """
+    from sklearn.model_selection import train_test_split  # imported here: training never needs it
+
     n = len(frame)
     test = np.zeros(n, dtype=bool)
     if n < 2:

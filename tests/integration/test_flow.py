@@ -89,3 +89,23 @@ def test_registered_pyfunc_predicts_like_the_model_in_memory(trained):
                                   check_dtype=False)
     assert set(served.loc[frame["client_id"] == "never-seen", "head"]) == {"global"}
     assert set(served.loc[frame["client_id"] == manifest.client_ids[0], "head"]) == {"personal"}
+
+
+def test_many_clients_log_a_table_instead_of_child_runs(trained, tmp_path):
+    from flows.training import federated_training
+
+    cfg, manifest, broken, _ = trained
+    many = cfg.model_copy(deep=True)
+    many.tracking.max_client_runs = 3  # 7 usable clients: above the threshold
+    many.tracking.register_model = False
+    many.tracking.metrics_file = str(tmp_path / "metrics.json")
+    result = federated_training(many.model_dump(mode="json"))
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert children == []
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "clients/rounds.csv", str(tmp_path)))
+    assert sorted(table["round"].unique()) == [1, 2]
+    assert set(table["client"]) == set(manifest.client_ids) - {broken}
+    assert {"variant", "task", "accuracy", "f1"} <= set(table.columns)
+    assert len(table) == 2 * 7 * 3  # rounds x clients x (global, group, personal)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -153,3 +154,19 @@ def test_cli_rejects_invalid_setting_with_exit_code_2(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "grouping.weighting" in result.output and "'samples'" in result.output
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_fast_classification_metrics_equal_scikit_learns():
+    from fedmtl.evaluation import classification_metrics, classification_metrics_sklearn
+
+    rng = np.random.default_rng(0)
+    cases = [(np.array([0, 0, 1]), np.array([0, 0, 1])), (np.array([3]), np.array([5])),
+             (np.array([1, 1, 1, 1]), np.array([2, 2, 2, 2])), (np.array([0, 1, 2, 9]), np.array([9, 2, 1, 0]))]
+    for _ in range(300):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(2, 12))
+        cases.append((rng.integers(0, k, n), rng.integers(0, k, n)))
+    for y_true, y_pred in cases:
+        fast, ref = classification_metrics(y_true, y_pred), classification_metrics_sklearn(y_true, y_pred)
+        assert fast.keys() == ref.keys()
+        for key in ref:
+            assert fast[key] == pytest.approx(ref[key], abs=1e-12), (key, y_true, y_pred)
