@@ -62,7 +62,7 @@ def synthetic_clients(n_clients: int, seed: int = 0) -> tuple[Manifest, dict[str
     return manifest, memory
 
 
-def scale_round(n_clients: int, rounds: int = 3) -> tuple[float, float]:
+def scale_round(n_clients: int, rounds: int = 3, workers: int | None = None) -> tuple[float, float]:
     """(median seconds per round, MiB of client data) for ``n_clients`` clients per round."""
     manifest, memory = synthetic_clients(n_clients)
     data_mib = sum(d.x_train.element_size() * d.x_train.nelement() + d.y_train["label"].nelement() * 8
@@ -75,7 +75,7 @@ def scale_round(n_clients: int, rounds: int = 3) -> tuple[float, float]:
                                  memory=memory)
         state = fed.initial_state()
         clients = manifest.client_ids
-        parts = shards(clients, None, default_workers())
+        parts = shards(clients, None, workers or default_workers())
         times = []
         with ThreadPoolExecutor(len(parts)) as pool:
             for _ in range(rounds):

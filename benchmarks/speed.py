@@ -14,7 +14,7 @@ rounds (``--quick``: 10 rounds, 1,000-client scale only). In one run, side by si
   flow's ``time/round_s`` after round 2) with its breakdown by step, and peak memory;
 - **loop**: the same with ``training.batched=off`` (the per-client path): final metrics must
   agree with the batched path within 0.5 points;
-- **dask**: a compute-heavy configuration (HAR-sized MLP on 30 clients, 1 round) on the Dask
+- **dask**: a compute-heavy configuration (HAR, 30 clients, an MLP 64-1024-1024) on the Dask
   runner with 1 and with 2 local workers;
 - **scale**: 1,000 and 10,000 Synthetic (MLR) clients per round through the core's round
   (batched local training, hierarchical aggregation, the server step): seconds per round and
@@ -200,9 +200,9 @@ def part_floor(params: Path, root: Path) -> dict:
 def part_dask(root: Path) -> dict:
     """A compute-heavy configuration on the Dask runner with 1 and 2 local workers (each a
     ``fedmtl train`` process of its own)."""
-    heavy = {"data.source": "synthetic", "data.synthetic.n_clients": 8, "data.synthetic.size_scale": 20,
-             "model.hidden": [512, 512], "training.rounds": 3, "training.local_epochs": 2,
-             "training.batch_size": 64, "training.batched": "off", "tracking.client_runs": False,
+    heavy = {"data.source": "har", "model.hidden": [1024, 1024], "training.rounds": 3, "training.local_epochs": 3,
+             "training.batch_size": 32, "training.batched": "off", "training.clients_per_task": 1,
+             "tracking.client_runs": False,
              "tracking.register_model": False, "runner.kind": "dask"}
     params = prepare_data(root, heavy)
     out = {}
@@ -221,7 +221,7 @@ def part_scale(n_clients: int, rounds: int = 3) -> dict:
     from benchmarks.scale import scale_round
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds, clients_mib = scale_round(n_clients, rounds)
+    seconds, clients_mib = scale_round(n_clients, rounds, workers=1)  # as the flow's thread runner
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"clients": n_clients, "round_s": seconds, "peak_mib": after, "data_mib": clients_mib,
             "mib_per_client": (after - before) / n_clients, "threads": torch.get_num_threads()}
@@ -262,8 +262,9 @@ def report(results: dict, quick: bool) -> str:
     if dask:
         one, two = dask["1"], dask["2"]
         lines += ["", "## Dask runner, compute-heavy configuration", "",
-                  "Synthetic, 8 clients × 20× FedProx sizes, MLP 60-512-512-10, 2 local epochs, 3 rounds, "
-                  "per-client path; median local_train step of rounds 3..N.",
+                  "HAR, 30 clients (one per user, 295–434 windows each), MLP 64-1024-1024 with two heads, "
+                  "3 local epochs, batch 32, 3 rounds, per-client path, one client per task; "
+                  "the local_train step of round 3.",
                   "", "| Dask workers | whole process (s) | local_train per round (s) |", "|---|---|---|",
                   f"| 1 | {one['wall_s']:.1f} | {one['train_s']:.2f} |", f"| 2 | {two['wall_s']:.1f} | {two['train_s']:.2f} |",
                   "", f"Speed-up of the training step with 2 workers: {one['train_s'] / two['train_s']:.2f}× "
@@ -285,6 +286,7 @@ def main() -> None:
     parser.add_argument("--parts", default="floor,fedmtl,loop,dask,scale")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "speed")
+    parser.add_argument("--update", action="store_true", help="keep the parts not run from the last results")
     parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
@@ -295,6 +297,8 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     results: dict = {"rounds": rounds}
+    if args.update and args.out.with_suffix(".json").exists():
+        results = {**json.loads(args.out.with_suffix(".json").read_text()), **results}
     params = prepare_data(WORK, {**W, "training.rounds": rounds})
     if "floor" in parts or "fedmtl" in parts:
         results["floor"] = part_floor(params, WORK)

@@ -157,7 +157,8 @@ class TrainingConfig(_Section):
     )
     clients_per_task: int | None = Field(
         None, ge=1, description="clients trained by one Prefect task; null: one task per worker "
-        "(runner.workers, else the CPU count), at least 8 clients each (fedmtl.dispatch.shards)"
+        "(runner.workers; else the CPU count, or 1 for batched training on threads), at least 8 "
+        "clients each (fedmtl.dispatch.shards)"
     )
 
     @field_validator("batched", mode="before")

@@ -9,7 +9,10 @@
   ``runner.dask_address``.
 
 Worker processes get ``OMP_NUM_THREADS`` = ``runner.torch_threads`` (default 1), so that
-``workers`` processes do not each start one torch thread per core.
+``workers`` processes do not each start one torch thread per core, and the address of this
+process's Prefect API: without it, a worker with no ``PREFECT_API_URL`` would start an
+ephemeral Prefect server of its own (seconds and hundreds of MiB each, and task runs recorded
+in a database nobody reads).
 """
 
 from __future__ import annotations
@@ -44,30 +47,51 @@ def task_runner(runner: RunnerConfig):
                           "(make installs it)") from None
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
-    threads = str(runner.torch_threads or 1)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": {"OMP_NUM_THREADS": threads}},
+                        "dashboard_address": None, "env": worker_env(runner)},
     )
+
+
+def api_url() -> str:
+    """This process's Prefect API: ``PREFECT_API_URL``, else the ephemeral server that the
+    flow run will use (started now if it is not running yet; it is a per-process singleton)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
+def worker_env(runner: RunnerConfig) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(runner.torch_threads or 1), "PREFECT_API_URL": api_url()}
 
 
 @contextmanager
 def worker_environment(runner: RunnerConfig) -> Iterator[None]:
     """For ``process``: worker processes inherit the environment at start, so torch's thread
-    count is set here for the time of the flow run (the running process's torch is unaffected)."""
+    count and the Prefect API are set here for the time of the flow run (the running process's
+    torch is unaffected)."""
     if runner.kind != "process":
         yield
         return
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(runner.torch_threads or 1)
+    env = worker_env(runner)
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def with_runner(flow_fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:

@@ -113,7 +113,7 @@ def run_round(fed, state, clients, cfg, tracker, tags):
     t["dispatch"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    parts = shards(chosen, cfg.training.clients_per_task, cfg.runner.workers or default_workers())
+    parts = shards(chosen, cfg.training.clients_per_task, shard_workers(cfg, fed))
     futures = local_train_shard.map(parts, unmapped(fed), unmapped(state))
     progress.current().round_started(state.round + 1, len(chosen))
     sizes = {id(f): len(p) for f, p in zip(futures, parts)}
@@ -165,6 +165,18 @@ def run_round(fed, state, clients, cfg, tracker, tags):
     if failed:
         tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
     return state, records, summary
+
+
+def shard_workers(cfg: Config, fed: Federation) -> int:
+    """Workers to spread a round's shards over: ``runner.workers``, else the CPU count, except
+    for batched training on threads: a batched shard is many small torch calls that hold the
+    GIL, and two such shards in two threads measured twice as slow as one (1,000 Synthetic
+    clients: 10.2 s against 5.1 s per round), while the per-client path gains from threads."""
+    if cfg.runner.workers:
+        return cfg.runner.workers
+    if cfg.runner.kind == "thread" and fed.uses_batching():
+        return 1
+    return default_workers()
 
 
 def client_runs(cfg: Config, clients: list[str]) -> bool:
