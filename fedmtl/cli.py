@@ -322,7 +322,9 @@ def _own_errors(verbose: bool) -> None:
                                             "Task run failed with exception", "Finished in state Failed"))
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(EngineFailures())
+            logger = logging.getLogger(name)
+            if not any(type(f).__name__ == "EngineFailures" for f in logger.filters):
+                logger.addFilter(EngineFailures())
 
 
 def _run_flow(flow_fn, *args, **kwargs) -> dict:

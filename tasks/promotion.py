@@ -179,7 +179,8 @@ class Registry:
                            ("rolled_back_record_run", run_id)):
             client.set_model_version_tag(self.name, str(current.version), key, value)
         client.set_model_version_tag(self.name, str(restored.version), "restored_at", when)
-        client.delete_model_version_tag(self.name, str(restored.version), PREVIOUS_CHAMPION)
+        if PREVIOUS_CHAMPION in restored.tags:
+            client.delete_model_version_tag(self.name, str(restored.version), PREVIOUS_CHAMPION)
         self.close(run_id)
         return current, restored, run_id
 
