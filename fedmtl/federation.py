@@ -25,7 +25,7 @@ import torch
 from fedmtl.aggregation import global_merge, group_aggregate
 from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
 from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
-from fedmtl.client import ClientData, frame_to_client, load_client_data
+from fedmtl.client import ClientData, ManifestKey, load_client_data
 from fedmtl.data.manifest import Manifest
 from fedmtl.dispatch import clients_for_round, shards
 from fedmtl.evaluation import evaluate_client, summarize
@@ -107,28 +107,12 @@ class Federation:
             return initial_state(model, names, distinct_heads=heads)
 
     @functools.cached_property
-    def _manifest_key(self) -> "_ManifestKey":
-        return _ManifestKey(self.manifest)
-
-    @functools.cached_property
-    def _files(self) -> dict[str, str]:
-        return {c.client: c.file for c in self.manifest.clients}
+    def _manifest_key(self) -> ManifestKey:
+        return ManifestKey(self.manifest)
 
     def data(self, client: str) -> ClientData:
-        """The client's partition, cached while its file is unchanged. (As ``load_client_data``,
-        whose cache key serialises the manifest on every call and parses it on every miss: both
-        cost O(clients), which made a round's data loading quadratic in the number of clients,
-        minutes per round at 10,000 clients. Here the manifest is serialised once per federation
-        and never parsed.)"""
-        file = self._files.get(client)
-        path = self.partitions_dir / file if file is not None else None
-        try:
-            st = path.stat() if path is not None else None
-        except FileNotFoundError:
-            st = None
-        if st is None:
-            return load_client_data(self.partitions_dir, self.manifest, client)  # raises its error
-        return _read_client(str(path), st.st_mtime_ns, st.st_size, self._manifest_key, client)
+        """The client's partition, cached while its file is unchanged."""
+        return load_client_data(self.partitions_dir, self._manifest_key, client)
 
     def _generator(self, client: str, round_: int, purpose: str = "") -> torch.Generator:
         return torch.Generator().manual_seed(client_seed(self.seed, round_, client, purpose))
@@ -263,29 +247,6 @@ class Federation:
 
     def regroup_due(self, state: ServerState) -> bool:
         return self.grouping_method == "cluster" and state.round + 1 == self.grouping.warmup_rounds
-
-
-class _ManifestKey:
-    """A manifest as part of a cache key: hashed and compared by its JSON, and carried along
-    so that a cache miss needs no parsing."""
-
-    __slots__ = ("manifest", "text", "_hash")
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.manifest = manifest
-        self.text = manifest.to_json()
-        self._hash = hash(self.text)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ManifestKey) and (self is other or self.text == other.text)
-
-
-@functools.lru_cache(maxsize=4096)
-def _read_client(path: str, mtime_ns: int, size: int, key: _ManifestKey, client: str) -> ClientData:
-    return frame_to_client(pd.read_parquet(path), key.manifest, client)
 
 
 def _fresh_head(head: torch.nn.Module) -> torch.Tensor:
