@@ -1,0 +1,439 @@
+"""The (ε, δ) accountant of client-level DP-FedAvg, on Google's ``dp_accounting`` RDP accountant.
+
+What ε covers
+-------------
+Client-level DP: neighbouring federations differ in one client's whole data. Every released sum
+is a sum of client updates clipped to L2 norm C plus N(0, (zC)² I) (:mod:`fedmtl.dp`), so ε
+covers everything computed from the released group and global sums — the group heads, the shared
+base and the server optimiser's state — over all rounds accounted. The personal heads stay on the
+clients and are outside ε, as is anything else a client reveals (see :mod:`fedmtl.dp`). The
+assumptions are those of :mod:`fedmtl.dp`: each client in exactly one fixed, public group, the
+sums unweighted, and the clients sampled exactly as stated here:
+
+- ``sampling="poisson"``: every client joins a round independently with probability q
+  (``sample_rate``); neighbouring relation *add/remove one client*; each released sum has
+  sensitivity C, and the accountant composes ``PoissonSampledDpEvent(q, Gaussian(z))``.
+- ``sampling="fixed"``: a uniformly random set of exactly m = ``sample_size`` of the
+  N = ``population`` clients, without replacement. ``dp_accounting``'s RDP accountant supports
+  ``SampledWithoutReplacementDpEvent`` only under *replace one client* (N is public; Wang, Balle
+  & Kasiviswanathan 2019, Thm 27), and under that relation a sum of updates clipped to C has
+  sensitivity 2C (one update swapped for another). The Gaussian's noise multiplier relative to
+  that sensitivity is z/2, which is what is composed. Replace-one ε is not comparable one-to-one
+  with add/remove ε (replacing is removing and adding); at equal q and z it is larger.
+
+What one round counts
+---------------------
+Per round, on the same sample of clients, ``releases_per_round`` Gaussian queries of sensitivity
+C (2C under replace-one), each with noise multiplier z, composed inside the sampling event (the
+tight treatment for several Gaussian queries on one sample: an effective multiplier
+z/√releases_per_round; Mironov, Talwar & Zhang 2019, §3).
+
+- The per-group sums are computed on disjoint sets of clients (each client in one group), so one
+  client changes exactly one group's sum, by ≤ C; the vector of all group sums, each with its own
+  noise N(0, (zC)² I), is therefore *one* Gaussian mechanism of sensitivity C (parallel
+  composition). If the global sum is computed from the noised group sums it is post-processing:
+  ``releases_per_round=1``.
+- If the global sum is separately computed from the clipped updates and separately noised, each
+  client takes part in two Gaussian queries per round: ``releases_per_round=2``.
+
+Adaptive clipping (Andrew et al. 2021): pass the *overall* noise multiplier z. The update sums use
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`fedmtl.dp.update_noise_multiplier`) and the clip-count query
+has multiplier 2σ_b, so each (update sum, count) pair is exactly a Gaussian mechanism with
+multiplier z and the accounting is unchanged. With ``releases_per_round=2`` and one count query
+per round, counting two releases at z counts the count query twice: a valid upper bound.
+
+The accountant is ``dp_accounting.rdp.RdpAccountant`` with its default orders; ε at δ uses its
+RDP-to-(ε, δ) conversion (Canonne, Kamath & Steinke 2020, Prop. 12; Asoodeh et al. 2020). Orders
+where its numerical series fails to converge are dropped by the library (a valid upper bound);
+its warning about that is silenced here. A common rule of thumb is δ ≪ 1/N.
+
+References:
+
+- H. B. McMahan, D. Ramage, K. Talwar, L. Zhang. *Learning Differentially Private Recurrent
+  Language Models.* ICLR 2018.
+- G. Andrew, O. Thakkar, H. B. McMahan, S. Ramaswamy. *Differentially Private Learning with
+  Adaptive Clipping.* NeurIPS 2021.
+- I. Mironov, K. Talwar, L. Zhang. *Rényi Differential Privacy of the Sampled Gaussian
+  Mechanism.* arXiv:1908.10530, 2019.
+- Y.-X. Wang, B. Balle, S. Kasiviswanathan. *Subsampled Rényi Differential Privacy and Analytical
+  Moments Accountant.* AISTATS 2019.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+
+Sampling = Literal["poisson", "fixed"]
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
+
+#: noise multipliers searched by :func:`noise_for`
+_MAX_NOISE = 1e4
+#: rounds searched by :func:`max_rounds`
+_MAX_ROUNDS = 10**7
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How the clients of a round are sampled, validated. ``rate`` is q (m/N when fixed)."""
+
+    sampling: Sampling
+    rate: float
+    population: int | None = None
+    sample_size: int | None = None
+
+    def describe(self) -> str:
+        if self.sampling == "fixed":
+            return f"{self.sample_size} of {self.population} clients per round (sample_rate={self.rate:.4g})"
+        return f"sample_rate={self.rate:.4g}"
+
+
+def sampling_plan(
+    sampling: str,
+    sample_rate: float | None = None,
+    population: int | None = None,
+    sample_size: int | None = None,
+) -> SamplingPlan:
+    """Validates the sampling settings. Poisson needs ``sample_rate`` q ∈ (0, 1] (or
+    ``sample_size``/``population`` as the expected count); fixed needs ``population`` N and
+    ``sample_size`` m with 1 ≤ m ≤ N (``sample_rate``, if given, must equal m/N)."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"privacy.sampling '{sampling}' is not known; allowed values: {SAMPLINGS}")
+    if population is not None and (isinstance(population, bool) or int(population) != population or population < 1):
+        raise ValueError(f"population (number of clients) must be an integer >= 1, got {population}")
+    if sample_size is not None and (isinstance(sample_size, bool) or int(sample_size) != sample_size or sample_size < 1):
+        raise ValueError(f"sample size (training.clients_per_round) must be an integer >= 1, got {sample_size}")
+    if population is not None and sample_size is not None and sample_size > population:
+        raise ValueError(
+            f"sample size (training.clients_per_round) {sample_size} exceeds the population of {population} clients"
+        )
+    if sampling == "fixed":
+        if population is None or sample_size is None:
+            raise ValueError("fixed-size sampling needs population and sample_size (training.clients_per_round)")
+        rate = sample_size / population
+        if sample_rate is not None and not math.isclose(float(sample_rate), rate, rel_tol=1e-9):
+            raise ValueError(
+                f"sample rate {sample_rate} disagrees with sample_size/population = {sample_size}/{population}"
+            )
+        return SamplingPlan("fixed", rate, int(population), int(sample_size))
+    if population is not None and sample_size is not None:
+        expected = sample_size / population
+        if sample_rate is not None and not math.isclose(float(sample_rate), expected, rel_tol=1e-9):
+            raise ValueError(
+                f"sample rate {sample_rate} disagrees with sample_size/population = {sample_size}/{population}"
+            )
+        sample_rate = expected
+    if sample_rate is None:
+        raise ValueError("Poisson sampling needs sample_rate (training.clients_per_round as a fraction)")
+    rate = float(sample_rate)
+    if not (math.isfinite(rate) and 0 < rate <= 1):
+        raise ValueError(f"sample rate (training.clients_per_round as a fraction) must be in (0, 1], got {sample_rate}")
+    return SamplingPlan("poisson", rate, population, sample_size)
+
+
+def _check_noise(noise_multiplier: float) -> float:
+    z = float(noise_multiplier)
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"privacy.noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+    return z
+
+
+def _check_delta(delta: float) -> float:
+    d = float(delta)
+    if not (math.isfinite(d) and 0 < d < 1):
+        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+    return d
+
+
+def _check_target(target_epsilon: float) -> float:
+    eps = float(target_epsilon)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"privacy.target_epsilon must be a finite number > 0, got {target_epsilon}")
+    return eps
+
+
+def _check_rounds(rounds: int, name: str = "training.rounds") -> int:
+    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {rounds}")
+    return int(rounds)
+
+
+def _check_releases(releases_per_round: int) -> int:
+    if isinstance(releases_per_round, bool) or int(releases_per_round) != releases_per_round or releases_per_round < 1:
+        raise ValueError(f"releases_per_round must be an integer >= 1, got {releases_per_round}")
+    return int(releases_per_round)
+
+
+def round_event(noise_multiplier: float, plan: SamplingPlan, releases_per_round: int = 1) -> dp_accounting.DpEvent:
+    """The ``DpEvent`` of one round: the sampling event around ``releases_per_round`` Gaussians."""
+    z = _check_noise(noise_multiplier)
+    releases = _check_releases(releases_per_round)
+    # replace-one doubles the sensitivity of a clipped sum: the multiplier relative to it is z/2
+    sigma = float(z / 2.0 if plan.sampling == "fixed" else z)  # float: dp_accounting tests isinstance(float)
+    gaussian: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(sigma)
+    if releases > 1:
+        gaussian = dp_accounting.SelfComposedDpEvent(gaussian, releases)
+    if plan.sampling == "fixed":
+        assert plan.population is not None and plan.sample_size is not None
+        return dp_accounting.SampledWithoutReplacementDpEvent(plan.population, plan.sample_size, gaussian)
+    return dp_accounting.PoissonSampledDpEvent(plan.rate, gaussian)
+
+
+def neighboring_relation(plan: SamplingPlan) -> dp_accounting.NeighboringRelation:
+    """Add/remove one client for Poisson sampling, replace one for fixed-size sampling."""
+    if plan.sampling == "fixed":
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+class _DropNonConvergence(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("_compute_log_a_frac failed to converge")
+
+
+@contextlib.contextmanager
+def _quiet_accountant() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    drop = _DropNonConvergence()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(z: float, plan: SamplingPlan, releases: int, rounds: int, delta: float) -> float:
+    if rounds == 0:
+        return 0.0
+    accountant = RdpAccountant(neighboring_relation=neighboring_relation(plan))
+    with _quiet_accountant():
+        accountant.compose(round_event(z, plan, releases), rounds)
+        return float(accountant.get_epsilon(delta))
+
+
+def epsilon_after(
+    rounds: int,
+    noise_multiplier: float,
+    sampling: Sampling = "poisson",
+    sample_rate: float | None = None,
+    population: int | None = None,
+    sample_size: int | None = None,
+    *,
+    delta: float,
+    releases_per_round: int = 1,
+) -> float:
+    """ε at δ after ``rounds`` rounds (0 for no rounds)."""
+    plan = sampling_plan(sampling, sample_rate, population, sample_size)
+    return _epsilon(
+        _check_noise(noise_multiplier), plan, _check_releases(releases_per_round), _check_rounds(rounds), _check_delta(delta)
+    )
+
+
+def max_rounds(
+    target_epsilon: float,
+    noise_multiplier: float,
+    sampling: Sampling = "poisson",
+    sample_rate: float | None = None,
+    population: int | None = None,
+    sample_size: int | None = None,
+    *,
+    delta: float,
+    releases_per_round: int = 1,
+    limit: int = _MAX_ROUNDS,
+) -> int:
+    """The largest number of rounds with ε ≤ ``target_epsilon`` (0 if one round exceeds it;
+    ``limit`` if that many still fit). ε grows with the rounds, so a doubling then a binary search."""
+    plan = sampling_plan(sampling, sample_rate, population, sample_size)
+    return _max_rounds(
+        _check_target(target_epsilon), _check_noise(noise_multiplier), plan,
+        _check_releases(releases_per_round), _check_delta(delta), _check_rounds(limit, "limit"),
+    )
+
+
+def _max_rounds(target: float, z: float, plan: SamplingPlan, releases: int, delta: float, limit: int) -> int:
+    def fits(n: int) -> bool:
+        return _epsilon(z, plan, releases, n, delta) <= target
+
+    if limit == 0 or not fits(1):
+        return 0
+    lo, hi = 1, 2  # fits(lo); find hi with not fits(hi)
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        if fits(limit):
+            return limit
+        hi = limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def noise_for(
+    target_epsilon: float,
+    rounds: int,
+    sampling: Sampling = "poisson",
+    sample_rate: float | None = None,
+    population: int | None = None,
+    sample_size: int | None = None,
+    *,
+    delta: float,
+    releases_per_round: int = 1,
+    tolerance: float = 1e-3,
+) -> float:
+    """The smallest noise multiplier z (to within ``tolerance``) with ε ≤ ``target_epsilon`` after
+    ``rounds`` rounds: ε(z) ≤ target and ε(z − tolerance) > target. ε falls with z, so a bisection."""
+    plan = sampling_plan(sampling, sample_rate, population, sample_size)
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    return _noise_for(
+        _check_target(target_epsilon), _check_rounds(rounds), plan,
+        _check_releases(releases_per_round), _check_delta(delta), float(tolerance),
+    )
+
+
+def _noise_for(target: float, rounds: int, plan: SamplingPlan, releases: int, delta: float, tolerance: float) -> float:
+    def fits(z: float) -> bool:
+        return _epsilon(z, plan, releases, rounds, delta) <= target
+
+    lo, hi = 0.0, 1.0  # z=0 is no privacy, so not fits(lo); find hi with fits(hi)
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > _MAX_NOISE:
+            raise ValueError(
+                f"no noise multiplier up to {_MAX_NOISE:g} reaches privacy.target_epsilon={target:g} "
+                f"at privacy.delta={delta:g} after {rounds} rounds"
+            )
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+class BudgetExceeded(Exception):
+    """A training plan whose ε would exceed the target; carries the numbers and the fixes."""
+
+    def __init__(
+        self,
+        *,
+        target_epsilon: float,
+        delta: float,
+        rounds: int,
+        epsilon: float,
+        allowed_rounds: int,
+        noise_multiplier: float,
+        required_noise_multiplier: float,
+        sampling: str,
+        sampling_text: str,
+    ) -> None:
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.rounds = rounds
+        self.epsilon = epsilon
+        self.allowed_rounds = allowed_rounds
+        self.noise_multiplier = noise_multiplier
+        self.required_noise_multiplier = required_noise_multiplier
+        self.sampling = sampling
+        super().__init__(
+            f"privacy.target_epsilon={target_epsilon:g} at δ={delta:g} allows {allowed_rounds} "
+            f"round{'s' if allowed_rounds != 1 else ''} with noise_multiplier={noise_multiplier:g} and "
+            f"{sampling_text} (ε after {rounds} rounds would be {epsilon:.3g}); lower training.rounds, "
+            f"raise privacy.noise_multiplier (≥ {required_noise_multiplier:.2f} fits {rounds} rounds) "
+            f"or sample fewer clients"
+        )
+
+
+def check_plan(
+    target_epsilon: float,
+    rounds: int,
+    noise_multiplier: float,
+    sampling: Sampling = "poisson",
+    sample_rate: float | None = None,
+    population: int | None = None,
+    sample_size: int | None = None,
+    *,
+    delta: float,
+    releases_per_round: int = 1,
+) -> float:
+    """ε after ``rounds`` rounds if it is ≤ ``target_epsilon``; :class:`BudgetExceeded` otherwise,
+    naming the rounds that fit and the noise multiplier that fits ``rounds`` rounds."""
+    target = _check_target(target_epsilon)
+    plan = sampling_plan(sampling, sample_rate, population, sample_size)
+    z, n, releases, d = (
+        _check_noise(noise_multiplier), _check_rounds(rounds), _check_releases(releases_per_round), _check_delta(delta)
+    )
+    eps = _epsilon(z, plan, releases, n, d)
+    if eps <= target:
+        return eps
+    allowed = _max_rounds(target, z, plan, releases, d, limit=n)
+    needed = _noise_for(target, n, plan, releases, d, tolerance=1e-3)
+    needed = math.ceil(needed * 100) / 100  # rounded up, so the number shown still fits
+    raise BudgetExceeded(
+        target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
+        noise_multiplier=z, required_noise_multiplier=needed, sampling=plan.sampling,
+        sampling_text=plan.describe(),
+    )
+
+
+class PrivacyAccountant:
+    """ε spent by a training run so far: ``step()`` once per round, ``epsilon()`` at δ.
+
+    ``noise_multiplier`` is the overall z (with adaptive clipping, not z_Δ; see the module
+    docstring); ``releases_per_round`` states how many separately noised Gaussian queries each
+    sampled client takes part in per round (1 when the global sum is computed from the noised
+    group sums, 2 when it is noised separately).
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        sampling: Sampling = "poisson",
+        sample_rate: float | None = None,
+        population: int | None = None,
+        sample_size: int | None = None,
+        *,
+        delta: float,
+        releases_per_round: int = 1,
+    ) -> None:
+        self.noise_multiplier = _check_noise(noise_multiplier)
+        self.plan = sampling_plan(sampling, sample_rate, population, sample_size)
+        self.delta = _check_delta(delta)
+        self.releases_per_round = _check_releases(releases_per_round)
+        self._rounds = 0
+
+    @property
+    def rounds(self) -> int:
+        """The rounds accounted so far."""
+        return self._rounds
+
+    @property
+    def sampling(self) -> str:
+        return self.plan.sampling
+
+    @property
+    def sample_rate(self) -> float:
+        return self.plan.rate
+
+    def step(self, n_rounds: int = 1) -> None:
+        """Accounts ``n_rounds`` more rounds (each: one sampled round of releases)."""
+        self._rounds += _check_rounds(n_rounds, "n_rounds")
+
+    def epsilon(self) -> float:
+        """ε at ``delta`` after the rounds accounted so far (0 before the first)."""
+        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds, self.delta)
+
+    def __repr__(self) -> str:
+        return (
+            f"PrivacyAccountant(noise_multiplier={self.noise_multiplier:g}, {self.plan.describe()}, "
+            f"sampling={self.plan.sampling}, delta={self.delta:g}, releases_per_round={self.releases_per_round}, "
+            f"rounds={self._rounds})"
+        )
