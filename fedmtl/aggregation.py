@@ -88,17 +88,22 @@ def global_merge(
     optimizer = optimizer or ServerOptimizer()
     moments = dict(state.optimizer)
     ordered = [groups[g] for g in sorted(groups)]
-    weights = [group_weight(a.n_samples, a.n_clients, weighting) for a in ordered]
+    weights = [a.weight if a.weight is not None else group_weight(a.n_samples, a.n_clients, weighting)
+               for a in ordered]
 
     base = state.base
-    if ordered[0].delta_base is not None:
-        base = optimizer.step("base", state.base, weighted_mean([a.delta_base for a in ordered], weights), moments)
+    with_base = [(a, w) for a, w in zip(ordered, weights) if a.delta_base is not None]
+    if with_base:
+        step = weighted_mean([a.delta_base for a, _ in with_base], [w for _, w in with_base])
+        base = optimizer.step("base", state.base, step, moments)
 
     group_heads = {g: {t: v.clone() for t, v in heads.items()} for g, heads in state.group_heads.items()}
     global_heads = {t: v.clone() for t, v in state.global_heads.items()}
-    tasks = [t for t in state.global_heads if t in ordered[0].delta_heads]
+    headed = [(a, w) for a, w in zip(ordered, weights) if not a.pooled]
+    ordered_heads = [a for a, _ in headed]
+    tasks = [t for t in state.global_heads if ordered_heads and t in ordered_heads[0].delta_heads]
     if head_scope == "group":
-        for agg in ordered:
+        for agg in ordered_heads:
             current = group_heads.setdefault(agg.group, {t: v.clone() for t, v in state.global_heads.items()})
             for task, d in agg.delta_heads.items():
                 current[task] = current[task] + d
@@ -109,11 +114,11 @@ def global_merge(
             }
     elif head_scope == "global":
         for t in tasks:
-            delta = weighted_mean([a.delta_heads[t] for a in ordered], weights)
+            delta = weighted_mean([a.delta_heads[t] for a, _ in headed], [w for _, w in headed])
             global_heads[t] = optimizer.step(f"head/{t}", state.global_heads[t], delta, moments)
     else:
         raise ValueError(f"head_scope '{head_scope}' is not known; allowed values: 'group', 'global'")
     assignment = dict(state.assignment)
-    for agg in ordered:
+    for agg in ordered_heads:
         assignment.update({c: agg.group for c in agg.clients})
     return ServerState(state.round + 1, base, group_heads, global_heads, assignment, moments)

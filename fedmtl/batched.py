@@ -71,6 +71,18 @@ class SharedJob:
     prox_mu: float = 0.0
 
 
+def warm_up() -> None:
+    """Pay torch.func's one-off set-up (~1 s of lazy imports on the first ``vmap(grad(...))``)
+    now, e.g. while the process waits on something else, instead of in the first round."""
+    layer = nn.Linear(2, 2)
+    params = {k: v.detach().expand(2, *v.shape) for k, v in layer.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).square().sum()
+
+    vmap(grad(loss))(params, torch.zeros(2, 1, 2))
+
+
 def batching_blocker(model: nn.Module) -> str | None:
     """Why the batched step cannot reproduce the loop for ``model``, or None if it can."""
     for name, module in model.named_modules():

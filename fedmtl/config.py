@@ -314,6 +314,55 @@ class RunnerConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    """What leaves the clients (docs/privacy.md). ``dp``: client-level DP-FedAvg — each
+    client's released update (base and group head) clipped to ``clip_norm``, Gaussian noise
+    ``noise_multiplier``·C on every released sum, clients Poisson-sampled at
+    ``training.clients_per_round``, ε at ``delta`` accounted every round (RDP, dp-accounting).
+    ``secure_aggregation``: SecAgg+ inside every release, so the server only sees sums.
+    Either one turns on the release rule: a group with fewer than ``min_group_size`` clients
+    in a round releases no sum of its own."""
+
+    dp: bool = Field(False, description="client-level differential privacy (DP-FedAvg)")
+    clip_norm: float = Field(1.0, gt=0, description="C: each released update is clipped to this L2 norm")
+    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std on every released sum is z·C")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="refuse to start when the planned rounds would spend more, and stop before"
+    )
+    adaptive_clip: bool = Field(False, description="C follows a quantile of the update norms (Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive_clip: the norm quantile γ C tracks")
+    clip_learning_rate: float = Field(0.2, gt=0, description="adaptive_clip: η_C of C ← C·exp(−η_C (b̄ − γ))")
+    secure_aggregation: bool = Field(False, description="SecAgg+: the server sees masked updates and their sum only")
+    secagg_range: float = Field(
+        1.0, gt=0, description="secure aggregation without dp: each update coordinate is clipped to ±this"
+    )
+    secagg_neighbours: int | None = Field(
+        None, ge=2, description="SecAgg+ graph degree k (default 2·⌈log2 n⌉+1, all clients up to 10)"
+    )
+    secagg_dropout: float = Field(
+        0.0, ge=0, lt=1, description="simulated: this fraction of each release's clients drops mid-protocol"
+    )
+    min_group_size: int = Field(3, ge=2, description="fewest clients in a released sum")
+    client_metrics: bool | None = Field(
+        None, description="report each client's own metrics (default: only when privacy is off)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp or self.secure_aggregation
+
+    @property
+    def mechanism(self) -> str:
+        """The run's ``privacy`` tag: none, dp-fedavg, secagg, or dp-fedavg+secagg."""
+        parts = (["dp-fedavg"] if self.dp else []) + (["secagg"] if self.secure_aggregation else [])
+        return "+".join(parts) or "none"
+
+    @property
+    def per_client_metrics(self) -> bool:
+        return (not self.enabled) if self.client_metrics is None else self.client_metrics
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -327,6 +376,7 @@ class Config(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""

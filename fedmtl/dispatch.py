@@ -25,6 +25,22 @@ def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round
     return [c for i, c in enumerate(clients) if i in chosen]
 
 
+def poisson_sample(clients: Sequence[str], rate: float, seed: int, round_: int) -> list[str]:
+    """Each client independently with probability ``rate`` (Poisson sampling, what the DP
+    accountant's sampled Gaussian mechanism assumes); seeded by (seed, round), input order."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"sample rate {rate} must be in (0, 1] (training.clients_per_round)")
+    draws = np.random.default_rng([seed, round_, 1]).random(len(clients))
+    return [c for c, d in zip(clients, draws) if d < rate]
+
+
+def sample_rate(per_round: float, n_clients: int) -> float:
+    """``training.clients_per_round`` as a rate: a fraction as is, a count over the clients."""
+    if n_clients <= 0:
+        return 1.0
+    return min(1.0, per_round if per_round <= 1 else per_round / n_clients)
+
+
 #: Fewest clients an automatically sized shard holds (smaller shards would not amortise the
 #: batched step's per-step cost, see fedmtl/batched.py).
 MIN_CLIENTS_PER_TASK = 8

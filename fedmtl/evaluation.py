@@ -19,8 +19,7 @@ from torch import nn
 
 from fedmtl.client import ClientData
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.state import Heads, Vector
-from fedmtl.training import load_weights
+from fedmtl.state import Heads, Vector, assign
 
 VARIANTS = ("global", "group", "personal")
 HIGHER_IS_BETTER = {"accuracy": True, "precision": True, "recall": True, "f1": True, "mae": False, "rmse": False}
@@ -79,7 +78,6 @@ def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]
             "rmse": float(math.sqrt(mean_squared_error(y_true, pred)))}
 
 
-@torch.no_grad()
 def evaluate_client(
     model: nn.Module,
     variants: dict[str, tuple[Vector, Heads]],
@@ -88,23 +86,70 @@ def evaluate_client(
 ) -> list[dict]:
     """One record per (variant, task): the client's metrics on its held-out split, for each
     variant's (base, heads) weights."""
-    records: list[dict] = []
-    if data.n_test == 0:
-        return records
+    return evaluate_clients(model, [(data, variants)], tasks)
+
+
+@torch.no_grad()
+def evaluate_clients(
+    model: nn.Module,
+    jobs: Sequence[tuple[ClientData, dict[str, tuple[Vector, Heads]]]],
+    tasks: Sequence[TaskSpec],
+) -> list[dict]:
+    """:func:`evaluate_client` for many clients at once, with the same records in the same
+    order: each distinct base runs once over the held-out rows of every client that uses it,
+    and each distinct set of head weights once over its clients' features (FedAvg: two
+    forward passes for the whole federation instead of one per client and variant). Weights
+    are told apart by identity: variants that share a tensor share the pass."""
     model.eval()
-    scored: dict[tuple[int, ...], dict[str, dict[str, float]]] = {}  # weights -> task -> metrics
-    for variant, (base, heads) in variants.items():
-        key = (id(base), *(id(heads[t]) for t in sorted(heads)))  # variants sharing weights (FedAvg)
-        if key not in scored:
-            load_weights(model, base, heads)
-            outputs = model(data.x_test)
-            scored[key] = {t.name: task_metrics(t, data.y_test[t.name].numpy(), outputs[t.name].numpy())
-                           for t in tasks}
+    jobs = [(data, variants) for data, variants in jobs if data.n_test > 0]
+    if not jobs:
+        return []
+    # which clients use each distinct base, and each distinct (base, heads) set, in order
+    bases: dict[int, Vector] = {}
+    base_users: dict[int, dict[int, None]] = {}
+    weights: dict[tuple[int, ...], tuple[Vector, Heads]] = {}
+    head_users: dict[tuple[int, ...], dict[int, None]] = {}
+    for i, (_, variants) in enumerate(jobs):
+        for base, heads in variants.values():
+            bases[id(base)] = base
+            base_users.setdefault(id(base), {})[i] = None
+            key = _weights_key(base, heads)
+            weights[key] = (base, heads)
+            head_users.setdefault(key, {})[i] = None
+
+    features: dict[int, dict[int, torch.Tensor]] = {}  # id(base) -> client -> its rows' features
+    for key, members in base_users.items():
+        assign(model.base, bases[key])
+        z = model.base(torch.cat([jobs[i][0].x_test for i in members]))
+        features[key] = dict(zip(members, torch.split(z, [jobs[i][0].n_test for i in members])))
+
+    scored: dict[tuple[int, ...], dict[int, dict[str, dict[str, float]]]] = {}
+    for key, members in head_users.items():
+        base, heads = weights[key]
+        z = torch.cat([features[id(base)][i] for i in members])
+        sizes = [jobs[i][0].n_test for i in members]
+        outputs = {}
         for task in tasks:
-            metrics = scored[key][task.name]
-            records.append({"client": data.client, "group": data.group, "n_test": data.n_test,
-                            "variant": variant, "task": task.name, **metrics})
+            assign(model.heads[task.name], heads[task.name])
+            outputs[task.name] = torch.split(model.heads[task.name](z), sizes)
+        scored[key] = {
+            i: {t.name: task_metrics(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
+                for t in tasks}
+            for j, i in enumerate(members)
+        }
+
+    records: list[dict] = []
+    for i, (data, variants) in enumerate(jobs):
+        for variant, (base, heads) in variants.items():
+            key = _weights_key(base, heads)
+            for task in tasks:
+                records.append({"client": data.client, "group": data.group, "n_test": data.n_test,
+                                "variant": variant, "task": task.name, **scored[key][i][task.name]})
     return records
+
+
+def _weights_key(base: Vector, heads: Heads) -> tuple[int, ...]:
+    return (id(base), *(id(heads[t]) for t in sorted(heads)))
 
 
 def worst_fraction_mean(values: pd.Series, higher_is_better: bool, fraction: float = 0.1) -> float:

@@ -27,9 +27,11 @@ from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
 from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
 from fedmtl.client import ClientData, ManifestKey, load_client_data
 from fedmtl.data.manifest import Manifest
-from fedmtl.dispatch import clients_for_round, shards
-from fedmtl.evaluation import evaluate_client, summarize
+from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shards
+from fedmtl.evaluation import evaluate_clients, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
+from fedmtl.dp import AdaptiveClip
+from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
 from fedmtl.store import ClientStore
@@ -55,6 +57,7 @@ class Federation:
     weighting: str = "samples"
     batched: str = "auto"  # training.batched: auto | on | off
     clients_per_task: int | None = None  # training.clients_per_task (None: dispatch.shards' rule)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     @classmethod
     def from_config(cls, cfg, manifest: Manifest, store: ClientStore) -> "Federation":
@@ -74,6 +77,7 @@ class Federation:
             weighting=cfg.grouping.weighting,
             batched=cfg.training.batched,
             clients_per_task=cfg.training.clients_per_task,
+            privacy=PrivacySpec.from_config(cfg.privacy),
         )
 
     @property
@@ -222,25 +226,86 @@ class Federation:
 
     def client_evaluate(self, client: str, state: ServerState) -> list[dict]:
         """The client scores global, group and personalised models on its held-out split."""
-        data = self.data(client)
-        ctx = self.context(client, state.round, "evaluate")
-        group = self.group_of(client, state, data, ctx)
-        base, heads, keep = self.algorithm.personalized(ctx, state, data, group, self.store.load(client))
-        if keep is not None:
-            self.store.save(client, keep)
-        variants = {"global": (state.base, state.global_heads), "group": (state.base, state.heads_for(group)),
-                    "personal": (base, heads)}
-        records = evaluate_client(ctx.model, variants, data, self.manifest.tasks)
+        return self.evaluate_clients([client], state)
+
+    def evaluate_clients(self, clients: list[str], state: ServerState) -> list[dict]:
+        """Each client scores the global, group and personalised models on its own held-out
+        split (records in client order). Personalisation runs per client (it may fit a
+        personal head and keep it in the client's store); the scoring is batched over the
+        clients (:func:`fedmtl.evaluation.evaluate_clients`), with one model for them all."""
+        model = self.new_model()
+        tasks = list(self.manifest.tasks)
+        jobs, groups = [], {}
+        for client in clients:
+            data = self.data(client)
+            ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round, "evaluate"),
+                                state.round)
+            group = self.group_of(client, state, data, ctx)
+            base, heads, keep = self.algorithm.personalized(ctx, state, data, group, self.store.load(client))
+            if keep is not None:
+                self.store.save(client, keep)
+            jobs.append((data, {"global": (state.base, state.global_heads),
+                                "group": (state.base, state.heads_for(group)), "personal": (base, heads)}))
+            groups[client] = group
+        records = evaluate_clients(model, jobs, self.manifest.tasks)
         for r in records:
-            r["assigned_group"] = group
+            r["assigned_group"] = groups[r["client"]]
         return records
 
+    def aggregate(
+        self, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float = 1.0
+    ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
+        """The group_aggregate step: plain per-group means, or, with ``privacy`` on, the
+        private releases of :mod:`fedmtl.private_aggregation` and their report."""
+        if not self.privacy.enabled:
+            return group_aggregate(updates), None
+        spec = self.privacy
+        rate = sample_rate(per_round, len(clients))
+        expected: dict[str, float] = {}
+        if spec.dp:
+            for client in clients:
+                group = self.release_group(client, state)
+                expected[group] = expected.get(group, 0.0) + rate
+        scale = max((self.manifest_rows(c) for c in clients), default=1) or 1
+        like = updates[0] if updates else None
+        return private_aggregate(updates, spec, self.clip_norm(state), expected, float(scale),
+                                 self._generator("server", state.round, "dp-noise"),
+                                 client_seed(self.seed, state.round, "server", "secagg"), like)
+
+    def release_group(self, client: str, state: ServerState) -> str:
+        """The group whose sum ``client`` joins (fixed and public, as DP requires)."""
+        if self.grouping_method is None:
+            return ALL
+        return state.assignment.get(client) or self.groups.get(client) or "0"
+
+    @functools.cached_property
+    def _train_rows(self) -> dict[str, int]:
+        return {c.client: c.n_train for c in self.manifest.clients}
+
+    def manifest_rows(self, client: str) -> int:
+        """The client's train rows as the manifest records them (public sizes: the scale of
+        the weights in a secure sum)."""
+        return self._train_rows.get(client, 0)
+
+    def clip_norm(self, state: ServerState) -> float:
+        """This round's clip norm C: ``privacy.clip_norm``, or where adaptive clipping took it."""
+        kept = state.optimizer.get(CLIP_KEY)
+        return float(kept.reshape(-1)[0]) if kept is not None and self.privacy.adaptive_clip else self.privacy.clip_norm
+
     def merge(
-        self, state: ServerState, groups: dict[str, GroupAggregate], updates: list[ClientUpdate] | None = None
+        self, state: ServerState, groups: dict[str, GroupAggregate], updates: list[ClientUpdate] | None = None,
+        privacy: RoundPrivacy | None = None,
     ) -> ServerState:
         """The server step: merge the group aggregates; at the end of the warm-up of
-        ``grouping: cluster``, split the clients into learned groups."""
+        ``grouping: cluster``, split the clients into learned groups; with adaptive clipping,
+        move C towards the target quantile of this round's (noised) count of clients under it."""
         merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope)
+        if privacy is not None and privacy.under_clip is not None and self.privacy.adaptive_clip:
+            clip = AdaptiveClip(privacy.clip, privacy.expected_total or 1.0, self.privacy.target_quantile,
+                                self.privacy.clip_learning_rate)
+            clip = clip.update_from_count(privacy.under_clip, privacy.released_clients,
+                                          self._generator("server", state.round, "dp-clip"))
+            merged.optimizer[CLIP_KEY] = torch.tensor([clip.clip], dtype=torch.float64)
         if self.regroup_due(state) and updates:
             merged, _ = regroup(state, merged, updates, self.grouping)
         return merged
@@ -280,7 +345,14 @@ def check_update(update: ClientUpdate, state: ServerState) -> None:
             raise RejectedUpdate(f"client '{update.client}': {name} update holds NaN or inf")
 
 
+#: Where adaptive clipping keeps C in the server state (with the optimiser's moments).
+CLIP_KEY = "privacy/clip"
+
+
 def participants(fed: Federation, clients: list[str], per_round: float, round_: int) -> list[str]:
+    """This round's clients: a fixed-size sample, or, under DP, a Poisson sample at the same rate."""
+    if fed.privacy.dp:
+        return poisson_sample(clients, sample_rate(per_round, len(clients)), fed.seed, round_)
     return clients_for_round(clients, per_round, fed.seed, round_)
 
 
@@ -303,8 +375,9 @@ def run_rounds(
         chosen = participants(fed, clients, per_round, state.round)
         size = fed.clients_per_task or max(len(chosen), 1)
         updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state)]
-        state = fed.merge(state, group_aggregate(updates), updates)
+        groups, privacy = fed.aggregate(updates, state, clients, per_round)
+        state = fed.merge(state, groups, updates, privacy)
         if (r + 1) % evaluate_every == 0 or r + 1 == rounds:
-            records = pd.DataFrame([x for c in clients for x in fed.client_evaluate(c, state)])
+            records = pd.DataFrame(fed.evaluate_clients(clients, state))
             history.append(summarize(records))
     return state, records, history

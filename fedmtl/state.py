@@ -107,7 +107,10 @@ class ClientUpdate:
 
 @dataclass
 class GroupAggregate:
-    """A group's sample-weighted mean update and the mass behind it."""
+    """A group's sample-weighted mean update and the mass behind it. ``weight``: a public
+    weight for the merge across groups that replaces ``grouping.weighting`` (DP: the group's
+    expected number of clients); ``pooled``: a base-only release of several small groups
+    (:mod:`fedmtl.private_aggregation`), which updates no group head and assigns no group."""
 
     group: str
     n_clients: int
@@ -115,6 +118,8 @@ class GroupAggregate:
     delta_base: Vector | None
     delta_heads: Heads
     clients: list[str] = field(default_factory=list)
+    weight: float | None = None
+    pooled: bool = False
 
 
 def initial_state(

@@ -46,7 +46,7 @@ def run_and_settle(flow_fn: Callable[..., Any], *args: Any, timeout: float = 20.
     return state.result()
 
 
-def settle(flow_run_id, timeout: float = 20.0, poll: float = 0.25) -> bool:
+def settle(flow_run_id, timeout: float = 20.0, poll: float = 0.05) -> bool:
     """True once every task run under ``flow_run_id`` (and its subflows) is final and their
     number has stopped growing; False if ``timeout`` passed first."""
     try:

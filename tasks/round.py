@@ -65,4 +65,4 @@ def global_merge(
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(fed: Federation, state: ServerState, clients: list[str]) -> pd.DataFrame:
     """Every client scores global, group and personalised models on its own held-out split."""
-    return pd.DataFrame([r for c in clients for r in fed.client_evaluate(c, state)])
+    return pd.DataFrame(fed.evaluate_clients(clients, state))

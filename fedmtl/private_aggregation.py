@@ -1,0 +1,255 @@
+"""Private aggregation: the group_aggregate step when ``privacy`` is on.
+
+What a client releases each round is one vector u_c: its base update Δθ followed by the head
+update Δφ_g of its group (the parts its method shares). With privacy on, the server never
+averages those vectors itself:
+
+1. **Releases** (:func:`plan_releases`). Each group's sum is released on its own only when the
+   group is big enough: ``min_group_size`` clients or more, counted from the public expected
+   participation q·N_g under DP (so the plan does not depend on who was sampled) and from the
+   actual participants otherwise. Smaller groups are pooled into one base-only release (their
+   heads are not updated that round: a head sum over their members would be theirs alone);
+   a pool that is itself too small sits the round out (its clients are named in the report).
+2. **Clipping** (``dp``): each u_c is clipped to L2 norm C (:func:`fedmtl.dp.clip_update`)
+   and counts once (uniform weights, DP-FedAvg). Without DP, u_c is weighted by its sample
+   count over a public scale and its coordinates clipped to ±``secagg_range``.
+3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.secagg.secure_sum`) inside the release,
+   so that the aggregator receives masked vectors and learns their sum only. Simulated
+   ``secagg_dropout`` clients go silent after sending their masked input; their self-masks are
+   rebuilt from their neighbours' Shamir shares and the sum is still exact.
+4. **Noise** (``dp``): central Gaussian noise N(0, (z_Δ·C)²) on each release's sum, added by
+   the aggregator after unmasking, then division by the release's expected number of clients
+   (public) — so the group and global updates are post-processing of noised sums, and each
+   round is one sampled Gaussian mechanism per client for the accountant
+   (:mod:`fedmtl.accounting`, ``releases_per_round=1``). The trust this needs: the aggregator
+   adds the noise honestly; with secure aggregation it sees the exact sum before it does.
+   (Distributed noise, each client adding its share before masking, would remove that trust
+   at the price of noise that falls short when clients drop out; not implemented.)
+
+The result is one :class:`~fedmtl.state.GroupAggregate` per release, with the public weight
+``weight`` the global merge uses instead of sample counts under DP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedmtl import dp
+from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
+
+#: The name of the pooled base-only release of the groups too small for their own.
+POOLED = "__pooled__"
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """The ``privacy`` settings the aggregation needs (see ``fedmtl.config.PrivacyConfig``)."""
+
+    dp: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    secure_aggregation: bool = False
+    secagg_range: float = 1.0
+    secagg_neighbours: int | None = None
+    secagg_dropout: float = 0.0
+    min_group_size: int = 3
+
+    @classmethod
+    def from_config(cls, privacy) -> "PrivacySpec":
+        return cls(
+            dp=privacy.dp, clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
+            adaptive_clip=privacy.adaptive_clip, target_quantile=privacy.target_quantile,
+            clip_learning_rate=privacy.clip_learning_rate, secure_aggregation=privacy.secure_aggregation,
+            secagg_range=privacy.secagg_range, secagg_neighbours=privacy.secagg_neighbours,
+            secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp or self.secure_aggregation
+
+
+@dataclass
+class Release:
+    """One released sum: its members' updates, its public expected size, whether it carries
+    the group's head update (a pooled release does not)."""
+
+    name: str
+    updates: list[ClientUpdate]
+    expected: float
+    heads: bool = True
+
+
+@dataclass
+class RoundPrivacy:
+    """What the round's private aggregation did (logged with the round; no client's values)."""
+
+    clip: float
+    noise_std: float = 0.0
+    releases: list[str] = field(default_factory=list)
+    pooled_groups: list[str] = field(default_factory=list)
+    held_back: dict[str, str] = field(default_factory=dict)  # client -> why it released nothing
+    dropped_mid_protocol: list[str] = field(default_factory=list)
+    secagg_seconds: float = 0.0
+    under_clip: float | None = None  # Σ [‖u_c‖ ≤ C] over the released clients (adaptive clipping)
+    released_clients: int = 0
+    expected_total: float = 0.0  # Σ q·N_g: the public denominator of the adaptive-clip count
+
+
+def plan_releases(
+    updates: Sequence[ClientUpdate], spec: PrivacySpec, expected: Mapping[str, float]
+) -> tuple[list[Release], dict[str, str], list[str]]:
+    """(releases, held-back clients with the reason, the pooled groups). ``expected``: each
+    group's public expected number of participants (q·N_g); under DP a group's size for the
+    rule is that, otherwise its actual participants this round."""
+    by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
+    for u in sorted(updates, key=lambda u: u.client):
+        by_group[u.group].append(u)
+    groups = sorted(set(by_group) | (set(expected) if spec.dp else set()))
+    m = spec.min_group_size
+    releases, small = [], []
+    for g in groups:
+        size = expected.get(g, 0.0) if spec.dp else len(by_group[g])
+        if size >= m:
+            releases.append(Release(g, by_group[g], expected.get(g, float(len(by_group[g])))))
+        elif by_group[g] or spec.dp:
+            small.append(g)
+    held: dict[str, str] = {}
+    pooled_groups: list[str] = []
+    if small:
+        members = [u for g in small for u in by_group[g]]
+        pool_expected = sum(expected.get(g, 0.0) for g in small)
+        size = pool_expected if spec.dp else len(members)
+        shares_base = any(u.delta_base is not None for u in members) or (spec.dp and not members)
+        if size >= m and shares_base:
+            releases.append(Release(POOLED, members, pool_expected or float(len(members)), heads=False))
+            pooled_groups = small
+        else:
+            for u in members:
+                held[u.client] = (f"group '{u.group}' is smaller than privacy.min_group_size={m} "
+                                  f"and so is the pool of small groups ({size:g})")
+    return releases, held, pooled_groups
+
+
+def _layout(updates: Sequence[ClientUpdate], heads: bool) -> tuple[int, dict[str, int], list[str]]:
+    first = updates[0]
+    base = first.delta_base.numel() if first.delta_base is not None else -1
+    tasks = sorted(first.delta_heads) if heads else []
+    return base, {t: first.delta_heads[t].numel() for t in tasks}, tasks
+
+
+def _vector(u: ClientUpdate, tasks: list[str]) -> Vector:
+    parts = ([u.delta_base.reshape(-1)] if u.delta_base is not None else []) + \
+            [u.delta_heads[t].reshape(-1) for t in tasks]
+    return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
+
+
+def _split(total: Vector, base: int, sizes: dict[str, int], tasks: list[str]) -> tuple[Vector | None, Heads]:
+    offset = 0
+    delta_base = None
+    if base >= 0:
+        delta_base, offset = total[:base].clone(), base
+    heads = {}
+    for t in tasks:
+        heads[t] = total[offset:offset + sizes[t]].clone()
+        offset += sizes[t]
+    return delta_base, heads
+
+
+def private_aggregate(
+    updates: Sequence[ClientUpdate],
+    spec: PrivacySpec,
+    clip: float,
+    expected: Mapping[str, float],
+    weight_scale: float,
+    generator: torch.Generator,
+    seed: int,
+    like: ClientUpdate | None = None,
+) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
+    """The round's group aggregates under ``spec`` (see the module docstring). ``clip``: this
+    round's C (adaptive clipping changes it); ``weight_scale``: the public sample-count scale
+    of the weights without DP (the largest client's train rows); ``like``: an update with the
+    release's layout, for DP releases of groups with no participant this round (pure noise)."""
+    report = RoundPrivacy(clip=clip, expected_total=sum(expected.values()))
+    releases, held, pooled = plan_releases(updates, spec, expected)
+    report.held_back, report.pooled_groups = held, pooled
+    z = spec.noise_multiplier
+    if spec.dp and spec.adaptive_clip:
+        z = dp.update_noise_multiplier(z, dp.default_count_noise(report.expected_total or 1.0))
+    report.noise_std = z * clip if spec.dp else 0.0
+    out: dict[str, GroupAggregate] = {}
+    under = 0.0
+    for i, release in enumerate(releases):
+        members = release.updates
+        template = members[:1] or ([like] if like is not None else [])
+        if not template:
+            continue
+        base, sizes, tasks = _layout(template, release.heads)
+        dim = max(base, 0) + sum(sizes.values())
+        vectors, scalars = {}, {}
+        for u in members:
+            v = _vector(u, tasks)
+            if spec.dp:
+                v, norm = dp.clip_update(v, clip)
+                scalars[u.client] = 1.0 if norm <= clip else 0.0  # the client's bit for adaptive clipping
+            else:
+                w = max(u.n_samples, 0) / weight_scale
+                v = (v * w).clamp(-spec.secagg_range, spec.secagg_range)
+                scalars[u.client] = w
+            vectors[u.client] = v
+        total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i)
+        report.dropped_mid_protocol += dropped
+        report.secagg_seconds += seconds
+        report.released_clients += len(members)
+        if spec.dp:
+            under += weight_sum  # Σ bits, summed like the updates (securely when that is on)
+            noise = dp.gaussian_noise(total.shape, z * clip, generator)
+            mean = (total.to(torch.float64) + noise.to(torch.float64)) / release.expected
+            weight = release.expected
+        else:
+            mean = total.to(torch.float64) / weight_sum if weight_sum > 0 else total.to(torch.float64) * 0
+            weight = None
+        delta_base, heads = _split(mean.to(torch.float32), base, sizes, tasks)
+        n_samples = int(round(weight_sum * weight_scale)) if not spec.dp else int(round(release.expected))
+        out[release.name] = GroupAggregate(
+            group=release.name, n_clients=len(members), n_samples=max(n_samples, 1),
+            delta_base=delta_base, delta_heads=heads, clients=[u.client for u in members],
+            weight=weight, pooled=not release.heads,
+        )
+    report.releases = sorted(out)
+    report.under_clip = under if spec.dp else None
+    return out, report
+
+
+def _sum(
+    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacySpec, clip: float, dim: int, seed: int
+) -> tuple[Vector, float, list[str], float]:
+    """Σ vectors (and Σ scalars): SecAgg+ when on, else plainly. Returns (sum, scalar sum,
+    clients that dropped mid-protocol, seconds spent in the protocol)."""
+    if not vectors:
+        return torch.zeros(dim), 0.0, [], 0.0
+    if not spec.secure_aggregation:
+        return torch.stack(list(vectors.values())).sum(0), float(sum(scalars.values())), [], 0.0
+    from fedmtl.secagg import secure_sum
+
+    ids = sorted(vectors)
+    rng = np.random.default_rng(seed)
+    n_drop = int(math.floor(spec.secagg_dropout * len(ids)))
+    dropped = sorted(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else []
+    bound = clip if spec.dp else spec.secagg_range
+    result = secure_sum(
+        {u: vectors[u].numpy() for u in ids}, clip=bound, neighbours=spec.secagg_neighbours,
+        drop_after_masking=dropped, scalars=scalars,
+        scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
+    )
+    return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
+            float(result.scalar_sum or 0.0), dropped, float(sum(result.seconds.values())))
