@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fedmtl import dp
+from fedmtl.secagg import SecAggError, secure_sum
 from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
 
 #: The name of the pooled base-only release of the groups too small for their own.
@@ -190,7 +191,18 @@ def private_aggregate(
     under = 0.0
     for i, release in enumerate(releases):
         members = release.updates
-        template = members[:1] or ([like] if like is not None else [])
+        if spec.secure_aggregation and 0 < len(members) < max(2, spec.min_group_size):
+            # DP plans releases by expected size; a round that sampled too few members for a
+            # secure sum keeps them out (under DP the release is then pure noise)
+            for u in members:
+                held[u.client] = (f"release '{release.name}' sampled {len(members)} client(s) this round, "
+                                  f"fewer than a secure sum needs (privacy.min_group_size={spec.min_group_size})")
+            template, members = members[:1], []
+            if not spec.dp:
+                continue
+        else:
+            template = members[:1]
+        template = template or ([like] if like is not None else [])
         if not template:
             continue
         base, sizes, tasks = _layout(template, release.heads)
@@ -206,7 +218,15 @@ def private_aggregate(
                 v = (v * w).clamp(-spec.secagg_range, spec.secagg_range)
                 scalars[u.client] = w
             vectors[u.client] = v
-        total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i)
+        try:
+            total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i)
+        except SecAggError as exc:  # e.g. too many dropped out: the release's clients count for nothing
+            for u in members:
+                held[u.client] = f"secure aggregation of release '{release.name}' failed: {exc}"
+            if not spec.dp:
+                continue
+            members, vectors = [], {}
+            total, weight_sum, dropped, seconds = torch.zeros(dim), 0.0, [], 0.0
         report.dropped_mid_protocol += dropped
         report.secagg_seconds += seconds
         report.released_clients += len(members)
@@ -239,8 +259,6 @@ def _sum(
         return torch.zeros(dim), 0.0, [], 0.0
     if not spec.secure_aggregation:
         return torch.stack(list(vectors.values())).sum(0), float(sum(scalars.values())), [], 0.0
-    from fedmtl.secagg import secure_sum
-
     ids = sorted(vectors)
     rng = np.random.default_rng(seed)
     n_drop = int(math.floor(spec.secagg_dropout * len(ids)))

@@ -48,6 +48,8 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
     run_key = uuid.uuid4().hex[:8]
     store = ClientStore(Path(cfg.training.workdir) / "runs" / run_key / "clients")
     fed = Federation.from_config(cfg, manifest, store)
+    check_privacy(cfg, fed)
+    budget = privacy_budget(cfg, len(clients))
     tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     tags = run_tags(cfg, manifest, report)
     run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{run_key}", cfg.flat(), tags)
@@ -60,15 +62,21 @@ def federated_training(config: dict[str, Any]) -> dict[str, Any]:
     client_rounds: list[pd.DataFrame] = []
     try:
         state = starting_state(fed, cfg, tracker)
+        if budget is not None and state.round:
+            budget.step(state.round)  # a warm start continues the champion's lineage: its rounds count
         progress.current().start(cfg.training.rounds)
         for _ in range(cfg.training.rounds):
-            state, records, summary = run_round(fed, state, clients, cfg, tracker, tags)
+            if budget_exhausted(budget, cfg, state):
+                break
+            state, records, summary = run_round(fed, state, clients, cfg, tracker, tags, budget)
             history.append(summary)
             assignments.append(assignment_table(records, state.round))
-            if cfg.tracking.client_runs and not client_runs(cfg, clients):
+            if cfg.tracking.client_runs and cfg.privacy.per_client_metrics and not client_runs(cfg, clients):
                 client_rounds.append(records.assign(round=state.round))
             logger.info("round %d: %s", state.round, _headline(summary))
             progress.current().round_done(state.round, _headline(summary))
+        if budget is not None:
+            tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
         if client_rounds:  # per-client metrics of every round, as one table (above max_client_runs)
             tracker.log_table(pd.concat(client_rounds, ignore_index=True), "clients/rounds.csv")
         result = finish(fed, state, clients, records, history, assignments, cfg, tracker, tags)
@@ -106,7 +114,7 @@ def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerS
     return fresh
 
 
-def run_round(fed, state, clients, cfg, tracker, tags):
+def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     """One round; returns the new state, per-client records and the round summary.
 
     Large inputs go to the tasks ``quote``d: Prefect would otherwise walk every field of the
@@ -145,12 +153,13 @@ def run_round(fed, state, clients, cfg, tracker, tags):
         )
 
     start = time.perf_counter()
-    groups = group_aggregate(quote(updates))
+    groups, privacy = group_aggregate(quote(fed), quote(updates), quote(state), quote(clients),
+                                      cfg.training.clients_per_round)
     t["group_aggregate"] = time.perf_counter() - start
 
     start = time.perf_counter()
     state = global_merge(quote(fed), quote(state), quote(groups),
-                         quote(updates) if fed.regroup_due(state) else None)
+                         quote(updates) if fed.regroup_due(state) else None, quote(privacy))
     t["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -165,6 +174,13 @@ def run_round(fed, state, clients, cfg, tracker, tags):
         "clients/failed": len(failed),
         "train/loss/mean": sum(train_loss) / len(train_loss),
     }
+    if privacy is not None:
+        extra.update(privacy_metrics(privacy))
+        for client, why in privacy.held_back.items():
+            failed.setdefault(client, f"held back: {why}")
+    if budget is not None:
+        budget.step()
+        extra["privacy/epsilon"] = budget.epsilon()
     tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
     if client_runs(cfg, clients):
         tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
@@ -188,8 +204,82 @@ def shard_workers(cfg: Config, fed: Federation) -> int:
 
 
 def client_runs(cfg: Config, clients: list[str]) -> bool:
-    """Whether per-client metrics go to child runs (else to the table clients/rounds.csv)."""
-    return cfg.tracking.client_runs and len(clients) <= cfg.tracking.max_client_runs
+    """Whether per-client metrics go to child runs (else to the table clients/rounds.csv);
+    never when ``privacy.client_metrics`` is off (the default with privacy on)."""
+    return (cfg.tracking.client_runs and cfg.privacy.per_client_metrics
+            and len(clients) <= cfg.tracking.max_client_runs)
+
+
+class PrivacyPlanError(ValueError):
+    """Privacy settings that cannot give the promised guarantee (the message says why)."""
+
+
+def check_privacy(cfg: Config, fed: Federation) -> None:
+    """Refuse settings under which DP's guarantee would not hold."""
+    p = cfg.privacy
+    if p.dp and fed.grouping_method in ("ifca", "cluster"):
+        raise PrivacyPlanError(
+            f"privacy.dp with grouping '{fed.grouping_method}' (algorithm.method={cfg.algorithm.method}, "
+            f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum it "
+            "joins from its own data, a choice released outside ε; use grouping.method=column")
+
+
+def privacy_budget(cfg: Config, n_clients: int):
+    """The run's accountant (None without DP). With ``privacy.target_epsilon``, a plan whose
+    rounds would spend more refuses to start, with the numbers and the ways out."""
+    p = cfg.privacy
+    if not p.dp:
+        return None
+    from fedmtl.accounting import BudgetExceeded, PrivacyAccountant, check_plan
+    from fedmtl.dispatch import sample_rate
+
+    rate = sample_rate(cfg.training.clients_per_round, n_clients)
+    if p.adaptive_clip:
+        from fedmtl.dp import default_count_noise, update_noise_multiplier
+
+        try:
+            update_noise_multiplier(p.noise_multiplier, default_count_noise(rate * n_clients))
+        except ValueError as exc:
+            raise PrivacyPlanError(
+                f"privacy.adaptive_clip with {rate * n_clients:g} expected clients per round: {exc}") from None
+    if p.target_epsilon is not None:
+        try:
+            check_plan(p.target_epsilon, cfg.training.rounds, p.noise_multiplier, "poisson",
+                       sample_rate=rate, delta=p.delta)
+        except BudgetExceeded as exc:
+            raise PrivacyPlanError(str(exc)) from None
+    return PrivacyAccountant(p.noise_multiplier, "poisson", sample_rate=rate, delta=p.delta)
+
+
+def budget_exhausted(budget, cfg: Config, state: ServerState) -> bool:
+    """Whether one more round would spend more than ``privacy.target_epsilon`` (then training
+    stops here, logged, rather than exceed it)."""
+    target = cfg.privacy.target_epsilon
+    if budget is None or target is None:
+        return False
+    from fedmtl.accounting import epsilon_after
+
+    after = epsilon_after(budget.rounds + 1, budget.noise_multiplier, "poisson",
+                          sample_rate=budget.sample_rate, delta=budget.delta)
+    if after <= target:
+        return False
+    get_run_logger().warning(
+        "privacy budget: stopping after round %d: one more round would spend ε=%.3g > "
+        "privacy.target_epsilon=%g at δ=%g", state.round, after, target, budget.delta)
+    return True
+
+
+def privacy_metrics(report) -> dict[str, float]:
+    """The round's private-aggregation report as metrics (no client's own values)."""
+    return {
+        "privacy/clip": report.clip,
+        "privacy/noise_std": report.noise_std,
+        "privacy/releases": float(len(report.releases)),
+        "privacy/released_clients": float(report.released_clients),
+        "privacy/held_back": float(len(report.held_back)),
+        "privacy/dropped_mid_protocol": float(len(report.dropped_mid_protocol)),
+        "time/secagg_s": report.secagg_seconds,
+    }
 
 
 def grouping_metrics(fed: Federation, records: pd.DataFrame) -> dict[str, float]:
@@ -221,14 +311,15 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
     fig = plots.convergence(history)
     tracker.log_figure(fig, "plots/convergence.png")
     plots.close(fig)
-    fig = plots.clients_global_vs_personal(records)
-    tracker.log_figure(fig, "plots/clients_global_vs_personal.png")
-    plots.close(fig)
-    fig = plots.personalisation_gain_histogram(records)
-    tracker.log_figure(fig, "plots/personalisation_gain.png")
-    plots.close(fig)
-    tracker.log_table(records, "clients_final.csv")
-    if fed.grouping_method is not None and assignments:
+    if cfg.privacy.per_client_metrics:  # per-client figures and tables: not with privacy on
+        fig = plots.clients_global_vs_personal(records)
+        tracker.log_figure(fig, "plots/clients_global_vs_personal.png")
+        plots.close(fig)
+        fig = plots.personalisation_gain_histogram(records)
+        tracker.log_figure(fig, "plots/personalisation_gain.png")
+        plots.close(fig)
+        tracker.log_table(records, "clients_final.csv")
+    if fed.grouping_method is not None and assignments and cfg.privacy.per_client_metrics:
         assigned = pd.concat(assignments, ignore_index=True)
         tracker.log_table(assigned, "groups/assignment.csv")
         if not assigned.empty:
@@ -244,7 +335,8 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         example = input_example(fed, clients)
         model_uri, version = log_personalized_model(
             tracker.run_id, bundle, example, cfg.tracking.registered_model,
-            tags={"data_version": tags["data_version"], "git_commit": tags["git_commit"]},
+            tags={"data_version": tags["data_version"], "git_commit": tags["git_commit"],
+                  **privacy_tags(cfg, tracker)},
         )
         tracker.set_tags({"registered_model": cfg.tracking.registered_model, "model_version": version or ""})
 
@@ -271,6 +363,16 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
     atomic_write_bytes(cfg.tracking.metrics_file, (json.dumps(metrics, indent=2) + "\n").encode())
     return {**metrics, "model_uri": model_uri, "registered_model": cfg.tracking.registered_model,
             "tracking_uri": tracker.tracking_uri, "history": history, "bundle": bundle}
+
+
+def privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
+    """The model version's privacy tags: the mechanism and, under DP, the ε spent (at δ)."""
+    out = {"privacy": cfg.privacy.mechanism}
+    if cfg.privacy.dp:
+        run = tracker.client.get_run(tracker.run_id)
+        out.update({"privacy_epsilon": run.data.tags.get("privacy_epsilon", ""),
+                    "privacy_delta": f"{cfg.privacy.delta:g}"})
+    return out
 
 
 def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> PersonalizedBundle:
@@ -320,10 +422,13 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
         "dataset": manifest.source,
         "partition_scheme": manifest.scheme,
         "grouping": cfg.grouping.method,
-        "privacy": "none",
+        "privacy": cfg.privacy.mechanism,
         "quarantined_clients": ",".join(sorted(report.quarantined)) or "none",
         "validated_clients": str(len(report.passed)),
     }
+    if cfg.privacy.dp:
+        tags.update({"privacy_delta": f"{cfg.privacy.delta:g}",
+                     "privacy_noise_multiplier": f"{cfg.privacy.noise_multiplier:g}"})
     context = FlowRunContext.get()
     if context is not None and context.task_runner is not None:
         tags["task_runner"] = type(context.task_runner).__name__

@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 from prefect.cache_policies import NO_CACHE
 
-from fedmtl import aggregation
 from fedmtl.federation import Federation, participants
+from fedmtl.private_aggregation import RoundPrivacy
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState
 
 
@@ -47,8 +47,12 @@ def local_train_shard(
 
 
 @task(name="group_aggregate", cache_policy=NO_CACHE)
-def group_aggregate(updates: list[ClientUpdate]) -> dict[str, GroupAggregate]:
-    return aggregation.group_aggregate(updates)
+def group_aggregate(
+    fed: Federation, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float
+) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
+    """Per group, the mean update; with ``privacy`` on, the private releases (clipped, summed
+    under SecAgg+, noised) and their report."""
+    return fed.aggregate(updates, state, clients, per_round)
 
 
 @task(name="global_merge", cache_policy=NO_CACHE)
@@ -57,9 +61,10 @@ def global_merge(
     state: ServerState,
     groups: dict[str, GroupAggregate],
     updates: list[ClientUpdate] | None = None,
+    privacy: RoundPrivacy | None = None,
 ) -> ServerState:
     """Merge across groups with the server optimiser (and learn groups when that is due)."""
-    return fed.merge(state, groups, updates)
+    return fed.merge(state, groups, updates, privacy)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -1,0 +1,91 @@
+"""Privacy in the training flow: DP-FedAvg with its accountant, SecAgg+, no per-client output."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedmtl.accounting import epsilon_after
+from fedmtl.config import load_config
+from fedmtl.data import partition, prepare
+from fedmtl.data.manifest import read_manifest
+from fedmtl.validation import validate_partitions
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+PRIVATE = {
+    "data.partition.n_clients": 12, "training.rounds": 3, "training.clients_per_round": 0.5,
+    "privacy.dp": True, "privacy.secure_aggregation": True, "privacy.adaptive_clip": True,
+    "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.5, "privacy.secagg_dropout": 0.2,
+    "privacy.min_group_size": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def data(prefect_harness, tmp_path_factory):
+    root = tmp_path_factory.mktemp("privacy")
+    cfg = load_config(None, tiny_overrides(root, **PRIVATE))
+    prepare(cfg.data)
+    partition(cfg.data)
+    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
+                        cfg.validation, cfg.data.validation_dir)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    from flows.training import federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **PRIVATE))
+    return cfg, federated_training(cfg.model_dump(mode="json"))
+
+
+def test_dp_run_logs_epsilon_every_round_and_tags_the_run_and_model(trained):
+    cfg, result = trained
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["privacy"] == "dp-fedavg+secagg"
+    eps = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "privacy/epsilon"),
+                                   key=lambda m: m.step)]
+    assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
+    want = epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta)
+    assert float(run.data.tags["privacy_epsilon"]) == pytest.approx(want, rel=1e-4)
+    assert eps[-1] == pytest.approx(want, rel=1e-4)
+    version = client.get_model_version(cfg.tracking.registered_model, result["model_version"])
+    assert version.tags["privacy"] == "dp-fedavg+secagg"
+    assert float(version.tags["privacy_epsilon"]) == pytest.approx(want, rel=1e-4)
+    clips = client.get_metric_history(run.info.run_id, "privacy/clip")
+    assert len({round(m.value, 9) for m in clips}) > 1  # adaptive clipping moved C
+    dropped = client.get_metric_history(run.info.run_id, "privacy/dropped_mid_protocol")
+    assert any(m.value > 0 for m in dropped)  # SecAgg+ recovered sums with clients gone silent
+
+
+def test_privacy_on_keeps_per_client_metrics_out_of_mlflow(trained):
+    cfg, result = trained
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert children == []
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    names |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "clients_final.csv" not in names and "plots/personalisation_gain.png" not in names
+    assert "plots/convergence.png" in names
+
+
+def test_a_plan_over_the_target_epsilon_refuses_to_start_with_the_numbers(data):
+    from flows.training import PrivacyPlanError, federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **PRIVATE, **{"privacy.target_epsilon": 0.5,
+                                                                  "tracking.experiment": "refused"}))
+    with pytest.raises(PrivacyPlanError, match=r"privacy.target_epsilon=0.5 .* allows \d+ rounds"):
+        federated_training(cfg.model_dump(mode="json"))
+    assert MlflowClient(cfg.tracking.tracking_uri).get_experiment_by_name("refused") is None
+
+
+def test_dp_refuses_groups_a_client_picks_from_its_own_data(data):
+    from flows.training import PrivacyPlanError, federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **PRIVATE, **{"algorithm.method": "ifca"}))
+    with pytest.raises(PrivacyPlanError, match="grouping.method=column"):
+        federated_training(cfg.model_dump(mode="json"))
