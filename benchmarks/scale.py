@@ -1,6 +1,7 @@
 """Many clients per round: Synthetic(0.5, 0.5) with multinomial logistic regression (FedAvg,
 5 local epochs, batch 16, lr 0.05), its data held in memory (no partition files), through the core's round: batched local training of every
-client (one shard per worker thread), hierarchical aggregation and the server step.
+client (one shard, as the flow's thread runner does for batched training), hierarchical
+aggregation and the server step.
 
 Used by ``python -m benchmarks.speed`` (part ``scale``); on its own:
 
@@ -62,7 +63,7 @@ def synthetic_clients(n_clients: int, seed: int = 0) -> tuple[Manifest, dict[str
     return manifest, memory
 
 
-def scale_round(n_clients: int, rounds: int = 3, workers: int | None = None) -> tuple[float, float]:
+def scale_round(n_clients: int, rounds: int = 3, workers: int | None = 1) -> tuple[float, float]:
     """(median seconds per round, MiB of client data) for ``n_clients`` clients per round."""
     manifest, memory = synthetic_clients(n_clients)
     data_mib = sum(d.x_train.element_size() * d.x_train.nelement() + d.y_train["label"].nelement() * 8

@@ -36,6 +36,7 @@ padding would change it).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,6 +219,9 @@ def train_shared(
         return loss, loss
 
     batched_grad = vmap(grad(objective, has_aux=True))
+    solo = copy.deepcopy(model).train()
+    named = dict(solo.named_parameters())
+    solo_params = [named[name] for name, _, _, _ in entries]  # in the row's order
 
     def gradients(w, x, ys, mask, count) -> tuple[torch.Tensor, torch.Tensor]:
         """Every active client's loss gradient as ``[k, P]`` rows, and its loss ``[k]``."""
@@ -225,13 +229,13 @@ def train_shared(
         if k <= SOLO_CLIENTS:  # the tail of a shard: vmap's fixed cost outweighs k plain steps
             rows, losses = [], []
             for i in range(k):
-                wi = w[i].detach().requires_grad_()
-                params = {name: wi[s:e].view(shape) for name, shape, s, e in entries}
+                with torch.no_grad():  # the client's row into a module of its own: plain autograd
+                    for (_, shape, s, e), p in zip(entries, solo_params):
+                        p.copy_(w[i, s:e].view(shape))
                 m = int(count[i])  # a slot's real rows come first
-                out = functional_call(model, params, (x[i, :m],), tie_weights=False)
-                loss = multitask_loss(out, {t: y[i, :m] for t, y in ys.items()}, tasks)
-                (g,) = torch.autograd.grad(loss, wi, allow_unused=True, materialize_grads=True)
-                rows.append(g)
+                loss = multitask_loss(solo(x[i, :m]), {t: y[i, :m] for t, y in ys.items()}, tasks)
+                grads = torch.autograd.grad(loss, solo_params, allow_unused=True, materialize_grads=True)
+                rows.append(torch.cat([g.reshape(-1) for g in grads]))
                 losses.append(loss.detach())
             return torch.stack(rows), torch.stack(losses)
         params = {name: w[:, s:e].unflatten(1, shape) for name, shape, s, e in entries}

@@ -121,9 +121,11 @@ def warm_up(config: Any, data: bool = True) -> None:
     ``data``: also read the usable clients' partitions (``fedmtl train``; not when the same
     process is about to write them, as ``fedmtl run`` does)."""
     try:
+        from fedmtl.algorithms import get_algorithm
         from fedmtl.batched import warm_up as torch_func_warm_up
 
-        torch_func_warm_up()
+        if config.training.batched != "off" and get_algorithm(config.algorithm.method).batchable:
+            torch_func_warm_up()
     except Exception:  # noqa: BLE001
         pass
     try:  # MLflow maps modules to packages (~1 s) the first time it logs a model
