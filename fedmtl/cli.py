@@ -161,19 +161,29 @@ def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False) -> dict:
     raise AssertionError("unreachable")
 
 
+DaskOpt = Annotated[Optional[str], typer.Option(
+    "--dask-address", help="run the client tasks on this Dask scheduler (runner.kind=dask, runner.dask_address)")]
+
+
+def _with_dask(set_: list[str] | None, address: str | None) -> list[str] | None:
+    return [*(set_ or []), "runner.kind=dask", f"runner.dask_address={address}"] if address else set_
+
+
 @app.command("train")
-def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False,
+          dask_address: DaskOpt = None) -> None:
     """Federated training on the validated partitions (the DVC train stage)."""
-    cfg = _config(params, set_)
+    cfg = _config(params, _with_dask(set_, dask_address))
     quiet.configure(verbose)
     result = _train(cfg, whole_pipeline=False, verbose=verbose)
     print_summary(result)
 
 
 @app.command("run")
-def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False,
+        dask_address: DaskOpt = None) -> None:
     """The whole pipeline in one Prefect flow run: prepare, partition, validate, train."""
-    cfg = _config(params, set_)
+    cfg = _config(params, _with_dask(set_, dask_address))
     quiet.configure(verbose)
     result = _train(cfg, whole_pipeline=True, verbose=verbose)
     print_summary(result)
