@@ -1,0 +1,132 @@
+"""Private evaluation: the federation's metrics from sufficient statistics, not client figures.
+
+Each client reduces its held-out scores to sufficient statistics, per (model variant, task):
+
+- classification: the K×K confusion counts (true class × predicted class);
+- regression: the number of rows, Σ|error| and Σ error².
+
+The clients' statistics are summed (with SecAgg+ when ``privacy.secure_aggregation`` is on,
+:func:`fedmtl.secagg.secure_sum`), so the server learns the federation's pooled confusion matrix
+and error sums and nothing about any one client. Optionally Gaussian noise is added to the
+summed counts (``noise_std``). From them: pooled accuracy (= the sample-weighted mean of the
+clients' accuracies), macro precision, recall and F1 over the classes present in the pooled
+matrix (scikit-learn's definitions, tested against it on the concatenated rows), MAE and RMSE.
+Per-client means and the worst clients' mean need per-client figures and are not available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmtl.data.manifest import TaskSpec
+
+
+@dataclass(frozen=True)
+class StatLayout:
+    """Where each (variant, task)'s statistics lie in a client's statistics vector."""
+
+    keys: tuple[tuple[str, str], ...]  # (variant, task)
+    sizes: tuple[int, ...]
+    tasks: Mapping[str, TaskSpec]
+
+    @classmethod
+    def build(cls, variants: Sequence[str], tasks: Sequence[TaskSpec]) -> "StatLayout":
+        keys, sizes = [], []
+        for variant in variants:
+            for task in tasks:
+                keys.append((variant, task.name))
+                sizes.append(task.n_outputs ** 2 if task.kind == "classification" else 3)
+        return cls(tuple(keys), tuple(sizes), {t.name: t for t in tasks})
+
+    @property
+    def width(self) -> int:
+        return sum(self.sizes)
+
+
+def task_statistics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """One client's sufficient statistics of one task from the model's raw output."""
+    y_true = np.asarray(y_true)
+    if task.kind == "classification":
+        k = task.n_outputs
+        pred = np.asarray(output).argmax(axis=1)
+        return np.bincount(y_true.astype(np.int64) * k + pred, minlength=k * k).astype(np.float64)
+    error = np.asarray(output).reshape(-1) - y_true.astype(np.float64)
+    return np.array([error.size, np.abs(error).sum(), (error ** 2).sum()], dtype=np.float64)
+
+
+def client_statistics(
+    layout: StatLayout, outputs: Mapping[tuple[str, str], np.ndarray], y_test: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """A client's whole statistics vector: ``outputs[(variant, task)]`` scored against its labels."""
+    parts = [task_statistics(layout.tasks[task], y_test[task], outputs[(variant, task)])
+             for variant, task in layout.keys]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def pooled_metrics(layout: StatLayout, total: np.ndarray) -> dict[str, float]:
+    """Metrics from the summed statistics: ``{variant}/{metric}/pooled`` for the first task,
+    ``{task}/{variant}/{metric}/pooled`` for the others."""
+    out: dict[str, float] = {}
+    first = next(iter(layout.tasks), None)
+    offset = 0
+    for (variant, task), size in zip(layout.keys, layout.sizes):
+        block = np.clip(np.asarray(total[offset:offset + size], dtype=np.float64), 0, None)
+        offset += size
+        prefix = "" if task == first else f"{task}/"
+        spec = layout.tasks[task]
+        metrics = (confusion_metrics(block.reshape(spec.n_outputs, spec.n_outputs))
+                   if spec.kind == "classification" else error_metrics(block))
+        out.update({f"{prefix}{variant}/{m}/pooled": v for m, v in metrics.items()})
+    return out
+
+
+def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 over the classes present (as true or predicted)."""
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    n = confusion.sum()
+    if n <= 0 or not present.any():
+        return {}
+    tp = np.diag(confusion)[present]
+    s, p = support[present], predicted[present]
+    precision = np.divide(tp, p, out=np.zeros_like(tp), where=p > 0)
+    recall = np.divide(tp, s, out=np.zeros_like(tp), where=s > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"accuracy": float(np.diag(confusion).sum() / n), "precision": float(precision.mean()),
+            "recall": float(recall.mean()), "f1": float(f1.mean())}
+
+
+def error_metrics(block: np.ndarray) -> dict[str, float]:
+    n, abs_sum, sq_sum = block
+    if n <= 0:
+        return {}
+    return {"mae": float(abs_sum / n), "rmse": float(np.sqrt(sq_sum / n))}
+
+
+def secure_total(
+    statistics: Mapping[str, np.ndarray], secure: bool, bound: float, noise_std: float = 0.0,
+    generator: torch.Generator | None = None, neighbours: int | None = None,
+) -> np.ndarray:
+    """Σ of the clients' statistics vectors: through SecAgg+ when ``secure``, plainly otherwise;
+    plus N(0, noise_std²) per entry when asked. ``bound``: a public bound on every entry (the
+    fixed-point range; e.g. the largest held-out split in the manifest bounds every count);
+    entries beyond it are clipped."""
+    vectors = {c: np.asarray(v, dtype=np.float64) for c, v in statistics.items()}
+    if not vectors:
+        return np.zeros(0)
+    if secure:
+        from fedmtl.secagg import secure_sum
+
+        total = np.asarray(secure_sum(vectors, clip=bound, neighbours=neighbours).sum, dtype=np.float64)
+    else:
+        total = np.sum([np.clip(v, -bound, bound) for v in vectors.values()], axis=0)
+    if noise_std > 0:
+        g = generator or torch.Generator().manual_seed(0)
+        total = total + torch.normal(0.0, noise_std, size=total.shape, generator=g,
+                                     dtype=torch.float64).numpy()
+    return total
