@@ -78,25 +78,15 @@ def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]
             "rmse": float(math.sqrt(mean_squared_error(y_true, pred)))}
 
 
-def evaluate_client(
-    model: nn.Module,
-    variants: dict[str, tuple[Vector, Heads]],
-    data: ClientData,
-    tasks: Sequence[TaskSpec],
-) -> list[dict]:
-    """One record per (variant, task): the client's metrics on its held-out split, for each
-    variant's (base, heads) weights."""
-    return evaluate_clients(model, [(data, variants)], tasks)
-
-
 @torch.no_grad()
 def evaluate_clients(
     model: nn.Module,
     jobs: Sequence[tuple[ClientData, dict[str, tuple[Vector, Heads]]]],
     tasks: Sequence[TaskSpec],
 ) -> list[dict]:
-    """:func:`evaluate_client` for many clients at once, with the same records in the same
-    order: each distinct base runs once over the held-out rows of every client that uses it,
+    """One record per (client, variant, task), in that order: each client's metrics on its
+    held-out split for each variant's (base, heads) weights. Batched over the clients: each
+    distinct base runs once over the held-out rows of every client that uses it,
     and each distinct set of head weights once over its clients' features (FedAvg: two
     forward passes for the whole federation instead of one per client and variant). Weights
     are told apart by identity: variants that share a tensor share the pass."""

@@ -224,10 +224,6 @@ class Federation:
             updates.append(update)
         return updates
 
-    def client_evaluate(self, client: str, state: ServerState) -> list[dict]:
-        """The client scores global, group and personalised models on its held-out split."""
-        return self.evaluate_clients([client], state)
-
     def evaluate_clients(self, clients: list[str], state: ServerState) -> list[dict]:
         """Each client scores the global, group and personalised models on its own held-out
         split (records in client order). Personalisation runs per client (it may fit a

@@ -170,3 +170,30 @@ def test_fast_classification_metrics_equal_scikit_learns():
         assert fast.keys() == ref.keys()
         for key in ref:
             assert fast[key] == pytest.approx(ref[key], abs=1e-12), (key, y_true, y_pred)
+
+
+def test_batched_evaluation_equals_each_client_scored_alone():
+    from fedmtl.client import ClientData
+    from fedmtl.data.manifest import TaskSpec
+    from fedmtl.evaluation import evaluate_clients
+    from fedmtl.state import flat
+    from models.multitask import build_model
+
+    class Cfg:
+        base, hidden, dropout, cnn_channels = "mlp", [8], 0.0, [4]
+
+    tasks = [TaskSpec("label", "classification", [0, 1, 2])]
+    torch.manual_seed(0)
+    model = build_model(Cfg, 5, tasks)
+    base, head = flat(model.base), {"label": flat(model.heads["label"])}
+    jobs = []
+    for i in range(6):
+        g = torch.Generator().manual_seed(i)
+        n = 3 + i
+        data = ClientData(f"c{i}", "0", torch.zeros(0, 5), {"label": torch.zeros(0, dtype=torch.long)},
+                          torch.randn(n, 5, generator=g), {"label": torch.randint(0, 3, (n,), generator=g)})
+        personal = {"label": head["label"] + 0.3 * torch.randn(head["label"].shape, generator=g)}
+        jobs.append((data, {"global": (base, head), "personal": (base, personal)}))
+    together = evaluate_clients(model, jobs, tasks)
+    alone = [r for job in jobs for r in evaluate_clients(model, [job], tasks)]
+    assert together == alone and len(together) == 12
