@@ -21,7 +21,6 @@ Not yet here (issue 6): the membership-inference part (fedmtl/attacks.py) and di
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import write_results
 from benchmarks.scale import InMemoryFederation
 from fedmtl.accounting import epsilon_after
 from fedmtl.aggregation import group_aggregate
@@ -225,11 +225,7 @@ def main() -> None:
     if "dp" in parts:
         results["dp_clients"], results["dp_rounds"] = (300, 20) if args.quick else (1000, 50)
         results["dp"] = part_dp(results["dp_clients"], results["dp_rounds"], [8.0, 4.0, 2.0], clip=1.0)
-    text = report(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(text)
+    write_results(args.out, report(results, args), results)
 
 
 if __name__ == "__main__":

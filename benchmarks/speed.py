@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / ".fedmtl" / "bench" / "speed"
@@ -323,11 +325,7 @@ def main() -> None:
     if "scale" in parts:
         results["scale"] = [part_scale(1000)] + ([] if args.quick else [part_scale(10_000)])
         print("scale", results["scale"], flush=True)
-    text = report(results, args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(text)
+    write_results(args.out, report(results, args.quick), results)
 
 
 if __name__ == "__main__":
