@@ -724,7 +724,8 @@ def schedule(
 
 
 def print_summary(result: dict) -> None:
-    table = Table(title="fedmtl: final round, mean over clients' held-out splits", title_justify="left")
+    basis = result.get("evaluation", "mean over clients")
+    table = Table(title=f"fedmtl: final round on the clients' held-out splits, {basis}", title_justify="left")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     table.add_column("macro-F1", justify="right")

@@ -338,14 +338,22 @@ class PrivacyConfig(_Section):
         1.0, gt=0, description="secure aggregation without dp: each update coordinate is clipped to ±this"
     )
     secagg_neighbours: int | None = Field(
-        None, ge=2, description="SecAgg+ graph degree k (default 2·⌈log2 n⌉+1, all clients up to 10)"
+        None, ge=2, description="SecAgg+ graph degree k (default: sized for secagg_max_dropout, ≥ 2·⌈log2 n⌉+1)"
+    )
+    secagg_max_dropout: float = Field(
+        0.1, ge=0, lt=0.5,
+        description="the dropout mid-protocol the default k survives (sum lost with probability ≤ 1e-4)",
     )
     secagg_dropout: float = Field(
         0.0, ge=0, lt=1, description="simulated: this fraction of each release's clients drops mid-protocol"
     )
     min_group_size: int = Field(3, ge=2, description="fewest clients in a released sum")
     client_metrics: bool | None = Field(
-        None, description="report each client's own metrics (default: only when privacy is off)"
+        None, description="report each client's own metrics (default: only when privacy is off); "
+        "off: metrics pooled from the clients' summed confusion counts and error sums"
+    )
+    evaluation_noise: float = Field(
+        0.0, ge=0, description="std of Gaussian noise on every summed evaluation count (not part of ε)"
     )
 
     @property

@@ -10,7 +10,8 @@ mean, worst-10 % (the mean of the worst ⌈10 %⌉ of clients) and the personali
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -83,14 +84,17 @@ def evaluate_clients(
     model: nn.Module,
     jobs: Sequence[tuple[ClientData, dict[str, tuple[Vector, Heads]]]],
     tasks: Sequence[TaskSpec],
+    score: Callable[[TaskSpec, np.ndarray, np.ndarray], dict[str, Any]] | None = None,
 ) -> list[dict]:
     """One record per (client, variant, task), in that order: each client's metrics on its
-    held-out split for each variant's (base, heads) weights. Batched over the clients: each
+    held-out split for each variant's (base, heads) weights (``score(task, y_true, output)``,
+    by default :func:`task_metrics`; private evaluation scores sufficient statistics instead). Batched over the clients: each
     distinct base runs once over the held-out rows of every client that uses it,
     and each distinct set of head weights once over its clients' features (FedAvg: two
     forward passes for the whole federation instead of one per client and variant). Weights
     are told apart by identity: variants that share a tensor share the pass."""
     model.eval()
+    score = score or task_metrics
     jobs = [(data, variants) for data, variants in jobs if data.n_test > 0]
     if not jobs:
         return []
@@ -123,7 +127,7 @@ def evaluate_clients(
             assign(model.heads[task.name], heads[task.name])
             outputs[task.name] = torch.split(model.heads[task.name](z), sizes)
         scored[key] = {
-            i: {t.name: task_metrics(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
+            i: {t.name: score(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
                 for t in tasks}
             for j, i in enumerate(members)
         }

@@ -28,10 +28,11 @@ from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, tra
 from fedmtl.client import ClientData, ManifestKey, load_client_data
 from fedmtl.data.manifest import Manifest
 from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shards
-from fedmtl.evaluation import evaluate_clients, summarize
+from fedmtl.evaluation import VARIANTS, evaluate_clients, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.dp import AdaptiveClip
 from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
+from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
 from fedmtl.store import ClientStore
@@ -229,6 +230,31 @@ class Federation:
         split (records in client order). Personalisation runs per client (it may fit a
         personal head and keep it in the client's store); the scoring is batched over the
         clients (:func:`fedmtl.evaluation.evaluate_clients`), with one model for them all."""
+        model, jobs, groups = self._evaluation_jobs(clients, state)
+        records = evaluate_clients(model, jobs, self.manifest.tasks)
+        for r in records:
+            r["assigned_group"] = groups[r["client"]]
+        return records
+
+    def evaluate_pooled(self, clients: list[str], state: ServerState) -> dict[str, float]:
+        """Private evaluation (``privacy.client_metrics`` off): the same scoring, but each client
+        reduces its scores to sufficient statistics (confusion counts, error sums) and only their
+        sum over the clients comes out, through SecAgg+ when ``privacy.secure_aggregation`` is on,
+        with ``privacy.evaluation_noise`` added to every summed count
+        (:mod:`fedmtl.private_evaluation`): metrics ``{variant}/{metric}/pooled``."""
+        model, jobs, _ = self._evaluation_jobs(clients, state)
+        tasks = list(self.manifest.tasks)
+        records = evaluate_clients(model, jobs, tasks, score=statistics_score)
+        spec = self.privacy
+        return pooled_evaluation(
+            StatLayout.build(VARIANTS, tasks), records, secure=spec.secure_aggregation,
+            max_rows=max((c.n_test for c in self.manifest.clients), default=1),
+            min_clients=spec.min_group_size, noise_std=spec.evaluation_noise,
+            generator=self._generator("server", state.round, "evaluation-noise"),
+            neighbours=spec.secagg_neighbours, max_dropout=spec.secagg_max_dropout)
+
+    def _evaluation_jobs(self, clients: list[str], state: ServerState):
+        """The model, each client's (data, {variant: (base, heads)}) and each client's group."""
         model = self.new_model()
         tasks = list(self.manifest.tasks)
         jobs, groups = [], {}
@@ -243,10 +269,7 @@ class Federation:
             jobs.append((data, {"global": (state.base, state.global_heads),
                                 "group": (state.base, state.heads_for(group)), "personal": (base, heads)}))
             groups[client] = group
-        records = evaluate_clients(model, jobs, self.manifest.tasks)
-        for r in records:
-            r["assigned_group"] = groups[r["client"]]
-        return records
+        return model, jobs, groups
 
     def aggregate(
         self, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float = 1.0

@@ -18,12 +18,13 @@ from fedmtl.evaluation import HIGHER_IS_BETTER, VARIANTS  # noqa: E402
 def convergence(history: list[dict[str, float]], metric: str = "accuracy"):
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = list(range(1, len(history) + 1))
+    pooled = bool(history) and f"personal/{metric}/mean" not in history[0]
     for variant in VARIANTS:
-        key = f"{variant}/{metric}/mean"
+        key = f"{variant}/{metric}/{'pooled' if pooled else 'mean'}"
         if history and key in history[0]:
             ax.plot(rounds, [h.get(key) for h in history], marker=".", label=variant)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"mean client {metric}")
+    ax.set_ylabel(f"pooled {metric} (all clients' rows)" if pooled else f"mean client {metric}")
     ax.set_title("Convergence (held-out splits)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -61,8 +61,11 @@ class PrivacySpec:
     secure_aggregation: bool = False
     secagg_range: float = 1.0
     secagg_neighbours: int | None = None
+    secagg_max_dropout: float = 0.1
     secagg_dropout: float = 0.0
     min_group_size: int = 3
+    client_metrics: bool = True  # privacy.per_client_metrics: else the evaluation is pooled
+    evaluation_noise: float = 0.0
 
     @classmethod
     def from_config(cls, privacy) -> "PrivacySpec":
@@ -71,7 +74,8 @@ class PrivacySpec:
             adaptive_clip=privacy.adaptive_clip, target_quantile=privacy.target_quantile,
             clip_learning_rate=privacy.clip_learning_rate, secure_aggregation=privacy.secure_aggregation,
             secagg_range=privacy.secagg_range, secagg_neighbours=privacy.secagg_neighbours,
-            secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
+            secagg_max_dropout=privacy.secagg_max_dropout, secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
+            client_metrics=privacy.per_client_metrics, evaluation_noise=privacy.evaluation_noise,
         )
 
     @property
@@ -266,7 +270,7 @@ def _sum(
     bound = clip if spec.dp else spec.secagg_range
     result = secure_sum(
         {u: vectors[u].numpy() for u in ids}, clip=bound, neighbours=spec.secagg_neighbours,
-        drop_after_masking=dropped, scalars=scalars,
+        max_dropout=spec.secagg_max_dropout, drop_after_masking=dropped, scalars=scalars,
         scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
     )
     return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),

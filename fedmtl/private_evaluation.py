@@ -3,7 +3,8 @@
 Each client reduces its held-out scores to sufficient statistics, per (model variant, task):
 
 - classification: the K×K confusion counts (true class × predicted class);
-- regression: the number of rows, Σ|error| and Σ error².
+- regression: the number of rows, Σ|error| and Σ error², each row's |error| clipped to
+  ``ERROR_CLIP`` (in the label's units) so that every entry has a public bound.
 
 The clients' statistics are summed (with SecAgg+ when ``privacy.secure_aggregation`` is on,
 :func:`fedmtl.secagg.secure_sum`), so the server learns the federation's pooled confusion matrix
@@ -23,6 +24,9 @@ import numpy as np
 import torch
 
 from fedmtl.data.manifest import TaskSpec
+
+ERROR_CLIP = 100.0
+"""Regression: each row's |error| counts at most this much in the summed statistics."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,18 @@ class StatLayout:
     def width(self) -> int:
         return sum(self.sizes)
 
+    def bounds(self, max_rows: int) -> np.ndarray:
+        """A public bound on every entry of a client holding at most ``max_rows`` held-out rows
+        (the largest split in the manifest): counts ≤ max_rows, Σ|e| ≤ max_rows·ERROR_CLIP,
+        Σe² ≤ max_rows·ERROR_CLIP²."""
+        parts = []
+        for (_, task), size in zip(self.keys, self.sizes):
+            if self.tasks[task].kind == "classification":
+                parts.append(np.full(size, float(max_rows)))
+            else:
+                parts.append(max_rows * np.array([1.0, ERROR_CLIP, ERROR_CLIP ** 2]))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
 
 def task_statistics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
     """One client's sufficient statistics of one task from the model's raw output."""
@@ -54,7 +70,7 @@ def task_statistics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> n
         k = task.n_outputs
         pred = np.asarray(output).argmax(axis=1)
         return np.bincount(y_true.astype(np.int64) * k + pred, minlength=k * k).astype(np.float64)
-    error = np.asarray(output).reshape(-1) - y_true.astype(np.float64)
+    error = np.clip(np.asarray(output).reshape(-1) - y_true.astype(np.float64), -ERROR_CLIP, ERROR_CLIP)
     return np.array([error.size, np.abs(error).sum(), (error ** 2).sum()], dtype=np.float64)
 
 
@@ -65,6 +81,39 @@ def client_statistics(
     parts = [task_statistics(layout.tasks[task], y_test[task], outputs[(variant, task)])
              for variant, task in layout.keys]
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def statistics_score(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, np.ndarray]:
+    """A scorer for :func:`fedmtl.evaluation.evaluate_clients` that keeps the statistics."""
+    return {"statistics": task_statistics(task, y_true, output)}
+
+
+def pooled_evaluation(
+    layout: StatLayout, records: Sequence[Mapping], *, secure: bool, max_rows: int, min_clients: int = 2,
+    noise_std: float = 0.0, generator: torch.Generator | None = None, neighbours: int | None = None,
+    max_dropout: float | None = None,
+) -> dict[str, float]:
+    """The round's metrics from the clients' statistics records (``client``, ``variant``,
+    ``task``, ``statistics``): each client's vector is summed (:func:`secure_total`) and only
+    the pooled figures come out, plus ``personalisation_gain/{metric}/pooled`` (personal minus
+    global, pooled) and ``evaluation/clients``. Fewer than ``min_clients`` clients release no
+    figures: a sum over one client is that client's own."""
+    parts: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    for r in records:
+        parts.setdefault(r["client"], {})[(r["variant"], r["task"])] = r["statistics"]
+    out = {"evaluation/clients": float(len(parts))}
+    if len(parts) < max(2, min_clients):
+        return out
+    vectors = {c: np.concatenate([stats[key] for key in layout.keys]) for c, stats in parts.items()}
+    total = secure_total(vectors, secure, layout.bounds(max_rows), noise_std, generator, neighbours, max_dropout)
+    out.update(pooled_metrics(layout, total))
+    for key in list(out):
+        head, _, rest = key.partition("personal/")
+        if key.startswith(f"{head}personal/") and key.endswith("/pooled") and f"{head}global/{rest}" in out:
+            metric = rest.split("/")[0]
+            gain = out[key] - out[f"{head}global/{rest}"]
+            out[f"{head}personalisation_gain/{metric}/pooled"] = gain if metric not in ("mae", "rmse") else -gain
+    return out
 
 
 def pooled_metrics(layout: StatLayout, total: np.ndarray) -> dict[str, float]:
@@ -109,22 +158,30 @@ def error_metrics(block: np.ndarray) -> dict[str, float]:
 
 
 def secure_total(
-    statistics: Mapping[str, np.ndarray], secure: bool, bound: float, noise_std: float = 0.0,
-    generator: torch.Generator | None = None, neighbours: int | None = None,
+    statistics: Mapping[str, np.ndarray], secure: bool, bound: float | np.ndarray, noise_std: float = 0.0,
+    generator: torch.Generator | None = None, neighbours: int | None = None, max_dropout: float | None = None,
 ) -> np.ndarray:
     """Σ of the clients' statistics vectors: through SecAgg+ when ``secure``, plainly otherwise;
-    plus N(0, noise_std²) per entry when asked. ``bound``: a public bound on every entry (the
-    fixed-point range; e.g. the largest held-out split in the manifest bounds every count);
-    entries beyond it are clipped."""
+    plus N(0, noise_std²) per entry when asked. ``bound``: a public bound on every entry, one
+    number or one per entry (:meth:`StatLayout.bounds`); entries beyond it are clipped. The
+    secure sum runs on the entries divided by their bounds, so every entry has the same
+    fixed-point precision relative to its range."""
     vectors = {c: np.asarray(v, dtype=np.float64) for c, v in statistics.items()}
     if not vectors:
         return np.zeros(0)
+    width = len(next(iter(vectors.values())))
+    scale = np.broadcast_to(np.asarray(bound, dtype=np.float64), (width,))
+    if not np.all(scale > 0):
+        raise ValueError("every statistics bound must be positive")
     if secure:
-        from fedmtl.secagg import secure_sum
+        from fedmtl.secagg import DEFAULT_MAX_DROPOUT, secure_sum
 
-        total = np.asarray(secure_sum(vectors, clip=bound, neighbours=neighbours).sum, dtype=np.float64)
+        scaled = {c: v / scale for c, v in vectors.items()}
+        result = secure_sum(scaled, clip=1.0, neighbours=neighbours,
+                            max_dropout=DEFAULT_MAX_DROPOUT if max_dropout is None else max_dropout)
+        total = np.asarray(result.sum, dtype=np.float64) * scale
     else:
-        total = np.sum([np.clip(v, -bound, bound) for v in vectors.values()], axis=0)
+        total = np.sum([np.clip(v, -scale, scale) for v in vectors.values()], axis=0)
     if noise_std > 0:
         g = generator or torch.Generator().manual_seed(0)
         total = total + torch.normal(0.0, noise_std, size=total.shape, generator=g,

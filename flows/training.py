@@ -163,17 +163,14 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     t["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records = evaluate(quote(fed), quote(state), quote(clients))
+    records, pooled = evaluate(quote(fed), quote(state), quote(clients))
     t["evaluate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    summary = {**summarize(records), **grouping_metrics(fed, records)}
-    train_loss = [u.metrics["train_loss"] for u in updates]
-    extra = {
-        "clients/participating": len(updates),
-        "clients/failed": len(failed),
-        "train/loss/mean": sum(train_loss) / len(train_loss),
-    }
+    summary = {**summarize(records), **pooled, **grouping_metrics(fed, records)}
+    extra = {"clients/participating": len(updates), "clients/failed": len(failed)}
+    if cfg.privacy.per_client_metrics:  # a client's training loss is its own figure too
+        extra["train/loss/mean"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
     if privacy is not None:
         extra.update(privacy_metrics(privacy))
         for client, why in privacy.held_back.items():
@@ -222,6 +219,11 @@ def check_privacy(cfg: Config, fed: Federation) -> None:
             f"privacy.dp with grouping '{fed.grouping_method}' (algorithm.method={cfg.algorithm.method}, "
             f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum it "
             "joins from its own data, a choice released outside ε; use grouping.method=column")
+    if p.secure_aggregation and fed.grouping_method == "cluster":
+        raise PrivacyPlanError(
+            "privacy.secure_aggregation with grouping.method=cluster: the server would cluster the "
+            "clients' own head updates, which secure aggregation exists to hide; use "
+            "grouping.method=column or ifca")
 
 
 def privacy_budget(cfg: Config, n_clients: int):
@@ -341,18 +343,22 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         tracker.set_tags({"registered_model": cfg.tracking.registered_model, "model_version": version or ""})
 
     final = history[-1]
+    pooled = not cfg.privacy.per_client_metrics  # then only pooled figures exist (no worst-10 %)
+    stat = "pooled" if pooled else "mean"
     metrics = {
-        "global_accuracy": final.get("global/accuracy/mean"),
-        "group_accuracy": final.get("group/accuracy/mean"),
-        "personal_accuracy": final.get("personal/accuracy/mean"),
-        "global_f1": final.get("global/f1/mean"),
-        "group_f1": final.get("group/f1/mean"),
-        "personal_f1": final.get("personal/f1/mean"),
+        "global_accuracy": final.get(f"global/accuracy/{stat}"),
+        "group_accuracy": final.get(f"group/accuracy/{stat}"),
+        "personal_accuracy": final.get(f"personal/accuracy/{stat}"),
+        "global_f1": final.get(f"global/f1/{stat}"),
+        "group_f1": final.get(f"group/f1/{stat}"),
+        "personal_f1": final.get(f"personal/f1/{stat}"),
         "personal_accuracy_worst10": final.get("personal/accuracy/worst10"),
         "global_accuracy_worst10": final.get("global/accuracy/worst10"),
         "group_accuracy_worst10": final.get("group/accuracy/worst10"),
-        "personalisation_gain": final.get("personalisation_gain/accuracy"),
+        "personalisation_gain": final.get("personalisation_gain/accuracy" + ("/pooled" if pooled else "")),
         "grouping_ari": final.get("grouping/ari"),
+        "evaluation": ("pooled through a secure sum" if cfg.privacy.secure_aggregation else "pooled")
+        if pooled else "mean over clients",
         "rounds": state.round,
         "clients": len(clients),
         "mlflow_run_id": tracker.run_id,
@@ -441,5 +447,9 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
 
 
 def _headline(summary: dict[str, float]) -> str:
-    keys = ("global/accuracy/mean", "group/accuracy/mean", "personal/accuracy/mean")
-    return ", ".join(f"{k.split('/')[0]} {summary[k]:.3f}" for k in keys if k in summary)
+    out = []
+    for variant in ("global", "group", "personal"):
+        key = next((k for k in (f"{variant}/accuracy/mean", f"{variant}/accuracy/pooled") if k in summary), None)
+        if key is not None:
+            out.append(f"{variant} {summary[key]:.3f}")
+    return ", ".join(out)

@@ -68,6 +68,10 @@ def global_merge(
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(fed: Federation, state: ServerState, clients: list[str]) -> pd.DataFrame:
-    """Every client scores global, group and personalised models on its own held-out split."""
-    return pd.DataFrame(fed.evaluate_clients(clients, state))
+def evaluate(fed: Federation, state: ServerState, clients: list[str]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Every client scores global, group and personalised models on its own held-out split:
+    per-client records, or, when per-client metrics are off (privacy), no records and the
+    metrics pooled from the clients' summed statistics."""
+    if fed.privacy.client_metrics:
+        return pd.DataFrame(fed.evaluate_clients(clients, state)), {}
+    return pd.DataFrame(), fed.evaluate_pooled(clients, state)

@@ -73,6 +73,27 @@ def test_privacy_on_keeps_per_client_metrics_out_of_mlflow(trained):
     assert "plots/convergence.png" in names
 
 
+def test_privacy_on_evaluates_from_the_securely_summed_statistics(trained):
+    cfg, result = trained
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    metrics = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert not any(k.endswith(("/mean", "/weighted_mean", "/worst10")) for k in metrics)
+    for variant in ("global", "group", "personal"):
+        history = client.get_metric_history(result["mlflow_run_id"], f"{variant}/accuracy/pooled")
+        assert len(history) == 3 and all(0 <= m.value <= 1 for m in history)
+    assert metrics["evaluation/clients"] == 12
+    assert result["personal_accuracy"] == metrics["personal/accuracy/pooled"]
+    assert result["evaluation"] == "pooled through a secure sum" and "personal_accuracy_worst10" not in result
+
+
+def test_secure_aggregation_refuses_clustering_the_clients_own_updates(data):
+    from flows.training import PrivacyPlanError, federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **{**PRIVATE, "privacy.dp": False, "grouping.method": "cluster"}))
+    with pytest.raises(PrivacyPlanError, match="grouping.method=cluster"):
+        federated_training(cfg.model_dump(mode="json"))
+
+
 def test_a_plan_over_the_target_epsilon_refuses_to_start_with_the_numbers(data):
     from flows.training import PrivacyPlanError, federated_training
 

@@ -197,3 +197,28 @@ def test_batched_evaluation_equals_each_client_scored_alone():
     together = evaluate_clients(model, jobs, tasks)
     alone = [r for job in jobs for r in evaluate_clients(model, [job], tasks)]
     assert together == alone and len(together) == 12
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federation, secure):
+    """Private evaluation: the pooled accuracy from the (securely) summed confusion counts is the
+    sample-weighted mean of the clients' own accuracies, and no client's figure comes out."""
+    import dataclasses
+
+    make, manifest = tiny_federation
+    fed = make("pooled")
+    state, _, _ = run_rounds(fed, manifest.client_ids, 1)
+    records = pd.DataFrame(fed.evaluate_clients(manifest.client_ids, state))
+    private = dataclasses.replace(fed, privacy=dataclasses.replace(
+        fed.privacy, secure_aggregation=secure, client_metrics=False))
+    pooled = private.evaluate_pooled(manifest.client_ids, state)
+    assert pooled["evaluation/clients"] == len(manifest.client_ids)
+    assert not any(k.endswith(("/mean", "/worst10")) for k in pooled)
+    for variant in ("global", "group", "personal"):
+        rows = records[records["variant"] == variant]
+        weighted = float(np.average(rows["accuracy"], weights=rows["n_test"]))
+        assert pooled[f"{variant}/accuracy/pooled"] == pytest.approx(weighted, abs=1e-6)
+    gain = pooled["personal/accuracy/pooled"] - pooled["global/accuracy/pooled"]
+    assert pooled["personalisation_gain/accuracy/pooled"] == pytest.approx(gain)
+    few = dataclasses.replace(private, privacy=dataclasses.replace(private.privacy, min_group_size=99))
+    assert few.evaluate_pooled(manifest.client_ids, state) == {"evaluation/clients": len(manifest.client_ids)}

@@ -214,12 +214,38 @@ def test_harary_graph_degrees_symmetry_and_determinism(n, k):
 
 
 def test_default_k_and_threshold():
-    assert [default_neighbours(n) for n in (2, 10, 11, 100, 500)] == [1, 9, 9, 15, 19]
+    assert [default_neighbours(n) for n in (2, 10, 11, 100, 500)] == [1, 9, 10, 23, 25]
+    assert [default_neighbours(100, d) for d in (0.0, 0.2, 0.3)] == [15, 51, 99]  # 15: the log floor
+    with pytest.raises(ValueError, match="max_dropout"):
+        default_neighbours(100, 0.5)
     assert resolve_threshold(15) == 8 and resolve_threshold(9) == 5 and resolve_threshold(1) == 1
     assert resolve_threshold(15, 0.8) == 12 and resolve_threshold(15, 10) == 10
     for bad in (7, 0.4, 16, 0):
         with pytest.raises(ValueError, match="k/2 < t <= k"):
             resolve_threshold(15, bad)
+
+
+@pytest.mark.parametrize("n,dropout", [(100, 0.1), (100, 0.2), (500, 0.3)])
+def test_default_k_is_the_smallest_degree_whose_loss_bound_holds(n, dropout):
+    from scipy.stats import binom
+
+    def loss(k):  # P(some client keeps fewer than t = k//2 + 1 surviving neighbours), union bound
+        return n * binom.cdf(k // 2, k, 1 - dropout)
+
+    k = default_neighbours(n, dropout)
+    assert loss(k) <= 1e-4 < loss(k - 1)
+
+
+def test_a_graph_sized_for_30_percent_dropout_recovers_every_sum():
+    rng = np.random.default_rng(30)
+    vectors = random_vectors(200, 20, seed=30)
+    k = default_neighbours(200, 0.3)
+    assert k < 199  # not the complete graph
+    for trial in range(2):
+        late = rng.choice(sorted(vectors), size=60, replace=False).tolist()
+        res = secure_sum(vectors, clip=1.0, max_dropout=0.3, drop_after_masking=late, seed=trial)
+        assert res.k == k and len(res.included) == 200 and not res.dropped
+        assert np.abs(res.sum - plain_sum(vectors, vectors)).max() <= res.error_bound
 
 
 # --------------------------------------------------------------------------- correctness
@@ -274,7 +300,7 @@ def test_mixed_dropouts_with_the_default_graph():
     ids = sorted(vectors)
     res = secure_sum(vectors, clip=1.0, drop_before_masking=ids[:3], drop_after_masking=ids[3:6],
                      seed=8)
-    assert res.k == 13 and res.t == 7
+    assert res.k == default_neighbours(40) == 21 and res.t == 11
     assert res.dropped == tuple(ids[:3])
     assert np.abs(res.sum - plain_sum(vectors, ids[3:])).max() <= res.error_bound
 
