@@ -23,6 +23,7 @@ writes ``benchmarks/results/privacy.md`` and ``privacy.json``. Parts (each in th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -152,7 +153,7 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
                 except SecAggError:
                     continue
                 recovered += 1
-                seconds.append(sum(result.seconds.values()))
+                seconds.append(result.seconds["total"])
                 worst = max(worst, float(np.abs(result.sum - np.sum(list(vectors.values()), axis=0)).max()))
             row = {"clients": n, "dropout": fraction, "max_dropout": max_dropout,
                    "k": default_neighbours(n, max_dropout), "recovered": recovered, "trials": trials,
@@ -348,11 +349,15 @@ def report(results: dict, args) -> str:
             at4 = [r for r in part if r["epsilon"] and r["epsilon"] <= 4.0 + 1e-6]
             if at4:
                 r = at4[0]
-                strongest = max([k for k in ("attack_auc", "lira_online_auc", "lira_offline_auc") if k in r],
-                                key=lambda k: r[k])
+                attacks = ("attack_auc", "lira_online_auc", "lira_offline_auc")
+
+                def strongest(row: dict) -> str:
+                    key = max((k for k in attacks if k in row), key=lambda k: row[k])
+                    return f"{row[key]:.3f} ({key.removesuffix('_auc').replace('attack', 'loss threshold')})"
+
                 lines += ["", f"At ε = {r['epsilon']:.2f}: personalised accuracy {100 * (r['personal_accuracy'] - base):+.1f} "
                           f"points from the non-private run (target: within 2 on Synthetic); the strongest attack's "
-                          f"AUC {r[strongest]:.3f} (target ≤ 0.55), {first[strongest]:.3f} without DP.", ""]
+                          f"AUC {strongest(r)} (target ≤ 0.55); without DP {strongest(first)}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -362,16 +367,20 @@ def main() -> None:
     parser.add_argument("--parts", default="secagg,dp")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="dp part: " + ", ".join(SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS / "privacy")
+    parser.add_argument("--update", action="store_true", help="keep the parts not run from the last results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
     results: dict = {}
+    if args.update and args.out.with_suffix(".json").exists():
+        results = json.loads(args.out.with_suffix(".json").read_text())
     if "secagg" in parts:
         results["secagg"] = part_secagg([10, 100] if args.quick else [10, 100, 500], 2 if args.quick else 3,
                                         3 if args.quick else 10)
     if "dp" in parts:
-        results["dp"] = []
-        for scenario in args.scenarios.split(","):
+        scenarios = args.scenarios.split(",")
+        results["dp"] = [r for r in results.get("dp", []) if r["scenario"] not in scenarios]
+        for scenario in scenarios:
             n, rate, model, quick_n, shadows = SCENARIOS[scenario]
             results["dp"] += part_dp(scenario, quick_n if args.quick else n, rate, model, 20 if args.quick else 50,
                                      [8.0, 4.0, 2.0, 1.0], clip=1.0, shadows=shadows // 2 if args.quick else shadows)

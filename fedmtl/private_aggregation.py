@@ -274,4 +274,4 @@ def _sum(
         scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
     )
     return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
-            float(result.scalar_sum or 0.0), dropped, float(sum(result.seconds.values())))
+            float(result.scalar_sum or 0.0), dropped, float(result.seconds["total"]))
