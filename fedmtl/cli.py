@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -37,13 +39,65 @@ def _config(params: Path, overrides: list[str] | None) -> Config:
     try:
         return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides)
     except ConfigError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
+    raise AssertionError("unreachable")
 
 
 def _fail(exc: BaseException, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape  # ids and values in messages are text, not markup
+
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(code) from None
+
+
+@contextmanager
+def _data_warnings() -> Iterator[None]:
+    """Print the data stages' DataWarnings (what validation will quarantine, odd client ids)
+    as ``warning:`` lines; other warnings go on as usual."""
+    import warnings
+
+    from rich.markup import escape
+
+    from fedmtl.data.sources import DataWarning
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, DataWarning):
+                err.print(f"[bold yellow]warning:[/] {escape(str(w.message))}")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _check_tracking(uri: str, setting: str = "tracking.tracking_uri") -> None:
+    """Fail fast (exit 2) when an http(s) tracking server does not accept connections: MLflow
+    itself retries for minutes before it gives up."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port that is not a number
+        _fail(ConfigError(f"{setting} = '{uri}' is not a valid URI: {exc}"), 2)
+    if not host:
+        _fail(ConfigError(f"{setting} = '{uri}' names no host"), 2)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return  # reached through a proxy: MLflow's own requests will tell
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        _fail(ConfigError(f"{setting} = '{uri}': the MLflow tracking server cannot be reached "
+                          f"({host}:{port}: {reason}); start it, or set {setting} to a reachable "
+                          "server or a sqlite:/// store"), 2)
 
 
 @data_app.command("prepare")
@@ -54,7 +108,8 @@ def data_prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, v
     from fedmtl.data import DataError, prepare
 
     try:
-        path = prepare(cfg.data)
+        with _data_warnings():
+            path = prepare(cfg.data)
     except (DataError, FileNotFoundError) as exc:
         _fail(exc, 2)
     console.print(f"prepared [bold]{cfg.data.source}[/] data in {path}")
@@ -68,7 +123,8 @@ def data_partition(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     from fedmtl.data import DataError, partition
 
     try:
-        manifest = partition(cfg.data)
+        with _data_warnings():
+            manifest = partition(cfg.data)
     except (DataError, FileNotFoundError) as exc:
         _fail(exc, 2)
     console.print(
@@ -88,6 +144,9 @@ def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, 
         manifest = read_manifest(cfg.data.partitions_dir)
     except FileNotFoundError as exc:
         _fail(exc, 2)
+    except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a manifest's fields
+        _fail(ValueError(f"'{Path(cfg.data.partitions_dir) / 'manifest.json'}' is not a valid manifest "
+                         f"({type(exc).__name__}: {exc}): run `fedmtl data partition` again"), 2)
     report = validate_partitions(cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir)
     console.print(
         f"validated {len(report.clients)} partitions: {len(report.passed)} passed, "
@@ -129,7 +188,8 @@ class RoundsBar:
         self.bar.update(self.rounds, advance=1, note=headline)
 
 
-def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False) -> dict:
+def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: bool = False) -> dict:
+    _check_tracking(cfg.tracking.tracking_uri)
     from flows.startup import ApiStart, warm_up
 
     api = ApiStart().start()  # the ephemeral Prefect API boots while the rest loads
@@ -153,7 +213,8 @@ def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False) -> dict:
             _fail(exc, 2)
     try:
         with api.settings(), RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner):
-            return run_and_settle(flow_fn, cfg.model_dump(mode="json"))
+            extra = {"resume": True} if resume else {}
+            return run_and_settle(flow_fn, cfg.model_dump(mode="json"), **extra)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - the flow's failure, reported without a traceback
@@ -169,13 +230,18 @@ def _with_dask(set_: list[str] | None, address: str | None) -> list[str] | None:
     return [*(set_ or []), "runner.kind=dask", f"runner.dask_address={address}"] if address else set_
 
 
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="continue the newest interrupted run with the same settings and data after its last "
+    "complete round (its checkpoint), in the same MLflow run")]
+
+
 @app.command("train")
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False,
-          dask_address: DaskOpt = None) -> None:
+          dask_address: DaskOpt = None, resume: ResumeOpt = False) -> None:
     """Federated training on the validated partitions (the DVC train stage)."""
     cfg = _config(params, _with_dask(set_, dask_address))
     quiet.configure(verbose)
-    result = _train(cfg, whole_pipeline=False, verbose=verbose)
+    result = _train(cfg, whole_pipeline=False, verbose=verbose, resume=resume)
     print_summary(result)
 
 
@@ -222,6 +288,7 @@ def promote(
     failed."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
+    _check_tracking(cfg.tracking.tracking_uri)
     from flows.promote import promote as flow_fn
 
     outcome = _run_flow(flow_fn, cfg.model_dump(mode="json"), challenger=challenger, actor=actor,
@@ -242,6 +309,7 @@ def rollback(
     """Give the alias champion back to the version the current champion replaced."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
+    _check_tracking(cfg.tracking.tracking_uri)
     from flows.promote import rollback as flow_fn
 
     done = _run_flow(flow_fn, cfg.model_dump(mode="json"), actor=actor, reason=reason)
@@ -537,6 +605,7 @@ def _load_predictor(model: str, tracking_uri: str):
         if not db.exists():
             _fail(FileNotFoundError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
                                     "train first, or pass --tracking-uri"), 2)
+    _check_tracking(tracking_uri, "the tracking URI")
     from tasks.registry import load_predictor  # the MLflow side lives in tasks/
 
     try:
@@ -667,6 +736,7 @@ def schedule(
     quiet.configure(verbose)
     if (cron is None) == (interval is None):
         _fail(ValueError('give exactly one schedule: --cron "0 2 * * *" or --interval SECONDS'), 2)
+    _check_schedule(cron, interval, timezone)  # before the DVC and Prefect server checks
     if cfg.schedule.refresh_data:
         from fedmtl.datarefresh import DataRefreshError, check_params, require_project
 
@@ -721,6 +791,30 @@ def schedule(
     except KeyboardInterrupt:
         pass
     console.print(f"stopped serving {full}; its schedule is paused")
+
+
+def _check_schedule(cron: str | None, interval: float | None, timezone: str | None) -> None:
+    """Exit 2 naming the option when --cron, --interval or --timezone is invalid (Prefect's own
+    validation of cron expressions and IANA time zones)."""
+    import datetime as dt
+
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from pydantic import ValidationError
+
+    if interval is not None and not interval > 0:
+        _fail(ValueError(f"--interval {interval} is not a valid schedule: it must be a positive number of "
+                         "seconds"), 2)
+    try:
+        if cron is not None:
+            CronSchedule(cron=cron, timezone=timezone)
+        else:
+            IntervalSchedule(interval=dt.timedelta(seconds=interval or 1), timezone=timezone)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        option = "--timezone" if problem["loc"] and problem["loc"][0] == "timezone" else "--cron"
+        value = timezone if option == "--timezone" else cron
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        _fail(ValueError(f"{option} {value!r} is not a valid schedule: {message}"), 2)
 
 
 def print_summary(result: dict) -> None:

@@ -8,6 +8,7 @@ every error names the key at fault and, for choices, the allowed values (:class:
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,6 +295,15 @@ class ScheduleConfig(_Section):
     )
 
 
+class FaultsConfig(_Section):
+    """Fault injection, for tests and the reliability benchmark (never needed in production)."""
+
+    crash_at_round: int | None = Field(
+        None, ge=1, description="kill the training process (SIGKILL) in the middle of this round (clients "
+        "trained and evaluated, nothing logged or checkpointed): what `fedmtl train --resume` recovers from"
+    )
+
+
 class RunnerConfig(_Section):
     """Where a round's client tasks run (Prefect task runners). ``thread`` (default): threads
     of the flow's process; ``process``: a pool of local processes; ``dask``: a Dask cluster
@@ -385,6 +395,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""
@@ -410,6 +421,32 @@ def _allowed_keys(model: type[BaseModel]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _section(parts: list[str]) -> type[BaseModel] | None:
+    """The settings model at ``parts`` (a path of section names), or None if there is none."""
+    model: type[BaseModel] = Config
+    for part in parts:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _unknown(dotted: str, model: type[BaseModel] | None) -> str:
+    """``unknown setting 'a.b'``, with the closest allowed key and the allowed keys."""
+    message = f"unknown setting '{dotted}'"
+    if model is None:
+        return message
+    prefix, _, key = dotted.rpartition(".")
+    allowed = _allowed_keys(model)
+    close = get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if close:
+        message += f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+    where = f"keys in '{prefix}'" if prefix else "sections"
+    return f"{message}; allowed {where}: {', '.join(allowed)}"
+
+
 def _set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict, checking every part against the Config schema."""
     parts = dotted.split(".")
@@ -418,8 +455,7 @@ def _set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
         if model is not None and part not in model.model_fields:
-            allowed = ", ".join(_allowed_keys(model))
-            raise ConfigError(f"unknown setting '{here}'; allowed keys here: {allowed}")
+            raise ConfigError(_unknown(here, model))
         if depth == len(parts) - 1:
             node[part] = value
             return
@@ -451,7 +487,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     msg = error["msg"]
     if error.get("type") == "extra_forbidden":
-        return f"unknown setting '{loc}'"
+        return _unknown(loc, _section([str(p) for p in error["loc"][:-1]]))
     if error.get("type") == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"setting '{loc}' = {error.get('input')!r} is not allowed; allowed values: {expected}"

@@ -146,10 +146,11 @@ class Federation:
         data = self.data(client)
         ctx = self.context(client, state.round)
         group = self.group_of(client, state, data, ctx)
-        update, personal = self.algorithm.client_round(ctx, state, data, group, self.store.load(client))
+        update, personal = self.algorithm.client_round(ctx, state, data, group,
+                                                       self.store.load(client, at_most=state.round))
         check_update(update, state)
         if personal is not None:
-            self.store.save(client, personal)
+            self.store.save(client, personal, state.round + 1)
         return update
 
     def batching_blocker(self, model: torch.nn.Module | None = None) -> str | None:
@@ -199,7 +200,7 @@ class Federation:
                 data = self.data(client)
                 ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round), state.round)
                 group = self.group_of(client, state, data, ctx)
-                personal = self.store.load(client)
+                personal = self.store.load(client, at_most=state.round)
                 start = self.algorithm.shared_start(self.local, state, group, personal)
             except Exception as exc:  # noqa: BLE001
                 if failed is None:
@@ -221,7 +222,7 @@ class Federation:
                 failed[client] = f"{type(exc).__name__}: {exc}"
                 continue
             if keep is not None:
-                self.store.save(client, keep)
+                self.store.save(client, keep, state.round + 1)
             updates.append(update)
         return updates
 
@@ -263,9 +264,10 @@ class Federation:
             ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round, "evaluate"),
                                 state.round)
             group = self.group_of(client, state, data, ctx)
-            base, heads, keep = self.algorithm.personalized(ctx, state, data, group, self.store.load(client))
+            base, heads, keep = self.algorithm.personalized(ctx, state, data, group,
+                                                            self.store.load(client, at_most=state.round))
             if keep is not None:
-                self.store.save(client, keep)
+                self.store.save(client, keep, state.round)
             jobs.append((data, {"global": (state.base, state.global_heads),
                                 "group": (state.base, state.heads_for(group)), "personal": (base, heads)}))
             groups[client] = group

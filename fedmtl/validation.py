@@ -543,10 +543,15 @@ class _GxRun:
                 positions = [owner[label][1] for label in mine[:_EXAMPLES]]
                 what = _value_problem(kind, kwargs)
                 more = ", ..." if len(mine) > _EXAMPLES else ""
+                rows = ""
+                if column != "row":  # the rows' ids in the prepared data (a table's: its rows)
+                    ids = batch.loc[mine[:_EXAMPLES], "row"].tolist()
+                    many = "rows" if len(mine) > 1 else "row"
+                    rows = f"; {many} {', '.join(map(str, ids))}{more} of the prepared data"
                 detail = (
                     f"{len(mine)} of {sizes[client]} values {what}: "
                     f"{', '.join(repr(v) for v in values)}{more} "
-                    f"(file positions {', '.join(map(str, positions))}{more})"
+                    f"(file positions {', '.join(map(str, positions))}{more}{rows})"
                 )
                 yield client, _failure(kind, column, detail)
 

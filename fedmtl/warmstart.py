@@ -117,10 +117,11 @@ def check_compatible(fed: "Federation", bundle: "PersonalizedBundle", fail) -> N
             raise fail(f"model.{key} is {bundle.model_cfg[key]} in the model, {wanted[key]} in the settings")
 
 
-def seed_store(store: ClientStore, personal: dict[str, PersonalState]) -> None:
-    """Write each client's starting personal state into its store."""
+def seed_store(store: ClientStore, personal: dict[str, PersonalState], round_: int) -> None:
+    """Write each client's starting personal state into its store, as its version of ``round_``
+    (the round the run starts from)."""
     for client, state in personal.items():
-        store.save(client, state)
+        store.save(client, state, round_)
 
 
 def _checked(vector: Any, reference: torch.Tensor, what: str, fail) -> torch.Tensor:

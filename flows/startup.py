@@ -36,6 +36,16 @@ from typing import Any
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: ask Linux to send it SIGTERM when the command's
+    process dies, even by SIGKILL (``atexit`` never runs then), so no server is left orphaned."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ApiStart:
     """A local Prefect API for one command, started before the command's imports."""
 
@@ -62,6 +72,7 @@ class ApiStart:
                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, **SERVER_ENV},
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         except Exception:  # noqa: BLE001 - the flow run starts Prefect's own ephemeral API
             self.process = None

@@ -3,6 +3,7 @@ global_merge → evaluate, reported to MLflow, ending with a registered personal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -16,10 +17,13 @@ from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 
 from fedmtl import plots
+from fedmtl.checkpoint import (Checkpoint, CheckpointStore, RunRecord, capture_rng, find_resumable,
+                               record_table, restore_rng, table_record)
 from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
 from fedmtl.dispatch import default_workers, shards
 from fedmtl.evaluation import summarize
+from fedmtl.faults import crash_if_due
 from fedmtl.federation import Federation
 from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
@@ -38,52 +42,101 @@ class RoundFailed(RuntimeError):
 
 
 @flow(name="fedmtl-train", log_prints=False)
-def federated_training(config: dict[str, Any]) -> dict[str, Any]:
-    """Train on the validated partitions named in ``config`` (a ``Config`` as a dict)."""
+def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+    """Train on the validated partitions named in ``config`` (a ``Config`` as a dict).
+
+    Every complete round is checkpointed in the run's directory (``training.workdir``/runs/KEY:
+    :mod:`fedmtl.checkpoint`). ``resume``: continue the newest interrupted run with the same
+    settings and data after its last good checkpoint, in the same MLflow run; a retry of the same
+    Prefect flow run resumes by itself."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
     manifest = read_manifest(cfg.data.partitions_dir)
     report = read_report(cfg.data.validation_dir)
     clients = usable_clients(manifest, report, cfg.training.min_clients)
-    run_key = uuid.uuid4().hex[:8]
-    store = ClientStore(Path(cfg.training.workdir) / "runs" / run_key / "clients")
-    fed = Federation.from_config(cfg, manifest, store)
+    tags = run_tags(cfg, manifest, report)
+    runs_root = Path(cfg.training.workdir) / "runs"
+    settings = cfg.flat()
+    found = find_resumable(runs_root, settings, tags["data_version"], flow_run_id=tags.get("prefect_flow_run_id"),
+                           latest=resume)
+    if found is not None:
+        run_dir, record = found
+    else:
+        key = uuid.uuid4().hex[:8]
+        run_dir, record = runs_root / key, RunRecord(key, settings, tags["data_version"],
+                                                     tags.get("prefect_flow_run_id"))
+    fed = Federation.from_config(cfg, manifest, ClientStore(run_dir / "clients"))
     check_privacy(cfg, fed)
     budget = privacy_budget(cfg, len(clients))
+    checkpoints = CheckpointStore(run_dir / "checkpoints")
     tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    tags = run_tags(cfg, manifest, report)
-    run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{run_key}", cfg.flat(), tags)
-    tracker.log_text(dump_config(cfg), "config/params.yaml")
-    tracker.log_artifact(cfg.data.validation_dir, "validation")
-    logger.info("MLflow run %s: %d clients (%d quarantined)", run_id, len(clients), len(report.quarantined))
+    checkpoint = None
+    if found is not None and record.mlflow_run_id:
+        checkpoint, problems = checkpoints.latest()
+        for problem in problems:
+            logger.warning("corrupt checkpoint, not loaded: %s", problem)
+        tracker.resume(record.mlflow_run_id)
+        tracker.set_tags({"resumed_from_round": str(checkpoint.round if checkpoint else 0)})
+        logger.info("resuming run %s (MLflow run %s) after round %d", record.key, record.mlflow_run_id,
+                    checkpoint.round if checkpoint else 0)
+    else:
+        record.mlflow_run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{record.key}",
+                                             settings, tags)
+        record.save(run_dir)
+        tracker.log_text(dump_config(cfg), "config/params.yaml")
+        tracker.log_artifact(cfg.data.validation_dir, "validation")
+    logger.info("MLflow run %s: %d clients (%d quarantined)", record.mlflow_run_id, len(clients),
+                len(report.quarantined))
 
-    history: list[dict[str, float]] = []
-    assignments: list[pd.DataFrame] = []
-    client_rounds: list[pd.DataFrame] = []
+    records = None
     try:
-        state = starting_state(fed, cfg, tracker)
+        if checkpoint is not None:
+            state, start_round = checkpoint.state, int(checkpoint.extra.get("start_round", 0))
+            rounds = checkpoints.records(state.round)
+            history = [r["summary"] for r in rounds]
+            tracker.child_runs = dict(checkpoint.extra.get("child_runs", {}))
+            tracker.replay(record_table(rounds, "metrics"))  # what the crash left unwritten
+            restore_rng(checkpoint.rng)
+        else:
+            state, history = starting_state(fed, cfg, tracker), []
+            start_round = state.round
         if budget is not None and state.round:
-            budget.step(state.round)  # a warm start continues the champion's lineage: its rounds count
+            budget.step(state.round)  # a warm start's champion rounds and the rounds before a resume count
         progress.current().start(cfg.training.rounds)
-        for _ in range(cfg.training.rounds):
+        for _ in range(cfg.training.rounds - (state.round - start_round)):
             if budget_exhausted(budget, cfg, state):
                 break
             state, records, summary = run_round(fed, state, clients, cfg, tracker, tags, budget)
             history.append(summary)
-            assignments.append(assignment_table(records, state.round))
+            log = {"summary": summary, "metrics": table_record(tracker.take_journal())}  # replayed on a resume
+            if fed.grouping_method is not None and cfg.privacy.per_client_metrics:
+                log["assignment"] = table_record(assignment_table(records, state.round))
             if cfg.tracking.client_runs and cfg.privacy.per_client_metrics and not client_runs(cfg, clients):
-                client_rounds.append(records.assign(round=state.round))
+                log["clients"] = table_record(records.assign(round=state.round))
+            checkpoints.save(Checkpoint(state, log, {"start_round": start_round, "run": record.key,
+                                                     "child_runs": tracker.child_runs}, capture_rng()),
+                             background=True)
             logger.info("round %d: %s", state.round, _headline(summary))
             progress.current().round_done(state.round, _headline(summary))
+        if records is None:  # resumed after the last round: score the final state again
+            records, _ = evaluate(quote(fed), quote(state), quote(clients))
         if budget is not None:
             tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
-        if client_rounds:  # per-client metrics of every round, as one table (above max_client_runs)
-            tracker.log_table(pd.concat(client_rounds, ignore_index=True), "clients/rounds.csv")
-        result = finish(fed, state, clients, records, history, assignments, cfg, tracker, tags)
+        checkpoints.wait()
+        rounds = checkpoints.records(state.round)
+        per_client = record_table(rounds, "clients")
+        if per_client is not None:  # per-client metrics of every round, as one table (above max_client_runs)
+            tracker.log_table(per_client, "clients/rounds.csv")
+        result = finish(fed, state, clients, records, history, record_table(rounds, "assignment"), cfg, tracker, tags)
     except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            checkpoints.close()
         tracker.end("FAILED")
         raise
+    checkpoints.close()
     tracker.end("FINISHED")
+    record.finished = True
+    record.save(run_dir)
     return result
 
 
@@ -106,7 +159,7 @@ def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerS
             fresh, personal = state_from_bundle(
                 fed, bundle, f"{CHAMPION} version {version} of '{name}'",
                 "train with training.warm_start=none (scheduled runs: schedule.warm_start=none)", fresh)
-            seed_store(fed.store, personal)
+            seed_store(fed.store, personal, fresh.round)
             started_from = f"models:/{name}/{version}"
             logger.info("warm start from %s: round %d, %d clients' personal state", started_from,
                         fresh.round, len(personal))
@@ -165,6 +218,7 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     start = time.perf_counter()
     records, pooled = evaluate(quote(fed), quote(state), quote(clients))
     t["evaluate"] = time.perf_counter() - start
+    crash_if_due(cfg.faults.crash_at_round, state.round)  # fault injection: a SIGKILL mid-round
 
     start = time.perf_counter()
     summary = {**summarize(records), **pooled, **grouping_metrics(fed, records)}
@@ -321,8 +375,8 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         tracker.log_figure(fig, "plots/personalisation_gain.png")
         plots.close(fig)
         tracker.log_table(records, "clients_final.csv")
-    if fed.grouping_method is not None and assignments and cfg.privacy.per_client_metrics:
-        assigned = pd.concat(assignments, ignore_index=True)
+    if fed.grouping_method is not None and assignments is not None and cfg.privacy.per_client_metrics:
+        assigned = assignments
         tracker.log_table(assigned, "groups/assignment.csv")
         if not assigned.empty:
             fig = plots.group_assignment(assigned)

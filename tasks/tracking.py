@@ -65,6 +65,7 @@ class RunTracker:
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
         self.run_id: str | None = None
         self.child_runs: dict[str, str] = {}
+        self._journal: list[tuple[str, Metric]] = []  # every metric logged since the last take_journal
 
     # -- runs -------------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -74,6 +75,12 @@ class RunTracker:
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
         return self.run_id
+
+    def resume(self, run_id: str) -> str:
+        """Continue an interrupted run (``fedmtl train --resume``): mark it running again."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -97,9 +104,29 @@ class RunTracker:
             for k, v in metrics.items()
             if v is not None and v == v  # drop NaN
         ]
+        target = run_id or self.run_id
+        self._journal += [(target, m) for m in items]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH],
-                                  synchronous=False)
+            self.client.log_batch(target, metrics=items[i : i + MAX_METRICS_PER_BATCH], synchronous=False)
+
+    def take_journal(self) -> pd.DataFrame:
+        """The metrics logged since the last call (run, key, value, timestamp, step), for the
+        round's checkpoint: they are written asynchronously, so a crash may lose some that were
+        queued; :meth:`replay` writes them again on a resume."""
+        rows = [(run, m.key, m.value, m.timestamp, m.step) for run, m in self._journal]
+        self._journal = []
+        return pd.DataFrame(rows, columns=["run_id", "key", "value", "timestamp", "step"])
+
+    def replay(self, journal: pd.DataFrame | None) -> None:
+        """Log a journal again, synchronously. Idempotent: MLflow skips a metric it already has
+        with the same key, value, timestamp and step."""
+        if journal is None or journal.empty:
+            return
+        for run_id, rows in journal.groupby("run_id", sort=False):
+            items = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in
+                     rows[["key", "value", "timestamp", "step"]].itertuples(index=False)]
+            for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(str(run_id), metrics=items[i : i + MAX_METRICS_PER_BATCH])
 
     def log_clients(self, records: pd.DataFrame, step: int, tags: dict[str, str]) -> None:
         """Per-client metrics into one child run per client (created on first use)."""

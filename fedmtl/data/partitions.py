@@ -8,7 +8,8 @@
   ``partitions_dir`` (the contract of :mod:`fedmtl.data.manifest`).
 - :func:`load_partition` reads one client's file back.
 
-Every file is written atomically (temporary file, then rename).
+Every file is written atomically (temporary file, then rename); :func:`partition` makes every
+file's bytes before it replaces any earlier partition, so a failure leaves the old set whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,15 @@ from fedmtl.data.manifest import (
     TaskSpec,
     atomic_write_bytes,
     read_manifest,
-    write_manifest,
 )
-from fedmtl.data.sources import DataError, RawData, client_ids, load_source
+from fedmtl.data.sources import (
+    DataError,
+    DataWarning,
+    RawData,
+    client_ids,
+    load_source,
+    plain_value,
+)
 
 RAW_FILE = "raw.parquet"
 SCHEMA_FILE = "schema.json"
@@ -144,6 +152,65 @@ def _file_names(ids: list[str]) -> list[str]:
         digest = hashlib.sha1(ids[i].encode()).hexdigest()[:10]
         names[i] = f"{names[i].removesuffix('.parquet')}-{digest}.parquet"
     return names
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _warn_about_clients(
+    ids: list[str], names: list[str], frames: list[pd.DataFrame], tasks: list[TaskSpec]
+) -> None:
+    """:class:`DataWarning` s about a source's own client ids and rows (nothing is changed):
+    ids that only differ by case or surrounding spaces (kept apart: one client and one file
+    each), ids that are not plain file names (their files get safe names inside the partitions
+    directory), clients with a single class of a task."""
+    file_of = dict(zip(ids, names))
+    alike: dict[str, list[str]] = {}
+    for client in ids:
+        alike.setdefault(client.strip().casefold(), []).append(client)
+    clashes = [
+        " and ".join(f"'{c}' ('{file_of[c]}')" for c in group)
+        for group in alike.values()
+        if len(group) > 1
+    ]
+    if clashes:
+        warnings.warn(
+            DataWarning(
+                f"client ids {_listed(clashes)} differ only by case or surrounding spaces: each is "
+                "kept as a client of its own, in its own file; if they are one client, make the "
+                "client column agree"
+            ),
+            stacklevel=3,
+        )
+    renamed = [
+        f"'{c}' -> '{file_of[c]}'" for c in ids if partition_file_name(c) != f"{c}.parquet"
+    ]
+    if renamed:
+        warnings.warn(
+            DataWarning(
+                f"client ids that are not plain file names are written under safe names inside "
+                f"the partitions directory (the manifest keeps each exact id): {_listed(renamed)}"
+            ),
+            stacklevel=3,
+        )
+    for task in tasks:
+        if task.kind != "classification":
+            continue
+        single = [
+            f"'{c}' (all {plain_value(f[task.name].iloc[0])!r})"
+            for c, f in zip(ids, frames)
+            if len(f) > 1 and f[task.name].nunique() == 1
+        ]
+        if single:
+            warnings.warn(
+                DataWarning(
+                    f"clients with a single class of task '{task.name}' (their held-out scores "
+                    f"measure that class only): {_listed(single)}"
+                ),
+                stacklevel=3,
+            )
 
 
 def _class_index(frame: pd.DataFrame, task: TaskSpec) -> np.ndarray:
@@ -286,7 +353,9 @@ def partition(cfg: DataConfig) -> Manifest:
     task = _first_classification(raw.tasks)
     label_columns = [t.name for t in raw.tasks]
     names = _file_names(ids)
-    outputs: list[tuple[ClientEntry, pd.DataFrame]] = []
+    if raw.has_clients and source == "table":  # the user's rows (generated ones are as designed)
+        _warn_about_clients(ids, names, frames, raw.tasks)
+    outputs: list[tuple[ClientEntry, bytes]] = []
     for i, (client, group, rows, rows_frame) in enumerate(zip(ids, groups, indices, frames)):
         test = train_test_rows(rows_frame, task, cfg.test_fraction, _split_seed(cfg.seed, i))
         out = pd.DataFrame(
@@ -303,7 +372,7 @@ def partition(cfg: DataConfig) -> Manifest:
             out[name] = rows_frame[name].reset_index(drop=True)
         out = out.sort_values("row", kind="stable").reset_index(drop=True)
         entry = ClientEntry(client, group, names[i], int((~test).sum()), int(test.sum()))
-        outputs.append((entry, out))
+        outputs.append((entry, _parquet_bytes(out)))
 
     manifest = Manifest(
         source=source,
@@ -316,11 +385,17 @@ def partition(cfg: DataConfig) -> Manifest:
         seed=cfg.seed,
         true_groups=true_groups,
     )
+    manifest_json = manifest.to_json()  # every byte is made before the old set is replaced
+    for entry, _ in outputs:  # partition_file_name keeps every id inside out_dir; make sure
+        if Path(entry.file).name != entry.file or entry.file.startswith("."):
+            raise DataError(
+                f"client '{entry.client}': file name '{entry.file}' would leave '{out_dir}'"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_partitions(out_dir)
-    for entry, out in outputs:
-        atomic_write_bytes(out_dir / entry.file, _parquet_bytes(out))
-    write_manifest(out_dir, manifest)
+    for entry, data in outputs:
+        atomic_write_bytes(out_dir / entry.file, data)
+    atomic_write_bytes(out_dir / MANIFEST, manifest_json.encode())
     return manifest
 
 

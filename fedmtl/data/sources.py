@@ -17,6 +17,7 @@ task (label) and, for sources that have clients, the ``client`` and ``group`` co
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,22 @@ RESERVED_COLUMNS = ("client", "group", "split", "row")
 MAX_SYNTHETIC_CLIENT_ROWS = 20_000
 #: Fewest rows one synthetic client gets (``size_scale`` may shrink the FedProx sizes).
 MIN_SYNTHETIC_CLIENT_ROWS = 1
+#: Largest magnitude a feature keeps when it is cast to float32 (beyond it: +-inf).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Offending values a message quotes at most.
+EXAMPLES = 3
+#: The first bytes of every Parquet file.
+PARQUET_MAGIC = b"PAR1"
 
 
 class DataError(ValueError):
     """Data that cannot be used as configured; the message names the file and the column."""
+
+
+class DataWarning(UserWarning):
+    """Data that is used, but that its owner should look at (a client that validation will
+    quarantine, ids that only differ by case); the message names the column and the clients.
+    ``fedmtl data`` commands print these as ``warning:`` lines."""
 
 
 @dataclass
@@ -185,43 +198,105 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise DataError(f"data.table.path: file '{path}' does not exist")
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise DataError(f"data.table.path: '{path}' {what}")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            table = pd.read_csv(path)
-        elif suffix in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-        else:
-            table = None
-    except Exception as exc:  # parser errors of pandas/pyarrow have no common base class
-        raise DataError(f"data.table.path: cannot read '{path}': {exc}") from exc
-    if table is None:
+    if suffix not in (".csv", ".parquet", ".pq"):
         raise DataError(
             f"data.table.path: file '{path}' has suffix '{path.suffix}'; "
             "expected .csv or .parquet"
+        )
+    with path.open("rb") as fh:
+        head = fh.read(len(PARQUET_MAGIC))
+    if not head:
+        raise DataError(f"data.table.path: file '{path}' is empty (0 bytes)")
+    kind = "CSV" if suffix == ".csv" else "Parquet"
+    if kind == "CSV" and head == PARQUET_MAGIC:
+        raise DataError(
+            f"data.table.path: file '{path}' is named .csv but holds Parquet: rename it to .parquet"
+        )
+    try:
+        table = pd.read_csv(path) if kind == "CSV" else pd.read_parquet(path)
+    except Exception as exc:  # parser errors of pandas/pyarrow have no common base class
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = " (a truncated or non-Parquet file?)" if kind == "Parquet" else ""
+        raise DataError(f"data.table.path: cannot read '{path}' as {kind}{hint}: {first}") from exc
+    if len(table) == 0:
+        raise DataError(
+            f"data.table.path: '{path}' has no rows (columns: {_column_list(table)})"
         )
     if any(name is not None for name in table.index.names):
         return table.reset_index()  # a named index (e.g. a Parquet file's) is a column too
     return table.reset_index(drop=True)
 
 
+def _column_list(table: pd.DataFrame, limit: int = 20) -> str:
+    names = [str(c) for c in table.columns]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _require_column(table: pd.DataFrame, column: str, setting: str, path: Path) -> None:
     if column not in table.columns:
         raise DataError(
-            f"{setting}: column '{column}' is not in '{path}' "
-            f"(columns: {', '.join(map(str, table.columns))})"
+            f"{setting}: column '{column}' is not in '{path}' (columns: {_column_list(table)})"
         )
 
 
-def _id_column(table: pd.DataFrame, column: str, setting: str, path: Path) -> pd.Series:
-    """A client or group column as str; nulls are an error."""
+def plain_value(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (for messages: ``1e+300``, not
+    ``np.float64(1e+300)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _where(
+    table: pd.DataFrame,
+    mask: pd.Series | np.ndarray,
+    column: str,
+    client: str | None,
+    values: bool = True,
+) -> str:
+    """How many rows ``mask`` marks, and the first few as ``value (row i, client 'c')``
+    (``values=False``: as ``row i, client 'c'``)."""
+    rows = np.flatnonzero(np.asarray(mask))
+    shown = []
+    for i in rows[:EXAMPLES]:
+        owner = f", client '{table[client].iloc[i]}'" if client in table.columns else ""
+        where = f"row {i}{owner}"
+        shown.append(f"{plain_value(table[column].iloc[i])!r} ({where})" if values else where)
+    more = ", ..." if len(rows) > EXAMPLES else ""
+    return f"{len(rows)} row{'s' if len(rows) != 1 else ''}: {', '.join(shown)}{more}"
+
+
+def _not_numbers(values: pd.Series) -> pd.Series:
+    """A mask of the values that are present but not numbers (text in a numeric column)."""
+    try:
+        return values.notna() & pd.to_numeric(values, errors="coerce").isna()
+    except (TypeError, ValueError):  # nested values (lists, dicts): none of them is a number
+        return values.notna()
+
+
+def _id_column(
+    table: pd.DataFrame, column: str, setting: str, path: Path, client: str | None
+) -> pd.Series:
+    """A client or group column as str; missing or empty ids are an error."""
     _require_column(table, column, setting, path)
     values = table[column]
-    if values.isna().any():
-        raise DataError(f"{setting}: column '{column}' of '{path}' has missing values")
-    return values.astype(str).astype(object)
+    missing = values.isna()
+    if missing.any():
+        raise DataError(
+            f"{setting}: column '{column}' of '{path}' has missing values in "
+            f"{_where(table, missing, column, client if client != column else None, values=False)}"
+        )
+    ids = values.astype(str).astype(object)
+    empty = ids.str.strip() == ""
+    if empty.any():
+        raise DataError(
+            f"{setting}: column '{column}' of '{path}' has empty ids in "
+            f"{_where(table, empty, column, client if client != column else None)}"
+        )
+    return ids
 
 
 def _classes(values: pd.Series, column: str, path: Path) -> list[Any]:
@@ -249,9 +324,10 @@ def load_table(cfg: TableConfig) -> RawData:
     path = Path(cfg.path)
     table = _read_table(path)
 
-    client = _id_column(table, cfg.client_column, "data.table.client_column", path)
+    client_col = cfg.client_column
+    client = _id_column(table, client_col, "data.table.client_column", path, client_col)
     if cfg.group_column is not None:
-        group = _id_column(table, cfg.group_column, "data.table.group_column", path)
+        group = _id_column(table, cfg.group_column, "data.table.group_column", path, client_col)
     else:
         group = pd.Series("0", index=table.index, dtype=object)
 
@@ -267,7 +343,8 @@ def load_table(cfg: TableConfig) -> RawData:
             )
         if table[name].isna().any():
             raise DataError(
-                f"data.table.label_columns: label column '{name}' of '{path}' has missing values"
+                f"data.table.label_columns: label column '{name}' of '{path}' has missing values "
+                f"in {_where(table, table[name].isna(), name, client_col, values=False)}"
             )
     unknown = sorted(set(cfg.task_kinds) - set(labels))
     if unknown:
@@ -289,14 +366,27 @@ def load_table(cfg: TableConfig) -> RawData:
             if not pd.api.types.is_numeric_dtype(table[name]):
                 raise DataError(
                     f"data.table.feature_columns: feature column '{name}' of '{path}' is not "
-                    f"numeric (dtype {table[name].dtype})"
+                    f"numeric (dtype {table[name].dtype}): text in "
+                    f"{_where(table, _not_numbers(table[name]), name, client_col)}"
                 )
     else:
-        features = [
-            str(name)
-            for name in table.columns
-            if name not in not_features and pd.api.types.is_numeric_dtype(table[name])
-        ]
+        features = []
+        for name in table.columns:
+            if name in not_features:
+                continue
+            if pd.api.types.is_numeric_dtype(table[name]):
+                features.append(str(name))
+                continue
+            kind = pd.api.types
+            if not (kind.is_object_dtype(table[name]) or kind.is_string_dtype(table[name])):
+                continue  # dates, categories: not features
+            text = _not_numbers(table[name])
+            if text.any() and (table[name].notna() & ~text).any():  # a typo, not a text column
+                raise DataError(
+                    f"data.table.feature_columns: column '{name}' of '{path}' holds numbers and "
+                    f"text; not a number in {_where(table, text, name, client_col)}. Fix those "
+                    "values, or list the feature columns in data.table.feature_columns without it"
+                )
     if not features:
         raise DataError(
             f"data.table.feature_columns: '{path}' has no numeric feature columns besides the "
@@ -310,7 +400,8 @@ def load_table(cfg: TableConfig) -> RawData:
             if not pd.api.types.is_numeric_dtype(table[name]):
                 raise DataError(
                     f"data.table.task_kinds: regression label column '{name}' of '{path}' is "
-                    f"not numeric (dtype {table[name].dtype})"
+                    f"not numeric (dtype {table[name].dtype}): text in "
+                    f"{_where(table, _not_numbers(table[name]), name, client_col)}"
                 )
             tasks.append(TaskSpec(name, "regression", []))
         else:
@@ -326,7 +417,9 @@ def load_table(cfg: TableConfig) -> RawData:
 
     frame = pd.DataFrame({"client": client.to_numpy(), "group": group.to_numpy()})
     frame = frame.astype({"client": str, "group": str})
-    feats = table[features].to_numpy(dtype=np.float32)
+    _warn_float32_overflow(table, features, path, client_col)
+    with np.errstate(over="ignore"):  # overflow was just reported, per column and client
+        feats = table[features].to_numpy(dtype=np.float32)
     frame = pd.concat([frame, pd.DataFrame(feats, columns=features)], axis=1)
     for name in labels:
         frame[name] = table[name]
@@ -339,6 +432,29 @@ def load_table(cfg: TableConfig) -> RawData:
         has_clients=True,
         true_groups=cfg.group_column is not None,
     )
+
+
+def _warn_float32_overflow(
+    table: pd.DataFrame, features: list[str], path: Path, client: str
+) -> None:
+    """A :class:`DataWarning` for finite feature values that float32 cannot hold (they become
+    +-inf in the prepared data, so validation quarantines their clients)."""
+    parts = []
+    for name in features:
+        values = table[name].to_numpy(dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            beyond = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+        if beyond.any():
+            parts.append(f"column '{name}': {_where(table, beyond, name, client)}")
+    if parts:
+        warnings.warn(
+            DataWarning(
+                f"data.table: '{path}' has feature values beyond float32's range "
+                f"(+-{FLOAT32_MAX:.3g}); they become +-inf and validation will quarantine their "
+                f"clients: {'; '.join(parts)}"
+            ),
+            stacklevel=3,
+        )
 
 
 def load_source(cfg: DataConfig) -> RawData:

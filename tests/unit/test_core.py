@@ -222,3 +222,26 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
     assert pooled["personalisation_gain/accuracy/pooled"] == pytest.approx(gain)
     few = dataclasses.replace(private, privacy=dataclasses.replace(private.privacy, min_group_size=99))
     assert few.evaluate_pooled(manifest.client_ids, state) == {"evaluation/clients": len(manifest.client_ids)}
+
+
+def test_the_client_store_versions_personal_state_by_round(tmp_path):
+    from fedmtl.state import PersonalState
+    from fedmtl.store import ClientStore
+
+    store = ClientStore(tmp_path)
+
+    def state(value):
+        return PersonalState({"label": torch.full((3,), float(value))})
+
+    for r in (1, 2, 3, 5):
+        store.save("c/../1", state(r), r)
+    assert store.load("c/../1").heads["label"][0] == 5
+    assert store.load("c/../1", at_most=4).heads["label"][0] == 3  # what a resume from round 4 reads
+    assert store.load("c/../1", at_most=0) is None
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1 and folders[0].parent == tmp_path  # '../' never leaves the root
+    assert sorted(p.name for p in folders[0].glob("*.pt")) == [f"personal-r{r:06d}.pt" for r in (2, 3, 5)]
+    store.save("C", state(7), 1)
+    store.save("c", state(8), 1)  # ids differing only by case keep their own state
+    assert store.load("C").heads["label"][0] == 7 and store.load("c").heads["label"][0] == 8
+    assert store.clients() == ["C", "c", "c/../1"]

@@ -61,7 +61,7 @@ def test_bundle_becomes_the_same_state_and_personal_heads(trained):
     assert all(torch.equal(start.global_heads[t], v) for t, v in state.global_heads.items())
     assert start.assignment == {c.client: c.group for c in manifest.clients}
     assert set(personal) == set(manifest.client_ids)
-    seed_store(fed.store, personal)
+    seed_store(fed.store, personal, start.round)
     for client in manifest.client_ids:
         assert torch.equal(fed.store.load(client).heads["label"], bundle.personal_heads[client]["label"])
 
@@ -70,7 +70,7 @@ def test_warm_started_rounds_continue(trained):
     make, manifest, state, bundle = trained
     fed = make("third")
     start, personal = state_from_bundle(fed, bundle)
-    seed_store(fed.store, personal)
+    seed_store(fed.store, personal, start.round)
     after, _, history = run_rounds(fed, manifest.client_ids, 1, state=start)
     assert after.round == 3 and len(history) == 1
     assert not torch.equal(after.base, state.base)
