@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedmtl.robust import RobustSpec, aggregate_updates, robust_aggregate
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, Vector
 
@@ -44,13 +45,17 @@ def group_weight(n_samples: int, n_clients: int, weighting: str) -> float:
     raise ValueError(f"grouping.weighting '{weighting}' is not known; allowed values: {WEIGHTINGS}")
 
 
-def group_aggregate(updates: Sequence[ClientUpdate]) -> dict[str, GroupAggregate]:
-    """Per group, the sample-weighted mean of the members' updates (sorted by client id).
-    Parts a method keeps local (``delta_base`` None, no heads) stay absent."""
+def group_aggregate(updates: Sequence[ClientUpdate], robust: RobustSpec | None = None) -> dict[str, GroupAggregate]:
+    """Per group, the sample-weighted mean of the members' updates (sorted by client id), or,
+    with a ``robust`` rule other than the mean, that rule over each member's whole update
+    (:func:`fedmtl.robust.aggregate_updates`). Parts a method keeps local (``delta_base`` None,
+    no heads) stay absent."""
     by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
     for u in sorted(updates, key=lambda u: u.client):
         by_group[u.group].append(u)
     out: dict[str, GroupAggregate] = {}
+    if robust is not None and robust.rule != "mean":
+        return {group: aggregate_updates(members, robust) for group, members in sorted(by_group.items())}
     for group, members in sorted(by_group.items()):
         weights = [max(u.n_samples, 0) for u in members]
         if sum(weights) == 0:
@@ -76,12 +81,15 @@ def global_merge(
     weighting: str = "samples",
     optimizer: ServerOptimizer | None = None,
     head_scope: str = "group",
+    robust: RobustSpec | None = None,
 ) -> ServerState:
     """The next server state from this round's group aggregates (the input state is unchanged).
 
     ``head_scope``: ``group`` (fedmtl, IFCA: φ_g ← φ_g + Δφ_g, φ₀ = mean of the φ_g) or
     ``global`` (FedAvg-like methods: one head φ₀ stepped by the server optimiser like θ).
     The members of each aggregate are recorded in the state's client → group assignment.
+    ``robust``: a rule other than the mean also combines the groups' base updates when there are
+    at least 3 groups (with fewer, a robust rule has nothing to outvote).
     """
     if not groups:
         raise ValueError(f"round {state.round}: no group aggregates to merge (no client updates)")
@@ -94,7 +102,12 @@ def global_merge(
     base = state.base
     with_base = [(a, w) for a, w in zip(ordered, weights) if a.delta_base is not None]
     if with_base:
-        step = weighted_mean([a.delta_base for a, _ in with_base], [w for _, w in with_base])
+        deltas, ws = [a.delta_base for a, _ in with_base], [w for _, w in with_base]
+        if robust is not None and robust.rule != "mean" and len(deltas) >= 3:
+            step, _ = robust_aggregate(deltas, ws, robust.rule, trim_fraction=robust.trim_fraction,
+                                       n_byzantine=robust.n_byzantine, max_norm=robust.max_norm)
+        else:
+            step = weighted_mean(deltas, ws)
         base = optimizer.step("base", state.base, step, moments)
 
     group_heads = {g: {t: v.clone() for t, v in heads.items()} for g, heads in state.group_heads.items()}

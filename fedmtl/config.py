@@ -143,7 +143,17 @@ class TrainingConfig(_Section):
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    min_clients: int = Field(2, ge=1, description="fewest valid clients a run may start with")
+    min_clients: int = Field(
+        2, ge=1, description="fewest valid clients a run may start with, and fewest updates a round needs"
+    )
+    client_retries: int = Field(
+        2, ge=0, description="a client whose training raised is retried by Prefect this many times, with "
+        "exponential backoff; one that keeps failing is left out of the round and named"
+    )
+    retry_delay: float = Field(0.5, ge=0, description="seconds before the first retry (doubling after)")
+    client_timeout: float | None = Field(
+        None, gt=0, description="seconds a client may take before it is cut off for the round (no retry)"
+    )
     seed: int = 0
     workdir: str = Field(".fedmtl", description="run state: per-client stores, checkpoints")
     warm_start: Literal["none", "champion"] = Field(
@@ -187,13 +197,24 @@ class AlgorithmConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """The server optimiser (Reddi et al. 2021)."""
+    """The server optimiser (Reddi et al. 2021) and the aggregation rule (fedmtl/robust.py)."""
 
     optimizer: ServerOptimizerName = "fedavg"
     lr: float = Field(1.0, gt=0, description="server step η (1 with fedavg = plain averaging)")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="adaptivity τ of FedAdam/FedYogi")
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"] = Field(
+        "mean", description="how updates are combined within a group and groups across: the weighted "
+        "mean, or a Byzantine-robust rule"
+    )
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share cut at each end")
+    byzantine_clients: int | None = Field(
+        None, ge=0, description="krum/multi_krum: f, the Byzantine clients tolerated (null: ⌈20 %⌉ within Krum's n > 2f + 2)"
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="norm_bound: each update is scaled to at most this norm (null: the median norm)"
+    )
 
 
 class GroupingConfig(_Section):
@@ -297,6 +318,16 @@ class ScheduleConfig(_Section):
 
 class FaultsConfig(_Section):
     """Fault injection, for tests and the reliability benchmark (never needed in production)."""
+
+    client_failure_rate: float = Field(
+        0.0, ge=0, lt=1, description="each client training attempt raises with this probability (seeded)"
+    )
+    straggler_rate: float = Field(0.0, ge=0, le=1, description="share of a round's clients that are slow")
+    straggler_delay: float = Field(0.0, ge=0, description="seconds a slow client takes before it trains")
+    byzantine_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of the clients that are Byzantine")
+    byzantine_attack: Literal["sign_flip", "gaussian", "label_flip"] = Field(
+        "sign_flip", description="what they do: send −10×Δ, send noise 10× as long as Δ, or train on flipped labels"
+    )
 
     crash_at_round: int | None = Field(
         None, ge=1, description="kill the training process (SIGKILL) in the middle of this round (clients "

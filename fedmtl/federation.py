@@ -31,7 +31,9 @@ from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shar
 from fedmtl.evaluation import VARIANTS, evaluate_clients, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.dp import AdaptiveClip
+from fedmtl.faults import FaultSpec
 from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
+from fedmtl.robust import RobustSpec
 from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
@@ -59,6 +61,8 @@ class Federation:
     batched: str = "auto"  # training.batched: auto | on | off
     clients_per_task: int | None = None  # training.clients_per_task (None: dispatch.shards' rule)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    robust: RobustSpec = field(default_factory=RobustSpec)
+    faults: FaultSpec = field(default_factory=FaultSpec)
 
     @classmethod
     def from_config(cls, cfg, manifest: Manifest, store: ClientStore) -> "Federation":
@@ -79,6 +83,9 @@ class Federation:
             batched=cfg.training.batched,
             clients_per_task=cfg.training.clients_per_task,
             privacy=PrivacySpec.from_config(cfg.privacy),
+            robust=RobustSpec(cfg.server.aggregator, cfg.server.trim_fraction, cfg.server.byzantine_clients,
+                              cfg.server.max_update_norm),
+            faults=FaultSpec.from_config(cfg),
         )
 
     @property
@@ -141,13 +148,24 @@ class Federation:
                 return known
         return choose_group(ctx.model, state, data, ctx.tasks)
 
-    def client_round(self, client: str, state: ServerState) -> ClientUpdate:
+    @functools.cached_property
+    def byzantine(self) -> frozenset[str]:
+        """The clients made Byzantine by ``faults.byzantine_fraction`` (none by default)."""
+        return self.faults.byzantine(self.manifest.client_ids)
+
+    def train_data(self, client: str) -> ClientData:
+        """The client's partition as it trains on it (a label-flipping attacker's labels flipped)."""
+        return self.faults.poison_data(self.data(client), self.manifest.tasks, self.byzantine)
+
+    def client_round(self, client: str, state: ServerState, attempt: int = 0) -> ClientUpdate:
         """Local training on ``client``: keeps its personal state, returns what it releases."""
-        data = self.data(client)
+        self.faults.before_training(client, state.round + 1, attempt)
+        data = self.train_data(client)
         ctx = self.context(client, state.round)
         group = self.group_of(client, state, data, ctx)
         update, personal = self.algorithm.client_round(ctx, state, data, group,
                                                        self.store.load(client, at_most=state.round))
+        update = self.faults.poison_update(update, state.round + 1, self.byzantine)
         check_update(update, state)
         if personal is not None:
             self.store.save(client, personal, state.round + 1)
@@ -173,20 +191,21 @@ class Federation:
         return reason is None
 
     def train_clients(
-        self, clients: list[str], state: ServerState, failed: dict[str, str] | None = None
+        self, clients: list[str], state: ServerState, failed: dict[str, str] | None = None, attempt: int = 0,
     ) -> list[ClientUpdate]:
         """Local training of a shard of clients, in order: batched when the method and model
         allow it and ``training.batched`` is not off, else :meth:`client_round` per client.
 
         ``failed`` None: a client that fails (missing data, rejected update) raises, as
         :meth:`client_round` does. A dict: the client is left out of the result and its error
-        recorded there (client -> message), so one bad client does not fail its shard."""
+        recorded there (client -> message), so one bad client does not fail its shard.
+        ``attempt``: 0 the first time, then the retry's number (fault injection draws anew)."""
         model = self.new_model()
         if not self.uses_batching(model):
             updates = []
             for client in clients:
                 try:
-                    updates.append(self.client_round(client, state))
+                    updates.append(self.client_round(client, state, attempt))
                 except Exception as exc:  # noqa: BLE001 - reported per client when asked to
                     if failed is None:
                         raise
@@ -197,7 +216,8 @@ class Federation:
         prepared = []  # (client, data, group, personal, start, generator)
         for client in clients:
             try:
-                data = self.data(client)
+                self.faults.before_training(client, state.round + 1, attempt)
+                data = self.train_data(client)
                 ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round), state.round)
                 group = self.group_of(client, state, data, ctx)
                 personal = self.store.load(client, at_most=state.round)
@@ -214,6 +234,7 @@ class Federation:
         updates = []
         for (client, data, group, personal, start, _), (base, heads, loss) in zip(prepared, trained):
             update, keep = self.algorithm.shared_result(data, group, state, start, base, heads, loss, personal)
+            update = self.faults.poison_update(update, state.round + 1, self.byzantine)
             try:
                 check_update(update, state)
             except RejectedUpdate as exc:
@@ -279,7 +300,7 @@ class Federation:
         """The group_aggregate step: plain per-group means, or, with ``privacy`` on, the
         private releases of :mod:`fedmtl.private_aggregation` and their report."""
         if not self.privacy.enabled:
-            return group_aggregate(updates), None
+            return group_aggregate(updates, self.robust), None
         spec = self.privacy
         rate = sample_rate(per_round, len(clients))
         expected: dict[str, float] = {}
@@ -320,7 +341,7 @@ class Federation:
         """The server step: merge the group aggregates; at the end of the warm-up of
         ``grouping: cluster``, split the clients into learned groups; with adaptive clipping,
         move C towards the target quantile of this round's (noised) count of clients under it."""
-        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope)
+        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope, self.robust)
         if privacy is not None and privacy.under_clip is not None and self.privacy.adaptive_clip:
             clip = AdaptiveClip(privacy.clip, privacy.expected_total or 1.0, self.privacy.target_quantile,
                                 self.privacy.clip_learning_rate)

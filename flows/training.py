@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from fedmtl import plots
@@ -23,7 +24,7 @@ from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
 from fedmtl.dispatch import default_workers, shards
 from fedmtl.evaluation import summarize
-from fedmtl.faults import crash_if_due
+from fedmtl.faults import crash_if_due, retryable
 from fedmtl.federation import Federation
 from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
@@ -34,7 +35,7 @@ from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import CHAMPION, champion_bundle, log_personalized_model
-from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard
+from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard, retry_client
 from tasks.tracking import RunTracker
 
 class RoundFailed(RuntimeError):
@@ -197,6 +198,7 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
         else:  # the whole shard failed
             error = str(future.state.result(raise_on_failure=False))
             failed.update({client: error for client in part})
+    retried = retry_failed(fed, state, failed, updates, cfg, shared)
     t["local_train"] = time.perf_counter() - start
     if len(updates) < cfg.training.min_clients:
         raise RoundFailed(
@@ -222,7 +224,7 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
 
     start = time.perf_counter()
     summary = {**summarize(records), **pooled, **grouping_metrics(fed, records)}
-    extra = {"clients/participating": len(updates), "clients/failed": len(failed)}
+    extra = {"clients/participating": len(updates), "clients/failed": len(failed), "clients/retried": retried}
     if cfg.privacy.per_client_metrics:  # a client's training loss is its own figure too
         extra["train/loss/mean"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
     if privacy is not None:
@@ -240,6 +242,37 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     if failed:
         tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
     return state, records, summary
+
+
+def retry_failed(fed, state, failed: dict[str, str], updates: list, cfg: Config, shared) -> int:
+    """Train the round's failed clients again, each in its own task that Prefect retries with
+    exponential backoff (``training.client_retries``, ``retry_delay``, ``client_timeout``).
+    Updates that arrive join ``updates`` and leave ``failed``; a client that still fails stays
+    there, its message saying how often it was tried. Clients cut off by the timeout, or whose
+    update was rejected, are not retried. Returns how many clients came back on a retry."""
+    again = [c for c, error in failed.items() if retryable(error)]
+    if not again or cfg.training.client_retries == 0:
+        return 0
+    delay = cfg.training.retry_delay
+    retries = cfg.training.client_retries
+    options = {"retries": retries, "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0}
+    if cfg.runner.kind != "thread":  # Prefect cannot interrupt a thread; there the client's own deadline acts
+        options["timeout_seconds"] = cfg.training.client_timeout
+    futures = retry_client.with_options(**options).map(again, unmapped(shared(fed)), unmapped(shared(state)),
+                                                       retries)
+    back = 0
+    for client, future in zip(again, futures):
+        future.wait()
+        result = future.result() if future.state.is_completed() else str(future.state.result(raise_on_failure=False))
+        if isinstance(result, str):
+            failed[client] = result
+        else:
+            updates.append(result)
+            del failed[client]
+            back += 1
+    if back:
+        updates.sort(key=lambda u: u.client)  # the same order whichever attempt an update came from
+    return back
 
 
 def shard_workers(cfg: Config, fed: Federation) -> int:
@@ -273,6 +306,11 @@ def check_privacy(cfg: Config, fed: Federation) -> None:
             f"privacy.dp with grouping '{fed.grouping_method}' (algorithm.method={cfg.algorithm.method}, "
             f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum it "
             "joins from its own data, a choice released outside ε; use grouping.method=column")
+    if p.enabled and cfg.server.aggregator != "mean":
+        raise PrivacyPlanError(
+            f"server.aggregator={cfg.server.aggregator} with privacy ({p.mechanism}): a robust rule needs each "
+            "client's own update, which secure aggregation hides and DP's guarantee does not cover; use "
+            "server.aggregator=mean (DP's clipping already bounds any one client's influence)")
     if p.secure_aggregation and fed.grouping_method == "cluster":
         raise PrivacyPlanError(
             "privacy.secure_aggregation with grouping.method=cluster: the server would cluster the "

@@ -46,6 +46,25 @@ def local_train_shard(
     return updates, failed
 
 
+def _retry_name() -> str:
+    return f"retry-{task_run.parameters.get('client', 'client')}"
+
+
+@task(name="retry_client", task_run_name=_retry_name, cache_policy=NO_CACHE)
+def retry_client(client: str, fed: Federation, state: ServerState, retries: int) -> ClientUpdate | str:
+    """A client that failed in its shard, trained again on its own. The task raises while the
+    client fails and retries are left, so that Prefect retries it (``training.client_retries``,
+    with exponential backoff from ``training.retry_delay``); after the last one it returns the
+    error (a warning, not a failed task: the round goes on without the client)."""
+    try:
+        return fed.train_clients([client], state, attempt=task_run.run_count)[0]
+    except Exception as exc:  # noqa: BLE001 - reported per client
+        if task_run.run_count <= retries:
+            raise
+        get_run_logger().warning("client '%s' still fails after %d retries: %s", client, retries, exc)
+        return f"{type(exc).__name__}: {exc} (tried {retries} more times, with backoff)"
+
+
 @task(name="group_aggregate", cache_policy=NO_CACHE)
 def group_aggregate(
     fed: Federation, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float

@@ -245,3 +245,27 @@ def test_the_client_store_versions_personal_state_by_round(tmp_path):
     store.save("c", state(8), 1)  # ids differing only by case keep their own state
     assert store.load("C").heads["label"][0] == 7 and store.load("c").heads["label"][0] == 8
     assert store.clients() == ["C", "c", "c/../1"]
+
+
+def test_robust_aggregation_survives_sign_flipping_clients_where_the_mean_breaks(tmp_path):
+    """20 % of the clients send −10×Δ every round: FedAvg's mean collapses to chance, the
+    coordinate median, the trimmed mean and multi-Krum keep the model (fedmtl/robust.py)."""
+    base = {"data.partition.n_clients": 10, "data.partition.scheme": "iid", "algorithm.method": "fedavg",
+            "training.local_epochs": 2}
+    cfg = load_config(None, tiny_overrides(tmp_path, **base))
+    prepare(cfg.data)
+    partition(cfg.data)
+    manifest = read_manifest(cfg.data.partitions_dir)
+
+    def accuracy(rule: str, attack: dict) -> float:
+        c = load_config(None, tiny_overrides(tmp_path, **base, **attack, **{"server.aggregator": rule}))
+        fed = Federation.from_config(c, manifest, ClientStore(tmp_path / f"{rule}-{len(attack)}"))
+        _, records, _ = run_rounds(fed, manifest.client_ids, 5)
+        honest = records[~records["client"].isin(fed.byzantine)]
+        return summarize(honest)["global/accuracy/mean"]
+
+    attack = {"faults.byzantine_fraction": 0.2, "faults.byzantine_attack": "sign_flip"}
+    clean = accuracy("mean", {})
+    assert accuracy("mean", attack) < 0.3 < clean
+    for rule in ("median", "trimmed_mean", "multi_krum"):
+        assert accuracy(rule, attack) >= clean - 0.05, rule
