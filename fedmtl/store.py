@@ -40,6 +40,10 @@ def client_folder(client: str) -> str:
     return f"{_SAFE.sub('_', client)[:40].strip('_') or 'client'}-{digest}"
 
 
+class CorruptState(ValueError):
+    """A client's stored personal state that cannot be read (damaged, or not tensors only)."""
+
+
 class ClientStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -59,7 +63,12 @@ class ClientStore:
         versions = [(r, p) for r, p in self._versions(client) if at_most is None or r <= at_most]
         if not versions:
             return None
-        return PersonalState.from_dict(torch.load(versions[-1][1], weights_only=True))
+        path = versions[-1][1]
+        try:
+            return PersonalState.from_dict(torch.load(path, weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - damaged or tampered: never loaded, always named
+            raise CorruptState(f"client '{client}': its personal state {path} cannot be read "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
     def save(self, client: str, personal: PersonalState, round_: int) -> None:
         """Write the client's state as its version for round ``round_``."""

@@ -102,3 +102,38 @@ def test_resume_finds_the_unfinished_run_with_the_same_settings_or_says_what_dif
     with pytest.raises(ResumeError, match="nothing to resume"):
         find_resumable(tmp_path / "empty", settings, "v1", latest=True)
     assert json.loads((tmp_path / "aaa" / "run.json").read_text())["finished"] is False
+
+
+class _Evil:
+    """A pickle that runs code when loaded without ``weights_only``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_tampered_checkpoint_or_client_store_never_runs_code(tmp_path):
+    import hashlib
+
+    from fedmtl.store import ClientStore, CorruptState, client_folder
+
+    marker = tmp_path / "pwned"
+    store = CheckpointStore(tmp_path / "ckpt")
+    save_rounds(store, [1])
+    pt, record = tmp_path / "ckpt" / "round-000001.pt", tmp_path / "ckpt" / "round-000001.json"
+    torch.save({"format": 1, "state": _Evil(marker), "rng": {}}, pt)
+    meta = json.loads(record.read_text())  # the attacker fixes the checksum too
+    payload = pt.read_bytes()
+    meta.update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+    record.write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpoint, match="cannot be decoded"):
+        store.load(1)
+    clients = ClientStore(tmp_path / "clients")
+    folder = tmp_path / "clients" / client_folder("c1")
+    folder.mkdir(parents=True)
+    torch.save({"heads": _Evil(marker), "base": None}, folder / "personal-r000001.pt")
+    with pytest.raises(CorruptState, match="client 'c1': its personal state .*personal-r000001.pt cannot be read"):
+        clients.load("c1")
+    assert not marker.exists()
