@@ -5,6 +5,12 @@ partitions, through each model's own routing), the gates of ``promotion`` decide
 (``fedmtl/promotion.py``), and the registry records the decision and, on a pass, moves the
 ``champion`` alias (``tasks/promotion.py``). ``fedmtl-rollback`` gives ``champion`` back to the
 version the current champion replaced.
+
+Two promotions at once: the decision is written only if the champion is still the one it was
+made against (checked under the model's registry lock, :meth:`Registry.apply`); when another
+promotion or a rollback moved it meanwhile, the challenger is judged again against the new
+champion (its scores are kept; only the new champion is scored), and the decision it records
+says what changed under it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from fedmtl.data.manifest import read_manifest
 from fedmtl.promotion import Decision, decide
 from fedmtl.validation import read_report, usable_clients
 from models.scoring import held_out_rows, score_clients
-from tasks.promotion import CHALLENGER, CHAMPION, Registry, RegistryError, actor_name
+from tasks.promotion import CHALLENGER, CHAMPION, ChampionChanged, Registry, RegistryError, actor_name
+
+MAX_ATTEMPTS = 5  # decisions made again because the champion moved meanwhile, before giving up
 
 
 @task(name="score_model", task_run_name="score-v{version}", cache_policy=NO_CACHE)
@@ -49,21 +57,44 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
         raise RegistryError(f"version {new.version} of '{registry.name}' is already the champion")
     manifest = read_manifest(cfg.data.partitions_dir)
     clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
-
-    versions = [str(new.version)] + ([str(old.version)] if old is not None else [])
-    futures = score_model.map(versions, unmapped(registry), unmapped(cfg.data.partitions_dir), unmapped(clients))
-    scores = [f.result() for f in futures]
-    decision = decide(scores[0], scores[1] if old is not None else None, registry.run_facts(new), cfg.promotion)
     who = actor_name(actor)
+    scores: dict[str, pd.DataFrame] = {}  # by version: a version's scores do not change
+    changed: list[str] = []  # how the champion moved under this promotion, recorded with its decision
     record = None
-    if not dry_run:
-        tables = {"per_client.csv": decision.per_client, "challenger_scores.csv": scores[0]}
+
+    for _ in range(MAX_ATTEMPTS):
+        if old is not None and old.version == new.version:  # a concurrent promotion of the same version
+            raise RegistryError(f"version {new.version} of '{registry.name}' is already the champion: "
+                                f"{changed[-1]}")
+        versions = [str(new.version)] + ([str(old.version)] if old is not None else [])
+        missing = [v for v in versions if v not in scores]
+        if missing:
+            futures = score_model.map(missing, unmapped(registry), unmapped(cfg.data.partitions_dir),
+                                      unmapped(clients))
+            scores.update(zip(missing, (f.result() for f in futures)))
+        champion_scores = scores[str(old.version)] if old is not None else None
+        decision = decide(scores[str(new.version)], champion_scores, registry.run_facts(new), cfg.promotion)
+        if dry_run:
+            break
+        tables = {"per_client.csv": decision.per_client, "challenger_scores.csv": scores[str(new.version)]}
         if old is not None:
-            tables["champion_scores.csv"] = scores[1]
-        record = registry.apply(decision, new, old, who, cfg.tracking.experiment, tables)
+            tables["champion_scores.csv"] = champion_scores
+        try:
+            record = registry.apply(decision, new, old, who, cfg.tracking.experiment, tables, changed,
+                                    _waiting(logger, registry.name))
+            break
+        except ChampionChanged as exc:
+            logger.warning("%s: judging version %s again", exc, new.version)
+            changed.append(str(exc))
+            old = exc.current
+    else:
+        raise RuntimeError(f"the champion of '{registry.name}' changed {MAX_ATTEMPTS} times while version "
+                           f"{new.version} was being judged; nothing was recorded: try again")
     logger.info("version %s %s: %s", new.version, "promoted" if decision.promote else "rejected",
                 "; ".join(decision.reasons))
-    return result(decision, registry, new.version, old.version if old else None, who, record, dry_run)
+    out = result(decision, registry, new.version, old.version if old else None, who, record, dry_run)
+    out["champion_changed"] = changed
+    return out
 
 
 @flow(name="fedmtl-rollback", log_prints=False)
@@ -73,10 +104,18 @@ def rollback(config: dict[str, Any], actor: str | None = None, reason: str = "")
     registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
                              cfg.tracking.artifact_root)
     who = actor_name(actor)
-    current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason)
+    current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason,
+                                                  _waiting(get_run_logger(), registry.name))
     get_run_logger().info("champion of '%s': version %s -> %s", registry.name, current.version, restored.version)
     return {"model": registry.name, "from_version": str(current.version), "to_version": str(restored.version),
             "by": who, "record_run": record}
+
+
+def _waiting(logger, model: str):
+    """What to say when another process holds the model's registry lock."""
+    def waiting(path) -> None:
+        logger.warning("waiting for another promotion or rollback of '%s' to finish writing (lock %s)", model, path)
+    return waiting
 
 
 def result(decision: Decision, registry: Registry, new: str, old: str | None, who: str,

@@ -11,6 +11,19 @@ table and ``decision.json``. Order of writes: the record run first (RUNNING), th
 the single write that changes what is served —, then the version tags, then the record run is
 closed FINISHED. A crash part way leaves the record run unfinished (visible in the UI), never a
 version tagged ``champion`` that is not the alias target.
+
+Concurrency. A promotion reads the champion, scores both versions (seconds), decides, and then
+writes: two promotions at once would both judge against the champion they read, and the second
+write would silently replace the first's champion without ever being compared with it (and
+record the wrong ``replaced_version``, breaking rollback). So the writes of a decision happen
+under the model's registry lock (:mod:`tasks.locking`), after checking that the champion is
+still the one the decision was made against (a compare-and-set): if another promotion or a
+rollback moved it meanwhile, :class:`ChampionChanged` is raised and the flow judges the
+challenger again against the new champion; the decision it records then says which champion
+changed under it (``promotion.champion_changed``). For a ``sqlite:///`` store the lock is a file
+beside the database, shared by every process that writes it, so check and write are atomic. For
+a remote store the lock only covers this machine's processes: the champion is read again just
+before the alias moves, which leaves writers on other machines a window of a few requests.
 """
 
 from __future__ import annotations
@@ -30,14 +43,40 @@ from mlflow.tracking import MlflowClient
 
 from fedmtl.promotion import Decision, RunFacts
 from models.personalized import PersonalizedPredictor
+from tasks.locking import registry_lock
 from tasks.registry import CHALLENGER, CHAMPION, load_predictor
-from tasks.tracking import ensure_experiment, resolve_tracking_uri
+from tasks.tracking import ensure_experiment, open_store, resolve_tracking_uri
 
 PREVIOUS_CHAMPION = "previous_champion"
+LOCK_TIMEOUT = 300.0  # seconds to wait for another promotion's or rollback's writes (a second or two)
 
 
 class RegistryError(ValueError):
     """A model, version or alias the promotion needs is not in the registry."""
+
+
+class ChampionChanged(RuntimeError):
+    """The champion is no longer the version a decision was made against: another promotion
+    or a rollback moved it in the meantime."""
+
+    def __init__(self, model: str, expected: ModelVersion | None, current: ModelVersion | None) -> None:
+        self.expected, self.current = expected, current
+        how = ""
+        if current is not None and current.tags.get("promotion.decision") == "promoted":
+            how = (f"; version {current.version} was promoted by {current.tags.get('promotion.by', 'someone')} "
+                   f"(record run {current.tags.get('promotion.record_run', '?')})")
+        elif current is not None and "restored_at" in current.tags:
+            how = f"; version {current.version} was restored by a rollback"
+        super().__init__(f"the champion of '{model}' changed from {_label(expected)} to {_label(current)} "
+                         f"while this decision was being made{how}")
+
+
+def _label(version: ModelVersion | None) -> str:
+    return f"version {version.version}" if version is not None else "none"
+
+
+def _number(version: ModelVersion | None) -> str | None:
+    return str(version.version) if version is not None else None
 
 
 @dataclass(frozen=True)
@@ -52,6 +91,7 @@ class Registry:
     def open(cls, tracking_uri: str, name: str, artifact_root: str = "") -> "Registry":
         uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(uri)
+        open_store(uri)
         registry = cls(uri, name, artifact_root)
         try:
             registry.client.get_registered_model(name)
@@ -63,6 +103,18 @@ class Registry:
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
+
+    def lock(self, on_wait=None, timeout: float = LOCK_TIMEOUT):
+        """The model's registry lock (a context manager), held while an alias is read and moved:
+        by promotions, rollbacks and training runs claiming ``challenger``. ``on_wait(path)``
+        is called when another process holds it."""
+        return registry_lock(self.tracking_uri, self.name, timeout, on_wait)
+
+    def check_champion(self, expected: ModelVersion | None) -> None:
+        """Raise :class:`ChampionChanged` unless the champion is still ``expected``."""
+        current = self.by_alias(CHAMPION)
+        if _number(current) != _number(expected):
+            raise ChampionChanged(self.name, expected, current)
 
     def by_alias(self, alias: str) -> ModelVersion | None:
         try:
@@ -99,7 +151,8 @@ class Registry:
 
     # -- decisions ----------------------------------------------------------------------------
     def record(self, experiment: str, action: str, version: ModelVersion, compared: ModelVersion | None,
-               actor: str, summary: dict[str, Any], tables: dict[str, Any] | None = None) -> str:
+               actor: str, summary: dict[str, Any], tables: dict[str, Any] | None = None,
+               extra_tags: dict[str, str] | None = None) -> str:
         """Open the decision's record run (left RUNNING until :meth:`close`); returns its id."""
         client = self.client
         experiment_id = ensure_experiment(client, f"{experiment}-promotions", self.artifact_root)
@@ -107,7 +160,7 @@ class Registry:
         run = client.create_run(experiment_id, run_name=f"{action}-{self.name}-v{version.version}", tags={
             "action": action, "registered_model": self.name, "version": str(version.version),
             "compared_with": str(compared.version) if compared else "none", "by": actor, "at": when,
-            "decision": _decision_word(action, summary),
+            "decision": _decision_word(action, summary), **(extra_tags or {}),
         })
         run_id = run.info.run_id
         params = [Param("model", self.name), Param("version", str(version.version)),
@@ -126,11 +179,35 @@ class Registry:
         self.client.set_terminated(run_id, "FINISHED")
 
     def apply(self, decision: Decision, challenger: ModelVersion, champion: ModelVersion | None,
-              actor: str, experiment: str, scores: dict[str, Any]) -> str:
-        """Record ``decision``; on a pass move ``champion`` to the challenger. Returns the
-        record run's id."""
+              actor: str, experiment: str, scores: dict[str, Any], champion_changed: list[str] | None = None,
+              on_wait=None) -> str:
+        """Record ``decision``, made against ``champion`` (None: there was none); on a pass
+        move ``champion`` to the challenger. Returns the record run's id.
+
+        Under the registry lock, and only if the champion is still ``champion``: else raises
+        :class:`ChampionChanged` having written nothing that stays (the decision must be made
+        again against the new champion). ``champion_changed``: what changed under earlier
+        attempts of this promotion, recorded with the decision."""
         action = "promote" if decision.promote else "reject"
-        run_id = self.record(experiment, action, challenger, champion, actor, decision.summary(), scores)
+        changed = [c for c in (champion_changed or []) if c]
+        summary = {**decision.summary(), **({"champion_changed": changed} if changed else {})}
+        with self.lock(on_wait):
+            self.check_champion(champion)
+            run_id = self.record(experiment, action, challenger, champion, actor, summary, scores,
+                                 {"champion_changed": " | ".join(changed)[:5000]} if changed else None)
+            if decision.promote:
+                try:  # again, just before the write: writers the lock does not reach (remote stores)
+                    self.check_champion(champion)
+                except ChampionChanged as exc:
+                    self.client.set_tag(run_id, "decision", "superseded")
+                    self.client.set_tag(run_id, "superseded_because", str(exc)[:5000])
+                    self.client.set_terminated(run_id, "KILLED")
+                    raise
+            self._write(decision, challenger, champion, actor, run_id, changed)
+        return run_id
+
+    def _write(self, decision: Decision, challenger: ModelVersion, champion: ModelVersion | None, actor: str,
+               run_id: str, changed: list[str]) -> None:
         client = self.client
         when = now()
         if decision.promote:
@@ -152,14 +229,20 @@ class Registry:
             tags["promotion.champion_mean"] = f"{decision.champion_mean:.6f}"
         if decision.promote:
             tags["promotion.replaced_version"] = str(champion.version) if champion else "none"
+        tags["promotion.champion_changed"] = " | ".join(changed)[:5000] if changed else "no"
         for key, value in tags.items():
             client.set_model_version_tag(self.name, str(challenger.version), key, value)
         self.close(run_id)
-        return run_id
 
-    def rollback(self, actor: str, experiment: str, reason: str = "") -> tuple[ModelVersion, ModelVersion, str]:
+    def rollback(self, actor: str, experiment: str, reason: str = "",
+                 on_wait=None) -> tuple[ModelVersion, ModelVersion, str]:
         """Give ``champion`` back to the version the current champion replaced. Returns
-        (the version rolled back from, the version restored, the record run's id)."""
+        (the version rolled back from, the version restored, the record run's id). Reads and
+        writes under the registry lock, so it never interleaves with a promotion's writes."""
+        with self.lock(on_wait):
+            return self._rollback(actor, experiment, reason)
+
+    def _rollback(self, actor: str, experiment: str, reason: str) -> tuple[ModelVersion, ModelVersion, str]:
         current = self.by_alias(CHAMPION)
         if current is None:
             raise RegistryError(f"model '{self.name}' has no champion: nothing to roll back")
@@ -205,4 +288,5 @@ def _decision_word(action: str, summary: dict[str, Any]) -> str:
     return "promoted" if summary.get("promote") else "rejected"
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "Registry", "RegistryError", "actor_name"]
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "ChampionChanged", "Registry", "RegistryError",
+           "actor_name"]

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 import models
 from models.personalized import PersonalizedBundle, PersonalizedPredictor
 from models.pyfunc import BUNDLE_ARTIFACT
+from tasks.locking import registry_lock
 
 CHALLENGER = "challenger"
 SERVING_ENTRY = Path(models.__file__).parent / "serving.py"
@@ -83,16 +84,46 @@ def log_personalized_model(
     version = None
     if registered_model:
         client = MlflowClient()
-        try:
-            client.get_registered_model(registered_model)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(registered_model, description=DESCRIPTION)
+        ensure_registered_model(client, registered_model)
         mv = client.create_model_version(
             registered_model, info.model_uri, run_id=run_id, tags=tags or {}, model_id=info.model_id
         )
         version = str(mv.version)
-        client.set_registered_model_alias(registered_model, CHALLENGER, version)
+        claim_challenger(client, registered_model, version)
     return info.model_uri, version
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model unless it exists; another process may create it between the
+    look-up and the creation (two training runs ending together), which is fine."""
+    try:
+        client.get_registered_model(name)
+        return
+    except mlflow.exceptions.MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description=DESCRIPTION)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def claim_challenger(client: MlflowClient, name: str, version: str) -> bool:
+    """Give alias ``challenger`` to ``version`` unless it already points at a newer version.
+
+    Two runs that register at about the same time (versions 4 and 5) would otherwise set the
+    alias in either order, and it could end on 4. Under the registry lock of the model
+    (:mod:`tasks.locking`, the one promotions hold) the read and the write are one step.
+    Returns whether the alias was moved."""
+    with registry_lock(client.tracking_uri, name):
+        try:
+            current = client.get_model_version_by_alias(name, CHALLENGER).version
+        except mlflow.exceptions.MlflowException:
+            current = None
+        if current is not None and int(current) > int(version):
+            return False
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        return True
 
 
 def load_predictor(model_uri: str, tracking_uri: str) -> PersonalizedPredictor:

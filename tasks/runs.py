@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from mlflow.entities import ViewType  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fedmtl.comparison import RunRecord
+from tasks.locking import sqlite_path
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -21,13 +21,7 @@ class RunLookupError(LookupError):
         return str(self.args[0]) if self.args else ""
 
 
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` tracking URI (relative to the working directory)."""
-    prefix = "sqlite:///"
-    return Path(tracking_uri[len(prefix):]) if tracking_uri.startswith(prefix) else None
-
-
-def open_store(tracking_uri: str) -> MlflowClient:
+def open_existing_store(tracking_uri: str) -> MlflowClient:
     """A client on an existing store; never creates an empty one for a mistyped path."""
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
@@ -66,7 +60,7 @@ def find_run(client: MlflowClient, ref: str, tracking_uri: str):
 def fetch_runs(refs: list[str], tracking_uri: str) -> list[RunRecord]:
     """Each run's settings (params), tags (without MLflow's own) and final metric values
     (MLflow's latest value of each metric: the one of the highest step, i.e. the last round)."""
-    client = open_store(tracking_uri)
+    client = open_existing_store(tracking_uri)
     records = []
     for ref in refs:
         run = find_run(client, ref, tracking_uri)

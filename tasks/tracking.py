@@ -21,7 +21,10 @@ import pandas as pd
 
 import mlflow  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from tasks.locking import is_database_uri, store_lock
 
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -37,7 +40,31 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+_OPENED: set[str] = set()  # stores this process has opened (MLflow keeps them per URI)
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client of the store at ``tracking_uri``, which this process opens for the first time
+    while holding the store's ``init`` lock (:mod:`tasks.locking`).
+
+    MLflow creates a database store's tables, and migrates an old one, when a process first
+    opens it; two processes doing that at once on a new SQLite file fail (``Online migration
+    expected to match one row when updating … in 'alembic_version'``), e.g. two ``fedmtl
+    train`` runs started together on a fresh store. Under the lock the second one waits and
+    then finds the tables in place. Both of MLflow's stores are opened: tracking and registry."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri in _OPENED or not is_database_uri(uri):
+        return MlflowClient(uri)
+    with store_lock(uri, "init"):
+        client = MlflowClient(uri)  # opens the tracking store
+        client.search_registered_models(max_results=1)  # and the registry's
+    _OPENED.add(uri)
+    return client
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """The id of experiment ``name``, created if it does not exist. Another process may create
+    it between the look-up and the creation (two runs started together): its id is used then."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
@@ -48,7 +75,15 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> st
         location = path.as_uri()
     elif artifact_root:
         location = artifact_root
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        existing = client.get_experiment_by_name(name)  # created by a concurrent process
+        if existing is None:
+            raise
+        return existing.experiment_id
 
 
 class RunTracker:
@@ -61,7 +96,7 @@ class RunTracker:
         os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")  # whole seconds
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(self.tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = open_store(self.tracking_uri)
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
         self.run_id: str | None = None
         self.child_runs: dict[str, str] = {}
