@@ -85,6 +85,7 @@ def part_failures(root: Path, rounds: int) -> list[dict]:
         code, wall, metrics = fedmtl_train(root, params, *sets(values))
         row = {"setting": name, "exit_code": code, "seconds": wall, "rounds": metrics.get("rounds"),
                "personal_accuracy": metrics.get("personal_accuracy"),
+               "group_accuracy": metrics.get("group_accuracy"),
                **(run_totals(tracking, metrics["mlflow_run_id"]) if metrics else {})}
         rows.append(row)
         print("failures", row, flush=True)
@@ -166,13 +167,14 @@ def report(results: dict, quick: bool) -> str:
         rows = results["failures"]
         base = rows[0]["personal_accuracy"]
         lines += ["## Failing clients (`fedmtl train`, the Prefect flow)", "",
-                  "| setting | exit | rounds | personalised accuracy | Δ points | clients back on a retry | "
-                  "client-rounds lost | seconds |", "|---|---|---|---|---|---|---|---|"]
+                  "| setting | exit | rounds | personalised accuracy | Δ points | group-model accuracy | "
+                  "clients back on a retry | client-rounds lost | seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            acc = r.get("personal_accuracy")
+            acc, group = r.get("personal_accuracy"), r.get("group_accuracy")
             delta = "" if acc is None or base is None else f"{100 * (acc - base):+.2f}"
             lines.append(f"| {r['setting']} | {r['exit_code']} | {r.get('rounds')} | "
-                         f"{acc if acc is None else f'{acc:.4f}'} | {delta} | {r.get('clients/retried', 0):.0f} | "
+                         f"{acc if acc is None else f'{acc:.4f}'} | {delta} | "
+                         f"{'' if group is None else f'{group:.4f}'} | {r.get('clients/retried', 0):.0f} | "
                          f"{r.get('clients/failed', 0):.0f} | {r['seconds']:.1f} |")
     if results.get("byzantine"):
         rows = results["byzantine"]
