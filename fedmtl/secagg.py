@@ -343,9 +343,14 @@ class SecAggParams:
 # --------------------------------------------------------------------------- crypto helpers
 
 
-def _label(*ids: str) -> bytes:
-    """An unambiguous encoding of client ids (length-prefixed UTF-8)."""
-    return b"".join(_id_label(u) for u in ids)
+def _label(u: str, v: str) -> bytes:
+    """An unambiguous encoding of two client ids (length-prefixed UTF-8)."""
+    return _id_label(u) + _id_label(v)
+
+
+def _pair_label(u: str, v: str) -> bytes:
+    """The label of the unordered pair {u, v}: the same for both ends."""
+    return _id_label(u) + _id_label(v) if u < v else _id_label(v) + _id_label(u)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -360,12 +365,12 @@ def _hkdf(secret: bytes, info: bytes, salt: bytes) -> bytes:
 
 def _share_key(own_c: X25519PrivateKey, peer_c_pk: bytes, u: str, v: str, session: bytes) -> bytes:
     shared = own_c.exchange(X25519PublicKey.from_public_bytes(peer_c_pk))
-    return _hkdf(shared, b"fedmtl-secagg/share-encryption" + _label(*sorted((u, v))), session)
+    return _hkdf(shared, b"fedmtl-secagg/share-encryption" + _pair_label(u, v), session)
 
 
 def _pair_seed(own_s: X25519PrivateKey, peer_s_pk: bytes, u: str, v: str, session: bytes) -> bytes:
     shared = own_s.exchange(X25519PublicKey.from_public_bytes(peer_s_pk))
-    return _hkdf(shared, b"fedmtl-secagg/pairwise-mask" + _label(*sorted((u, v))), session)
+    return _hkdf(shared, b"fedmtl-secagg/pairwise-mask" + _pair_label(u, v), session)
 
 
 def _self_mask_key(b_u: bytes, session: bytes) -> bytes:
@@ -375,7 +380,13 @@ def _self_mask_key(b_u: bytes, session: bytes) -> bytes:
 def _prg(key: bytes, n_words: int) -> np.ndarray:
     """The ChaCha20 keystream of ``key`` as ``n_words`` little-endian uint32 words (read-only)."""
     stream = Cipher(algorithms.ChaCha20(key, _CHACHA_NONCE), mode=None).encryptor()
-    return np.frombuffer(stream.update(bytes(4 * n_words)), dtype="<u4")
+    return np.frombuffer(stream.update(_zeros(4 * n_words)), dtype="<u4")
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n_bytes: int) -> bytes:
+    """The all-zero plaintext whose ChaCha20 encryption is the keystream (immutable, shared)."""
+    return bytes(n_bytes)
 
 
 def _nonce(sender: str, recipient: str) -> bytes:
@@ -407,7 +418,7 @@ class SecAggClient:
         self._c_sk: X25519PrivateKey | None = None
         self._s_sk: X25519PrivateKey | None = None
         self._b_u: bytes | None = None
-        self._share_keys: dict[str, bytes] = {}  # HKDF(X25519(c_u, c_v)) per holder v
+        self._share_keys: dict[str, ChaCha20Poly1305] = {}  # keyed by HKDF(X25519(c_u, c_v))
         self._peer_s_pk: dict[str, bytes] = {}
         self._received: dict[str, bytes] = {}  # ciphertexts from neighbours in U2
         self._revealed_b: set[str] = set()
@@ -435,11 +446,11 @@ class SecAggClient:
         out = []
         for v, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
             keys = neighbour_keys[v]
-            key = _share_key(self._c_sk, keys.c_pk, self.id, v, self.params.session)
-            self._share_keys[v] = key
+            aead = ChaCha20Poly1305(_share_key(self._c_sk, keys.c_pk, self.id, v, self.params.session))
+            self._share_keys[v] = aead
             self._peer_s_pk[v] = keys.s_pk
             plaintext = b_share.to_bytes() + s_share.to_bytes()
-            ciphertext = ChaCha20Poly1305(key).encrypt(
+            ciphertext = aead.encrypt(
                 _nonce(self.id, v), plaintext, _label(self.id, v)
             )
             out.append(EncryptedShare(self.id, v, ciphertext))
@@ -562,7 +573,7 @@ class SecAggClient:
     def _decrypt(self, v: str, *, want_b: bool) -> shamir.Share:
         """v's share of b_v (``want_b``) or of s_v^SK, from the ciphertext v sent in round 1."""
         try:
-            plaintext = ChaCha20Poly1305(self._share_keys[v]).decrypt(
+            plaintext = self._share_keys[v].decrypt(
                 _nonce(v, self.id), self._received[v], _label(v, self.id)
             )
         except InvalidTag as exc:

@@ -110,7 +110,8 @@ def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not():
     for subset in itertools.combinations(shares, 2):
         with pytest.raises(ValueError, match="at least t=3 distinct shares, got 2"):
             shamir.combine(list(subset), 3)
-        assert shamir.combine(list(subset), 2) != secret  # a wrong threshold gives garbage
+        with pytest.raises(ValueError, match="inconsistent"):  # a wrong threshold is caught
+            shamir.combine(list(subset), 2)  # (11 chunks, each passes w.p. 2^-7: misses 2^-77)
     with pytest.raises(ValueError, match="got 2"):  # a duplicate is not a new share
         shamir.combine([shares[0], shares[0], shares[1]], 3)
 
@@ -124,7 +125,7 @@ def test_shamir_secrets_of_any_length_and_serialisation(length):
     assert wire == shares
     picked = rng.sample(wire, 5)
     assert shamir.combine(picked, 5) == secret
-    assert all(len(s.ys) == -(-length // 32) for s in shares)
+    assert all(len(s.ys) == -(-length // shamir.CHUNK_BYTES) for s in shares)
 
 
 def test_shamir_rejects_bad_arguments_and_inconsistent_shares():
@@ -140,6 +141,67 @@ def test_shamir_rejects_bad_arguments_and_inconsistent_shares():
         b"k" * 32, 5, 3, random.Random(3)
     )
     assert shamir.split(b"k" * 32, 5, 3) != shamir.split(b"k" * 32, 5, 3)  # os.urandom
+
+
+def test_vectorised_shamir_equals_the_scalar_horner_path_for_the_same_coefficients():
+    for n, t, length in [(1, 1, 1), (5, 3, 4), (9, 5, 70), (53, 27, 32), (120, 61, 32)]:
+        secret = random.Random(n).randbytes(length)
+        shares = shamir.split(secret, n, t, random.Random(t))
+        rng = random.Random(t)  # the same randomness, drawn the way split draws it
+        coefficients = shamir._random_elements(rng, (t - 1, shamir._n_chunks(length)))
+        chunks = shamir._chunks(secret)
+        for share in shares:
+            assert share.ys == tuple(
+                shamir._evaluate([chunks[j], *coefficients[:, j].tolist()], share.x)
+                for j in range(len(chunks))
+            )
+        picked = random.Random(0).sample(shares, t)
+        assert shamir.combine(picked, t) == secret
+
+
+def test_shamir_with_many_holders_reconstructs_from_any_t():
+    rng = random.Random(5)
+    secret = rng.randbytes(32)
+    shares = shamir.split(secret, 300, 151, rng)
+    for _ in range(3):
+        assert shamir.combine(rng.sample(shares, 151 + rng.randrange(20)), 151) == secret
+    with pytest.raises(ValueError, match="at least t=151 distinct shares, got 150"):
+        shamir.combine(shares[:150], 151)
+
+
+def test_shamir_field_arithmetic_cannot_overflow():
+    p = shamir.P
+    worst = np.full((3, 40), p - 1, dtype=np.int64)
+    wide = np.full((40, 5), p - 1, dtype=np.int64)
+    assert (shamir._matmul_mod(worst, wide) == 40 * (p - 1) ** 2 % p).all()
+    a = np.random.default_rng(0).integers(0, p, (2, (1 << 15) + 7))  # more than one block
+    b = np.random.default_rng(1).integers(0, p, ((1 << 15) + 7, 3))
+    exact = [[sum(int(x) * int(y) for x, y in zip(a[i], b[:, j])) % p for j in range(3)]
+             for i in range(2)]
+    assert shamir._matmul_mod(a, b).tolist() == exact
+    xs = tuple(random.Random(2).sample(range(1, 10_000), 40))
+    weights = shamir._lagrange_at_zero(xs)
+    for i, xi in enumerate(xs):  # the textbook λ_i, one inversion each
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num, den = num * xj % p, den * (xj - xi) % p
+        assert weights[i] == num * pow(den, -1, p) % p
+
+
+def test_shamir_coefficients_are_redrawn_rather_than_reduced():
+    class Draws(random.Random):  # 31 random bits equal to P first, then 5
+        def __init__(self, words):
+            super().__init__(0)
+            self.words = list(words)
+
+        def randbytes(self, n):
+            return b"".join(w.to_bytes(4, "little") for w in (self.words.pop(0) for _ in range(n // 4)))
+
+    got = shamir._random_elements(Draws([0xFFFFFFFF, 7, shamir.P, 5]), (1, 2))
+    assert got.tolist() == [[5, 7]]  # 0xFFFFFFFF & P == P is redrawn (twice), not wrapped to 0
+    with pytest.raises(ValueError, match="field elements"):
+        shamir.Share.from_bytes(shamir.Share(1, (shamir.P,), 3).to_bytes())
 
 
 # --------------------------------------------------------------------------- fixed point
