@@ -276,8 +276,9 @@ def test_harary_graph_degrees_symmetry_and_determinism(n, k):
 
 
 def test_default_k_and_threshold():
-    assert [default_neighbours(n) for n in (2, 10, 11, 100, 500)] == [1, 9, 10, 23, 25]
-    assert [default_neighbours(100, d) for d in (0.0, 0.2, 0.3)] == [15, 51, 99]  # 15: the log floor
+    assert [default_neighbours(n) for n in (2, 10, 11, 100, 500)] == [1, 9, 9, 17, 23]
+    assert [default_neighbours(100, d) for d in (0.0, 0.2, 0.3)] == [15, 31, 53]  # 15: the log floor
+    assert [default_neighbours(1000, d) for d in (0.1, 0.2, 0.3)] == [25, 57, 133]
     with pytest.raises(ValueError, match="max_dropout"):
         default_neighbours(100, 0.5)
     assert resolve_threshold(15) == 8 and resolve_threshold(9) == 5 and resolve_threshold(1) == 1
@@ -287,15 +288,37 @@ def test_default_k_and_threshold():
             resolve_threshold(15, bad)
 
 
-@pytest.mark.parametrize("n,dropout", [(100, 0.1), (100, 0.2), (500, 0.3)])
+@pytest.mark.parametrize("n,dropout", [(100, 0.1), (100, 0.2), (100, 0.3), (500, 0.3)])
 def test_default_k_is_the_smallest_degree_whose_loss_bound_holds(n, dropout):
-    from scipy.stats import binom
+    from scipy.stats import binom, hypergeom
 
     def loss(k):  # P(some client keeps fewer than t = k//2 + 1 surviving neighbours), union bound
-        return n * binom.cdf(k // 2, k, 1 - dropout)
+        t = k // 2 + 1  # lost when more than k - t of its k neighbours are among the D dropped
+        return n * hypergeom.sf(k - t, n - 1, int(dropout * n + 1e-9), k)
 
     k = default_neighbours(n, dropout)
     assert loss(k) <= 1e-4 < loss(k - 1)
+    # the with-replacement (binomial) stand-in is looser: it never asks for fewer neighbours
+    assert n * binom.cdf(k // 2, k, 1 - dropout) >= loss(k)
+
+
+def test_neighbours_dropped_are_hypergeometric_as_the_degree_bound_assumes():
+    """The bound behind default_neighbours assumes that a client's neighbours in the random
+    Harary graph are a uniformly random k-subset of the others: check the count of a client's
+    neighbours among D dropped clients against the hypergeometric law, over random graphs."""
+    from scipy.stats import hypergeom
+
+    n, k, dropped, trials = 30, 9, 9, 3000
+    ids = [f"u{i:02d}" for i in range(n)]
+    gone = set(ids[1 : 1 + dropped])  # u00 survives; any fixed set works as the order is random
+    counts = np.zeros(k + 1)
+    for trial in range(trials):
+        counts[len(harary_graph(ids, k, seed=trial)["u00"] & gone)] += 1
+    expected = hypergeom.pmf(np.arange(k + 1), n - 1, dropped, k) * trials
+    chi2 = float(((counts - expected) ** 2 / np.maximum(expected, 1e-9))[expected > 5].sum())
+    assert chi2 < 25.0  # 7 bins with > 5 expected, 6 degrees of freedom: p < 1e-3 at 25
+    tail = counts[k - (k // 2 + 1) + 1 :].sum() / trials  # more than k - t of them dropped
+    assert tail == pytest.approx(hypergeom.sf(k - (k // 2 + 1), n - 1, dropped, k), abs=0.015)
 
 
 def test_a_graph_sized_for_30_percent_dropout_recovers_every_sum():
@@ -307,6 +330,16 @@ def test_a_graph_sized_for_30_percent_dropout_recovers_every_sum():
         late = rng.choice(sorted(vectors), size=60, replace=False).tolist()
         res = secure_sum(vectors, clip=1.0, max_dropout=0.3, drop_after_masking=late, seed=trial)
         assert res.k == k and len(res.included) == 200 and not res.dropped
+        assert np.abs(res.sum - plain_sum(vectors, vectors)).max() <= res.error_bound
+
+
+def test_the_30_percent_graph_at_100_clients_is_sparse_and_recovers_every_sum():
+    vectors = random_vectors(100, 10, seed=31)
+    rng = np.random.default_rng(31)
+    for trial in range(2):
+        late = rng.choice(sorted(vectors), size=30, replace=False).tolist()
+        res = secure_sum(vectors, clip=1.0, max_dropout=0.3, drop_after_masking=late, seed=trial)
+        assert (res.k, res.t) == (53, 27) and len(res.included) == 100
         assert np.abs(res.sum - plain_sum(vectors, vectors)).max() <= res.error_bound
 
 
@@ -362,7 +395,7 @@ def test_mixed_dropouts_with_the_default_graph():
     ids = sorted(vectors)
     res = secure_sum(vectors, clip=1.0, drop_before_masking=ids[:3], drop_after_masking=ids[3:6],
                      seed=8)
-    assert res.k == default_neighbours(40) == 21 and res.t == 11
+    assert res.k == default_neighbours(40) == 13 and res.t == 7
     assert res.dropped == tuple(ids[:3])
     assert np.abs(res.sum - plain_sum(vectors, ids[3:])).max() <= res.error_bound
 
