@@ -44,6 +44,9 @@ WORKLOAD = {
 }
 RULES = ("mean", "median", "trimmed_mean", "multi_krum", "norm_bound")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip")
+#: fedmtl on the grouped workload; FedAvg on an IID split of the same data, where its one global
+#: model is the right model (on label-permuted groups it is at 33 % before any attack)
+BYZANTINE_CASES = (("fedmtl", "label-permutation"), ("fedavg", "iid"))
 
 
 def fedmtl_train(root: Path, params: Path, *extra: str) -> tuple[int, float, dict]:
@@ -104,24 +107,29 @@ def part_byzantine(root: Path, rounds: int) -> list[dict]:
     from fedmtl.store import ClientStore
 
     torch.set_num_threads(1)
-    prepare_data(root, {**WORKLOAD, "training.rounds": rounds})
-    manifest = read_manifest(root / "data/partitions")
     rows = []
-    for method in ("fedmtl", "fedavg"):
+    for method, scheme in BYZANTINE_CASES:
+        workload = {**WORKLOAD, "training.rounds": rounds, "algorithm.method": method,
+                    "data.partition.scheme": scheme}
+        data = root / scheme
+        prepare_data(data, workload)
+        manifest = read_manifest(data / "data/partitions")
         metric = "personal/accuracy/mean" if method == "fedmtl" else "global/accuracy/mean"
         for attack in ATTACKS:
             for rule in RULES:
-                values = {**WORKLOAD, "training.rounds": rounds, "algorithm.method": method, "server.aggregator": rule}
+                values = {**workload, "server.aggregator": rule}
                 if attack != "none":
                     values.update({"faults.byzantine_fraction": 0.2, "faults.byzantine_attack": attack})
-                cfg = make_config(root, values)
+                cfg = make_config(data, values)
                 with tempfile.TemporaryDirectory() as store:
                     fed = Federation.from_config(cfg, manifest, ClientStore(Path(store)))
                     start = time.perf_counter()
                     _, records, _ = run_rounds(fed, manifest.client_ids, rounds, evaluate_every=rounds)
                     seconds = time.perf_counter() - start
                 honest = records[~records["client"].isin(fed.byzantine)]
-                row = {"method": method, "attack": attack, "rule": rule, "byzantine": sorted(fed.byzantine),
+                groups = {c: fed.groups.get(c) for c in sorted(fed.byzantine)} if scheme != "iid" else {}
+                row = {"method": method, "scheme": scheme, "attack": attack, "rule": rule,
+                       "byzantine": sorted(fed.byzantine), "byzantine_groups": groups,
                        "accuracy": summarize(honest)[metric], "seconds": seconds}
                 rows.append(row)
                 print("byzantine", row, flush=True)
@@ -184,7 +192,12 @@ def report(results: dict, quick: bool) -> str:
         for method in dict.fromkeys(r["method"] for r in rows):
             part = [r for r in rows if r["method"] == method]
             clean = next(r["accuracy"] for r in part if r["attack"] == "none" and r["rule"] == "mean")
-            lines += [f"### {method}", "", "| attack | " + " | ".join(RULES) + " |",
+            scheme = part[0].get("scheme", "label-permutation")
+            groups = part[-1].get("byzantine_groups") or {}
+            where = (" Byzantine clients and their groups: " + ", ".join(f"{c} ({g})" for c, g in groups.items())
+                     + ".") if groups else ""
+            lines += [f"### {method} ({scheme} split)", "", f"{len(part[-1]['byzantine'])} Byzantine clients of 20."
+                      + where, "", "| attack | " + " | ".join(RULES) + " |",
                       "|---|" + "---|" * len(RULES)]
             for attack in ATTACKS:
                 cells = []
