@@ -7,8 +7,9 @@ writes ``benchmarks/results/privacy.md`` and ``privacy.json``. Parts (each in th
 - **secagg**: the core round (batched local training, aggregation, server step) of 10, 100 and
   500 Synthetic clients (MLP 60-64-10, 5 local epochs) with plain and with SecAgg+ aggregation;
   seconds per round, the protocol's own seconds, and the largest difference between the secure
-  and the plain group means. Then recovery: SecAgg+ over 100 clients with 0 %, 10 % and 30 % of
-  them silent between masking and unmasking (default graph, and k = 30), over ``trials``
+  and the plain group means; with the default graph (sized for 10 % dropout) and, from 100
+  clients up, with the graph sized for 30 %. Then recovery: SecAgg+ over 100 clients with 0 %, 10 % and 30 % of
+  them silent between masking and unmasking (graphs sized for 10 % and for 30 %), over ``trials``
   sessions: how many sums were recovered and their largest error.
 - **dp**: fedmtl without DP and with DP at noise multipliers z giving ε ≈ 8, 4, 2 and 1
   (δ = 1e-5, from the accountant), 50 rounds, on two scenarios: Synthetic(0.5, 0.5) with 1,000
@@ -105,8 +106,9 @@ def federation(manifest, memory, overrides: list[str], root: str) -> InMemoryFed
 # -- secure aggregation -----------------------------------------------------------------------
 
 def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
-    out = {"rounds": [], "dropout": []}
-    runs = [(n, 0.1) for n in sizes] + [(100, 0.3)]  # (clients, the dropout the graph is sized for)
+    out = {"rounds": [], "dropout": [], "load_average": [os.getloadavg()[0]]}
+    # (clients, the dropout the graph is sized for): the default 10 %, and 30 % from 100 clients up
+    runs = [(n, 0.1) for n in sizes] + [(n, 0.3) for n in sizes if n >= 100]
     for n, max_dropout in runs:
         manifest, memory = synthetic(n)
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,28 +117,36 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
             clients = manifest.client_ids
             state = fed.initial_state()
             plain, secure, protocol, error = [], [], [], 0.0
+            plain_cpu, secure_cpu = [], []
             spec = PrivacySpec(secure_aggregation=True, secagg_range=1.0, secagg_max_dropout=max_dropout)
             scale = float(max(e.n_train for e in manifest.clients))
             for r in range(rounds):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 updates = fed.train_clients(clients, state)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 groups = group_aggregate(updates)
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.process_time()
                 private, report = private_aggregate(updates, spec, 1.0, {}, scale, torch.Generator(), r)
-                t3 = time.perf_counter()
+                t3, c3 = time.perf_counter(), time.process_time()
                 state = fed.merge(state, groups)
-                t4 = time.perf_counter()
+                t4, c4 = time.perf_counter(), time.process_time()
                 plain.append(t2 - t0 + (t4 - t3))
                 secure.append(t1 - t0 + (t3 - t2) + (t4 - t3))
+                plain_cpu.append(c2 - c0 + (c4 - c3))
+                secure_cpu.append(c1 - c0 + (c3 - c2) + (c4 - c3))
                 protocol.append(report.secagg_seconds)
                 for g, agg in groups.items():
                     error = max(error, float((agg.delta_base - private[g].delta_base).abs().max()))
         row = {"clients": n, "max_dropout": max_dropout, "k": default_neighbours(n, max_dropout),
                "plain_round_s": float(np.median(plain)), "secure_round_s": float(np.median(secure)),
                "protocol_s": float(np.median(protocol)), "max_abs_error": error,
-               "dim": int(state.base.numel() + sum(v.numel() for v in state.global_heads.values()))}
+               "dim": int(state.base.numel() + sum(v.numel() for v in state.global_heads.values())),
+               # process CPU seconds: what the one process itself spent, insensitive to other
+               # work on a shared machine (the wall-clock figures are not)
+               "plain_round_cpu_s": float(np.median(plain_cpu)),
+               "secure_round_cpu_s": float(np.median(secure_cpu))}
         row["ratio"] = row["secure_round_s"] / row["plain_round_s"]
+        row["ratio_cpu"] = row["secure_round_cpu_s"] / row["plain_round_cpu_s"]
         out["rounds"].append(row)
         print("secagg", row, flush=True)
 
@@ -160,6 +170,7 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
                    "max_abs_error": worst, "seconds": float(np.median(seconds)) if seconds else None}
             out["dropout"].append(row)
             print("dropout", row, flush=True)
+    out["load_average"].append(os.getloadavg()[0])  # 1-minute load: other work on the machine
     return out
 
 
@@ -306,13 +317,19 @@ def report(results: dict, args) -> str:
         lines += ["## Secure aggregation (SecAgg+) against plain aggregation", "",
                   "The core round (batched local training of every client, aggregation, server step), Synthetic "
                   "clients, MLP 60-64-10; the protocol runs all clients and the server in this one process.", "",
+                  "Wall-clock seconds (medians over the rounds); \"× plain, CPU time\" is the same ratio of the "
+                  "process's CPU seconds, which other work on a shared machine does not inflate"
+                  + (" (load average {:.1f} at the start of this part, {:.1f} at its end)".format(
+                      sec["load_average"][0], sec["load_average"][1]) if "load_average" in sec else "")
+                  + ".", "",
                   "| clients | graph sized for dropout | k | coordinates | plain round (s) | with SecAgg+ (s) | × plain "
-                  "| protocol (s) | max |secure − plain| |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| protocol (s) | × plain, CPU time | max |secure − plain| |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec["rounds"]:
+            cpu = f"{r['ratio_cpu']:.2f}" if "ratio_cpu" in r else "–"
             lines.append(f"| {r['clients']} | {100 * r['max_dropout']:.0f} % | {r['k']} | {r['dim']:,} | "
                          f"{r['plain_round_s']:.3f} | {r['secure_round_s']:.3f} | {r['ratio']:.2f} | "
-                         f"{r['protocol_s']:.3f} | {r['max_abs_error']:.1e} |")
+                         f"{r['protocol_s']:.3f} | {cpu} | {r['max_abs_error']:.1e} |")
         lines += ["", "Clients silent between masking and unmasking (100 clients, 5,000 coordinates):", "",
                   "| dropout | graph sized for | k | sums recovered | max |error| | protocol (s) |",
                   "|---|---|---|---|---|---|"]
