@@ -82,14 +82,20 @@ def global_merge(
     optimizer: ServerOptimizer | None = None,
     head_scope: str = "group",
     robust: RobustSpec | None = None,
+    client_updates: Sequence[ClientUpdate] | None = None,
 ) -> ServerState:
     """The next server state from this round's group aggregates (the input state is unchanged).
 
     ``head_scope``: ``group`` (fedmtl, IFCA: φ_g ← φ_g + Δφ_g, φ₀ = mean of the φ_g) or
     ``global`` (FedAvg-like methods: one head φ₀ stepped by the server optimiser like θ).
     The members of each aggregate are recorded in the state's client → group assignment.
-    ``robust``: a rule other than the mean also combines the groups' base updates when there are
-    at least 3 groups (with fewer, a robust rule has nothing to outvote).
+    ``robust``: a rule other than the mean also steps the shared base robustly. Given the round's
+    ``client_updates``, the rule runs over every client's Δθ at once rather than over the group
+    aggregates: attackers need not spread evenly over the groups, and two of five in one group
+    (40 %) carry that group's trimmed mean or Krum choice, after which a rule over a handful of
+    group aggregates has nothing left to outvote; over all the clients they stay the 20 % they
+    are. Without them, the rule combines the groups' base updates when there are at least 3.
+    Group heads are only ever aggregated within their group.
     """
     if not groups:
         raise ValueError(f"round {state.round}: no group aggregates to merge (no client updates)")
@@ -103,6 +109,9 @@ def global_merge(
     with_base = [(a, w) for a, w in zip(ordered, weights) if a.delta_base is not None]
     if with_base:
         deltas, ws = [a.delta_base for a, _ in with_base], [w for _, w in with_base]
+        flat = [u for u in sorted(client_updates or (), key=lambda u: u.client) if u.delta_base is not None]
+        if robust is not None and robust.rule != "mean" and len(flat) >= 3:
+            deltas, ws = [u.delta_base for u in flat], [float(max(u.n_samples, 1)) for u in flat]
         if robust is not None and robust.rule != "mean" and len(deltas) >= 3:
             step, _ = robust_aggregate(deltas, ws, robust.rule, trim_fraction=robust.trim_fraction,
                                        n_byzantine=robust.n_byzantine, max_norm=robust.max_norm)
