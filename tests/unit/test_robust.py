@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedmtl.aggregation import group_aggregate, weighted_mean
+from fedmtl.aggregation import global_merge, group_aggregate, weighted_mean
 from fedmtl.byzantine import ATTACKS, attackers, corrupt_update, flip_labels
 from fedmtl.robust import (
     RULES,
@@ -24,7 +24,7 @@ from fedmtl.robust import (
     robust_aggregate,
     trimmed_mean,
 )
-from fedmtl.state import ClientUpdate
+from fedmtl.state import ClientUpdate, ServerState
 
 D = 64
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
@@ -286,6 +286,36 @@ def test_aggregate_updates_without_base_and_with_errors():
         aggregate_updates(mixed, RobustSpec("median"))
     with pytest.raises(ValueError, match=r"group 'g0': Krum needs more than 2f \+ 2 = 6"):
         aggregate_updates(make_updates(n=6), RobustSpec("krum", n_byzantine=2))
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "multi_krum"])
+def test_robust_base_step_outvotes_attackers_concentrated_in_one_group(rule):
+    """4 groups of 5 clients; the 4 attackers (20 %) sit 2 and 2 in groups g0 and g1 (40 % of
+    each). Within those groups a 20 % trimmed mean or multi-Krum with f = 1 is carried by them,
+    and over the 4 group aggregates half are poisoned. Over all 20 clients' base updates the rule
+    still sees 20 % and the base step stays near the honest mean; without the client updates it
+    does not."""
+    g = torch.Generator().manual_seed(5)
+    mu = torch.ones(D)
+    updates = []
+    for i in range(20):
+        client, group = f"c{i:02d}", f"g{i // 5}"
+        delta = mu + 0.1 * torch.randn(D, generator=g)
+        if client in ("c00", "c01", "c05", "c06"):
+            delta = -10 * delta
+        updates.append(ClientUpdate(client=client, group=group, n_samples=10, delta_base=delta,
+                                    delta_heads={"y": torch.zeros(3)}, metrics={}))
+    spec = RobustSpec(rule)
+    groups = group_aggregate(updates, spec)
+    state = ServerState(0, torch.zeros(D), {f"g{k}": {"y": torch.zeros(3)} for k in range(4)}, {"y": torch.zeros(3)})
+    honest = torch.stack([u.delta_base for u in updates if u.client not in ("c00", "c01", "c05", "c06")]).mean(0)
+    flat = global_merge(state, groups, robust=spec, client_updates=updates).base
+    hierarchical = global_merge(state, groups, robust=spec).base
+    assert float((flat - honest).norm()) < 0.1 * float(honest.norm())
+    assert float((hierarchical - honest).norm()) > float(honest.norm())  # what the group path gives
+    # the mean rule ignores the client updates: the hierarchical FedAvg step, unchanged
+    plain = global_merge(state, group_aggregate(updates), client_updates=updates).base
+    torch.testing.assert_close(plain, torch.stack([u.delta_base for u in updates]).mean(0))
 
 
 # --- byzantine ----------------------------------------------------------------------------------
