@@ -233,11 +233,14 @@ def default_neighbours(n: int, max_dropout: float = DEFAULT_MAX_DROPOUT, loss: f
     every device drops independently with probability p, size for a fraction above p (at
     n = 100, more than 30 % drop about half the time when p = 0.3).
 
-    E.g. n = 100: k = 17 at 10 %, 31 at 20 %, 53 at 30 %; n = 1,000: 25, 57 and 133. Privacy is
-    unaffected: the threshold and the threat model (fewer than t colluding clients in any
-    neighbourhood) are the same, and a Harary graph H(k, n) is k-connected, so while fewer than k
-    clients drop out (30 < 53 at n = 100) the survivors' graph stays connected and the server
-    learns only their total, not the sums of parts of it."""
+    E.g. n = 100: k = 17 at 10 %, 31 at 20 %, 53 at 30 %; n = 1,000: 25, 57 and 133. Against
+    the server alone privacy does not depend on k: a Harary graph H(k, n) is k-connected, so
+    while fewer than k clients drop out (30 < 53 at n = 100) the survivors' graph stays connected
+    and the server learns only their total, not sums of parts of it. Against a server colluding
+    with clients the bar is t = ⌊k/2⌋ + 1 of one client's neighbours, so a smaller k lowers it
+    (27 at k = 53, against 50 with the complete graph); k is sized for dropout only, not for a
+    fraction of corrupt clients as in Bell et al., here as before. ``neighbours`` (or
+    ``privacy.secagg_neighbours``) sets a larger k where more collusion must be tolerated."""
     if n < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
     if not 0.0 <= max_dropout < 0.5:
