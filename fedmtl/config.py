@@ -396,20 +396,52 @@ class PrivacyConfig(_Section):
     evaluation_noise: float = Field(
         0.0, ge=0, description="std of Gaussian noise on every summed evaluation count (not part of ε)"
     )
+    dp_sgd: bool = Field(
+        False, description="sample-level DP-SGD inside local training (Opacus): each row's gradient "
+        "clipped, Gaussian noise on every step, each client's own ε accounted (fedmtl/dpsgd.py)"
+    )
+    dp_sgd_noise_multiplier: float = Field(
+        1.0, gt=0, description="σ: noise std on each step's summed row gradients is σ·dp_sgd_max_grad_norm"
+    )
+    dp_sgd_max_grad_norm: float = Field(1.0, gt=0, description="each row's gradient is clipped to this L2 norm")
+    dp_sgd_delta: float | None = Field(
+        None, gt=0, lt=1, description="δ of each client's sample-level (ε, δ) (default: privacy.delta)"
+    )
+    dp_sgd_target_epsilon: float | None = Field(
+        None, gt=0, description="a client whose next round would take its sample-level ε above this sits "
+        "the round out (named in the round report) instead"
+    )
+    dp_sgd_accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant of each client's ε: rdp (Rényi DP) or prv (privacy loss "
+        "random variables, tighter)"
+    )
 
     @property
     def enabled(self) -> bool:
+        """Whether the server-side release rules apply (DP-FedAvg or secure aggregation)."""
         return self.dp or self.secure_aggregation
 
     @property
+    def active(self) -> bool:
+        """Whether any privacy mechanism is on (the releases' or DP-SGD inside the clients)."""
+        return self.enabled or self.dp_sgd
+
+    @property
     def mechanism(self) -> str:
-        """The run's ``privacy`` tag: none, dp-fedavg, secagg, or dp-fedavg+secagg."""
-        parts = (["dp-fedavg"] if self.dp else []) + (["secagg"] if self.secure_aggregation else [])
+        """The run's ``privacy`` tag: none, or the mechanisms joined by +: dp-fedavg, dp-sgd, secagg
+        (e.g. dp-fedavg+secagg, dp-sgd)."""
+        parts = ((["dp-fedavg"] if self.dp else []) + (["dp-sgd"] if self.dp_sgd else [])
+                 + (["secagg"] if self.secure_aggregation else []))
         return "+".join(parts) or "none"
 
     @property
+    def dp_sgd_delta_value(self) -> float:
+        """DP-SGD's δ: ``dp_sgd_delta``, else ``delta``."""
+        return self.delta if self.dp_sgd_delta is None else self.dp_sgd_delta
+
+    @property
     def per_client_metrics(self) -> bool:
-        return (not self.enabled) if self.client_metrics is None else self.client_metrics
+        return (not self.active) if self.client_metrics is None else self.client_metrics
 
 
 class Config(_Section):
@@ -428,9 +460,35 @@ class Config(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
+    @model_validator(mode="after")
+    def _check_dp_sgd(self) -> "Config":
+        if not self.privacy.dp_sgd:
+            return self
+        problem = dp_sgd_blocker(self.algorithm.method, self.grouping.method)
+        if problem is None and self.training.batched == "on":
+            problem = ("training.batched=on with privacy.dp_sgd: DP-SGD clips each row's gradient "
+                       "(Opacus per-sample gradients), which the batched step (torch.func over clients) does "
+                       "not compute; use training.batched=auto or off")
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""
         return flatten(self.model_dump(mode="json"))
+
+
+def dp_sgd_blocker(method: str, grouping: str) -> str | None:
+    """Why ``privacy.dp_sgd`` cannot give its guarantee with this method and grouping, or None.
+    (Methods that group clients: fedmtl, which groups by ``grouping.method``, and IFCA.)"""
+    if method == "pfedme":
+        return ("algorithm.method=pfedme with privacy.dp_sgd: pFedMe's client loop (K inner steps per "
+                "batch on a personal model) is its own and is not made private; use another method")
+    if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
+        how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"
+        return (f"{how} with privacy.dp_sgd: a client would pick its group from the loss of every one of "
+                "its rows, a choice released outside the sample-level ε; use grouping.method=column")
+    return None
 
 
 class ConfigError(ValueError):

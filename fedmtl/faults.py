@@ -98,13 +98,13 @@ class FaultSpec:
         return corrupt_update(update, self.byzantine_attack, generator=torch.Generator().manual_seed(seed))
 
 
-NOT_RETRIED = ("ClientTimeout", "RejectedUpdate")
+NOT_RETRIED = ("ClientTimeout", "RejectedUpdate", "DPSGDBudgetSpent")
 
 
 def retryable(error: str) -> bool:
     """Whether a client failure (as recorded: ``"ExceptionName: message"``) is worth a retry: not
-    a client cut off by the timeout (it was given its time) nor a rejected update (it would be
-    rejected again)."""
+    a client cut off by the timeout (it was given its time), a rejected update (it would be
+    rejected again), nor a client whose DP-SGD budget is spent (it sits the round out)."""
     return not error.startswith(tuple(f"{name}:" for name in NOT_RETRIED))
 
 

@@ -14,7 +14,9 @@ each client's update, metrics and personal state are those of :meth:`Federation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shar
 from fedmtl.evaluation import VARIANTS, evaluate_clients, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.dp import AdaptiveClip
+from fedmtl.dpsgd import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSession, DPSGDSpec, Ledger, client_epsilons
 from fedmtl.faults import FaultSpec
 from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
 from fedmtl.robust import RobustSpec
@@ -63,6 +66,15 @@ class Federation:
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     robust: RobustSpec = field(default_factory=RobustSpec)
     faults: FaultSpec = field(default_factory=FaultSpec)
+    dp_sgd: DPSGDSpec | None = None  # privacy.dp_sgd: sample-level DP-SGD in local training
+
+    def __post_init__(self) -> None:
+        if self.dp_sgd is not None:
+            from fedmtl.config import dp_sgd_blocker
+
+            problem = dp_sgd_blocker(self.algorithm.name, self.grouping.method)
+            if problem is not None:
+                raise ValueError(problem)
 
     @classmethod
     def from_config(cls, cfg, manifest: Manifest, store: ClientStore) -> "Federation":
@@ -86,6 +98,7 @@ class Federation:
             robust=RobustSpec(cfg.server.aggregator, cfg.server.trim_fraction, cfg.server.byzantine_clients,
                               cfg.server.max_update_norm),
             faults=FaultSpec.from_config(cfg),
+            dp_sgd=DPSGDSpec.from_config(cfg.privacy),
         )
 
     @property
@@ -158,21 +171,54 @@ class Federation:
         return self.faults.poison_data(self.data(client), self.manifest.tasks, self.byzantine)
 
     def client_round(self, client: str, state: ServerState, attempt: int = 0) -> ClientUpdate:
-        """Local training on ``client``: keeps its personal state, returns what it releases."""
+        """Local training on ``client``: keeps its personal state, returns what it releases.
+        Under ``privacy.dp_sgd`` every SGD step of the round is DP-SGD; the client adds the
+        round's steps to its ledger and reports its ε with the update (``dp_sgd_epsilon``), or,
+        when the round would take it above ``privacy.dp_sgd_target_epsilon``, sits the round out
+        (:class:`DPSGDBudgetSpent`; nothing of it is kept or released)."""
         self.faults.before_training(client, state.round + 1, attempt)
+        ledger = self._ledger_before(client, state) if self.dp_sgd is not None else None
         data = self.train_data(client)
         ctx = self.context(client, state.round)
         group = self.group_of(client, state, data, ctx)
+        session = None
+        if ledger is not None:
+            session = DPSGDSession(self.dp_sgd)
+            ctx.cfg = dataclasses.replace(ctx.cfg, dp_sgd=session)
         update, personal = self.algorithm.client_round(ctx, state, data, group,
                                                        self.store.load(client, at_most=state.round))
         update = self.faults.poison_update(update, state.round + 1, self.byzantine)
         check_update(update, state)
+        if session is not None:
+            ledger = ledger.plus(state.round + 1, session.steps)
+            eps = self.dp_sgd.epsilon(ledger.history)
+            self._check_budget(client, eps, "this round")
+            self.store.save_record(client, LEDGER, ledger.to_tensor(), state.round + 1)
+            update.metrics["dp_sgd_epsilon"] = eps
         if personal is not None:
             self.store.save(client, personal, state.round + 1)
         return update
 
+    def _ledger_before(self, client: str, state: ServerState) -> Ledger:
+        """The client's DP-SGD ledger as of ``state.round``; raises :class:`DPSGDBudgetSpent`
+        when repeating its last round's steps would exceed the target."""
+        ledger = Ledger.from_tensor(self.store.load_record(client, LEDGER, at_most=state.round))
+        if self.dp_sgd.target_epsilon is not None and ledger.rows:
+            self._check_budget(client, self.dp_sgd.epsilon(ledger.history + ledger.last_round()), "one more round")
+        return ledger
+
+    def _check_budget(self, client: str, eps: float, when: str) -> None:
+        target = self.dp_sgd.target_epsilon
+        if target is not None and not eps <= target:
+            raise DPSGDBudgetSpent(
+                f"client '{client}': {when} would take its sample-level ε to {eps:.4g} > "
+                f"privacy.dp_sgd_target_epsilon={target:g} at δ={self.dp_sgd.delta:g}; it sits the round out")
+
     def batching_blocker(self, model: torch.nn.Module | None = None) -> str | None:
         """Why this federation's clients cannot be trained in a batch, or None if they can."""
+        if self.dp_sgd is not None:
+            return ("privacy.dp_sgd is on: DP-SGD clips each row's gradient (Opacus per-sample gradients), "
+                    "which the batched step (torch.func over clients) does not compute")
         if not self.algorithm.batchable:
             return (f"algorithm.method '{self.algorithm.name}' has its own client procedure, not the "
                     "standard shared step (batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)")
@@ -334,6 +380,11 @@ class Federation:
         kept = state.optimizer.get(CLIP_KEY)
         return float(kept.reshape(-1)[0]) if kept is not None and self.privacy.adaptive_clip else self.privacy.clip_norm
 
+    def needs_updates_to_merge(self, state: ServerState) -> bool:
+        """Whether :meth:`merge` needs the round's client updates, not only the group aggregates:
+        to learn groups, to record DP-SGD's ε, or to step the base by a robust rule over clients."""
+        return self.regroup_due(state) or self.dp_sgd is not None or self.robust.rule != "mean"
+
     def merge(
         self, state: ServerState, groups: dict[str, GroupAggregate], updates: list[ClientUpdate] | None = None,
         privacy: RoundPrivacy | None = None,
@@ -341,7 +392,9 @@ class Federation:
         """The server step: merge the group aggregates; at the end of the warm-up of
         ``grouping: cluster``, split the clients into learned groups; with adaptive clipping,
         move C towards the target quantile of this round's (noised) count of clients under it."""
-        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope, self.robust)
+        robust_base = updates if self.robust.rule != "mean" else None  # the base outvoted over clients
+        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope, self.robust,
+                              robust_base)
         if privacy is not None and privacy.under_clip is not None and self.privacy.adaptive_clip:
             clip = AdaptiveClip(privacy.clip, privacy.expected_total or 1.0, self.privacy.target_quantile,
                                 self.privacy.clip_learning_rate)
@@ -350,7 +403,34 @@ class Federation:
             merged.optimizer[CLIP_KEY] = torch.tensor([clip.clip], dtype=torch.float64)
         if self.regroup_due(state) and updates:
             merged, _ = regroup(state, merged, updates, self.grouping)
+        if self.dp_sgd is not None and updates:
+            merged.optimizer[EPSILON_KEY] = self.record_epsilons(state, updates)
         return merged
+
+    def record_epsilons(self, state: ServerState, updates: list[ClientUpdate]) -> torch.Tensor:
+        """The server's table of every client's latest sample-level ε (manifest order, NaN for a
+        client that has not trained), with this round's reports written in."""
+        ids = self.manifest.client_ids
+        table = state.optimizer.get(EPSILON_KEY)
+        table = (table.clone() if table is not None and table.numel() == len(ids)
+                 else torch.full((len(ids),), math.nan, dtype=torch.float64))
+        index = self._client_index
+        for u in updates:
+            eps = u.metrics.get("dp_sgd_epsilon")
+            if eps is not None and u.client in index:
+                table[index[u.client]] = float(eps)
+        return table
+
+    @functools.cached_property
+    def _client_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.manifest.client_ids)}
+
+    def dp_sgd_metrics(self, state: ServerState) -> dict[str, float]:
+        """``privacy/dp_sgd_epsilon_max`` and ``_mean`` over the clients that have trained so far
+        (empty without DP-SGD)."""
+        if self.dp_sgd is None:
+            return {}
+        return client_epsilons(state.optimizer.get(EPSILON_KEY))
 
     def regroup_due(self, state: ServerState) -> bool:
         return self.grouping_method == "cluster" and state.round + 1 == self.grouping.warmup_rounds
@@ -409,17 +489,33 @@ def run_rounds(
     """The federated round without an orchestrator: returns the final state, the last
     evaluation's per-client records and every evaluated round's summary. Local training goes
     through :meth:`Federation.train_clients`, one shard of ``fed.clients_per_task`` clients at
-    a time (all of a round's clients when None: nothing here runs shards side by side)."""
+    a time (all of a round's clients when None: nothing here runs shards side by side). Under
+    ``privacy.dp_sgd`` a client over its target sits the round out, and training stops when
+    no client of a round can train."""
     state = state or fed.initial_state()
     history: list[dict[str, float]] = []
     records = pd.DataFrame()
     for r in range(rounds):
         chosen = participants(fed, clients, per_round, state.round)
         size = fed.clients_per_task or max(len(chosen), 1)
-        updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state)]
+        failed: dict[str, str] | None = {} if fed.dp_sgd is not None else None
+        updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
+        sat_out = sat_out_clients(failed or {})
+        errors = {c: e for c, e in (failed or {}).items() if c not in sat_out}
+        if errors:
+            raise RuntimeError(f"round {state.round + 1}: clients failed: "
+                               + "; ".join(f"{c}: {e}" for c, e in errors.items()))
+        if sat_out and not updates:  # every client's DP-SGD budget is spent: training stops
+            break
         groups, privacy = fed.aggregate(updates, state, clients, per_round)
         state = fed.merge(state, groups, updates, privacy)
         if (r + 1) % evaluate_every == 0 or r + 1 == rounds:
             records = pd.DataFrame(fed.evaluate_clients(clients, state))
-            history.append(summarize(records))
+            extra = {"privacy/dp_sgd_sat_out": float(len(sat_out))} if fed.dp_sgd is not None else {}
+            history.append({**summarize(records), **fed.dp_sgd_metrics(state), **extra})
     return state, records, history
+
+
+def sat_out_clients(failed: dict[str, str]) -> list[str]:
+    """The clients of a round's failures that sat out because their DP-SGD budget was spent."""
+    return [c for c, e in failed.items() if e.startswith(f"{DPSGDBudgetSpent.__name__}:")]

@@ -12,6 +12,10 @@ for some of them (the resumed round rewrites those). Each save keeps the version
 (the newest older one) and drops the rest, so a client holds at most two. Writes are atomic: a
 crash leaves the previous version or the new one, never half of one. Loading unpickles with
 ``torch.load(weights_only=True)``: tensors and containers, no code.
+
+Other per-client records (one tensor each, e.g. DP-SGD's privacy ledger ``dp_sgd``) are kept the
+same way with :meth:`ClientStore.save_record` and :meth:`ClientStore.load_record`:
+``<name>-r<round>.pt``, versioned, atomic and pruned like the personal state.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fedmtl.state import PersonalState
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _VERSION = re.compile(r"^personal-r(\d{6})\.pt$")
+_RECORD = re.compile(r"^[a-z][a-z0-9_]*$")
 ID_FILE = "client-id.txt"
 
 
@@ -51,11 +56,11 @@ class ClientStore:
     def _dir(self, client: str) -> Path:
         return self.root / client_folder(client)
 
-    def _versions(self, client: str) -> list[tuple[int, Path]]:
+    def _versions(self, client: str, pattern: re.Pattern = _VERSION) -> list[tuple[int, Path]]:
         folder = self._dir(client)
         if not folder.is_dir():
             return []
-        return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _VERSION.match(p.name)))
+        return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)))
 
     def load(self, client: str, at_most: int | None = None) -> PersonalState | None:
         """The client's newest personal state, or the newest written in round ``at_most`` or
@@ -94,3 +99,43 @@ class ClientStore:
             return []
         return sorted(p.read_text() for p in self.root.glob(f"*/{ID_FILE}")
                       if any(_VERSION.match(q.name) for q in p.parent.iterdir()))
+
+    # other per-client records, versioned by round like the personal state -----------------
+
+    @staticmethod
+    def _record_pattern(name: str) -> re.Pattern:
+        if not _RECORD.match(name) or name == "personal":
+            raise ValueError(f"a record name must be lower-case letters, digits and _, not 'personal'; got {name!r}")
+        return re.compile(rf"^{name}-r(\d{{6}})\.pt$")
+
+    def save_record(self, client: str, name: str, value: torch.Tensor, round_: int) -> None:
+        """Write the tensor ``value`` as the client's record ``name`` for round ``round_``
+        (atomic, versioned and pruned as :meth:`save`; e.g. DP-SGD's privacy ledger)."""
+        pattern = self._record_pattern(name)
+        if round_ < 0:
+            raise ValueError(f"round must be non-negative, got {round_}")
+        buffer = io.BytesIO()
+        torch.save(value.detach().clone(), buffer)
+        folder = self._dir(client)
+        if not (folder / ID_FILE).exists():
+            atomic_write_bytes(folder / ID_FILE, client.encode())
+        atomic_write_bytes(folder / f"{name}-r{round_:06d}.pt", buffer.getvalue())
+        older = [p for r, p in self._versions(client, pattern) if r < round_]
+        for path in older[:-2]:
+            path.unlink(missing_ok=True)
+
+    def load_record(self, client: str, name: str, at_most: int | None = None) -> torch.Tensor | None:
+        """The client's newest record ``name`` (written in round ``at_most`` or before), or None."""
+        pattern = self._record_pattern(name)
+        versions = [(r, p) for r, p in self._versions(client, pattern) if at_most is None or r <= at_most]
+        if not versions:
+            return None
+        path = versions[-1][1]
+        try:
+            value = torch.load(path, weights_only=True)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"holds {type(value).__name__}, not a tensor")
+            return value
+        except Exception as exc:  # noqa: BLE001 - damaged or tampered: never loaded, always named
+            raise CorruptState(f"client '{client}': its record {path} cannot be read "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ class LocalConfig:
     pfedme_lambda: float = 15.0
     pfedme_inner_steps: int = 5
     pfedme_personal_lr: float = 0.05
+    #: a :class:`fedmtl.dpsgd.DPSGDSession` while a client trains under ``privacy.dp_sgd``: every
+    #: :func:`fit` is then DP-SGD and its steps are recorded there (set per client round, never here)
+    dp_sgd: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg) -> "LocalConfig":  # a fedmtl.config.Config
@@ -101,9 +105,14 @@ def fit(
     after_step: Callable[[], None] | None = None,
     lr: float | None = None,
 ) -> float:
-    """Mini-batch SGD over (x, y) for ``epochs``; returns the mean loss of the last epoch."""
+    """Mini-batch SGD over (x, y) for ``epochs``; returns the mean loss of the last epoch.
+    With ``cfg.dp_sgd`` set, DP-SGD instead (:mod:`fedmtl.dpsgd`; ``forward`` must then be the
+    module that holds ``params``)."""
     if x.shape[0] == 0 or epochs == 0 or not params:
         return float("nan")
+    if cfg.dp_sgd is not None:
+        return cfg.dp_sgd.fit(forward, params, x, y, tasks, epochs, cfg, generator, penalty=penalty,
+                              after_step=after_step, lr=lr)
     opt = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     last = 0.0
@@ -165,15 +174,22 @@ def train_heads(
         model.base.eval()
         z = model.base(data.x_train)
     model.train()
-    heads = model.heads
-    params = [p for h in heads.values() for p in h.parameters()]
-
-    def forward(zb: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(zb) for name, head in heads.items()}
-
-    loss = fit(forward, params, z, data.y_train, tasks, epochs, cfg, generator,
+    heads = _HeadsOnly(model.heads)
+    params = [p for h in model.heads.values() for p in h.parameters()]
+    loss = fit(heads, params, z, data.y_train, tasks, epochs, cfg, generator,
                penalty=proximal_penalty(params, prox_mu))
     return read_heads(model, start), loss
+
+
+class _HeadsOnly(nn.Module):
+    """The heads on given features: the module :func:`train_heads` trains."""
+
+    def __init__(self, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in self.heads.items()}
 
 
 def train_joint(

@@ -1,0 +1,341 @@
+"""Sample-level DP-SGD inside a client's local training (``privacy.dp_sgd``), with Opacus.
+
+What it protects
+----------------
+Neighbouring datasets differ in **one row of one client's data** (add/remove). Every SGD step a
+client takes in its training round (:meth:`Federation.client_round`: the shared step, FedRep's
+head step, Ditto's personal model, ...) becomes a DP-SGD step (Abadi et al. 2016):
+
+- **Poisson sampling**, as Opacus's ``DPDataLoader``: each row joins a step's batch independently
+  with probability q = 1/⌈n/B⌉ (n the client's train rows, B = ``training.batch_size``), for
+  ⌈n/B⌉ steps per epoch (Opacus's ``UniformWithReplacementSampler``, drawing from the client's
+  own seeded generator);
+- **per-row clipping**: Opacus's ``GradSampleModule`` computes each row's gradient of the
+  (multi-task) loss; ``DPOptimizer`` clips each to L2 norm C = ``privacy.dp_sgd_max_grad_norm``
+  over all the trained parameters together, sums them, adds N(0, (σC)²) noise with
+  σ = ``privacy.dp_sgd_noise_multiplier`` (from the same generator) and divides by the expected
+  batch size ⌊nq⌋ (as ``PrivacyEngine.make_private`` does); the inner ``torch.optim.SGD`` then
+  applies momentum and weight decay;
+- a **data-independent term** of the objective (FedProx's μ/2·‖w − w₀‖²) is added to the noised
+  gradient after privatisation: it depends on the weights only, so this is post-processing; so
+  is Ditto's proximal step after each step.
+
+Accounting
+----------
+Each client keeps a **ledger** in its own store (:meth:`ClientStore.save_record`, record
+``dp_sgd``, versioned by round like the personal state, so a run resumed from its checkpoint of
+round r reads exactly the ledger of round r): one row (round, σ, q, steps) per round it trained.
+Its ε at δ = ``privacy.dp_sgd_delta`` (default ``privacy.delta``) is Opacus's own accountant
+(``rdp``, or ``prv``) over the ledger's (σ, q, steps); composition over rounds and over several
+training calls in one round is the same adaptive composition of sampled Gaussian steps. The
+client reports that ε with its update (``dp_sgd_epsilon``), and the server keeps the latest ε of
+every client in its state (:data:`EPSILON_KEY`, checkpointed with it) to log
+``privacy/dp_sgd_epsilon_max`` and ``_mean`` every round.
+
+``privacy.dp_sgd_target_epsilon``: a client whose next round would take its ε above the target
+sits the round out (:class:`DPSGDBudgetSpent`, named in the round report) instead. A client
+predicts its next round from the steps of its last one (the same for every round: they depend
+on n, B and the epochs only); in its first round it trains, accounts, and, if the target would
+be exceeded, discards what it trained: nothing of it leaves the client, and the decision
+depends on the step count only, never on the data.
+
+Outside ε: anything computed from a client's data outside its training round (its personal
+head ψ_c fitted at evaluation, shipped in the registered model with
+``tracking.bundle_personal_heads``; its evaluation figures; its train loss, logged only with
+``privacy.client_metrics``), and its row count n (public, like the sample count of an update).
+The noise comes from the client's seeded generator (reproducible simulation); a deployment
+would draw it from a cryptographically secure source (Opacus's ``secure_mode``).
+
+This module imports Opacus lazily, and neither Prefect nor MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+#: where the server keeps every client's latest reported ε (float64, manifest order, NaN: not yet)
+EPSILON_KEY = "privacy/dp_sgd_epsilon"
+#: the name of the ledger record in each client's store
+LEDGER = "dp_sgd"
+ACCOUNTANTS = ("rdp", "prv")
+
+
+# Opacus's backward hook on a model's first layer, whose input needs no gradient: expected, harmless
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                        "respect to module outputs since no inputs require gradients", category=UserWarning)
+
+
+class DPSGDBudgetSpent(RuntimeError):
+    """A client whose next round would take its sample-level ε above the target: it sits out."""
+
+
+def require_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ImportError("privacy.dp_sgd needs Opacus: pip install 'fedmtl[dp-sgd]' (opacus>=1.5)") from None
+
+
+@dataclass(frozen=True)
+class DPSGDSpec:
+    """The ``privacy.dp_sgd_*`` settings, validated (each error names its setting)."""
+
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        def bad(value) -> bool:
+            return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+        if bad(self.noise_multiplier) or self.noise_multiplier < 0:
+            raise ValueError(f"privacy.dp_sgd_noise_multiplier must be a number >= 0, got {self.noise_multiplier!r}")
+        if bad(self.max_grad_norm) or self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.dp_sgd_max_grad_norm must be a number > 0, got {self.max_grad_norm!r}")
+        if bad(self.delta) or not 0 < self.delta < 1:
+            raise ValueError(f"privacy.dp_sgd_delta must be in (0, 1), got {self.delta!r}")
+        if self.target_epsilon is not None and (bad(self.target_epsilon) or self.target_epsilon <= 0):
+            raise ValueError(f"privacy.dp_sgd_target_epsilon must be a number > 0 or null, got {self.target_epsilon!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.dp_sgd_accountant '{self.accountant}' is not known; allowed values: "
+                             f"{', '.join(ACCOUNTANTS)}")
+
+    @classmethod
+    def from_config(cls, privacy) -> "DPSGDSpec | None":  # a fedmtl.config.PrivacyConfig
+        if not privacy.dp_sgd:
+            return None
+        require_opacus()
+        return cls(privacy.dp_sgd_noise_multiplier, privacy.dp_sgd_max_grad_norm, privacy.dp_sgd_delta_value,
+                   privacy.dp_sgd_target_epsilon, privacy.dp_sgd_accountant)
+
+    def epsilon(self, history: Sequence[tuple[float, float, int]]) -> float:
+        return epsilon(history, self.delta, self.accountant)
+
+
+def poisson_plan(n: int, batch_size: int) -> tuple[float, int, int]:
+    """Opacus's plan for n rows at batch size B (``DPDataLoader``/``make_private``): the sample
+    rate q = 1/⌈n/B⌉, the steps per epoch ⌈n/B⌉ and the expected batch size ⌊nq⌋ (at least 1)."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"DP-SGD needs at least one row and batch size >= 1, got n={n}, batch_size={batch_size}")
+    steps = math.ceil(n / batch_size)
+    rate = 1 / steps
+    return rate, steps, max(int(n * rate), 1)
+
+
+def compact(history: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The history with the steps of equal (σ, q) added up (composition does not depend on order)."""
+    out: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in history:
+        key = (float(noise), float(rate))
+        out[key] = out.get(key, 0) + int(steps)
+    return [(noise, rate, steps) for (noise, rate), steps in out.items() if steps > 0]
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` of the sampled Gaussian steps in ``history`` ((σ, q, steps) each), by
+    Opacus's own accountant (``rdp``: ``RDPAccountant``; ``prv``: ``PRVAccountant``).
+
+    Cached: clients with the same row count share their history. For ``rdp`` the per-step RDP of
+    each (σ, q) is also cached (Opacus's series for fractional orders costs ~0.3 s; k steps cost
+    k times one, ``compute_rdp``'s own rule), and the result is the accountant's
+    ``get_privacy_spent`` computation, operation for operation."""
+    steps = compact(history)
+    if not steps:
+        return 0.0
+    if any(noise == 0 for noise, _, _ in steps):
+        return math.inf
+    return _epsilon(tuple(steps), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(steps: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as analysis
+
+        rdp = sum([_rdp_per_step(noise, rate) * count for noise, rate, count in steps])
+        eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = list(steps)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(noise: float, rate: float):
+    """One sampled Gaussian step's RDP at Opacus's default orders (read-only numpy array)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    out = analysis.compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    out.setflags(write=False)
+    return out
+
+
+class Ledger:
+    """A client's DP-SGD steps, one row (round, σ, q, steps) per round it trained in."""
+
+    def __init__(self, rows: Sequence[tuple[int, float, float, int]] = ()) -> None:
+        self.rows = [(int(r), float(z), float(q), int(s)) for r, z, q, s in rows]
+
+    @classmethod
+    def from_tensor(cls, value: torch.Tensor | None) -> "Ledger":
+        if value is None:
+            return cls()
+        if value.dim() != 2 or value.shape[1] != 4:
+            raise ValueError(f"a DP-SGD ledger is a [k, 4] tensor, got shape {tuple(value.shape)}")
+        return cls([tuple(row) for row in value.tolist()])
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.rows, dtype=torch.float64).reshape(-1, 4)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(z, q, s) for _, z, q, s in self.rows]
+
+    def last_round(self) -> list[tuple[float, float, int]]:
+        """The steps of the last round the client trained in (its next round's, repeated)."""
+        if not self.rows:
+            return []
+        last = self.rows[-1][0]
+        return [(z, q, s) for r, z, q, s in self.rows if r == last]
+
+    def plus(self, round_: int, steps: Sequence[tuple[float, float, int]]) -> "Ledger":
+        return Ledger(self.rows + [(round_, z, q, s) for z, q, s in compact(steps)])
+
+
+@dataclass
+class DPSGDSession:
+    """One client's DP-SGD in one round: the settings and the steps it took (σ, q, steps)."""
+
+    spec: DPSGDSpec
+    steps: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def fit(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        x: torch.Tensor,
+        y: dict[str, torch.Tensor],
+        tasks: Sequence,
+        epochs: int,
+        cfg,  # fedmtl.training.LocalConfig
+        generator: torch.Generator,
+        penalty: Callable[[], torch.Tensor] | None = None,
+        after_step: Callable[[], None] | None = None,
+        lr: float | None = None,
+    ) -> float:
+        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.training.fit`);
+        returns the mean loss of the last epoch's sampled rows."""
+        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps,
+                      penalty=penalty, after_step=after_step, lr=lr)
+
+
+def dp_fit(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: dict[str, torch.Tensor],
+    tasks: Sequence,
+    epochs: int,
+    cfg,
+    generator: torch.Generator,
+    spec: DPSGDSpec,
+    record: list[tuple[float, float, int]] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    lr: float | None = None,
+) -> float:
+    """DP-SGD of ``params`` (parameters of ``module``) on the rows (x, y); appends the steps
+    taken, (σ, q, steps), to ``record``. The module's other parameters stay frozen, and the
+    module is left as it was found (Opacus's hooks and attributes removed)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from fedmtl.training import multitask_loss
+
+    n = int(x.shape[0])
+    if n == 0 or epochs == 0 or not params:
+        return float("nan")
+    if not isinstance(module, nn.Module):
+        raise TypeError("DP-SGD trains an nn.Module (its per-row gradients come from the module's layers)")
+    rate, per_epoch, expected = poisson_plan(n, cfg.batch_size)
+    trained = {id(p) for p in params}
+    frozen = [p for p in module.parameters() if id(p) not in trained and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
+    except BaseException:
+        for p in frozen:
+            p.requires_grad_(True)
+        raise
+    try:
+        inner = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+        opt = DPOptimizer(inner, noise_multiplier=spec.noise_multiplier, max_grad_norm=spec.max_grad_norm,
+                          expected_batch_size=expected, loss_reduction="mean", generator=generator)
+        last = float("nan")
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
+                                                    steps=per_epoch)
+            for indices in sampler:
+                opt.zero_grad(set_to_none=True)
+                if indices:
+                    idx = torch.as_tensor(indices, dtype=torch.long)
+                    loss = multitask_loss(gsm(x[idx]), {k: v[idx] for k, v in y.items()}, tasks)
+                    loss.backward()
+                    total += float(loss.detach()) * len(indices)
+                    count += len(indices)
+                else:  # an empty Poisson batch: a step of noise only, as Opacus takes it
+                    for p in params:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
+                if opt.pre_step():  # clip each row, sum, noise, divide by the expected batch
+                    if penalty is not None:  # data-independent: added after privatisation
+                        for p, g in zip(params, torch.autograd.grad(penalty(), params, allow_unused=True)):
+                            if g is not None:
+                                p.grad.add_(g)
+                    inner.step()
+                if after_step is not None:
+                    after_step()
+            last = total / count if count else float("nan")
+            if record is not None:
+                record.append((spec.noise_multiplier, rate, per_epoch))
+        return last
+    finally:
+        for p in params:
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        gsm.cleanup()
+        for m in module.modules():  # what the hooks left on the layers (emptied lists)
+            for attr in ("activations", "max_batch_len"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def client_epsilons(table: torch.Tensor | None) -> dict[str, float]:
+    """``privacy/dp_sgd_epsilon_max`` and ``_mean`` over the clients that have trained (from the
+    server's table of every client's latest reported ε), and how many have."""
+    if table is None:
+        return {}
+    known = table[~torch.isnan(table)]
+    if known.numel() == 0:
+        return {"privacy/dp_sgd_clients": 0.0}
+    return {"privacy/dp_sgd_epsilon_max": float(known.max()), "privacy/dp_sgd_epsilon_mean": float(known.mean()),
+            "privacy/dp_sgd_clients": float(known.numel())}
