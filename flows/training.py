@@ -25,7 +25,7 @@ from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
 from fedmtl.dispatch import default_workers, shards
 from fedmtl.evaluation import summarize
 from fedmtl.faults import crash_if_due, retryable
-from fedmtl.federation import Federation
+from fedmtl.federation import Federation, sat_out_clients
 from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
 from fedmtl.state import ServerState
@@ -40,6 +40,10 @@ from tasks.tracking import RunTracker
 
 class RoundFailed(RuntimeError):
     """Too few clients returned an update for the round to count."""
+
+
+class ClientBudgetsSpent(RoundFailed):
+    """Too few clients for a round, because the others' DP-SGD budgets are spent: training stops."""
 
 
 @flow(name="fedmtl-train", log_prints=False)
@@ -107,7 +111,13 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
         for _ in range(cfg.training.rounds - (state.round - start_round)):
             if budget_exhausted(budget, cfg, state):
                 break
-            state, records, summary = run_round(fed, state, clients, cfg, tracker, tags, budget)
+            try:
+                state, records, summary = run_round(fed, state, clients, cfg, tracker, tags, budget)
+            except ClientBudgetsSpent as exc:
+                if not history:  # not one round could train: nothing to register
+                    raise
+                logger.warning("privacy budget: stopping after round %d: %s", state.round, exc)
+                break
             history.append(summary)
             log = {"summary": summary, "metrics": table_record(tracker.take_journal())}  # replayed on a resume
             if fed.grouping_method is not None and cfg.privacy.per_client_metrics:
@@ -123,6 +133,8 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
             records, _ = evaluate(quote(fed), quote(state), quote(clients))
         if budget is not None:
             tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
+        if fed.dp_sgd is not None:
+            tracker.set_tags(dp_sgd_tags(fed, state))
         checkpoints.wait()
         rounds = checkpoints.records(state.round)
         per_client = record_table(rounds, "clients")
@@ -200,7 +212,13 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
             failed.update({client: error for client in part})
     retried = retry_failed(fed, state, failed, updates, cfg, shared)
     t["local_train"] = time.perf_counter() - start
+    sat_out = sat_out_clients(failed)
     if len(updates) < cfg.training.min_clients:
+        if sat_out and len(sat_out) == len(failed):
+            raise ClientBudgetsSpent(
+                f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
+                f"privacy.dp_sgd_target_epsilon (training.min_clients = {cfg.training.min_clients}); "
+                f"{len(sat_out)} sat out: " + "; ".join(failed[c] for c in sat_out))
         raise RoundFailed(
             f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
             f"update (training.min_clients = {cfg.training.min_clients}); failed: "
@@ -214,7 +232,8 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
 
     start = time.perf_counter()
     state = global_merge(quote(fed), quote(state), quote(groups),
-                         quote(updates) if fed.regroup_due(state) else None, quote(privacy))
+                         quote(updates) if fed.needs_updates_to_merge(state) else None,
+                         quote(privacy))
     t["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -234,6 +253,9 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     if budget is not None:
         budget.step()
         extra["privacy/epsilon"] = budget.epsilon()
+    if fed.dp_sgd is not None:  # each client's sample-level ε: the largest and the mean so far
+        extra.update(fed.dp_sgd_metrics(state))
+        extra["privacy/dp_sgd_sat_out"] = float(len(sat_out))
     tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
     if client_runs(cfg, clients):
         tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
@@ -363,6 +385,19 @@ def budget_exhausted(budget, cfg: Config, state: ServerState) -> bool:
     return True
 
 
+def dp_sgd_tags(fed: Federation, state: ServerState) -> dict[str, str]:
+    """Under DP-SGD: the largest and the mean client ε spent (at ``privacy_dp_sgd_delta``)."""
+    if fed.dp_sgd is None:
+        return {}
+    metrics = fed.dp_sgd_metrics(state)
+    out = {"privacy_dp_sgd_delta": f"{fed.dp_sgd.delta:g}"}
+    for name in ("max", "mean"):
+        value = metrics.get(f"privacy/dp_sgd_epsilon_{name}")
+        if value is not None:
+            out[f"privacy_dp_sgd_epsilon_{name}"] = f"{value:.6g}"
+    return out
+
+
 def privacy_metrics(report) -> dict[str, float]:
     """The round's private-aggregation report as metrics (no client's own values)."""
     return {
@@ -466,10 +501,13 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
 def privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
     """The model version's privacy tags: the mechanism and, under DP, the ε spent (at δ)."""
     out = {"privacy": cfg.privacy.mechanism}
+    if cfg.privacy.dp or cfg.privacy.dp_sgd:
+        tags = tracker.client.get_run(tracker.run_id).data.tags
     if cfg.privacy.dp:
-        run = tracker.client.get_run(tracker.run_id)
-        out.update({"privacy_epsilon": run.data.tags.get("privacy_epsilon", ""),
+        out.update({"privacy_epsilon": tags.get("privacy_epsilon", ""),
                     "privacy_delta": f"{cfg.privacy.delta:g}"})
+    if cfg.privacy.dp_sgd:
+        out.update({k: tags[k] for k in ("privacy_dp_sgd_epsilon_max", "privacy_dp_sgd_delta") if k in tags})
     return out
 
 
@@ -527,6 +565,9 @@ def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
     if cfg.privacy.dp:
         tags.update({"privacy_delta": f"{cfg.privacy.delta:g}",
                      "privacy_noise_multiplier": f"{cfg.privacy.noise_multiplier:g}"})
+    if cfg.privacy.dp_sgd:
+        tags.update({"privacy_dp_sgd_noise_multiplier": f"{cfg.privacy.dp_sgd_noise_multiplier:g}",
+                     "privacy_dp_sgd_max_grad_norm": f"{cfg.privacy.dp_sgd_max_grad_norm:g}"})
     context = FlowRunContext.get()
     if context is not None and context.task_runner is not None:
         tags["task_runner"] = type(context.task_runner).__name__

@@ -110,3 +110,29 @@ def test_dp_refuses_groups_a_client_picks_from_its_own_data(data):
     cfg = load_config(None, tiny_overrides(data, **PRIVATE, **{"algorithm.method": "ifca"}))
     with pytest.raises(PrivacyPlanError, match="grouping.method=column"):
         federated_training(cfg.model_dump(mode="json"))
+
+
+def test_dp_sgd_run_logs_each_clients_epsilon_every_round_and_tags_run_and_model(data):
+    """Sample-level DP-SGD (Opacus) in the flow: the largest and mean client ε every round, the
+    largest tagged on the run and on the model version; no per-client figures."""
+    from flows.training import federated_training
+
+    settings = {"data.partition.n_clients": 12, "privacy.dp_sgd": True, "privacy.dp_sgd_noise_multiplier": 1.0,
+                "training.batch_size": 32, "tracking.experiment": "dp-sgd"}
+    cfg = load_config(None, tiny_overrides(data, **settings))
+    result = federated_training(cfg.model_dump(mode="json"))
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["privacy"] == "dp-sgd" and run.data.tags["privacy_dp_sgd_noise_multiplier"] == "1"
+    history = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+               for name in ("privacy/dp_sgd_epsilon_max", "privacy/dp_sgd_epsilon_mean", "privacy/dp_sgd_sat_out")}
+    eps = history["privacy/dp_sgd_epsilon_max"]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    assert all(m <= e for m, e in zip(history["privacy/dp_sgd_epsilon_mean"], eps))
+    assert history["privacy/dp_sgd_sat_out"] == [0.0, 0.0]
+    assert float(run.data.tags["privacy_dp_sgd_epsilon_max"]) == pytest.approx(eps[-1], rel=1e-5)
+    assert run.data.tags["privacy_dp_sgd_delta"] == "1e-05"
+    version = client.get_model_version(cfg.tracking.registered_model, result["model_version"])
+    assert version.tags["privacy"] == "dp-sgd"
+    assert float(version.tags["privacy_dp_sgd_epsilon_max"]) == pytest.approx(eps[-1], rel=1e-5)
+    assert "personal/accuracy/pooled" in run.data.metrics and "personal/accuracy/mean" not in run.data.metrics
