@@ -13,7 +13,9 @@ and absolute gates, which a first model (no champion yet) must pass alone:
 - ``min_metric``: the client mean reaches ``min_metric``;
 - ``validation``: the challenger's training data passed validation (at most
   ``max_quarantined_fraction`` of its clients quarantined);
-- ``privacy``: when the run trained with differential privacy, its spent ε ≤ ``max_epsilon``.
+- ``privacy``: when the run trained with differential privacy, every ε it spent ≤ ``max_epsilon``:
+  the client-level ε of DP-FedAvg, and the largest client's sample-level ε of DP-SGD. Secure
+  aggregation alone spends no ε and has no such gate.
 
 For lower-is-better metrics (mae, rmse) "worse" and "gain" are oriented accordingly. Everything
 here is pure: the registry side (aliases, tags, the decision record) is in ``tasks/promotion.py``.
@@ -37,8 +39,19 @@ class RunFacts:
 
     clients: int  # clients that passed validation and trained
     quarantined: int  # clients whose partitions failed validation
-    privacy: str = "none"  # "none" or the mechanism, e.g. "dp-fedavg"
-    epsilon: float | None = None  # the (ε, δ) accountant's ε spent, when privacy is on
+    privacy: str = "none"  # "none" or the mechanisms joined by "+", e.g. "dp-fedavg+secagg"
+    epsilon: float | None = None  # DP-FedAvg: the client-level ε spent
+    dp_sgd_epsilon: float | None = None  # DP-SGD: the largest client's sample-level ε
+
+    def spent(self) -> dict[str, float | None]:
+        """The ε of each differentially private mechanism the run used, by name."""
+        mechanisms = set(self.privacy.split("+"))
+        out: dict[str, float | None] = {}
+        if "dp-fedavg" in mechanisms:
+            out["client-level"] = self.epsilon
+        if "dp-sgd" in mechanisms:
+            out["sample-level (largest client)"] = self.dp_sgd_epsilon
+        return out
 
 
 @dataclass(frozen=True)
@@ -121,12 +134,13 @@ def decide(
     checks.append(Check("validation", ok, f"{facts.quarantined} of {total} clients quarantined by validation "
                         f"({fraction:.0%}; promotion.max_quarantined_fraction "
                         f"{policy.max_quarantined_fraction:.0%})", fraction, policy.max_quarantined_fraction))
-    if facts.privacy != "none":
-        eps = facts.epsilon
-        ok = eps is not None and math.isfinite(eps) and eps <= policy.max_epsilon
-        spent = "no ε recorded" if eps is None else f"ε = {eps:.3g}"
-        checks.append(Check("privacy", ok, f"privacy '{facts.privacy}': {spent} "
-                            f"(promotion.max_epsilon {policy.max_epsilon})", eps, policy.max_epsilon))
+    spent = facts.spent()
+    if spent:
+        ok = all(e is not None and math.isfinite(e) and e <= policy.max_epsilon for e in spent.values())
+        what = "; ".join(f"{name} {'no ε recorded' if e is None else f'ε = {e:.3g}'}" for name, e in spent.items())
+        worst = max((e for e in spent.values() if e is not None), default=None)
+        checks.append(Check("privacy", ok, f"privacy '{facts.privacy}': {what} "
+                            f"(promotion.max_epsilon {policy.max_epsilon})", worst, policy.max_epsilon))
 
     old_mean = old_worst = None
     per_client = pd.DataFrame({"client": new.index, "challenger": new.to_numpy()})

@@ -145,9 +145,12 @@ class Registry:
         tags = self.client.get_run(version.run_id).data.tags
         quarantined = [c for c in tags.get("quarantined_clients", "none").split(",") if c and c != "none"]
         clients = int(tags.get("validated_clients") or 0)
-        eps = tags.get("privacy_epsilon")
+        def number(key: str) -> float | None:
+            value = tags.get(key)
+            return float(value) if value not in (None, "") else None
+
         return RunFacts(clients=clients, quarantined=len(quarantined), privacy=tags.get("privacy", "none"),
-                        epsilon=float(eps) if eps not in (None, "") else None)
+                        epsilon=number("privacy_epsilon"), dp_sgd_epsilon=number("privacy_dp_sgd_epsilon_max"))
 
     # -- decisions ----------------------------------------------------------------------------
     def record(self, experiment: str, action: str, version: ModelVersion, compared: ModelVersion | None,

@@ -73,6 +73,22 @@ def test_validation_and_privacy_gates_read_the_run_facts():
     assert not d.promote and "no ε recorded" in check(d, "privacy").detail
 
 
+def test_privacy_gate_checks_each_dp_mechanism_and_not_secure_aggregation_alone():
+    # secure aggregation spends no ε: nothing to gate
+    d = decide(scores(BASE), None, RunFacts(10, 0, "secagg"), policy(max_epsilon=1.0))
+    assert d.promote and all(c.name != "privacy" for c in d.checks)
+    # DP-SGD alone: its largest client ε is what counts
+    assert decide(scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=3.0), policy(max_epsilon=8.0)).promote
+    d = decide(scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=9.5), policy(max_epsilon=8.0))
+    assert not d.promote and "sample-level (largest client) ε = 9.5" in check(d, "privacy").detail
+    # both: each must fit
+    both = RunFacts(10, 0, "dp-fedavg+secagg+dp-sgd", epsilon=2.0, dp_sgd_epsilon=12.0)
+    d = decide(scores(BASE), None, both, policy(max_epsilon=8.0))
+    assert not d.promote and check(d, "privacy").value == 12.0 and "client-level ε = 2" in check(d, "privacy").detail
+    d = decide(scores(BASE), None, RunFacts(10, 0, "dp-fedavg+dp-sgd", epsilon=2.0), policy(max_epsilon=8.0))
+    assert not d.promote and "sample-level (largest client) no ε recorded" in check(d, "privacy").detail
+
+
 def test_lower_is_better_metrics_are_oriented():
     old = {k: 1.0 for k in BASE}
     new = {k: 0.8 for k in BASE}  # a lower error is a gain
