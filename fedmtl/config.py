@@ -360,7 +360,8 @@ class PrivacyConfig(_Section):
     client's released update (base and group head) clipped to ``clip_norm``, Gaussian noise
     ``noise_multiplier``·C on every released sum, clients Poisson-sampled at
     ``training.clients_per_round``, ε at ``delta`` accounted every round (RDP, dp-accounting).
-    ``secure_aggregation``: SecAgg+ inside every release, so the server only sees sums.
+    ``secure_aggregation``: SecAgg+ (or CKKS homomorphic encryption,
+    ``secure_aggregation_protocol``) inside every release, so the server only sees sums.
     Either one turns on the release rule: a group with fewer than ``min_group_size`` clients
     in a round releases no sum of its own."""
 
@@ -375,6 +376,10 @@ class PrivacyConfig(_Section):
     target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive_clip: the norm quantile γ C tracks")
     clip_learning_rate: float = Field(0.2, gt=0, description="adaptive_clip: η_C of C ← C·exp(−η_C (b̄ − γ))")
     secure_aggregation: bool = Field(False, description="SecAgg+: the server sees masked updates and their sum only")
+    secure_aggregation_protocol: Literal["secagg", "ckks"] = Field(
+        "secagg", description="the secure sum when secure_aggregation is on: secagg (SecAgg+ masking) or ckks "
+        "(TenSEAL CKKS homomorphic encryption, a key holder decrypts only the sum; needs the 'he' extra)"
+    )
     secagg_range: float = Field(
         1.0, gt=0, description="secure aggregation without dp: each update coordinate is clipped to ±this"
     )
@@ -416,6 +421,16 @@ class PrivacyConfig(_Section):
         "random variables, tighter)"
     )
 
+    @model_validator(mode="after")
+    def _check_protocol(self) -> "PrivacyConfig":
+        if self.secure_aggregation and self.secure_aggregation_protocol == "ckks":
+            from fedmtl.he import INSTALL_HINT, available
+
+            if not available():
+                raise ValueError("privacy.secure_aggregation_protocol=ckks needs the optional 'tenseal' "
+                                 f"package, which is not installed: {INSTALL_HINT}")
+        return self
+
     @property
     def enabled(self) -> bool:
         """Whether the server-side release rules apply (DP-FedAvg or secure aggregation)."""
@@ -429,9 +444,9 @@ class PrivacyConfig(_Section):
     @property
     def mechanism(self) -> str:
         """The run's ``privacy`` tag: none, or the mechanisms joined by +: dp-fedavg, dp-sgd, secagg
-        (e.g. dp-fedavg+secagg, dp-sgd)."""
+        or ckks (the secure sum in use) (e.g. dp-fedavg+secagg, dp-sgd)."""
         parts = ((["dp-fedavg"] if self.dp else []) + (["dp-sgd"] if self.dp_sgd else [])
-                 + (["secagg"] if self.secure_aggregation else []))
+                 + ([self.secure_aggregation_protocol] if self.secure_aggregation else []))
         return "+".join(parts) or "none"
 
     @property

@@ -307,7 +307,8 @@ class Federation:
     def evaluate_pooled(self, clients: list[str], state: ServerState) -> dict[str, float]:
         """Private evaluation (``privacy.client_metrics`` off): the same scoring, but each client
         reduces its scores to sufficient statistics (confusion counts, error sums) and only their
-        sum over the clients comes out, through SecAgg+ when ``privacy.secure_aggregation`` is on,
+        sum over the clients comes out, through SecAgg+ (or CKKS, ``secure_aggregation_protocol``) when
+        ``privacy.secure_aggregation`` is on,
         with ``privacy.evaluation_noise`` added to every summed count
         (:mod:`fedmtl.private_evaluation`): metrics ``{variant}/{metric}/pooled``."""
         model, jobs, _ = self._evaluation_jobs(clients, state)
@@ -319,7 +320,8 @@ class Federation:
             max_rows=max((c.n_test for c in self.manifest.clients), default=1),
             min_clients=spec.min_group_size, noise_std=spec.evaluation_noise,
             generator=self._generator("server", state.round, "evaluation-noise"),
-            neighbours=spec.secagg_neighbours, max_dropout=spec.secagg_max_dropout)
+            neighbours=spec.secagg_neighbours, max_dropout=spec.secagg_max_dropout,
+            protocol=spec.secure_aggregation_protocol)
 
     def _evaluation_jobs(self, clients: list[str], state: ServerState):
         """The model, each client's (data, {variant: (base, heads)}) and each client's group."""

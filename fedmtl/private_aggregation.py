@@ -16,7 +16,12 @@ averages those vectors itself:
 3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.secagg.secure_sum`) inside the release,
    so that the aggregator receives masked vectors and learns their sum only. Simulated
    ``secagg_dropout`` clients go silent after sending their masked input; their self-masks are
-   rebuilt from their neighbours' Shamir shares and the sum is still exact.
+   rebuilt from their neighbours' Shamir shares and the sum is still exact. With
+   ``secure_aggregation_protocol: ckks`` the release is summed with CKKS homomorphic encryption
+   instead (:func:`fedmtl.he.encrypted_sum`): the aggregator receives ciphertexts only, adds them,
+   and a key holder (one fresh key per round, separate from the aggregator) decrypts the sum —
+   exact to about 1e-8 per client and coordinate. CKKS has one message per client, so there is
+   no mid-protocol dropout to simulate (``secagg_dropout`` does not apply).
 4. **Noise** (``dp``): central Gaussian noise N(0, (z_Δ·C)²) on each release's sum, added by
    the aggregator after unmasking, then division by the release's expected number of clients
    (public) — so the group and global updates are post-processing of noised sums, and each
@@ -33,6 +38,7 @@ The result is one :class:`~fedmtl.state.GroupAggregate` per release, with the pu
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 
 from fedmtl import dp
+from fedmtl.he import HEError, KeyHolder, encrypted_sum
 from fedmtl.secagg import SecAggError, secure_sum
 from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
 
@@ -59,6 +66,7 @@ class PrivacySpec:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     secure_aggregation: bool = False
+    secure_aggregation_protocol: str = "secagg"  # or "ckks" (fedmtl.he)
     secagg_range: float = 1.0
     secagg_neighbours: int | None = None
     secagg_max_dropout: float = 0.1
@@ -73,6 +81,7 @@ class PrivacySpec:
             dp=privacy.dp, clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
             adaptive_clip=privacy.adaptive_clip, target_quantile=privacy.target_quantile,
             clip_learning_rate=privacy.clip_learning_rate, secure_aggregation=privacy.secure_aggregation,
+            secure_aggregation_protocol=privacy.secure_aggregation_protocol,
             secagg_range=privacy.secagg_range, secagg_neighbours=privacy.secagg_neighbours,
             secagg_max_dropout=privacy.secagg_max_dropout, secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
             client_metrics=privacy.per_client_metrics, evaluation_noise=privacy.evaluation_noise,
@@ -81,6 +90,11 @@ class PrivacySpec:
     @property
     def enabled(self) -> bool:
         return self.dp or self.secure_aggregation
+
+    @property
+    def protocol(self) -> str | None:
+        """The secure sum in use: "secagg", "ckks", or None (plain sums)."""
+        return self.secure_aggregation_protocol if self.secure_aggregation else None
 
 
 @dataclass
@@ -193,6 +207,7 @@ def private_aggregate(
     report.noise_std = z * clip if spec.dp else 0.0
     out: dict[str, GroupAggregate] = {}
     under = 0.0
+    keys: list[KeyHolder] = []  # CKKS: the round's key holder, made when first needed
     for i, release in enumerate(releases):
         members = release.updates
         if spec.secure_aggregation and 0 < len(members) < max(2, spec.min_group_size):
@@ -223,8 +238,8 @@ def private_aggregate(
                 scalars[u.client] = w
             vectors[u.client] = v
         try:
-            total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i)
-        except SecAggError as exc:  # e.g. too many dropped out: the release's clients count for nothing
+            total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys)
+        except (SecAggError, HEError) as exc:  # e.g. too many dropped out: the release's clients count for nothing
             for u in members:
                 held[u.client] = f"secure aggregation of release '{release.name}' failed: {exc}"
             if not spec.dp:
@@ -255,14 +270,28 @@ def private_aggregate(
 
 
 def _sum(
-    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacySpec, clip: float, dim: int, seed: int
+    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacySpec, clip: float, dim: int, seed: int,
+    keys: list[KeyHolder] | None = None,
 ) -> tuple[Vector, float, list[str], float]:
-    """Σ vectors (and Σ scalars): SecAgg+ when on, else plainly. Returns (sum, scalar sum,
-    clients that dropped mid-protocol, seconds spent in the protocol)."""
+    """Σ vectors (and Σ scalars): SecAgg+ or CKKS when on, else plainly. Returns (sum, scalar
+    sum, clients that dropped mid-protocol, seconds spent in the protocol). ``keys``: CKKS's key
+    holder for the round (appended when empty, reused by the round's later releases)."""
     if not vectors:
         return torch.zeros(dim), 0.0, [], 0.0
     if not spec.secure_aggregation:
         return torch.stack(list(vectors.values())).sum(0), float(sum(scalars.values())), [], 0.0
+    if spec.secure_aggregation_protocol == "ckks":
+        keys = [] if keys is None else keys
+        keygen = time.perf_counter()
+        if not keys:
+            keys.append(KeyHolder())
+        keygen = time.perf_counter() - keygen
+        result = encrypted_sum(
+            {u: v.numpy() for u, v in vectors.items()}, bound=clip if spec.dp else spec.secagg_range,
+            scalars=scalars, scalar_bound=1.0,  # weights n_c / weight_scale ≤ 1, or DP's 0/1 bits
+            key_holder=keys[0])
+        return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
+                float(result.scalar_sum or 0.0), [], keygen + float(result.seconds["total"]))
     ids = sorted(vectors)
     rng = np.random.default_rng(seed)
     n_drop = int(math.floor(spec.secagg_dropout * len(ids)))

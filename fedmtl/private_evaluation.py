@@ -7,7 +7,8 @@ Each client reduces its held-out scores to sufficient statistics, per (model var
   ``ERROR_CLIP`` (in the label's units) so that every entry has a public bound.
 
 The clients' statistics are summed (with SecAgg+ when ``privacy.secure_aggregation`` is on,
-:func:`fedmtl.secagg.secure_sum`), so the server learns the federation's pooled confusion matrix
+:func:`fedmtl.secagg.secure_sum`, or CKKS with ``secure_aggregation_protocol: ckks``,
+:func:`fedmtl.he.encrypted_sum`), so the server learns the federation's pooled confusion matrix
 and error sums and nothing about any one client. Optionally Gaussian noise is added to the
 summed counts (``noise_std``). From them: pooled accuracy (= the sample-weighted mean of the
 clients' accuracies), macro precision, recall and F1 over the classes present in the pooled
@@ -91,7 +92,7 @@ def statistics_score(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> 
 def pooled_evaluation(
     layout: StatLayout, records: Sequence[Mapping], *, secure: bool, max_rows: int, min_clients: int = 2,
     noise_std: float = 0.0, generator: torch.Generator | None = None, neighbours: int | None = None,
-    max_dropout: float | None = None,
+    max_dropout: float | None = None, protocol: str = "secagg",
 ) -> dict[str, float]:
     """The round's metrics from the clients' statistics records (``client``, ``variant``,
     ``task``, ``statistics``): each client's vector is summed (:func:`secure_total`) and only
@@ -105,7 +106,8 @@ def pooled_evaluation(
     if len(parts) < max(2, min_clients):
         return out
     vectors = {c: np.concatenate([stats[key] for key in layout.keys]) for c, stats in parts.items()}
-    total = secure_total(vectors, secure, layout.bounds(max_rows), noise_std, generator, neighbours, max_dropout)
+    total = secure_total(vectors, secure, layout.bounds(max_rows), noise_std, generator, neighbours, max_dropout,
+                         protocol)
     out.update(pooled_metrics(layout, total))
     for key in list(out):
         head, _, rest = key.partition("personal/")
@@ -160,8 +162,10 @@ def error_metrics(block: np.ndarray) -> dict[str, float]:
 def secure_total(
     statistics: Mapping[str, np.ndarray], secure: bool, bound: float | np.ndarray, noise_std: float = 0.0,
     generator: torch.Generator | None = None, neighbours: int | None = None, max_dropout: float | None = None,
+    protocol: str = "secagg",
 ) -> np.ndarray:
-    """Σ of the clients' statistics vectors: through SecAgg+ when ``secure``, plainly otherwise;
+    """Σ of the clients' statistics vectors: through SecAgg+ (``protocol`` "secagg") or CKKS
+    ("ckks") when ``secure``, plainly otherwise;
     plus N(0, noise_std²) per entry when asked. ``bound``: a public bound on every entry, one
     number or one per entry (:meth:`StatLayout.bounds`); entries beyond it are clipped. The
     secure sum runs on the entries divided by their bounds, so every entry has the same
@@ -173,7 +177,12 @@ def secure_total(
     scale = np.broadcast_to(np.asarray(bound, dtype=np.float64), (width,))
     if not np.all(scale > 0):
         raise ValueError("every statistics bound must be positive")
-    if secure:
+    if secure and protocol == "ckks":
+        from fedmtl.he import encrypted_sum
+
+        result = encrypted_sum({c: v / scale for c, v in vectors.items()}, bound=1.0)
+        total = np.asarray(result.sum, dtype=np.float64) * scale
+    elif secure:
         from fedmtl.secagg import DEFAULT_MAX_DROPOUT, secure_sum
 
         scaled = {c: v / scale for c, v in vectors.items()}
