@@ -277,7 +277,8 @@ def retry_failed(fed, state, failed: dict[str, str], updates: list, cfg: Config,
         return 0
     delay = cfg.training.retry_delay
     retries = cfg.training.client_retries
-    options = {"retries": retries, "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0}
+    # the retry task's first run is the first retry: Prefect retries it the other retries - 1 times
+    options = {"retries": retries - 1, "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0}
     if cfg.runner.kind != "thread":  # Prefect cannot interrupt a thread; there the client's own deadline acts
         options["timeout_seconds"] = cfg.training.client_timeout
     futures = retry_client.with_options(**options).map(again, unmapped(shared(fed)), unmapped(shared(state)),

@@ -59,7 +59,7 @@ def retry_client(client: str, fed: Federation, state: ServerState, retries: int)
     try:
         return fed.train_clients([client], state, attempt=task_run.run_count)[0]
     except Exception as exc:  # noqa: BLE001 - reported per client
-        if task_run.run_count <= retries:
+        if task_run.run_count < retries:  # run k of this task is retry k; Prefect runs it `retries` times
             raise
         get_run_logger().warning("client '%s' still fails after %d retries: %s", client, retries, exc)
         return f"{type(exc).__name__}: {exc} (tried {retries} more times, with backoff)"

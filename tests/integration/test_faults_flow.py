@@ -46,11 +46,12 @@ def test_failing_clients_are_retried_stragglers_cut_off_and_every_loss_named(dat
     assert sorted(participating) == [1, 2, 3]
     assert all(participating[r] + failed[r] == 8 for r in participating)  # everyone is accounted for
     assert sum(retried.values()) >= 2  # injected failures came back on a retry
-    reports = {}
+    reports = []  # every round's (client, why): a client may fail in several rounds
     for artifact in client.list_artifacts(run_id, "rounds"):
-        reports.update(json.loads(open(client.download_artifacts(run_id, artifact.path)).read()))
-    assert any("ClientTimeout" in why and "training.client_timeout = 0.3 s" in why for why in reports.values())
-    assert all(why.split(":")[0] in ("ClientTimeout", "InjectedFailure") for why in reports.values())
+        reports += json.loads(open(client.download_artifacts(run_id, artifact.path)).read()).items()
+    assert len(reports) == sum(failed.values())
+    assert any("ClientTimeout" in why and "training.client_timeout = 0.3 s" in why for _, why in reports)
+    assert all(why.split(":")[0] in ("ClientTimeout", "InjectedFailure") for _, why in reports)
     assert result["personal_accuracy"] > 0.3
 
 
@@ -61,3 +62,17 @@ def test_a_round_with_too_few_updates_fails_naming_the_clients(data):
                                                      "training.min_clients": 8}))
     with pytest.raises(RoundFailed, match=r"round 1: only \d of 8 clients returned an update .*c00\d: InjectedFailure"):
         federated_training(cfg.model_dump(mode="json"))
+
+
+def test_client_retries_counts_the_retries_after_the_first_attempt(data):
+    """training.client_retries = 2: a client that keeps failing is tried 3 times in all (its
+    shard's attempt, then 2 retries), and its report says so."""
+    from flows.training import RoundFailed, federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **{"faults.client_failure_rate": 0.999, "training.client_retries": 2,
+                                                     "training.retry_delay": 0.01, "training.min_clients": 8}))
+    with pytest.raises(RoundFailed) as failure:
+        federated_training(cfg.model_dump(mode="json"))
+    message = str(failure.value)
+    assert message.count("(attempt 3;") == 8 and "(attempt 4;" not in message
+    assert message.count("tried 2 more times") == 8
