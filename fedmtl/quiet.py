@@ -1,4 +1,5 @@
-"""Keep library chatter off the user's terminal: analytics, progress bars, INFO logs.
+"""Keep library chatter off the user's terminal: analytics, progress bars, INFO logs (and
+one start-up timeout too short for a busy machine).
 
 Only environment defaults and logging levels: a user's own settings always win.
 """
@@ -22,6 +23,11 @@ DEFAULTS = {
     "GX_ANALYTICS_ENABLED": "false",
     # tqdm-based progress bars in libraries
     "TQDM_DISABLE": "1",
+    # Not chatter, but a default that fails on a busy machine: commands that let Prefect start
+    # its ephemeral API (promote, rollback, evaluate) give it 20 s to answer, which two such
+    # commands started together on a loaded 2-core machine can exceed ("Timed out while
+    # attempting to connect to ephemeral Prefect API server"). fedmtl train waits 60 s for its own.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
 }
 
 NOISY_LOGGERS = ("alembic", "mlflow", "great_expectations", "dvc", "httpx", "urllib3")

@@ -272,7 +272,11 @@ def test_ctrl_c_stops_serving_and_pauses_the_schedule(served):
     proc = served.procs["serve"]
     before = len(served.logs["serve"].read_text(errors="replace"))
     proc.send_signal(signal.SIGINT)
-    proc.wait(60)
+    try:  # a loaded machine (CI with other work) can take a while to wind the runner down
+        proc.wait(180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fedmtl schedule did not stop within 180 s of Ctrl-C:\n"
+                    + served.logs["serve"].read_text(errors="replace")[before:][-4000:])
     out = served.logs["serve"].read_text(errors="replace")[before:]  # what Ctrl-C printed
     assert proc.returncode in (0, 130), out
     assert f"stopped serving {DEPLOYMENT}" in out and "Traceback" not in out, out
