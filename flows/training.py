@@ -34,7 +34,7 @@ from fedmtl.validation import read_report, usable_clients
 from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
-from tasks.registry import CHAMPION, champion_bundle, log_personalized_model
+from tasks.registry import CHAMPION, champion_bundle, check_registered_model, log_personalized_model
 from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard, retry_client
 from tasks.tracking import RunTracker
 
@@ -75,6 +75,8 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
     budget = privacy_budget(cfg, len(clients))
     checkpoints = CheckpointStore(run_dir / "checkpoints")
     tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    if cfg.tracking.registered_model:  # before any training: not a clash found at the very end
+        check_registered_model(tracker.client, cfg.tracking.registered_model)
     checkpoint = None
     if found is not None and record.mlflow_run_id:
         checkpoint, problems = checkpoints.latest()

@@ -44,7 +44,7 @@ from mlflow.tracking import MlflowClient
 from fedmtl.promotion import Decision, RunFacts
 from models.personalized import PersonalizedPredictor
 from tasks.locking import registry_lock
-from tasks.registry import CHALLENGER, CHAMPION, load_predictor
+from tasks.registry import CHALLENGER, CHAMPION, check_registered_model, load_predictor
 from tasks.tracking import ensure_experiment, open_store, resolve_tracking_uri
 
 PREVIOUS_CHAMPION = "previous_champion"
@@ -98,6 +98,7 @@ class Registry:
         except MlflowException:
             raise RegistryError(f"registered model '{name}' does not exist in {uri}: train first "
                                 "(`fedmtl run`), or check tracking.registered_model") from None
+        check_registered_model(registry.client, name)  # never promote within another team's model
         return registry
 
     @property

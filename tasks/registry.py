@@ -93,16 +93,48 @@ def log_personalized_model(
     return info.model_uri, version
 
 
+#: The tag that marks a registered model as fedmtl's (set when fedmtl creates it).
+OWNER_TAG, OWNER = "fedmtl", "personalized-model"
+
+
+class RegisteredModelClash(ValueError):
+    """``tracking.registered_model`` names a registered model that is not fedmtl's."""
+
+
+def check_registered_model(client: MlflowClient, name: str, setting: str = "tracking.registered_model") -> None:
+    """Refuse a registered model of this name that fedmtl did not create (another team's, or
+    another kind of model): fedmtl would add versions to it and move its aliases. Fine when it
+    does not exist yet, or carries the tag ``fedmtl=personalized-model`` (or, created before that
+    tag, fedmtl's description)."""
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    if model.tags.get(OWNER_TAG) == OWNER or (model.description or "") == DESCRIPTION:
+        return
+    raise RegisteredModelClash(
+        f"{setting} = '{name}': a registered model of that name already exists in {client.tracking_uri} "
+        f"and was not created by fedmtl (no tag {OWNER_TAG}={OWNER}; "
+        f"{len(client.search_model_versions(f'name = {name!r}', max_results=1000))} version(s), "
+        f"description {(model.description or 'none')[:80]!r}). fedmtl would add its versions to it and "
+        f"move its aliases: set {setting} to another name, or, if the model is fedmtl's, tag it "
+        f"{OWNER_TAG}={OWNER}")
+
+
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
-    """Create the registered model unless it exists; another process may create it between the
-    look-up and the creation (two training runs ending together), which is fine."""
+    """Create the registered model unless it exists (then it must be fedmtl's); another process
+    may create it between the look-up and the creation (two training runs ending together),
+    which is fine."""
+    check_registered_model(client, name)
     try:
         client.get_registered_model(name)
         return
     except mlflow.exceptions.MlflowException:
         pass
     try:
-        client.create_registered_model(name, description=DESCRIPTION)
+        client.create_registered_model(name, tags={OWNER_TAG: OWNER}, description=DESCRIPTION)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -75,3 +75,35 @@ def test_repro_versions_data_and_mlflow_records_it(tmp_path):
     assert metrics2["mlflow_run_id"] != metrics["mlflow_run_id"]
     assert MlflowClient(uri).get_run(metrics2["mlflow_run_id"]).data.tags["data_version"] == second
     assert cfg.data.partitions_dir == "data/partitions"
+
+
+def test_push_without_a_remote_or_to_a_broken_one_says_which_and_changes_nothing(tmp_path):
+    """A missing DVC remote: with none configured, `push` says so and pushes nothing (the
+    scheduled flow warns and trains on); with a default remote whose URL cannot be written, it
+    fails naming the remote and the way to go on without pushing; the data and dvc.lock stay
+    as they were."""
+    from fedmtl.datarefresh import DataRefreshError, push, remote
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    (repo / "data.txt").write_text("rows\n")
+    (repo / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp data.txt out.txt\n    deps: [data.txt]\n"
+                                   "    outs: [out.txt]\n")
+    sh(repo, "dvc", "repro", "--quiet")
+    before = {p: (repo / p).read_bytes() for p in ("data.txt", "out.txt", "dvc.lock")}
+
+    assert remote(repo) is None and push(repo) is None  # no remote: nothing to push to
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote's folder should be")
+    sh(repo, "dvc", "remote", "add", "-d", "shared", str(blocker / "remote"))
+    assert remote(repo) == "shared"
+    with pytest.raises(DataRefreshError) as failed:
+        push(repo)
+    message = str(failed.value)
+    assert "`dvc push` to remote 'shared' failed" in message and str(repo) in message
+    assert "schedule.push_data=false" in message
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert blocker.read_text() == "a file where the remote's folder should be"
