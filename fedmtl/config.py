@@ -26,6 +26,7 @@ Method = Literal[
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 TaskKind = Literal["classification", "regression"]
 PersonalFit = Literal["sgd", "map"]
+PersonalLambdaSearch = Literal["off", "cv"]
 HarWindows = Literal["segment", "session"]
 RunnerKind = Literal["thread", "process", "dask"]
 PromotionMetric = Literal["f1", "accuracy", "precision", "recall", "mae", "rmse"]
@@ -190,10 +191,27 @@ class AlgorithmConfig(_Section):
     personal_lambda: float = Field(
         0.3, ge=0, description="fedmtl: precision of the prior pulling ψ_c towards φ_g"
     )
+    personal_lambda_search: PersonalLambdaSearch = Field(
+        "cv", description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
+        "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train rows "
+        "(least log-loss on the left-out folds), then refits on all of them (fedmtl/personal.py; personal_lambda "
+        "for clients with fewer than 10 train rows)"
+    )
+    personal_lambda_grid: list[float] = Field(
+        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], min_length=2,
+        description="fedmtl: the λ values personal_lambda_search: cv chooses from (each > 0)"
+    )
     ditto_lambda: float = Field(0.1, ge=0, description="Ditto: λ of λ/2·‖v − w‖²")
     pfedme_lambda: float = Field(15.0, gt=0, description="pFedMe: λ of the Moreau envelope")
     pfedme_inner_steps: int = Field(5, ge=1, description="pFedMe: K steps per mini-batch")
     pfedme_personal_lr: float = Field(0.05, gt=0, description="pFedMe: personal learning rate")
+
+    @field_validator("personal_lambda_grid")
+    @classmethod
+    def _positive_grid(cls, value: list[float]) -> list[float]:
+        if any(not v > 0 for v in value):
+            raise ValueError(f"every value of personal_lambda_grid must be > 0, got {value}")
+        return value
 
 
 class ServerConfig(_Section):

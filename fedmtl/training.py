@@ -39,6 +39,8 @@ class LocalConfig:
     prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
     personal_lambda: float = 0.3  # fedmtl: pull of ψ_c towards φ_g
     personal_fit: str = "map"  # fedmtl: "map" (exact, L-BFGS) or "sgd" (personal_epochs)
+    personal_lambda_search: str = "cv"  # fedmtl: "off" (personal_lambda) or "cv" (per client, from the grid)
+    personal_lambda_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     ditto_lambda: float = 0.1
     pfedme_lambda: float = 15.0
     pfedme_inner_steps: int = 5
@@ -60,6 +62,8 @@ class LocalConfig:
             prox_mu=a.prox_mu,
             personal_lambda=a.personal_lambda,
             personal_fit=a.personal_fit,
+            personal_lambda_search=a.personal_lambda_search,
+            personal_lambda_grid=tuple(a.personal_lambda_grid),
             ditto_lambda=a.ditto_lambda,
             pfedme_lambda=a.pfedme_lambda,
             pfedme_inner_steps=a.pfedme_inner_steps,

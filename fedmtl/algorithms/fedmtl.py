@@ -8,8 +8,10 @@ Client round (docs/algorithm.md):
   column or are learned (:mod:`fedmtl.grouping`).
 - **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
   ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
-  pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²). ψ_c is fitted on the base it will
-  be used with, and never leaves the client.
+  pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly (``personal_fit: map``,
+  :mod:`fedmtl.personal`) with λ fixed or chosen per client by cross-validation on its own train
+  rows (``personal_lambda_search: cv``). ψ_c is fitted on the base it will be used with, and
+  never leaves the client.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client import ClientData
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import LocalConfig, fit_heads_map, train_heads
+from fedmtl.personal import fit_personal_heads
+from fedmtl.training import LocalConfig, train_heads
 
 
 class FedMTL(Algorithm):
@@ -42,8 +45,9 @@ class FedMTL(Algorithm):
         personal: PersonalState | None,
     ) -> tuple[Vector, Heads, PersonalState]:
         if ctx.cfg.personal_fit == "map":
-            psi, _ = fit_heads_map(ctx.model, state.base, state.heads_for(group), data, ctx.tasks,
-                                   ctx.cfg.personal_lambda)
+            psi, _, _ = fit_personal_heads(ctx.model, state.base, state.heads_for(group), data, ctx.tasks,
+                                           ctx.cfg.personal_lambda, ctx.cfg.personal_lambda_search,
+                                           ctx.cfg.personal_lambda_grid)
         else:
             psi, _ = train_heads(
                 ctx.model, state.base, state.heads_for(group), data, ctx.tasks, ctx.cfg, ctx.generator,

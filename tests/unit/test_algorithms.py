@@ -215,3 +215,68 @@ def _with(module, vector):
     clone = copy.deepcopy(module)
     assign(clone, vector)
     return clone
+
+
+def _client_like(data, x_train, y_train, x_test=None):
+    from fedmtl.client import ClientData
+
+    return ClientData(data.client, data.group, x_train, y_train,
+                      data.x_test if x_test is None else x_test, data.y_test)
+
+
+def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_agrees(setup):
+    """personal_lambda_search: cv picks a large λ when the client's labels are drawn from its
+    group head, a small one when they follow a very different head; it reads only the train rows
+    and is deterministic."""
+    from fedmtl.personal import LAMBDA_GRID, fit_personal_heads, select_lambda
+
+    make, _ = setup
+    fed, ctx, state, data = one_client(make("fedmtl", "lambda-search"))
+    head = ctx.model.heads["label"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(300, data.x_train.shape[1], generator=gen)
+    prior = {"label": state.heads_for(data.group)["label"] * 0 + torch.randn(
+        state.heads_for(data.group)["label"].shape, generator=gen)}
+    with torch.no_grad():
+        assign(ctx.model.base, state.base)
+        ctx.model.base.eval()
+        z = ctx.model.base(x)
+        assign(head, prior["label"])
+        near = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
+        assign(head, -3 * prior["label"])  # another head: its scores reverse the prior's
+        far = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
+
+    lam_near, scores = select_lambda(ctx.model, state.base, prior, _client_like(data, x, {"label": near}),
+                                     ctx.tasks)
+    lam_far, _ = select_lambda(ctx.model, state.base, prior, _client_like(data, x, {"label": far}), ctx.tasks)
+    assert len(scores) == len(LAMBDA_GRID)
+    assert lam_near >= 3, f"labels drawn from the group head: λ {lam_near} (scores {scores})"
+    assert lam_far <= 0.3, f"labels far from the group head: λ {lam_far}"
+
+    # the held-out split is never read: NaN test rows change nothing; and it is deterministic
+    client = _client_like(data, x, {"label": far})
+    poisoned = _client_like(data, x, {"label": far}, x_test=torch.full_like(data.x_test, float("nan")))
+    a, _, lam_a = fit_personal_heads(ctx.model, state.base, prior, client, ctx.tasks, 0.3, "cv")
+    b, _, lam_b = fit_personal_heads(ctx.model, state.base, prior, poisoned, ctx.tasks, 0.3, "cv")
+    assert lam_a == lam_b == lam_far and torch.equal(a["label"], b["label"])
+
+    # search off is the fixed-λ MAP fit; too few rows to cross-validate keep the fixed λ
+    fixed, _, lam = fit_personal_heads(ctx.model, state.base, prior, client, ctx.tasks, 0.3, "off")
+    ref, _ = fit_heads_map(ctx.model, state.base, prior, client, ctx.tasks, 0.3)
+    assert lam == 0.3 and torch.equal(fixed["label"], ref["label"])
+    few = _client_like(data, x[:9], {"label": far[:9]})
+    assert select_lambda(ctx.model, state.base, prior, few, ctx.tasks)[0] is None
+    assert fit_personal_heads(ctx.model, state.base, prior, few, ctx.tasks, 0.3, "cv")[2] == 0.3
+
+
+def test_fedmtl_personal_lambda_search_is_a_setting(setup):
+    make, manifest = setup
+    fed = make("fedmtl", "lambda-search-run", **{"algorithm.personal_lambda_search": "cv",
+                                                 "algorithm.personal_lambda_grid": [0.1, 1.0, 10.0]})
+    assert fed.local.personal_lambda_search == "cv" and fed.local.personal_lambda_grid == (0.1, 1.0, 10.0)
+    _, _, history = run_rounds(fed, manifest.client_ids, 1)
+    assert history[-1]["personal/accuracy/mean"] > 0.2
+    with pytest.raises(ValueError):
+        load_config(None, ["algorithm.personal_lambda_grid=[0.1, 0]"])
+    with pytest.raises(ValueError):
+        load_config(None, ["algorithm.personal_lambda_search=evidence"])
