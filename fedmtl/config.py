@@ -28,7 +28,7 @@ TaskKind = Literal["classification", "regression"]
 PersonalFit = Literal["sgd", "map"]
 PersonalLambdaSearch = Literal["off", "cv"]
 HarWindows = Literal["segment", "session"]
-RunnerKind = Literal["thread", "process", "dask"]
+RunnerKind = Literal["thread", "process", "dask", "ray"]
 PromotionMetric = Literal["f1", "accuracy", "precision", "recall", "mae", "rmse"]
 
 
@@ -357,19 +357,29 @@ class RunnerConfig(_Section):
     """Where a round's client tasks run (Prefect task runners). ``thread`` (default): threads
     of the flow's process; ``process``: a pool of local processes; ``dask``: a Dask cluster
     through prefect-dask (``pip install 'fedmtl[dask]'``), a ``distributed.LocalCluster`` of
-    ``workers`` processes unless ``dask_address`` names an existing scheduler."""
+    ``workers`` processes unless ``dask_address`` names an existing scheduler; ``ray``: Ray
+    through prefect-ray (``pip install 'fedmtl[ray]'``), a local instance of ``workers`` CPUs
+    unless ``ray_address`` names an existing cluster."""
 
     kind: RunnerKind = "thread"
-    workers: int | None = Field(None, ge=1, description="threads/processes/Dask workers (default: the CPU count)")
+    workers: int | None = Field(
+        None, ge=1, description="threads/processes/Dask workers/Ray CPUs (default: the CPU count)"
+    )
     dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster, e.g. ray://10.0.0.5:10001, 10.0.0.5:6379 or auto"
+    )
     torch_threads: int | None = Field(
-        None, ge=1, description="torch threads per worker process (default: 1 for process/dask, torch's own for thread)"
+        None, ge=1,
+        description="torch threads per worker process (default: 1 for process/dask/ray, torch's own for thread)",
     )
 
     @model_validator(mode="after")
     def _check(self) -> "RunnerConfig":
         if self.dask_address and self.kind != "dask":
             raise ValueError(f"runner.dask_address is set but runner.kind is '{self.kind}': set runner.kind=dask")
+        if self.ray_address and self.kind != "ray":
+            raise ValueError(f"runner.ray_address is set but runner.kind is '{self.kind}': set runner.kind=ray")
         return self
 
 

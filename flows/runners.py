@@ -7,6 +7,9 @@
 - ``dask``: prefect-dask's ``DaskTaskRunner`` on a ``distributed.LocalCluster`` of
   ``runner.workers`` single-threaded worker processes, or on the scheduler at
   ``runner.dask_address``.
+- ``ray``: prefect-ray's ``RayTaskRunner`` on a local Ray instance of ``runner.workers`` CPUs
+  (no dashboard, no usage stats, shut down when the flow run ends), or on the cluster at
+  ``runner.ray_address``.
 
 Worker processes get ``OMP_NUM_THREADS`` = ``runner.torch_threads`` (default 1), so that
 ``workers`` processes do not each start one torch thread per core, and the address of this
@@ -17,6 +20,7 @@ in a database nobody reads).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +44,8 @@ def task_runner(runner: RunnerConfig):
         from prefect.task_runners import ProcessPoolTaskRunner
 
         return ProcessPoolTaskRunner(max_workers=workers)
+    if runner.kind == "ray":
+        return _ray_task_runner(runner, workers)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -52,6 +58,32 @@ def task_runner(runner: RunnerConfig):
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                         "dashboard_address": None, "env": worker_env(runner)},
     )
+
+
+def _ray_task_runner(runner: RunnerConfig, workers: int):
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise RunnerError("runner.kind=ray needs prefect-ray: pip install 'fedmtl[ray]'") from None
+    # quiet and offline: no dashboard, no usage stats (also RAY_USAGE_STATS_ENABLED=0 while the
+    # flow runs, worker_environment), workers' output not echoed by this process
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if runner.ray_address:
+        # an existing cluster: its nodes may not reach an ephemeral API on this machine's
+        # loopback, so they get PREFECT_API_URL only when one is configured
+        env = {"OMP_NUM_THREADS": str(runner.torch_threads or 1)}
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+        init = {**quiet, "runtime_env": {"env_vars": env}}
+        if runner.ray_address == "auto":  # prefect-ray reads "auto" as "start a local one"
+            return RayTaskRunner(init_kwargs={**init, "address": "auto"})
+        return RayTaskRunner(address=runner.ray_address, init_kwargs=init)
+    return RayTaskRunner(init_kwargs={
+        **quiet, "num_cpus": workers, "include_dashboard": False,
+        "runtime_env": {"env_vars": worker_env(runner)},
+    })
 
 
 def api_url() -> str:
@@ -77,11 +109,15 @@ def worker_env(runner: RunnerConfig) -> dict[str, str]:
 def worker_environment(runner: RunnerConfig) -> Iterator[None]:
     """For ``process``: worker processes inherit the environment at start, so torch's thread
     count and the Prefect API are set here for the time of the flow run (the running process's
-    torch is unaffected)."""
-    if runner.kind != "process":
+    torch is unaffected). For ``ray``: ``RAY_USAGE_STATS_ENABLED=0`` (unless set), read when
+    the flow run starts Ray."""
+    if runner.kind == "ray":
+        env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    elif runner.kind == "process":
+        env = worker_env(runner)
+    else:
         yield
         return
-    env = worker_env(runner)
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -1,8 +1,10 @@
 """Task runners for real: the same training flow on threads, on a process pool and on a Dask
-LocalCluster of 2 worker processes gives the same model (every client's randomness is seeded
-by seed, round and client, not by where it runs)."""
+LocalCluster of 2 worker processes (and on a local Ray instance of 2 CPUs) gives the same model
+(every client's randomness is seeded by seed, round and client, not by where it runs)."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 
@@ -37,8 +39,13 @@ def train(root, **extra):
         return with_runner(federated_training, cfg)(cfg.model_dump(mode="json"))
 
 
-def test_dask_local_cluster_and_process_pool_train_the_same_model_as_threads(prefect_harness, data_root):
-    threads = train(data_root)
+@pytest.fixture(scope="module")
+def threads(prefect_harness, data_root):
+    """The reference: the same training on the default thread runner (once for the module)."""
+    return train(data_root)
+
+
+def test_dask_local_cluster_and_process_pool_train_the_same_model_as_threads(threads, data_root):
     dask = train(data_root, **{"runner.kind": "dask", "runner.workers": 2})
     processes = train(data_root, **{"runner.kind": "process", "runner.workers": 2})
     for key in KEYS:
@@ -53,13 +60,59 @@ def test_dask_local_cluster_and_process_pool_train_the_same_model_as_threads(pre
                     "processes": "ProcessPoolTaskRunner"}
 
 
-def test_runner_settings_are_checked():
+def test_ray_trains_the_same_model_as_threads_and_leaves_no_process(threads, data_root):
+    pytest.importorskip("prefect_ray")
+    import psutil
+    import ray
+
+    on_ray = train(data_root, **{"runner.kind": "ray", "runner.workers": 2})
+    for key in KEYS:
+        assert on_ray[key] == pytest.approx(threads[key], abs=1e-6), key
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(on_ray["tracking_uri"]).get_run(on_ray["mlflow_run_id"])
+    assert run.data.tags["task_runner"] == "RayTaskRunner"
+    # the Ray workers reported their task runs to the flow's own Prefect API (runtime_env)
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        shards = [t for t in prefect.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[run.data.tags["prefect_flow_run_id"]]))) if t.task_key.startswith("local_train")]
+    assert shards and all(t.state.is_completed() for t in shards)
+    assert not ray.is_initialized()
+    left = [p.name() for p in psutil.Process().children(recursive=True)
+            if "ray" in p.name().lower() or "gcs_server" in p.name()]
+    assert left == []
+
+
+def test_runner_settings_are_checked(monkeypatch):
     from fedmtl.config import ConfigError
 
     with pytest.raises(ConfigError, match="runner.dask_address is set but runner.kind is 'thread'"):
         load_config(None, ["runner.dask_address=tcp://127.0.0.1:8786"])
+    with pytest.raises(ConfigError, match="runner.ray_address is set but runner.kind is 'dask'"):
+        load_config(None, ["runner.kind=dask", "runner.ray_address=auto"])
     with pytest.raises(ConfigError, match="runner.kind"):
-        load_config(None, ["runner.kind=ray"])
+        load_config(None, ["runner.kind=spark"])
     runner = task_runner(load_config(None, ["runner.kind=dask", "runner.dask_address=tcp://10.1.2.3:8786"]).runner)
     assert runner.address == "tcp://10.1.2.3:8786"
     assert issubclass(RunnerError, ValueError)
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if prefect-ray were not installed
+    with pytest.raises(RunnerError, match=r"runner.kind=ray needs prefect-ray: pip install 'fedmtl\[ray\]'"):
+        task_runner(load_config(None, ["runner.kind=ray"]).runner)
+
+
+def test_ray_runner_settings():
+    pytest.importorskip("prefect_ray")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = "http://127.0.0.1:4200/api"
+    with temporary_settings({PREFECT_API_URL: api}):
+        local = task_runner(load_config(None, ["runner.kind=ray", "runner.workers=3", "runner.torch_threads=2"]).runner)
+        remote = task_runner(load_config(None, ["runner.kind=ray", "runner.ray_address=ray://10.1.2.3:10001"]).runner)
+    assert local.address is None
+    assert local.init_kwargs["num_cpus"] == 3 and local.init_kwargs["include_dashboard"] is False
+    assert local.init_kwargs["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "2", "PREFECT_API_URL": api}
+    assert remote.address == "ray://10.1.2.3:10001" and "num_cpus" not in remote.init_kwargs
+    assert remote.init_kwargs["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "1", "PREFECT_API_URL": api}
