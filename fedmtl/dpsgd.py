@@ -222,24 +222,12 @@ class DPSGDSession:
     spec: DPSGDSpec
     steps: list[tuple[float, float, int]] = field(default_factory=list)
 
-    def fit(
-        self,
-        module: nn.Module,
-        params: list[nn.Parameter],
-        x: torch.Tensor,
-        y: dict[str, torch.Tensor],
-        tasks: Sequence,
-        epochs: int,
-        cfg,  # fedmtl.training.LocalConfig
-        generator: torch.Generator,
-        penalty: Callable[[], torch.Tensor] | None = None,
-        after_step: Callable[[], None] | None = None,
-        lr: float | None = None,
-    ) -> float:
-        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.training.fit`);
-        returns the mean loss of the last epoch's sampled rows."""
-        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps,
-                      penalty=penalty, after_step=after_step, lr=lr)
+    def fit(self, module: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: dict[str, torch.Tensor],
+            tasks: Sequence, epochs: int, cfg, generator: torch.Generator, **options) -> float:
+        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.training.fit`; ``options``:
+        :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of the last
+        epoch's sampled rows."""
+        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps, **options)
 
 
 def dp_fit(
