@@ -108,6 +108,7 @@ class CheckpointStore:
         self.keep = keep
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._committed: dict[int, dict[str, Any]] = {}  # round records this store wrote, as saved
 
     def _paths(self, round_: int) -> tuple[Path, Path, Path]:
         name = f"round-{round_:06d}"
@@ -124,9 +125,10 @@ class CheckpointStore:
         checksums; then drop all but the newest ``keep`` states (round records stay).
         ``background``: serialise now, write on the store's thread (see :meth:`wait`)."""
         state = _serialise({"format": FORMAT, "state": checkpoint.state.to_dict(), "rng": checkpoint.rng})
-        record = _serialise({"format": FORMAT, "round": checkpoint.round, **checkpoint.record})
+        as_saved = {"format": FORMAT, "round": checkpoint.round, **checkpoint.record}
+        record = _serialise(as_saved)
         extra = json.loads(json.dumps(checkpoint.extra, default=_jsonable))  # a copy, checked now
-        job = functools.partial(self._write, checkpoint.round, state, record, extra)
+        job = functools.partial(self._write, checkpoint.round, state, record, extra, as_saved)
         if not background:
             self.wait()
             job()
@@ -151,13 +153,16 @@ class CheckpointStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
 
-    def _write(self, round_: int, state: bytes, record: bytes, extra: dict[str, Any]) -> None:
+    def _write(self, round_: int, state: bytes, record: bytes, extra: dict[str, Any],
+               as_saved: dict[str, Any] | None = None) -> None:
         pt, meta_path, record_path = self._paths(round_)
         atomic_write_bytes(record_path, record)
         atomic_write_bytes(pt, state)
         meta = {"format": FORMAT, "round": round_, "sha256": hashlib.sha256(state).hexdigest(), "bytes": len(state),
                 "record_sha256": hashlib.sha256(record).hexdigest(), "extra": extra}
         atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+        if as_saved is not None:
+            self._committed[round_] = as_saved
         for old in self.rounds()[: -self.keep]:
             for path in self._paths(old)[:2]:
                 path.unlink(missing_ok=True)
@@ -187,9 +192,13 @@ class CheckpointStore:
     def records(self, up_to: int) -> list[dict[str, Any]]:
         """The round records of rounds 1..``up_to`` that exist, in order, unpickled with
         ``weights_only``; one that cannot be read raises :class:`CorruptCheckpoint`. (The
-        checkpoint being resumed from checks its own round's record against its SHA-256.)"""
+        checkpoint being resumed from checks its own round's record against its SHA-256.)
+        Records this store committed itself are not read back (~6 ms a round)."""
         out = []
         for r in range(1, up_to + 1):
+            if r in self._committed:
+                out.append(self._committed[r])
+                continue
             path = self._paths(r)[2]
             if not path.exists():
                 continue

@@ -190,27 +190,29 @@ class RoundsBar:
 
 def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: bool = False) -> dict:
     _check_tracking(cfg.tracking.tracking_uri)
-    from flows.startup import ApiStart, warm_up
+    from flows.startup import ApiStart, freeze_at_exit, loading, warm_up
 
     api = ApiStart().start()  # the ephemeral Prefect API boots while the rest loads
-    from flows import progress
-    from flows.runtime import run_and_settle
+    freeze_at_exit()
+    with loading():
+        from flows import progress
+        from flows.runtime import run_and_settle
 
-    _own_errors(verbose)
+        _own_errors(verbose)
 
-    from flows.runners import RunnerError, with_runner, worker_environment
+        from flows.runners import RunnerError, with_runner, worker_environment
 
-    warm_up(cfg, data=not whole_pipeline)
+        warm_up(cfg, data=not whole_pipeline)
 
-    if whole_pipeline:
-        from flows.pipeline import pipeline as flow_fn
-    else:
-        from flows.training import federated_training
+        if whole_pipeline:
+            from flows.pipeline import pipeline as flow_fn
+        else:
+            from flows.training import federated_training
 
-        try:
-            flow_fn = with_runner(federated_training, cfg)
-        except RunnerError as exc:
-            _fail(exc, 2)
+            try:
+                flow_fn = with_runner(federated_training, cfg)
+            except RunnerError as exc:
+                _fail(exc, 2)
     try:
         with api.settings(), RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner):
             extra = {"resume": True} if resume else {}

@@ -86,6 +86,22 @@ def test_tables_round_trip_through_round_records():
     assert list(back["client"]) == ["007", "a", "007", "a"] and back["acc"].isna().sum() == 2
 
 
+def test_the_writing_store_gives_back_its_records_as_a_fresh_store_reads_them(tmp_path):
+    import pandas as pd
+
+    writer = CheckpointStore(tmp_path)
+    frame = pd.DataFrame({"client": ["007", "a"], "acc": [0.5, float("nan")]})
+    for r in (1, 2):
+        writer.save(Checkpoint(state(r), {"summary": {"acc": r / 10}, "clients": table_record(frame)}, {},
+                               capture_rng()), background=True)
+    writer.wait()
+    from_disk = CheckpointStore(tmp_path).records(2)
+    kept = writer.records(2)
+    writer.close()
+    assert [r["summary"] for r in kept] == [r["summary"] for r in from_disk] == [{"acc": 0.1}, {"acc": 0.2}]
+    pd.testing.assert_frame_equal(record_table(kept, "clients"), record_table(from_disk, "clients"))
+
+
 def test_resume_finds_the_unfinished_run_with_the_same_settings_or_says_what_differs(tmp_path):
     settings = {"training.rounds": 4, "training.lr": 0.05, "faults.crash_at_round": 3, "runner.kind": "thread"}
     RunRecord("aaa", settings, "v1", "flow-1", "mlflow-1").save(tmp_path / "aaa")
