@@ -3,9 +3,10 @@
 client (one shard, as the flow's thread runner does for batched training), hierarchical
 aggregation and the server step.
 
-Used by ``python -m benchmarks.speed`` (part ``scale``); on its own:
+Used by ``python -m benchmarks.speed`` (part ``scale``, each size in a process of its own, as a
+training process runs it); on its own:
 
-    python -m benchmarks.scale 1000 [ROUNDS]
+    python -m benchmarks.scale 1000 [ROUNDS] [--json]
 """
 
 from __future__ import annotations
@@ -88,8 +89,23 @@ def scale_round(n_clients: int, rounds: int = 3, workers: int | None = 1) -> tup
     return times[len(times) // 2], data_mib
 
 
+def main(argv: list[str]) -> None:
+    import json
+    import resource
+
+    as_json = "--json" in argv
+    args = [a for a in argv if a != "--json"]
+    n = int(args[0]) if args else 1000
+    r = int(args[1]) if len(args) > 1 else 3
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process with its imports
+    seconds, mib = scale_round(n, r, workers=1)  # as the flow's thread runner trains a batched round
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if as_json:
+        print(json.dumps({"clients": n, "round_s": seconds, "peak_mib": peak, "data_mib": mib,
+                          "mib_per_client": (peak - before) / n, "threads": torch.get_num_threads()}))
+    else:
+        print(f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data, peak {peak:.0f} MiB")
+
+
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    r = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    seconds, mib = scale_round(n, r)
-    print(f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data")
+    main(sys.argv[1:])

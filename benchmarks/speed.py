@@ -215,18 +215,11 @@ def part_dask(root: Path) -> dict:
 
 
 def part_scale(n_clients: int, rounds: int = 3) -> dict:
-    """``n_clients`` Synthetic MLR clients per round through the core's round, data in memory."""
-    import resource
-
-    import torch
-
-    from benchmarks.scale import scale_round
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds, clients_mib = scale_round(n_clients, rounds, workers=1)  # as the flow's thread runner
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"clients": n_clients, "round_s": seconds, "peak_mib": after, "data_mib": clients_mib,
-            "mib_per_client": (after - before) / n_clients, "threads": torch.get_num_threads()}
+    """``n_clients`` Synthetic MLR clients per round through the core's round, data in memory,
+    in a process of its own (this one has MLflow and more loaded, whose objects the cyclic
+    garbage collector would walk during the round; a training process freezes them)."""
+    _, _, out = peak_of([sys.executable, "-m", "benchmarks.scale", str(n_clients), str(rounds), "--json"], REPO)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # -- report -------------------------------------------------------------------------------------
