@@ -224,6 +224,10 @@ class Federation:
                     "standard shared step (batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)")
         return batching_blocker(model if model is not None else self.new_model())
 
+    def train_rows(self) -> dict[str, int]:
+        """Each client's training rows, from the manifest (what balances a round's shards)."""
+        return {c.client: c.n_train for c in self.manifest.clients}
+
     def uses_batching(self, model: torch.nn.Module | None = None) -> bool:
         """Whether :meth:`train_clients` trains in batches; ``batched: on`` with a method or
         model that does not allow it raises :class:`BatchingUnsupported` naming the reason."""

@@ -194,7 +194,7 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     t["dispatch"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    parts = shards(chosen, cfg.training.clients_per_task, shard_workers(cfg, fed))
+    parts = shards(chosen, cfg.training.clients_per_task, shard_workers(cfg, fed), fed.train_rows())
     # submitted to another process (process, Dask), a quoted input would arrive still wrapped
     shared = quote if cfg.runner.kind == "thread" else (lambda value: value)
     futures = local_train_shard.map(parts, unmapped(shared(fed)), unmapped(shared(state)))

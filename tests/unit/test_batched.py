@@ -214,3 +214,19 @@ def test_shards_cover_every_client_once_in_order(n, per_task, workers, sizes):
         assert min(len(s) for s in got) >= MIN_CLIENTS_PER_TASK
     with pytest.raises(ValueError, match="clients_per_task"):
         shards(clients or ["x"], 0)
+
+
+def test_shards_balanced_by_rows_keep_the_order_and_even_out_the_heaviest():
+    rows = dict(zip([f"c{i:02d}" for i in range(30)], [300 + (37 * i) % 140 for i in range(30)]))
+    clients = list(rows)
+    plain = shards(clients, None, 2)
+    balanced = shards(clients, None, 2, rows)
+    assert sorted(c for s in balanced for c in s) == clients  # every client once
+    assert all(s == sorted(s) for s in balanced)  # in the input order within a shard
+    heaviest = max(sum(rows[c] for c in s) for s in balanced)
+    assert heaviest <= sum(rows.values()) / 2 + max(rows.values())  # the LPT bound
+    assert heaviest < max(sum(rows[c] for c in s) for s in plain)
+    # one very large client: it trains on its own, the others share the rest
+    rows["c00"] = 100_000
+    assert shards(clients, None, 2, rows)[0] == ["c00"]
+    assert shards(clients, 3, 2, rows) == [clients[i:i + 3] for i in range(0, 30, 3)]  # clients_per_task: as given
