@@ -190,10 +190,9 @@ class RoundsBar:
 
 def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: bool = False) -> dict:
     _check_tracking(cfg.tracking.tracking_uri)
-    from flows.startup import ApiStart, freeze_at_exit, loading, warm_up
+    from flows.startup import ApiStart, loading, warm_up
 
     api = ApiStart().start()  # the ephemeral Prefect API boots while the rest loads
-    freeze_at_exit()
     with loading():
         from flows import progress
         from flows.runtime import run_and_settle

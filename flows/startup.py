@@ -18,10 +18,9 @@ start Prefect's own ephemeral API.
 
 :func:`loading` keeps Python's cyclic garbage collector out of the way of the one-off loading:
 the ~1 million objects that torch, MLflow, Prefect and pydantic create at import never become
-garbage, yet each full collection walks them all (0.1-0.4 s each; ~1.5 s of a 16 s run, and
-another ~2 s in the collection at interpreter exit). It pauses collection while they load and
-then freezes them (:func:`gc.freeze`): later collections skip them, as does the one at exit
-(:func:`freeze_at_exit`).
+garbage, yet each full collection walks them all (0.1-0.4 s each, ~10 of them in a run of
+workload W: ~2 s of its 16 s). It pauses collection while they load and then freezes them
+(:func:`gc.freeze`), so that later collections skip them.
 """
 
 from __future__ import annotations
@@ -142,14 +141,6 @@ def loading() -> Iterator[None]:
         gc.freeze()
         if was_enabled:
             gc.enable()
-
-
-def freeze_at_exit() -> None:
-    """Skip the full collection at interpreter exit (~2 s after a run, for garbage that the
-    process's end frees anyway): the last ``atexit`` handler freezes every object. Call it
-    before the modules whose exit handlers must still see the collector working (those
-    registered later run earlier)."""
-    atexit.register(gc.freeze)
 
 
 def _free_port() -> int:
