@@ -92,7 +92,7 @@ class Served:
         log = self.logs[name] = self.root / f"{name}.log"
         handle = log.open("w")
         proc = subprocess.Popen(args, cwd=cwd, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_signals_as_from_a_shell)
         handle.close()
         self.procs[name] = proc
         return proc
@@ -266,13 +266,28 @@ def test_failing_runs_fail_with_the_cause_and_never_overlap(served):
     assert first.end_time <= second.start_time, "two runs of the deployment overlapped"
 
 
+def _signals_as_from_a_shell() -> None:
+    """In a started process, before it runs: Ctrl-C as a shell's foreground command gets it,
+    SIGINT neither blocked nor ignored. A child inherits both from the thread that starts it,
+    and a library in the test process may have masked SIGINT there (multiprocessing's and
+    loky's resource trackers block it while they spawn) or set it to be ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stacks(pid: int) -> str:
-    """The Python stacks of process ``pid`` (py-spy, when installed), for a hang report."""
+    """For a hang report: the signal state of process ``pid`` (blocked, ignored, caught,
+    pending: hexadecimal masks, SIGINT is bit 1) and its Python stacks (py-spy, when installed)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        masks = "\n".join(line for line in status.splitlines() if line.startswith(("Sig", "ShdPnd")))
+    except OSError as exc:
+        masks = f"(no signal state: {exc})"
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
-        return "(py-spy not installed: no stacks)"
+        return masks + "\n(py-spy not installed: no stacks)"
     done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
-    return (done.stdout + done.stderr)[-6000:]
+    return masks + "\n" + (done.stdout + done.stderr)[-6000:]
 
 
 def _wait_until_idle(api: str, timeout: float = 180) -> None:
