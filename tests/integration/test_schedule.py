@@ -334,7 +334,7 @@ def test_ctrl_c_stops_serving_and_pauses_the_schedule(served):
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
-        # Seen in 4 of 4 full-suite runs in fresh clones (never alone) before the served process
+        # Seen in 4 of 5 full-suite runs (every fresh clone; never alone) before the served process
         # was started with SIGINT unblocked and at its default (_signals_as_from_a_shell): the
         # first Ctrl-C was not acted on. Should it recur: record the process's signal state,
         # output and stacks, then press Ctrl-C again, as a user would; fail if that does not stop it.
