@@ -170,7 +170,7 @@ class TrainingConfig(_Section):
     clients_per_task: int | None = Field(
         None, ge=1, description="clients trained by one Prefect task; null: one task per worker "
         "(runner.workers; else the CPU count, or 1 for batched training on threads), at least 8 "
-        "clients each (fedmtl.dispatch.shards)"
+        "clients each on average, balanced by training rows (fedmtl.dispatch.shards)"
     )
 
     @field_validator("batched", mode="before")
