@@ -357,3 +357,40 @@ def test_ctrl_c_stops_serving_and_pauses_the_schedule(served):
         with get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name(DEPLOYMENT)
     assert dep.paused or not any(s.active for s in dep.schedules)
+
+
+def test_sigterm_stops_a_background_serve_and_pauses_its_schedule(served):
+    """Started as a background job (SIGINT ignored, as the README says), ``fedmtl schedule`` is
+    stopped by SIGTERM, the same way as by Ctrl-C."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = "fedmtl-scheduled/background"
+    log = served.root / "background.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([str(BIN / "fedmtl"), "schedule", "--interval", "3600", "--name", "background",
+                                 "--params", "params.yaml"], cwd=served.project, env=served.env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: served.api}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 180
+            while "Ctrl-C stops serving" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, f"fedmtl schedule exited:\n{tail(log)}"
+                assert time.monotonic() < deadline, f"not serving after 180 s:\n{tail(log)}"
+                time.sleep(1)
+            assert not client.read_deployment_by_name(name).paused
+            proc.send_signal(signal.SIGINT)  # ignored, as by every background command
+            time.sleep(3)
+            assert proc.poll() is None, tail(log)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+            out = log.read_text(errors="replace")
+            assert proc.returncode == 0, out
+            assert f"stopped serving {name}" in out and "Traceback" not in out, out
+            dep = client.read_deployment_by_name(name)
+        assert dep.paused or not any(s.active for s in dep.schedules)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
