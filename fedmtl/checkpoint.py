@@ -154,15 +154,14 @@ class CheckpointStore:
                 self._writer = None
 
     def _write(self, round_: int, state: bytes, record: bytes, extra: dict[str, Any],
-               as_saved: dict[str, Any] | None = None) -> None:
+               as_saved: dict[str, Any]) -> None:
         pt, meta_path, record_path = self._paths(round_)
         atomic_write_bytes(record_path, record)
         atomic_write_bytes(pt, state)
         meta = {"format": FORMAT, "round": round_, "sha256": hashlib.sha256(state).hexdigest(), "bytes": len(state),
                 "record_sha256": hashlib.sha256(record).hexdigest(), "extra": extra}
         atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-        if as_saved is not None:
-            self._committed[round_] = as_saved
+        self._committed[round_] = as_saved
         for old in self.rounds()[: -self.keep]:
             for path in self._paths(old)[:2]:
                 path.unlink(missing_ok=True)

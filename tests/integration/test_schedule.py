@@ -162,21 +162,26 @@ def served(tmp_path_factory):
         served.wait_healthy()
         served.start("serve", [str(BIN / "fedmtl"), "schedule", "--interval", "3600", "--name", "test",
                                "--params", "params.yaml"], served.project)
-        with temporary_settings(updates={PREFECT_API_URL: served.api}):
-            deadline = time.monotonic() + 180
-            while True:
-                assert served.procs["serve"].poll() is None, f"fedmtl schedule exited:\n{tail(served.logs['serve'])}"
-                with get_client(sync_client=True) as client:
-                    try:
-                        served.deployment = client.read_deployment_by_name(DEPLOYMENT)
-                        break
-                    except Exception:  # noqa: BLE001 - not registered yet
-                        pass
-                assert time.monotonic() < deadline, f"no deployment after 180 s:\n{tail(served.logs['serve'])}"
-                time.sleep(1)
+        with temporary_settings(updates={PREFECT_API_URL: served.api}):  # for the tests too
+            with get_client(sync_client=True) as client:
+                served.deployment = registered(client, DEPLOYMENT, served.procs["serve"], served.logs["serve"])
             yield served
     finally:
         served.stop()
+
+
+def registered(client, name: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
+    """The deployment ``name`` once the serving process ``proc`` has registered it (its start
+    message comes before the runner registers it); fails if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"fedmtl schedule exited:\n{tail(log)}"
+        try:
+            return client.read_deployment_by_name(name)
+        except Exception:  # noqa: BLE001 - not registered yet
+            pass
+        assert time.monotonic() < deadline, f"no deployment {name} after {timeout:g} s:\n{tail(log)}"
+        time.sleep(1)
 
 
 def trigger(served: Served, timeout: float = 400):
@@ -374,17 +379,7 @@ def test_sigterm_stops_a_background_serve_and_pauses_its_schedule(served):
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         with temporary_settings(updates={PREFECT_API_URL: served.api}), get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 180
-            while True:  # registered (the start message comes before the runner registers it)
-                assert proc.poll() is None, f"fedmtl schedule exited:\n{tail(log)}"
-                try:
-                    dep = client.read_deployment_by_name(name)
-                    break
-                except Exception:  # noqa: BLE001 - not registered yet
-                    pass
-                assert time.monotonic() < deadline, f"not serving after 180 s:\n{tail(log)}"
-                time.sleep(1)
-            assert not dep.paused
+            assert not registered(client, name, proc, log).paused
             proc.send_signal(signal.SIGINT)  # ignored, as by every background command
             time.sleep(3)
             assert proc.poll() is None, tail(log)
