@@ -73,18 +73,13 @@ METHOD_OVERRIDES = {"fedmtl": {"algorithm.personal_lambda_search": "cv"},
                                        "algorithm.personal_lambda_search": "cv"}}
 
 
-def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
-            extra: tuple[str, ...] = ()) -> list[dict]:
-    """Train ``method`` on ``scenario`` with ``seed``; return metric records."""
-    import torch
-
-    torch.set_num_threads(1)
+def scenario_data(scenario: str, method: str, seed: int, quick: bool, workdir: str,
+                  extra: tuple[str, ...] = ()):
+    """The run's configuration and manifest; the scenario's data for ``seed`` is prepared and
+    partitioned under ``workdir`` on first use (shared by every method's run)."""
     from fedmtl.config import load_config
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.federation import Federation, run_rounds
-    from fedmtl.grouping import adjusted_rand
-    from fedmtl.store import ClientStore
 
     sc = SCENARIOS[scenario]
     data_dir = Path(workdir) / f"{scenario}-s{seed}"
@@ -97,7 +92,21 @@ def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
     if not (data_dir / "partitions" / "manifest.json").exists():
         prepare(cfg.data)
         partition(cfg.data)
-    manifest = read_manifest(cfg.data.partitions_dir)
+    return cfg, read_manifest(cfg.data.partitions_dir)
+
+
+def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
+            extra: tuple[str, ...] = ()) -> list[dict]:
+    """Train ``method`` on ``scenario`` with ``seed``; return metric records."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.grouping import adjusted_rand
+    from fedmtl.store import ClientStore
+
+    sc = SCENARIOS[scenario]
+    cfg, manifest = scenario_data(scenario, method, seed, quick, workdir, extra)
     store = Path(tempfile.mkdtemp(dir=workdir, prefix="store-"))
     fed = Federation.from_config(cfg, manifest, ClientStore(store))
     start = time.perf_counter()
