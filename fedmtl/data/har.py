@@ -59,8 +59,12 @@ SENSOR_COLUMNS = ("acc-x", "acc-y", "acc-z", "gyro-x", "gyro-y", "gyro-z")
 #: The channels features are computed on: the six sensor axes and the two vector magnitudes.
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z", "acc_mag", "gyro_mag")
 #: The statistics of each channel over a window; ``absdiff`` is the mean absolute difference of
-#: consecutive samples (a cheap measure of how fast the signal changes).
-STATS = ("mean", "std", "min", "max", "median", "p25", "p75", "absdiff")
+#: consecutive samples (a cheap measure of how fast the signal changes); ``start`` and ``end``
+#: are the means of the window's first and last quarter. The others do not depend on the order
+#: of the samples, so without ``start``/``end`` a window cannot tell where the phone's
+#: orientation began: SIT_TO_LIE and STAND_TO_LIE, or LIE_TO_SIT and LIE_TO_STAND, differ
+#: mostly in the posture at one end (docs/quality.md, "What we learned").
+STATS = ("mean", "std", "min", "max", "median", "p25", "p75", "absdiff", "start", "end")
 FEATURES = [f"{channel}_{stat}" for channel in CHANNELS for stat in STATS]
 
 
@@ -192,6 +196,7 @@ def majority_labels(labels: np.ndarray) -> np.ndarray:
 def window_features(windows: np.ndarray) -> np.ndarray:
     """(windows, channels, samples) -> (windows, channels * len(STATS)), channel-major."""
     q25, median, q75 = np.percentile(windows, [25, 50, 75], axis=-1)
+    quarter = max(1, windows.shape[-1] // 4)
     stats = [
         windows.mean(axis=-1),
         windows.std(axis=-1),
@@ -201,6 +206,8 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         q25,
         q75,
         np.abs(np.diff(windows, axis=-1)).mean(axis=-1),
+        windows[..., :quarter].mean(axis=-1),
+        windows[..., -quarter:].mean(axis=-1),
     ]
     out = np.stack(stats, axis=-1)  # windows x channels x stats
     return out.reshape(len(windows), -1)
@@ -268,12 +275,13 @@ def load_har(cfg: HarConfig) -> RawData:
     is unlabelled (-1) are dropped.
 
     Features: for each of the 8 channels (:data:`CHANNELS`: acc and gyro x/y/z and the two
-    magnitudes) the 8 statistics of :data:`STATS`, named ``<channel>_<stat>``, e.g.
-    ``acc_x_mean`` (64 in all). They are standardised *globally*: z-scored with the mean and
-    standard deviation over all windows of all kept users, test rows included, before the
-    partition step splits anything. That uses every client's data at once, which a real
-    federation could not; it is done because HAPT is a public benchmark and it keeps the
-    features on one scale for every client. A constant feature is only centred. float32.
+    magnitudes) the 10 statistics of :data:`STATS`, named ``<channel>_<stat>``, e.g.
+    ``acc_x_mean`` or ``acc_x_start`` (80 in all). They are standardised *globally*: z-scored
+    with the mean and standard deviation over all windows of all kept users, test rows
+    included, before the partition step splits anything. That uses every client's data at
+    once, which a real federation could not; it is done because HAPT is a public benchmark
+    and it keeps the features on one scale for every client. A constant feature is only
+    centred. float32.
 
     Tasks: ``activity`` (classification, classes 1..12 = :data:`HAPT_ACTIVITIES`) and, with
     ``cfg.transition_task``, ``is_transition`` (classes [0, 1]; 1 for the postural transitions

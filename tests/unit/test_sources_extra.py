@@ -104,8 +104,8 @@ def test_har_tasks_labels_and_transitions(hapt: Any) -> None:
 @needs_har
 def test_har_features_are_finite_standardised_float32(hapt: Any) -> None:
     frame = hapt.frame
-    assert len(hapt.features) == 64 and hapt.features[:2] == ["acc_x_mean", "acc_x_std"]
-    assert "gyro_mag_absdiff" in hapt.features
+    assert len(hapt.features) == 80 and hapt.features[:2] == ["acc_x_mean", "acc_x_std"]
+    assert {"gyro_mag_absdiff", "acc_x_start", "acc_z_end"} <= set(hapt.features)
     x = frame[hapt.features]
     assert (x.dtypes == np.float32).all()
     assert np.isfinite(x.to_numpy()).all()
@@ -198,6 +198,8 @@ def test_session_windows_features_match_a_per_window_computation() -> None:
                     f"{name}_p25": np.quantile(c, 0.25),
                     f"{name}_p75": np.quantile(c, 0.75),
                     f"{name}_absdiff": np.abs(np.diff(c)).mean(),
+                    f"{name}_start": c[:2].mean(),  # the first and last quarter of 10 samples
+                    f"{name}_end": c[-2:].mean(),
                 }
             )
         np.testing.assert_allclose(features[i], [expected[f] for f in har.FEATURES], rtol=1e-12)
