@@ -61,9 +61,9 @@ CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z", "acc_mag", 
 #: The statistics of each channel over a window; ``absdiff`` is the mean absolute difference of
 #: consecutive samples (a cheap measure of how fast the signal changes); ``start`` and ``end``
 #: are the means of the window's first and last quarter. The others do not depend on the order
-#: of the samples, so without ``start``/``end`` a window cannot tell where the phone's
-#: orientation began: SIT_TO_LIE and STAND_TO_LIE, or LIE_TO_SIT and LIE_TO_STAND, differ
-#: mostly in the posture at one end (docs/quality.md, "What we learned").
+#: of the samples, so without ``start``/``end`` a window of a postural transition cannot tell
+#: the orientation the phone started in from the one it ended in; with them every transition
+#: class is recognised better (docs/quality.md, "What we learned").
 STATS = ("mean", "std", "min", "max", "median", "p25", "p75", "absdiff", "start", "end")
 FEATURES = [f"{channel}_{stat}" for channel in CHANNELS for stat in STATS]
 
