@@ -210,13 +210,24 @@ def _quiet_accountant() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+def release_event(noise_multiplier: float, plan: SamplingPlan) -> dp_accounting.DpEvent:
+    """One Gaussian release over *all* the clients (no sampling), e.g. the pooled evaluation:
+    multiplier z relative to its add/remove sensitivity (z/2 under replace-one)."""
+    z = _check_noise(noise_multiplier)
+    return dp_accounting.GaussianDpEvent(float(z / 2.0 if plan.sampling == "fixed" else z))
+
+
 @functools.lru_cache(maxsize=4096)
-def _epsilon(z: float, plan: SamplingPlan, releases: int, rounds: int, delta: float) -> float:
-    if rounds == 0:
+def _epsilon(z: float, plan: SamplingPlan, releases: int, rounds: int, delta: float,
+             extra: tuple[float, ...] = ()) -> float:
+    if rounds == 0 and not extra:
         return 0.0
     accountant = RdpAccountant(neighboring_relation=neighboring_relation(plan))
     with _quiet_accountant():
-        accountant.compose(round_event(z, plan, releases), rounds)
+        if rounds:
+            accountant.compose(round_event(z, plan, releases), rounds)
+        for z_extra in extra:
+            accountant.compose(release_event(z_extra, plan))
         return float(accountant.get_epsilon(delta))
 
 
@@ -230,11 +241,14 @@ def epsilon_after(
     *,
     delta: float,
     releases_per_round: int = 1,
+    extra_releases: tuple[float, ...] = (),
 ) -> float:
-    """ε at δ after ``rounds`` rounds (0 for no rounds)."""
+    """ε at δ after ``rounds`` rounds (0 for no rounds) and ``extra_releases``: the noise
+    multipliers of Gaussian releases over all the clients besides the rounds (the evaluation)."""
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     return _epsilon(
-        _check_noise(noise_multiplier), plan, _check_releases(releases_per_round), _check_rounds(rounds), _check_delta(delta)
+        _check_noise(noise_multiplier), plan, _check_releases(releases_per_round), _check_rounds(rounds),
+        _check_delta(delta), tuple(float(e) for e in extra_releases),
     )
 
 
@@ -259,9 +273,10 @@ def max_rounds(
     )
 
 
-def _max_rounds(target: float, z: float, plan: SamplingPlan, releases: int, delta: float, limit: int) -> int:
+def _max_rounds(target: float, z: float, plan: SamplingPlan, releases: int, delta: float, limit: int,
+                extra: tuple[float, ...] = ()) -> int:
     def fits(n: int) -> bool:
-        return _epsilon(z, plan, releases, n, delta) <= target
+        return _epsilon(z, plan, releases, n, delta, extra) <= target
 
     if limit == 0 or not fits(1):
         return 0
@@ -301,9 +316,10 @@ def noise_for(
     )
 
 
-def _noise_for(target: float, rounds: int, plan: SamplingPlan, releases: int, delta: float, tolerance: float) -> float:
+def _noise_for(target: float, rounds: int, plan: SamplingPlan, releases: int, delta: float, tolerance: float,
+               extra: tuple[float, ...] = ()) -> float:
     def fits(z: float) -> bool:
-        return _epsilon(z, plan, releases, rounds, delta) <= target
+        return _epsilon(z, plan, releases, rounds, delta, extra) <= target
 
     lo, hi = 0.0, 1.0  # z=0 is no privacy, so not fits(lo); find hi with fits(hi)
     while not fits(hi):
@@ -363,19 +379,28 @@ def check_plan(
     *,
     delta: float,
     releases_per_round: int = 1,
+    extra_releases: tuple[float, ...] = (),
 ) -> float:
-    """ε after ``rounds`` rounds if it is ≤ ``target_epsilon``; :class:`BudgetExceeded` otherwise,
-    naming the rounds that fit and the noise multiplier that fits ``rounds`` rounds."""
+    """ε after ``rounds`` rounds (and ``extra_releases``, as in :func:`epsilon_after`) if it is
+    ≤ ``target_epsilon``; :class:`BudgetExceeded` otherwise, naming the rounds that fit and the
+    noise multiplier that fits ``rounds`` rounds."""
     target = _check_target(target_epsilon)
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     z, n, releases, d = (
         _check_noise(noise_multiplier), _check_rounds(rounds), _check_releases(releases_per_round), _check_delta(delta)
     )
-    eps = _epsilon(z, plan, releases, n, d)
+    extra = tuple(float(e) for e in extra_releases)
+    eps = _epsilon(z, plan, releases, n, d, extra)
     if eps <= target:
         return eps
-    allowed = _max_rounds(target, z, plan, releases, d, limit=n)
-    needed = _noise_for(target, n, plan, releases, d, tolerance=1e-3)
+    allowed = _max_rounds(target, z, plan, releases, d, limit=n, extra=extra)
+    if _epsilon(1e4, plan, releases, n, d, extra) > target:  # the extra releases alone exceed it
+        raise BudgetExceeded(
+            target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
+            noise_multiplier=z, required_noise_multiplier=math.inf, sampling=plan.sampling,
+            sampling_text=plan.describe() + " (the evaluation's release alone spends more: raise "
+            "privacy.evaluation_noise_multiplier)")
+    needed = _noise_for(target, n, plan, releases, d, tolerance=1e-3, extra=extra)
     needed = math.ceil(needed * 100) / 100  # rounded up, so the number shown still fits
     raise BudgetExceeded(
         target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
@@ -409,6 +434,7 @@ class PrivacyAccountant:
         self.delta = _check_delta(delta)
         self.releases_per_round = _check_releases(releases_per_round)
         self._rounds = 0
+        self._extra: tuple[float, ...] = ()
 
     @property
     def rounds(self) -> int:
@@ -427,9 +453,18 @@ class PrivacyAccountant:
         """Accounts ``n_rounds`` more rounds (each: one sampled round of releases)."""
         self._rounds += _check_rounds(n_rounds, "n_rounds")
 
+    def release(self, noise_multiplier: float) -> None:
+        """Accounts one Gaussian release over all the clients (the pooled evaluation)."""
+        self._extra += (_check_noise(noise_multiplier),)
+
+    @property
+    def extra_releases(self) -> tuple[float, ...]:
+        return self._extra
+
     def epsilon(self) -> float:
-        """ε at ``delta`` after the rounds accounted so far (0 before the first)."""
-        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds, self.delta)
+        """ε at ``delta`` after the rounds and releases accounted so far (0 before the first)."""
+        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds, self.delta,
+                        self._extra)
 
     def __repr__(self) -> str:
         return (

@@ -166,6 +166,19 @@ class CheckpointStore:
             for path in self._paths(old)[:2]:
                 path.unlink(missing_ok=True)
 
+    def _released_path(self, round_: int) -> Path:
+        return self.root / "released" / f"evaluation-{round_:06d}.json"
+
+    def released_evaluation(self, round_: int) -> dict[str, float] | None:
+        """The DP evaluation released for the model of ``round_`` (None: not released yet). A
+        release is recorded before it is logged, so a resumed run logs those figures again and
+        never releases (and spends ε on) a second, differently noised evaluation."""
+        path = self._released_path(round_)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_released_evaluation(self, round_: int, metrics: dict[str, float]) -> None:
+        atomic_write_bytes(self._released_path(round_), json.dumps(metrics, default=_jsonable).encode())
+
     def load(self, round_: int) -> Checkpoint:
         """The checkpoint of ``round_``, verified (raises :class:`CorruptCheckpoint`)."""
         pt, meta_path, record_path = self._paths(round_)

@@ -377,19 +377,31 @@ def serve(
     client_id plus the feature columns to /invocations."""
     import os
     import shutil
+    import tempfile
 
     cfg = _config(params, set_)
     quiet.configure()
     uri = _model_uri(model, cfg.tracking.registered_model)
     tracking = _tracking_uri(cfg.tracking.tracking_uri)
-    _load_predictor(uri, tracking)  # a clear error now rather than a traceback from the server
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow_bin is None:
         _fail(FileNotFoundError("the `mlflow` command is not installed in this environment"), 2)
-    console.print(f"serving [bold]{uri}[/] at http://{host}:{port}/invocations (Ctrl-C stops)")
+    if "://" not in uri and ":/" not in uri:
+        _fail(ValueError(f"model '{uri}': serve a registered version (an alias, a version number or a "
+                         "models:/ URI)"), 2)
+    # the server loads the local copy whose hashes were just checked, never the store again (a
+    # second download could hold other files); it stays for the server's lifetime
+    copy = Path(tempfile.mkdtemp(prefix="fedmtl-serve-"))
+    try:
+        local, _ = _load_predictor(uri, tracking, into=copy)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+    console.print(f"serving [bold]{uri}[/] (verified copy {local}) at http://{host}:{port}/invocations "
+                  "(Ctrl-C stops)")
     sys.stdout.flush()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    os.execve(mlflow_bin, [mlflow_bin, "models", "serve", "-m", uri, "--env-manager", "local",
+    os.execve(mlflow_bin, [mlflow_bin, "models", "serve", "-m", str(local), "--env-manager", "local",
                            "--host", host, "--port", str(port)], env)
 
 
@@ -587,8 +599,11 @@ def _client_of(frame: "pd.DataFrame", column: str) -> str | None:
     return None
 
 
-def _load_predictor(model: str, tracking_uri: str):
-    """The predictor inside a registered pyfunc model, or from a bundle file."""
+def _load_predictor(model: str, tracking_uri: str, into: Path | None = None):
+    """The predictor inside a registered pyfunc model, or from a bundle file. A model URI is
+    loaded only from a local copy of its artifacts that matched the hashes recorded when it was
+    registered (exit 2 otherwise). ``into``: download that copy into this folder and keep it;
+    then returns (the model's folder there, the predictor)."""
     from models.personalized import PersonalizedBundle, PersonalizedPredictor
 
     path = Path(model)
@@ -607,10 +622,15 @@ def _load_predictor(model: str, tracking_uri: str):
             _fail(FileNotFoundError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
                                     "train first, or pass --tracking-uri"), 2)
     _check_tracking(tracking_uri, "the tracking URI")
-    from tasks.registry import load_predictor  # the MLflow side lives in tasks/
+    from tasks.registry import ModelIntegrityError, load_predictor, predictor_from, verified_copy
 
     try:
-        predictor = load_predictor(model, tracking_uri)
+        if into is not None:  # keep the verified copy (fedmtl serve serves from it)
+            local = verified_copy(model, tracking_uri, into)  # the model's folder inside ``into``
+            return local, predictor_from(local)
+        predictor = load_predictor(model, tracking_uri)  # checks the artifacts before loading any
+    except ModelIntegrityError as exc:  # changed artifacts, or no recorded hashes: refused
+        _fail(ModelIntegrityError(f"refusing to load model '{model}': {exc}"), 2)
     except Exception as exc:  # noqa: BLE001 - unknown name, alias, run or store
         _fail(ValueError(f"cannot load model '{model}' from {tracking_uri}: {str(exc).splitlines()[0]}"), 2)
     return predictor

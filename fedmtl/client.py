@@ -1,7 +1,25 @@
-"""A client's view of its own partition: tensors for training and its held-out split."""
+"""A client's view of its own partition: tensors for training and its held-out split.
+
+:func:`load_client_data` reads a partition file once per version of it (cached by path, mtime,
+size, inode and ctime), hashing the bytes it parses. Given the :class:`PartitionDigest` that
+validation recorded, it refuses a file whose bytes are not the ones validated. Whatever goes
+wrong with a client's partition raises a :class:`PartitionError` naming the client and the file:
+
+- :class:`PartitionUnavailable`: missing, unreadable, not Parquet, or a symbolic link that leaves
+  the partitions folder;
+- :class:`PartitionChanged`: not the bytes validation saw (its SHA-256 or size differs), or not
+  validated at all;
+- :class:`PartitionInvalid`: no longer the data contract, checked on every read whether or not
+  a digest is given: a contract column missing, a feature that is not numeric, no train rows,
+  NaN or infinite features or regression labels, a class label outside the declared classes.
+
+The flow treats such a client like a quarantined one: named, it sits the round out (training and
+evaluation), never retried (:func:`fedmtl.faults.retryable`).
+"""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -10,7 +28,31 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmtl.data.manifest import Manifest, TaskSpec
+from fedmtl.data.manifest import (Manifest, PartitionDigest, TaskSpec, UnsafeManifest, partition_path,
+                                  remember_digest)
+
+
+class PartitionError(ValueError):
+    """A client's partition that cannot be trained or evaluated on; names the client and file."""
+
+    def __init__(self, message: str, client: str | None = None, path: str | Path | None = None,
+                 digest: PartitionDigest | None = None) -> None:
+        super().__init__(message)
+        self.client = client
+        self.path = None if path is None else str(path)
+        self.digest = digest  # of the bytes that were read, when they were
+
+
+class PartitionUnavailable(PartitionError, FileNotFoundError):
+    """The partition file is missing, cannot be read, or leaves the partitions folder."""
+
+
+class PartitionChanged(PartitionError):
+    """The partition file is not the one validation passed (its SHA-256 or size differs)."""
+
+
+class PartitionInvalid(PartitionError):
+    """The partition's data breaks the contract (empty, wrong dtype, non-finite values)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +88,38 @@ def encode_labels(values: pd.Series | np.ndarray, task: TaskSpec, client: str = 
         ) from None
 
 
+def check_frame(frame: pd.DataFrame, manifest: Manifest, client: str, path: str | Path = "?") -> None:
+    """Raise :class:`PartitionInvalid` when ``frame`` breaks the contract in a way training
+    would not notice or would crash on: a contract column missing, a feature column that is not
+    numeric (strings would be parsed silently), no train rows, NaN or infinite features or
+    regression labels. (Labels outside the declared classes are caught when they are encoded.)"""
+
+    def invalid(why: str) -> PartitionInvalid:
+        return PartitionInvalid(f"client '{client}': partition file '{path}' {why}", client, path)
+
+    needed = ["split", "group", *manifest.features, *(t.name for t in manifest.tasks)]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise invalid(f"lacks the contract column(s) {missing[:10]}")
+    odd = [f"'{c}' ({frame[c].dtype})" for c in manifest.features
+           if frame[c].dtype.kind not in "iuf"]
+    if odd:
+        raise invalid(f"has feature column(s) that are not numeric: {', '.join(odd[:5])}")
+    if not (frame["split"] == "train").any():
+        raise invalid(f"has no train rows ({len(frame)} rows in all)")
+    x = frame[manifest.features].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        where = ", ".join(f"'{manifest.features[c]}' at position {r}" for r, c in zip(rows[:3], cols[:3]))
+        raise invalid(f"holds {int(bad.sum())} NaN or infinite feature value(s): {where}")
+    for task in manifest.tasks:
+        if task.kind == "regression":
+            y = pd.to_numeric(frame[task.name], errors="coerce").to_numpy(dtype=np.float64)
+            if not np.isfinite(y).all():
+                raise invalid(f"holds NaN, infinite or non-numeric labels of task '{task.name}'")
+
+
 def frame_to_client(frame: pd.DataFrame, manifest: Manifest, client: str) -> ClientData:
     group = str(frame["group"].iloc[0]) if len(frame) else "0"
     parts = {}
@@ -79,20 +153,71 @@ class ManifestKey:
 
 
 @lru_cache(maxsize=4096)
-def _load_cached(path: str, mtime_ns: int, size: int, key: ManifestKey, client: str) -> ClientData:
-    return frame_to_client(pd.read_parquet(path), key.manifest, client)
+def _load_cached(path: str, mtime_ns: int, size: int, ino: int, ctime_ns: int, key: ManifestKey,
+                 client: str) -> tuple[ClientData, PartitionDigest]:
+    """The client's data and the digest of the very bytes it was parsed from (one read)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise PartitionUnavailable(f"client '{client}': partition file '{path}' cannot be read: "
+                                   f"{exc.strerror or exc}", client, path) from None
+    digest = PartitionDigest.of(raw)
+    if digest.size == size:
+        remember_digest((path, mtime_ns, size, ino, ctime_ns), digest)
+    try:
+        frame = pd.read_parquet(io.BytesIO(raw))
+    except Exception as exc:  # noqa: BLE001 - any parse error: the file is not a partition
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PartitionUnavailable(f"client '{client}': partition file '{path}' cannot be read as "
+                                   f"Parquet: {first}", client, path, digest) from None
+    try:
+        check_frame(frame, key.manifest, client, path)
+        data = frame_to_client(frame, key.manifest, client)
+    except PartitionError as exc:
+        exc.digest = digest
+        raise
+    except (ValueError, TypeError, KeyError) as exc:  # e.g. a label outside the declared classes
+        raise PartitionInvalid(f"client '{client}': partition file '{path}': {exc}", client, path,
+                               digest) from None
+    return data, digest
 
 
-def load_client_data(partitions_dir: str | Path, manifest: Manifest | ManifestKey, client: str) -> ClientData:
+def load_client_data(partitions_dir: str | Path, manifest: Manifest | ManifestKey, client: str,
+                     expected: PartitionDigest | None = None) -> ClientData:
     """Read a client's partition (cached while the file is unchanged). Pass a
-    :class:`ManifestKey` made once when loading many clients."""
+    :class:`ManifestKey` made once when loading many clients. ``expected``: the digest
+    validation recorded; the file must hold exactly those bytes (:class:`PartitionChanged`).
+    Any problem with the file raises a :class:`PartitionError` naming the client and file."""
     key = manifest if isinstance(manifest, ManifestKey) else ManifestKey(manifest)
     file = key.files.get(client)
     if file is None:
         raise KeyError(f"client '{client}' is not in the manifest")
-    path = Path(partitions_dir) / file
     try:
+        path = partition_path(partitions_dir, client, file)
         st = path.stat()
+    except UnsafeManifest as exc:
+        raise PartitionUnavailable(str(exc), client, Path(partitions_dir) / str(file)) from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"client '{client}': partition file '{path}' is missing") from None
-    return _load_cached(str(path), st.st_mtime_ns, st.st_size, key, client)
+        raise PartitionUnavailable(f"client '{client}': partition file '{Path(partitions_dir) / file}' is missing",
+                                   client, Path(partitions_dir) / file) from None
+    except OSError as exc:
+        raise PartitionUnavailable(str(exc) if "client '" in str(exc) else
+                                   f"client '{client}': partition file '{Path(partitions_dir) / file}' cannot "
+                                   f"be read: {exc.strerror or exc}", client, Path(partitions_dir) / file) from None
+    if expected is not None and st.st_size != expected.size:
+        raise _changed(client, path, expected, f"{st.st_size} bytes, validated {expected.size}")
+    try:
+        data, digest = _load_cached(str(path), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, key, client)
+    except PartitionError as exc:
+        if expected is not None and exc.digest is not None and exc.digest != expected:
+            raise _changed(client, path, expected, f"SHA-256 {exc.digest.sha256[:12]}…, and now: {exc}") from None
+        raise
+    if expected is not None and digest != expected:
+        raise _changed(client, path, expected, f"SHA-256 {digest.sha256[:12]}…")
+    return data
+
+
+def _changed(client: str, path: Path, expected: PartitionDigest, now: str) -> PartitionChanged:
+    return PartitionChanged(
+        f"client '{client}': partition file '{path}' changed after validation ({now}; validated SHA-256 "
+        f"{expected.sha256[:12]}…, {expected.size} bytes): re-run `fedmtl data validate`", client, path)

@@ -239,6 +239,11 @@ class ServerConfig(_Section):
     max_update_norm: float | None = Field(
         None, gt=0, description="norm_bound: each update is scaled to at most this norm (null: the median norm)"
     )
+    max_norm_ratio: float | None = Field(
+        10.0, gt=1, description="bounded influence under every aggregator: an update whose L2 norm exceeds this "
+        "multiple of the round's (lower) median update norm is refused, the client named in the round report "
+        "(null: off; with privacy on, clipping or secure aggregation's range bounds updates instead)"
+    )
 
 
 class GroupingConfig(_Section):
@@ -269,7 +274,10 @@ class TrackingConfig(_Section):
         "clients/rounds.csv instead of child runs"
     )
     bundle_personal_heads: bool = Field(
-        True, description="ship personal heads inside the registered model (else group heads)"
+        False, description="opt-in: publish every client's personal heads (and personal bases) inside the "
+        "registered model; off: they stay on the clients (each fits its own, `fedmtl personalize`) and the "
+        "model answers a known client with its group's heads, else the global heads. Refused with privacy.dp "
+        "or privacy.dp_sgd (the personal parts are fitted outside ε)"
     )
     metrics_file: str = "metrics.json"
 
@@ -433,7 +441,17 @@ class PrivacyConfig(_Section):
         "off: metrics pooled from the clients' summed confusion counts and error sums"
     )
     evaluation_noise: float = Field(
-        0.0, ge=0, description="std of Gaussian noise on every summed evaluation count (not part of ε)"
+        0.0, ge=0, description="without dp: std of Gaussian noise on every summed evaluation count (no ε "
+        "is claimed for it); under dp use evaluation_noise_multiplier"
+    )
+    evaluation_noise_multiplier: float = Field(
+        10.0, gt=0, description="dp: the pooled evaluation of the final model is released once, each client's "
+        "statistics clipped to their public bound Δ and N(0, (zΔ)²) added, and the accountant counts it in ε "
+        "(rounds before the last release no evaluation)"
+    )
+    insecure_seeded_noise: bool = Field(
+        False, description="TESTS ONLY: draw DP noise and sampling from training.seed, which anyone can "
+        "replay; the run's ε is void (tagged privacy_epsilon_void=true on the run and its model versions)"
     )
     dp_sgd: bool = Field(
         False, description="sample-level DP-SGD inside local training (Opacus): each row's gradient "
@@ -454,6 +472,17 @@ class PrivacyConfig(_Section):
         "rdp", description="Opacus accountant of each client's ε: rdp (Rényi DP) or prv (privacy loss "
         "random variables, tighter)"
     )
+
+    @model_validator(mode="after")
+    def _check_releases(self) -> "PrivacyConfig":
+        if self.dp and self.client_metrics:
+            raise ValueError("privacy.client_metrics=true with privacy.dp: each client's own metrics would be "
+                             "released outside ε; leave privacy.client_metrics unset (pooled, noised and "
+                             "accounted evaluation) or turn privacy.dp off")
+        if self.dp and self.evaluation_noise:
+            raise ValueError("privacy.evaluation_noise with privacy.dp: under DP the evaluation's noise is "
+                             "privacy.evaluation_noise_multiplier (relative to its sensitivity, and accounted)")
+        return self
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "PrivacyConfig":
@@ -520,6 +549,17 @@ class Config(_Section):
                        "not compute; use training.batched=auto or off")
         if problem is not None:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _check_bundled_personal_heads(self) -> "Config":
+        on = [k for k, v in (("privacy.dp", self.privacy.dp), ("privacy.dp_sgd", self.privacy.dp_sgd)) if v]
+        if self.tracking.bundle_personal_heads and on:
+            raise ValueError(
+                f"tracking.bundle_personal_heads=true with {' and '.join(on)}=true: every client's personal heads "
+                "(and personal bases) are fitted on its own rows outside the DP guarantee (ε) and would be "
+                "published in the registered model; set tracking.bundle_personal_heads=false (clients fit and "
+                "keep their own heads: `fedmtl personalize`), or turn privacy.dp and privacy.dp_sgd off")
         return self
 
     def flat(self) -> dict[str, Any]:

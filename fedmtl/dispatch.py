@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedmtl.randomness import SecretStream
+
 
 def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round_: int) -> list[str]:
     """Sample clients without replacement: ``per_round`` <= 1 is a fraction, > 1 a count.
@@ -26,12 +28,14 @@ def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round
     return [c for i, c in enumerate(clients) if i in chosen]
 
 
-def poisson_sample(clients: Sequence[str], rate: float, seed: int, round_: int) -> list[str]:
+def poisson_sample(clients: Sequence[str], rate: float, stream: SecretStream) -> list[str]:
     """Each client independently with probability ``rate`` (Poisson sampling, what the DP
-    accountant's sampled Gaussian mechanism assumes); seeded by (seed, round), input order."""
+    accountant's sampled Gaussian mechanism assumes), input order. The draws come from a secret
+    stream (:class:`fedmtl.randomness.SecretRandom`, the round's ``participation`` purpose):
+    whoever knows the seed must not know who takes part."""
     if not 0 < rate <= 1:
         raise ValueError(f"sample rate {rate} must be in (0, 1] (training.clients_per_round)")
-    draws = np.random.default_rng([seed, round_, 1]).random(len(clients))
+    draws = stream.uniform(len(clients))
     return [c for c, d in zip(clients, draws) if d < rate]
 
 

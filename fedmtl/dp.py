@@ -30,9 +30,10 @@ mechanism with noise multiplier 2σ_b; the update sums use
 z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`update_noise_multiplier`), so that the pair is exactly a
 Gaussian mechanism with the configured overall noise multiplier z — the z the accountant is given.
 
-Caveats: ``torch.normal`` draws floating-point Gaussians from a non-cryptographic generator
-(floating-point attacks, Mironov 2012, are not addressed), and a seeded generator makes the noise
-reproducible by anyone who knows the seed; seed it from a secret source in production.
+Randomness: in a run, every noise draw comes from the run's secret key
+(:class:`fedmtl.randomness.SecretRandom`, a ChaCha20 stream per purpose); a seeded
+``torch.Generator`` is accepted for tests only (anyone who knows the seed can replay it, and it
+keeps only 32 bits of its seed). Floating-point attacks (Mironov 2012) are not addressed.
 
 References:
 
@@ -50,6 +51,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fedmtl.randomness import SecretStream
 
 #: relative slack when checking that a summed update is clipped (float32 rounding of the scaling)
 _CLIP_SLACK = 1e-5
@@ -84,9 +87,11 @@ def clip_update(delta: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
 
 
 def gaussian_noise(
-    like: torch.Tensor | torch.Size | Sequence[int], std: float, generator: torch.Generator
+    like: torch.Tensor | torch.Size | Sequence[int], std: float, generator: torch.Generator | SecretStream
 ) -> torch.Tensor:
-    """N(0, std² I) shaped like ``like`` (a tensor: also its dtype and device; a shape: float32)."""
+    """N(0, std² I) shaped like ``like`` (a tensor: also its dtype and device; a shape: float32),
+    from a :class:`~fedmtl.randomness.SecretStream` (what every release uses) or a seeded
+    ``torch.Generator`` (reproducible by anyone who knows the seed: tests only)."""
     std = float(std)
     if not (math.isfinite(std) and std >= 0):
         raise ValueError(f"noise standard deviation must be a finite number >= 0, got {std}")
@@ -96,6 +101,8 @@ def gaussian_noise(
         shape, dtype, device = torch.Size(like), torch.float32, torch.device("cpu")
     if not dtype.is_floating_point:
         dtype = torch.float32
+    if isinstance(generator, SecretStream):  # the secret source every release uses (fedmtl.randomness)
+        return (generator.standard_normal(shape) * std).to(dtype=dtype, device=device)
     noise = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
     return (noise * std).to(device)
 

@@ -8,12 +8,12 @@ head step, Ditto's personal model, ...) becomes a DP-SGD step (Abadi et al. 2016
 
 - **Poisson sampling**, as Opacus's ``DPDataLoader``: each row joins a step's batch independently
   with probability q = 1/⌈n/B⌉ (n the client's train rows, B = ``training.batch_size``), for
-  ⌈n/B⌉ steps per epoch (Opacus's ``UniformWithReplacementSampler``, drawing from the client's
-  own seeded generator);
+  ⌈n/B⌉ steps per epoch (Opacus's ``UniformWithReplacementSampler`` rule, drawn from the client's
+  secret stream);
 - **per-row clipping**: Opacus's ``GradSampleModule`` computes each row's gradient of the
   (multi-task) loss; ``DPOptimizer`` clips each to L2 norm C = ``privacy.dp_sgd_max_grad_norm``
   over all the trained parameters together, sums them, adds N(0, (σC)²) noise with
-  σ = ``privacy.dp_sgd_noise_multiplier`` (from the same generator) and divides by the expected
+  σ = ``privacy.dp_sgd_noise_multiplier`` (from the same stream) and divides by the expected
   batch size ⌊nq⌋ (as ``PrivacyEngine.make_private`` does); the inner ``torch.optim.SGD`` then
   applies momentum and weight decay;
 - a **data-independent term** of the objective (FedProx's μ/2·‖w − w₀‖²) is added to the noised
@@ -43,8 +43,10 @@ Outside ε: anything computed from a client's data outside its training round (i
 head ψ_c fitted at evaluation, shipped in the registered model with
 ``tracking.bundle_personal_heads``; its evaluation figures; its train loss, logged only with
 ``privacy.client_metrics``), and its row count n (public, like the sample count of an update).
-The noise comes from the client's seeded generator (reproducible simulation); a deployment
-would draw it from a cryptographically secure source (Opacus's ``secure_mode``).
+The noise and the Poisson batches come from the client's secret stream for the round
+(:class:`fedmtl.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a ChaCha20
+key stream, never from the seed, so nobody can replay them; Opacus's ``secure_mode`` would need
+``torchcsprng``, which is not maintained for current torch).
 
 This module imports Opacus lazily, and neither Prefect nor MLflow.
 """
@@ -56,7 +58,9 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,6 +224,8 @@ class DPSGDSession:
     """One client's DP-SGD in one round: the settings and the steps it took (σ, q, steps)."""
 
     spec: DPSGDSpec
+    #: the client's secret stream for the round (noise and batch sampling); None: ``generator``
+    noise: Any = None
     steps: list[tuple[float, float, int]] = field(default_factory=list)
 
     def fit(self, module: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: dict[str, torch.Tensor],
@@ -227,7 +233,8 @@ class DPSGDSession:
         """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.training.fit`; ``options``:
         :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of the last
         epoch's sampled rows."""
-        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps, **options)
+        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps,
+                      noise=self.noise, **options)
 
 
 def dp_fit(
@@ -244,10 +251,13 @@ def dp_fit(
     penalty: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
     lr: float | None = None,
+    noise: Any = None,
 ) -> float:
     """DP-SGD of ``params`` (parameters of ``module``) on the rows (x, y); appends the steps
     taken, (σ, q, steps), to ``record``. The module's other parameters stay frozen, and the
-    module is left as it was found (Opacus's hooks and attributes removed)."""
+    module is left as it was found (Opacus's hooks and attributes removed). ``noise``: a
+    :class:`~fedmtl.randomness.SecretStream` that every step's Gaussian noise and Poisson batch
+    come from (what a run uses); None: the seeded ``generator`` (tests only: replayable)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -273,13 +283,17 @@ def dp_fit(
     try:
         inner = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-        opt = DPOptimizer(inner, noise_multiplier=spec.noise_multiplier, max_grad_norm=spec.max_grad_norm,
-                          expected_batch_size=expected, loss_reduction="mean", generator=generator)
+        optimizer = DPOptimizer if noise is None else _secret_optimizer()
+        opt = optimizer(inner, noise_multiplier=spec.noise_multiplier, max_grad_norm=spec.max_grad_norm,
+                        expected_batch_size=expected, loss_reduction="mean", generator=generator)
+        if noise is not None:
+            opt.secret_stream = noise
         last = float("nan")
         for _ in range(epochs):
             total, count = 0.0, 0
-            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
-                                                    steps=per_epoch)
+            sampler = (UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
+                                                     steps=per_epoch)
+                       if noise is None else _poisson_batches(n, rate, per_epoch, noise))
             for indices in sampler:
                 opt.zero_grad(set_to_none=True)
                 if indices:
@@ -315,6 +329,34 @@ def dp_fit(
                     delattr(m, attr)
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _poisson_batches(n: int, rate: float, steps: int, stream) -> list[list[int]]:
+    """Opacus's Poisson batches (each row joins each step with probability ``rate``), drawn from
+    the client's secret stream instead of a seeded generator."""
+    return [np.flatnonzero(stream.uniform(n) < rate).tolist() for _ in range(steps)]
+
+
+@functools.cache
+def _secret_optimizer():
+    """Opacus's ``DPOptimizer`` with each step's Gaussian noise from the client's secret stream
+    (``secret_stream``), the same N(0, (σC)²) per coordinate as Opacus adds."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    from fedmtl.dp import gaussian_noise
+
+    class SecretNoiseDPOptimizer(DPOptimizer):
+        secret_stream = None
+
+        def add_noise(self) -> None:
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = gaussian_noise(p.summed_grad, self.noise_multiplier * self.max_grad_norm, self.secret_stream)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecretNoiseDPOptimizer
 
 
 def client_epsilons(table: torch.Tensor | None) -> dict[str, float]:

@@ -98,13 +98,18 @@ class FaultSpec:
         return corrupt_update(update, self.byzantine_attack, generator=torch.Generator().manual_seed(seed))
 
 
-NOT_RETRIED = ("ClientTimeout", "RejectedUpdate", "DPSGDBudgetSpent")
+NOT_RETRIED = ("ClientTimeout", "RejectedUpdate", "DPSGDBudgetSpent",
+               # fedmtl.client.PartitionError and its kinds: the client's partition file is
+               # missing, unreadable, changed after validation or breaks the contract
+               "PartitionError", "PartitionUnavailable", "PartitionChanged", "PartitionInvalid")
 
 
 def retryable(error: str) -> bool:
     """Whether a client failure (as recorded: ``"ExceptionName: message"``) is worth a retry: not
     a client cut off by the timeout (it was given its time), a rejected update (it would be
-    rejected again), nor a client whose DP-SGD budget is spent (it sits the round out)."""
+    rejected again), a client whose DP-SGD budget is spent (it sits the round out), nor one
+    whose partition cannot be used (a :class:`fedmtl.client.PartitionError`: its file is what
+    it is; like a quarantined client it sits out, named)."""
     return not error.startswith(tuple(f"{name}:" for name in NOT_RETRIED))
 
 

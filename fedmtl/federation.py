@@ -27,8 +27,8 @@ import torch
 from fedmtl.aggregation import global_merge, group_aggregate
 from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
 from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
-from fedmtl.client import ClientData, ManifestKey, load_client_data
-from fedmtl.data.manifest import Manifest
+from fedmtl.client import ClientData, ManifestKey, PartitionChanged, PartitionError, load_client_data
+from fedmtl.data.manifest import Manifest, PartitionDigest
 from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shards
 from fedmtl.evaluation import VARIANTS, evaluate_clients, summarize
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
@@ -38,6 +38,7 @@ from fedmtl.faults import FaultSpec
 from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
 from fedmtl.robust import RobustSpec
 from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
+from fedmtl.randomness import SecretRandom
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
 from fedmtl.store import ClientStore
@@ -67,6 +68,13 @@ class Federation:
     robust: RobustSpec = field(default_factory=RobustSpec)
     faults: FaultSpec = field(default_factory=FaultSpec)
     dp_sgd: DPSGDSpec | None = None  # privacy.dp_sgd: sample-level DP-SGD in local training
+    #: the run's secret key: every draw a privacy guarantee rests on (DP noise, Poisson sampling)
+    secret: SecretRandom = field(default_factory=SecretRandom.fresh, repr=False, compare=False)
+    max_norm_ratio: float | None = None  # server.max_norm_ratio: bounded influence (None: off)
+    #: client -> the digest of its partition as validated (fedmtl.validation.bind_partitions): every
+    #: read checks it (PartitionChanged), a client without one is refused. None: no check (a
+    #: federation built without a validation report, e.g. tests and benchmarks)
+    partition_digests: dict[str, PartitionDigest] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dp_sgd is not None:
@@ -77,8 +85,16 @@ class Federation:
                 raise ValueError(problem)
 
     @classmethod
-    def from_config(cls, cfg, manifest: Manifest, store: ClientStore) -> "Federation":
+    def from_config(cls, cfg, manifest: Manifest, store: ClientStore,
+                    secret: SecretRandom | None = None, *,
+                    partition_digests: dict[str, PartitionDigest] | None = None) -> "Federation":
+        """``secret``: the run's key (the flow keeps it in the run's directory so that a resume
+        draws the same noise); None: a fresh one. ``privacy.insecure_seeded_noise`` (tests
+        only) replaces it with one derived from ``training.seed``."""
         from fedmtl.algorithms import get_algorithm
+
+        if cfg.privacy.insecure_seeded_noise:
+            secret = SecretRandom.insecure_from_seed(cfg.training.seed)
 
         return cls(
             partitions_dir=Path(cfg.data.partitions_dir),
@@ -99,6 +115,9 @@ class Federation:
                               cfg.server.max_update_norm),
             faults=FaultSpec.from_config(cfg),
             dp_sgd=DPSGDSpec.from_config(cfg.privacy),
+            secret=secret if secret is not None else SecretRandom.fresh(),
+            max_norm_ratio=cfg.server.max_norm_ratio,
+            partition_digests=partition_digests,
         )
 
     @property
@@ -136,8 +155,16 @@ class Federation:
         return ManifestKey(self.manifest)
 
     def data(self, client: str) -> ClientData:
-        """The client's partition, cached while its file is unchanged."""
-        return load_client_data(self.partitions_dir, self._manifest_key, client)
+        """The client's partition, cached while its file is unchanged; with ``partition_digests``,
+        only the very file validation passed. Raises a :class:`fedmtl.client.PartitionError`
+        naming the client and the file when it cannot be used."""
+        expected = None
+        if self.partition_digests is not None:
+            expected = self.partition_digests.get(client)
+            if expected is None:
+                raise PartitionChanged(f"client '{client}': its partition did not pass validation (no "
+                                       "validated SHA-256 of it): it sits out", client)
+        return load_client_data(self.partitions_dir, self._manifest_key, client, expected)
 
     def _generator(self, client: str, round_: int, purpose: str = "") -> torch.Generator:
         return torch.Generator().manual_seed(client_seed(self.seed, round_, client, purpose))
@@ -182,8 +209,8 @@ class Federation:
         ctx = self.context(client, state.round)
         group = self.group_of(client, state, data, ctx)
         session = None
-        if ledger is not None:
-            session = DPSGDSession(self.dp_sgd)
+        if ledger is not None:  # DP-SGD's noise and batch sampling: from the secret key, per client and round
+            session = DPSGDSession(self.dp_sgd, noise=self.secret.stream("client", client, state.round, "dp-sgd"))
             ctx.cfg = dataclasses.replace(ctx.cfg, dp_sgd=session)
         update, personal = self.algorithm.client_round(ctx, state, data, group,
                                                        self.store.load(client, at_most=state.round))
@@ -297,25 +324,32 @@ class Federation:
             updates.append(update)
         return updates
 
-    def evaluate_clients(self, clients: list[str], state: ServerState) -> list[dict]:
+    def evaluate_clients(self, clients: list[str], state: ServerState,
+                         skipped: dict[str, str] | None = None) -> list[dict]:
         """Each client scores the global, group and personalised models on its own held-out
         split (records in client order). Personalisation runs per client (it may fit a
         personal head and keep it in the client's store); the scoring is batched over the
-        clients (:func:`fedmtl.evaluation.evaluate_clients`), with one model for them all."""
-        model, jobs, groups = self._evaluation_jobs(clients, state)
+        clients (:func:`fedmtl.evaluation.evaluate_clients`), with one model for them all.
+
+        ``skipped`` None: a client whose partition cannot be used raises its
+        :class:`fedmtl.client.PartitionError`. A dict: that client is left out of the records and
+        its error recorded there (client -> message), so one bad client does not stop the round."""
+        model, jobs, groups = self._evaluation_jobs(clients, state, skipped)
         records = evaluate_clients(model, jobs, self.manifest.tasks)
         for r in records:
             r["assigned_group"] = groups[r["client"]]
         return records
 
-    def evaluate_pooled(self, clients: list[str], state: ServerState) -> dict[str, float]:
+    def evaluate_pooled(self, clients: list[str], state: ServerState,
+                        skipped: dict[str, str] | None = None) -> dict[str, float]:
         """Private evaluation (``privacy.client_metrics`` off): the same scoring, but each client
         reduces its scores to sufficient statistics (confusion counts, error sums) and only their
         sum over the clients comes out, through SecAgg+ (or CKKS, ``secure_aggregation_protocol``) when
         ``privacy.secure_aggregation`` is on,
         with ``privacy.evaluation_noise`` added to every summed count
-        (:mod:`fedmtl.private_evaluation`): metrics ``{variant}/{metric}/pooled``."""
-        model, jobs, _ = self._evaluation_jobs(clients, state)
+        (:mod:`fedmtl.private_evaluation`): metrics ``{variant}/{metric}/pooled``. ``skipped``: as
+        for :meth:`evaluate_clients` (a skipped client adds nothing to the sums)."""
+        model, jobs, _ = self._evaluation_jobs(clients, state, skipped)
         tasks = list(self.manifest.tasks)
         records = evaluate_clients(model, jobs, tasks, score=statistics_score)
         spec = self.privacy
@@ -323,17 +357,26 @@ class Federation:
             StatLayout.build(VARIANTS, tasks), records, secure=spec.secure_aggregation,
             max_rows=max((c.n_test for c in self.manifest.clients), default=1),
             min_clients=spec.min_group_size, noise_std=spec.evaluation_noise,
-            generator=self._generator("server", state.round, "evaluation-noise"),
+            noise_multiplier=spec.evaluation_noise_multiplier if spec.dp else None,
+            generator=self.secret.stream("server", state.round, "evaluation-noise"),
             neighbours=spec.secagg_neighbours, max_dropout=spec.secagg_max_dropout,
             protocol=spec.secure_aggregation_protocol)
 
-    def _evaluation_jobs(self, clients: list[str], state: ServerState):
-        """The model, each client's (data, {variant: (base, heads)}) and each client's group."""
+    def _evaluation_jobs(self, clients: list[str], state: ServerState, skipped: dict[str, str] | None = None):
+        """The model, each client's (data, {variant: (base, heads)}) and each client's group.
+        A client whose partition cannot be used (:class:`fedmtl.client.PartitionError`) raises,
+        or, with ``skipped`` a dict, is left out and recorded there."""
         model = self.new_model()
         tasks = list(self.manifest.tasks)
         jobs, groups = [], {}
         for client in clients:
-            data = self.data(client)
+            try:
+                data = self.data(client)
+            except PartitionError as exc:
+                if skipped is None:
+                    raise
+                skipped[client] = f"{type(exc).__name__}: {exc}"
+                continue
             ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round, "evaluate"),
                                 state.round)
             group = self.group_of(client, state, data, ctx)
@@ -363,8 +406,34 @@ class Federation:
         scale = max((self.manifest_rows(c) for c in clients), default=1) or 1
         like = updates[0] if updates else None
         return private_aggregate(updates, spec, self.clip_norm(state), expected, float(scale),
-                                 self._generator("server", state.round, "dp-noise"),
+                                 self.secret.stream("server", state.round, "dp-noise"),
                                  client_seed(self.seed, state.round, "server", "secagg"), like)
+
+    def screen(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, str]]:
+        """Bounded influence, before any aggregation: each update's weight is its client's train
+        rows *as the manifest records them* (never the count a client reports), and, with
+        ``server.max_norm_ratio`` and no privacy mechanism (under DP every update is clipped to
+        C; under secure aggregation the server never sees one, and each coordinate is clipped to
+        ±``privacy.secagg_range``), an update whose L2 norm exceeds that multiple of the round's
+        lower median norm is refused. Returns (kept updates, refused client -> reason)."""
+        for u in updates:
+            u.n_samples = self.manifest_rows(u.client)
+        ratio = self.max_norm_ratio
+        if ratio is None or self.privacy.enabled or not updates:
+            return list(updates), {}
+        norms = {u.client: update_norm(u) for u in updates}
+        ordered = sorted(norms.values())
+        median = ordered[(len(ordered) - 1) // 2]  # the lower median: a minority cannot inflate it
+        bound = ratio * median
+        kept, refused = [], {}
+        for u in updates:
+            if norms[u.client] > bound:
+                refused[u.client] = (
+                    f"{RejectedUpdate.__name__}: client '{u.client}': update norm {norms[u.client]:.4g} exceeds "
+                    f"server.max_norm_ratio={ratio:g} × the round's median update norm {median:.4g}")
+            else:
+                kept.append(u)
+        return kept, refused
 
     def release_group(self, client: str, state: ServerState) -> str:
         """The group whose sum ``client`` joins (fixed and public, as DP requires)."""
@@ -405,7 +474,7 @@ class Federation:
             clip = AdaptiveClip(privacy.clip, privacy.expected_total or 1.0, self.privacy.target_quantile,
                                 self.privacy.clip_learning_rate)
             clip = clip.update_from_count(privacy.under_clip, privacy.released_clients,
-                                          self._generator("server", state.round, "dp-clip"))
+                                          self.secret.stream("server", state.round, "dp-clip"))
             merged.optimizer[CLIP_KEY] = torch.tensor([clip.clip], dtype=torch.float64)
         if self.regroup_due(state) and updates:
             merged, _ = regroup(state, merged, updates, self.grouping)
@@ -473,14 +542,21 @@ def check_update(update: ClientUpdate, state: ServerState) -> None:
             raise RejectedUpdate(f"client '{update.client}': {name} update holds NaN or inf")
 
 
+def update_norm(update: ClientUpdate) -> float:
+    """The L2 norm of everything ``update`` releases (base and heads together), in float64."""
+    parts = ([update.delta_base] if update.delta_base is not None else []) + list(update.delta_heads.values())
+    return math.sqrt(sum(float(torch.sum(p.to(torch.float64) ** 2)) for p in parts))
+
+
 #: Where adaptive clipping keeps C in the server state (with the optimiser's moments).
 CLIP_KEY = "privacy/clip"
 
 
 def participants(fed: Federation, clients: list[str], per_round: float, round_: int) -> list[str]:
     """This round's clients: a fixed-size sample, or, under DP, a Poisson sample at the same rate."""
-    if fed.privacy.dp:
-        return poisson_sample(clients, sample_rate(per_round, len(clients)), fed.seed, round_)
+    if fed.privacy.dp:  # who takes part must be secret: the sampling amplification ε counts on it
+        return poisson_sample(clients, sample_rate(per_round, len(clients)),
+                              fed.secret.stream("round", round_, "participation"))
     return clients_for_round(clients, per_round, fed.seed, round_)
 
 
@@ -501,11 +577,14 @@ def run_rounds(
     state = state or fed.initial_state()
     history: list[dict[str, float]] = []
     records = pd.DataFrame()
+    refused_total = 0
     for r in range(rounds):
         chosen = participants(fed, clients, per_round, state.round)
         size = fed.clients_per_task or max(len(chosen), 1)
         failed: dict[str, str] | None = {} if fed.dp_sgd is not None else None
         updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
+        updates, refused = fed.screen(updates)  # refused: named, left out, not an error of the round
+        refused_total += len(refused)
         sat_out = sat_out_clients(failed or {})
         errors = {c: e for c, e in (failed or {}).items() if c not in sat_out}
         if errors:
@@ -518,6 +597,8 @@ def run_rounds(
         if (r + 1) % evaluate_every == 0 or r + 1 == rounds:
             records = pd.DataFrame(fed.evaluate_clients(clients, state))
             extra = {"privacy/dp_sgd_sat_out": float(len(sat_out))} if fed.dp_sgd is not None else {}
+            extra["clients/refused"] = float(len(refused))
+            extra["clients/refused_total"] = float(refused_total)  # over all the rounds so far
             history.append({**summarize(records), **fed.dp_sgd_metrics(state), **extra})
     return state, records, history
 

@@ -27,7 +27,8 @@ def convergence(history: list[dict[str, float]], metric: str = "accuracy"):
     ax.set_ylabel(f"pooled {metric} (all clients' rows)" if pooled else f"mean client {metric}")
     ax.set_title("Convergence (held-out splits)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_lines():  # under DP only the final model's evaluation is released: nothing per round
+        ax.legend()
     fig.tight_layout()
     return fig
 

@@ -48,6 +48,7 @@ import torch
 
 from fedmtl import dp
 from fedmtl.he import HEError, KeyHolder, encrypted_sum
+from fedmtl.randomness import SecretStream
 from fedmtl.secagg import SecAggError, secure_sum
 from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
 
@@ -74,6 +75,7 @@ class PrivacySpec:
     min_group_size: int = 3
     client_metrics: bool = True  # privacy.per_client_metrics: else the evaluation is pooled
     evaluation_noise: float = 0.0
+    evaluation_noise_multiplier: float = 10.0  # under dp: z of the accounted evaluation release
 
     @classmethod
     def from_config(cls, privacy) -> "PrivacySpec":
@@ -85,6 +87,7 @@ class PrivacySpec:
             secagg_range=privacy.secagg_range, secagg_neighbours=privacy.secagg_neighbours,
             secagg_max_dropout=privacy.secagg_max_dropout, secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
             client_metrics=privacy.per_client_metrics, evaluation_noise=privacy.evaluation_noise,
+            evaluation_noise_multiplier=privacy.evaluation_noise_multiplier,
         )
 
     @property
@@ -190,7 +193,7 @@ def private_aggregate(
     clip: float,
     expected: Mapping[str, float],
     weight_scale: float,
-    generator: torch.Generator,
+    generator: torch.Generator | SecretStream,
     seed: int,
     like: ClientUpdate | None = None,
 ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:

@@ -18,6 +18,7 @@ Per-client means and the worst clients' mean need per-client figures and are not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from fedmtl.data.manifest import TaskSpec
+from fedmtl.dp import gaussian_noise
+from fedmtl.randomness import SecretStream
 
 ERROR_CLIP = 100.0
 """Regression: each row's |error| counts at most this much in the summed statistics."""
@@ -63,6 +66,19 @@ class StatLayout:
                 parts.append(max_rows * np.array([1.0, ERROR_CLIP, ERROR_CLIP ** 2]))
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    def sensitivity(self, max_rows: int) -> float:
+        """A public bound on the L2 norm of one client's whole statistics vector: what adding or
+        removing the client changes the sum by. A confusion block holds counts ≥ 0 that sum to
+        the client's held-out rows (≤ ``max_rows``), so its norm is ≤ ``max_rows``; a regression
+        block's is ≤ the norm of its entries' bounds."""
+        bounds = self.bounds(max_rows)
+        total, offset = 0.0, 0
+        for (_, task), size in zip(self.keys, self.sizes):
+            block = bounds[offset:offset + size]
+            offset += size
+            total += float(max_rows) ** 2 if self.tasks[task].kind == "classification" else float(block @ block)
+        return math.sqrt(total)
+
 
 def task_statistics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> np.ndarray:
     """One client's sufficient statistics of one task from the model's raw output."""
@@ -91,21 +107,34 @@ def statistics_score(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> 
 
 def pooled_evaluation(
     layout: StatLayout, records: Sequence[Mapping], *, secure: bool, max_rows: int, min_clients: int = 2,
-    noise_std: float = 0.0, generator: torch.Generator | None = None, neighbours: int | None = None,
-    max_dropout: float | None = None, protocol: str = "secagg",
+    noise_std: float = 0.0, generator: torch.Generator | SecretStream | None = None, neighbours: int | None = None,
+    max_dropout: float | None = None, protocol: str = "secagg", noise_multiplier: float | None = None,
 ) -> dict[str, float]:
     """The round's metrics from the clients' statistics records (``client``, ``variant``,
     ``task``, ``statistics``): each client's vector is summed (:func:`secure_total`) and only
     the pooled figures come out, plus ``personalisation_gain/{metric}/pooled`` (personal minus
     global, pooled) and ``evaluation/clients``. Fewer than ``min_clients`` clients release no
-    figures: a sum over one client is that client's own."""
+    figures: a sum over one client is that client's own.
+
+    ``noise_multiplier`` z (client-level DP, ``privacy.dp``): each client's vector is clipped to
+    the layout's :meth:`~StatLayout.sensitivity` Δ (a no-op for honest statistics) and the sum
+    gets N(0, (zΔ)²) on every entry instead of ``noise_std``: one Gaussian mechanism of
+    multiplier z over all the clients, which the run's accountant counts."""
     parts: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     for r in records:
         parts.setdefault(r["client"], {})[(r["variant"], r["task"])] = r["statistics"]
-    out = {"evaluation/clients": float(len(parts))}
+    # under DP how many clients answered is itself a count outside ε: not released
+    out = {} if noise_multiplier is not None else {"evaluation/clients": float(len(parts))}
     if len(parts) < max(2, min_clients):
         return out
     vectors = {c: np.concatenate([stats[key] for key in layout.keys]) for c, stats in parts.items()}
+    if noise_multiplier is not None:
+        delta = layout.sensitivity(max_rows)
+        for c, v in vectors.items():
+            norm = float(np.linalg.norm(v))
+            if norm > delta:
+                vectors[c] = v * (delta / norm)
+        noise_std = float(noise_multiplier) * delta
     total = secure_total(vectors, secure, layout.bounds(max_rows), noise_std, generator, neighbours, max_dropout,
                          protocol)
     out.update(pooled_metrics(layout, total))
@@ -161,7 +190,7 @@ def error_metrics(block: np.ndarray) -> dict[str, float]:
 
 def secure_total(
     statistics: Mapping[str, np.ndarray], secure: bool, bound: float | np.ndarray, noise_std: float = 0.0,
-    generator: torch.Generator | None = None, neighbours: int | None = None, max_dropout: float | None = None,
+    generator: torch.Generator | SecretStream | None = None, neighbours: int | None = None, max_dropout: float | None = None,
     protocol: str = "secagg",
 ) -> np.ndarray:
     """Σ of the clients' statistics vectors: through SecAgg+ (``protocol`` "secagg") or CKKS
@@ -192,7 +221,7 @@ def secure_total(
     else:
         total = np.sum([np.clip(v, -scale, scale) for v in vectors.values()], axis=0)
     if noise_std > 0:
-        g = generator or torch.Generator().manual_seed(0)
-        total = total + torch.normal(0.0, noise_std, size=total.shape, generator=g,
-                                     dtype=torch.float64).numpy()
+        if generator is None:
+            raise ValueError("evaluation noise needs its random source (the run's SecretRandom stream)")
+        total = total + gaussian_noise(torch.zeros(total.shape, dtype=torch.float64), noise_std, generator).numpy()
     return total

@@ -14,16 +14,25 @@ Every client in the manifest is checked in one ephemeral GX Data Context:
 Running the per-value checks once over all partitions instead of once per partition keeps
 the whole validation to a few seconds: GX's cost is per expectation, not per row.
 
-A client fails when its file is missing or unreadable or when any expectation fails; failed
-clients are *quarantined*: recorded in ``report.json`` so that training skips them. Partition
-files are only read, never moved or rewritten. ``<out_dir>/data_docs/`` holds GX's Data Docs
-site for the run.
+A client fails when its file is missing or unreadable (or a symbolic link leaving the
+partitions folder) or when any expectation fails; failed clients are *quarantined*: recorded in
+``report.json`` so that training skips them. Partition files are only read, never moved or
+rewritten. ``<out_dir>/data_docs/`` holds GX's Data Docs site for the run.
+
+Validation is bound to what trains: the report records the SHA-256 and size of every file it
+read (of the very bytes it validated) and the SHA-256 of the manifest it validated against.
+:func:`bind_partitions` (the training flow, before its first round) refuses a manifest changed
+since, and quarantines every client whose file is no longer the one validated; the digests go
+to :class:`fedmtl.federation.Federation`, whose every read of a partition checks them again
+(:func:`fedmtl.client.load_client_data`), so a file changed mid-run is caught too.
 
 Great Expectations is imported lazily (it takes seconds), so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -38,7 +47,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmtl.data.manifest import SPLITS, Manifest, TaskSpec, atomic_write_bytes
+from fedmtl.data.manifest import (SPLITS, Manifest, PartitionDigest, TaskSpec, UnsafeManifest,
+                                  atomic_write_bytes, file_digest, partition_path)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,6 +58,7 @@ if TYPE_CHECKING:
 REPORT = "report.json"
 DATA_DOCS = "data_docs"
 READ_CHECK = "read_partition_file"  # the failure of a missing or unreadable file
+CHANGED_CHECK = "partition_file_unchanged"  # a file changed after validation (bind_partitions)
 STRING_COLUMNS = ("client", "group", "split")
 INT_TYPES = ("int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8")
 FLOAT_TYPES = ("float32", "float64")
@@ -78,6 +89,12 @@ class ClientValidation:
     passed: bool
     failures: list[dict[str, Any]] = field(default_factory=list)
     # each failure: {"expectation": GX type name, "column": str | None, "detail": str}
+    sha256: str | None = None  # of the bytes validated (None: the file could not be read)
+    size: int | None = None
+
+    @property
+    def digest(self) -> PartitionDigest | None:
+        return None if self.sha256 is None or self.size is None else PartitionDigest(self.sha256, self.size)
 
     @property
     def reasons(self) -> list[str]:
@@ -91,9 +108,11 @@ class ClientValidation:
 
 @dataclass
 class ValidationReport:
-    """Every validated client, in manifest order."""
+    """Every validated client, in manifest order, and the manifest's SHA-256
+    (:func:`manifest_digest`) it was validated against."""
 
     clients: dict[str, ClientValidation]
+    manifest_sha256: str | None = None
 
     @property
     def passed(self) -> list[str]:
@@ -104,8 +123,16 @@ class ValidationReport:
         """client -> reasons, for every client that failed validation."""
         return {c: v.reasons for c, v in self.clients.items() if not v.passed}
 
+    @property
+    def changed(self) -> dict[str, str]:
+        """client -> why, for the clients quarantined by :func:`bind_partitions` (their files
+        changed, or went missing, after validation)."""
+        return {c: f["detail"] for c, v in self.clients.items() for f in v.failures
+                if f.get("expectation") == CHANGED_CHECK}
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "manifest_sha256": self.manifest_sha256,
             "summary": {
                 "n_clients": len(self.clients),
                 "n_passed": len(self.passed),
@@ -118,7 +145,8 @@ class ValidationReport:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ValidationReport:
-        return cls(clients={c: ClientValidation(**v) for c, v in raw["clients"].items()})
+        return cls(clients={c: ClientValidation(**v) for c, v in raw["clients"].items()},
+                   manifest_sha256=raw.get("manifest_sha256"))
 
 
 def _failure(expectation: str, column: str | None, detail: str) -> dict[str, Any]:
@@ -148,8 +176,10 @@ def validate_partitions(
     frames: dict[str, pd.DataFrame] = {}
     for entry in manifest.clients:
         path = partitions_dir / entry.file
-        frame, error = _read_partition(path)
+        frame, error, digest = _read_partition(partitions_dir, entry.client, entry.file)
         results[entry.client] = ClientValidation(entry.client, str(path), passed=False)
+        if digest is not None:
+            results[entry.client].sha256, results[entry.client].size = digest
         if frame is None:
             results[entry.client].failures.append(_failure(READ_CHECK, None, error))
         else:
@@ -168,7 +198,7 @@ def validate_partitions(
 
     for v in results.values():
         v.passed = not v.failures
-    report = ValidationReport(clients=results)
+    report = ValidationReport(clients=results, manifest_sha256=manifest_digest(manifest))
     payload = report.to_dict()
     payload["config"] = {"min_train_rows": cfg.min_train_rows, "min_test_rows": cfg.min_test_rows}
     payload["data_docs"] = f"{DATA_DOCS}/index.html"
@@ -185,6 +215,66 @@ def read_report(out_dir: str | Path) -> ValidationReport:
             f"no validation report at '{path}': run `fedmtl data validate` first"
         )
     return ValidationReport.from_dict(json.loads(path.read_text()))
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """The SHA-256 of the manifest's canonical JSON (what validation checked the files against)."""
+    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
+
+
+def bind_partitions(
+    partitions_dir: str | Path, manifest: Manifest, report: ValidationReport
+) -> tuple[ValidationReport, dict[str, PartitionDigest]]:
+    """Bind training to what was validated. Refuses (``ValueError``) a manifest that is not the
+    one validated, and a report that records no digests (written before they were recorded).
+    Returns the report with every passed client whose file is no longer the one validated
+    (missing, unreadable, or another SHA-256 or size) quarantined, its reason naming the client
+    and the file, and the digests of the clients that still pass, for the federation to check
+    on every read. Each file is hashed once per version (:func:`fedmtl.data.manifest.file_digest`)."""
+    import dataclasses
+
+    if report.manifest_sha256 is None:
+        raise ValueError("the validation report records no partition hashes (written by an older "
+                         "fedmtl): re-run `fedmtl data validate`")
+    if report.manifest_sha256 != manifest_digest(manifest):
+        raise ValueError(f"'{Path(partitions_dir) / 'manifest.json'}' changed after validation (its SHA-256 "
+                         f"is not the validated {report.manifest_sha256[:12]}…): re-run `fedmtl data validate`")
+    clients = dict(report.clients)
+    digests: dict[str, PartitionDigest] = {}
+    for entry in manifest.clients:
+        v = clients.get(entry.client)
+        if v is None or not v.passed:
+            continue
+        expected = v.digest
+        if expected is None:
+            problem = "the validation report records no hash of it: re-run `fedmtl data validate`"
+        else:
+            problem = _file_problem(partitions_dir, entry.client, entry.file, expected)
+        if problem is None:
+            digests[entry.client] = expected
+        else:
+            clients[entry.client] = dataclasses.replace(
+                v, passed=False, failures=[*v.failures, _failure(CHANGED_CHECK, None, problem)])
+    return dataclasses.replace(report, clients=clients), digests
+
+
+def _file_problem(partitions_dir: str | Path, client: str, file: str, expected: PartitionDigest) -> str | None:
+    path = Path(partitions_dir) / file
+    try:
+        path = partition_path(partitions_dir, client, file)
+        if path.stat().st_size != expected.size:
+            now = f"{path.stat().st_size} bytes"
+        else:
+            digest = file_digest(path)
+            if digest == expected:
+                return None
+            now = f"SHA-256 {digest.sha256[:12]}…"
+    except FileNotFoundError:
+        return f"partition file '{path}' is missing (it was validated)"
+    except (OSError, UnsafeManifest) as exc:
+        return f"partition file '{path}' cannot be read: {exc}"
+    return (f"partition file '{path}' changed after validation ({now}; validated SHA-256 "
+            f"{expected.sha256[:12]}…, {expected.size} bytes): re-run `fedmtl data validate`")
 
 
 def usable_clients(manifest: Manifest, report: ValidationReport, min_clients: int) -> list[str]:
@@ -218,17 +308,30 @@ def usable_clients(manifest: Manifest, report: ValidationReport, min_clients: in
 # Files and outputs
 
 
-def _read_partition(path: Path) -> tuple[pd.DataFrame | None, str]:
-    """The partition as a dataframe, or None and why it could not be read."""
+def _read_partition(
+    partitions_dir: Path, client: str, file: str
+) -> tuple[pd.DataFrame | None, str, PartitionDigest | None]:
+    """The partition as a dataframe, or None and why it could not be read; and the digest of
+    the bytes read (the very bytes validated: the file is read once)."""
     import pandas as pd
 
-    if not path.is_file():
-        return None, f"partition file '{path}' does not exist"
+    path = partitions_dir / file
     try:
-        return pd.read_parquet(path), ""
+        path = partition_path(partitions_dir, client, file)
+    except (OSError, UnsafeManifest) as exc:  # a symbolic link leaving the folder
+        return None, str(exc).removeprefix(f"client '{client}': "), None
+    if not path.is_file():
+        return None, f"partition file '{path}' does not exist", None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"partition file '{path}' cannot be read: {exc.strerror or exc}", None
+    digest = PartitionDigest.of(raw)
+    try:
+        return pd.read_parquet(io.BytesIO(raw)), "", digest
     except Exception as exc:  # noqa: BLE001 - any read error quarantines the client
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"partition file '{path}' cannot be read as Parquet: {message}"
+        return None, f"partition file '{path}' cannot be read as Parquet: {message}", digest
 
 
 def _remove_previous_outputs(out_dir: Path) -> None:

@@ -3,7 +3,10 @@
 :func:`state_from_bundle` turns a :class:`~models.personalized.PersonalizedBundle` (what the
 registry's ``champion`` holds) into the server state to start from (shared base, global and
 group heads, client → group assignment, round count) and the personal states to seed each
-client's store with, so that both the shared and the personal parts continue.
+client's store with, so that both the shared and the personal parts continue. A bundle without
+personal heads or bases (the default: ``tracking.bundle_personal_heads=false``, they stay on
+the clients) gives no personal states: the shared part continues and each client fits its
+personal part from it as in a fresh run.
 
 Every tensor is checked against a freshly built state of the current settings and data; any
 mismatch (features, tasks or classes, architecture, a head's size) raises

@@ -1,7 +1,8 @@
 """Champion/challenger promotion and rollback as Prefect flows.
 
 ``fedmtl-promote``: both versions answer every validated client's held-out rows (the current
-partitions, through each model's own routing), the gates of ``promotion`` decide
+partitions, through each model's own routing; each loaded only once its artifacts matched the
+hashes recorded at registration, tasks/registry.py), the gates of ``promotion`` decide
 (``fedmtl/promotion.py``), and the registry records the decision and, on a pass, moves the
 ``champion`` alias (``tasks/promotion.py``). ``fedmtl-rollback`` gives ``champion`` back to the
 version the current champion replaced.
@@ -27,6 +28,7 @@ from fedmtl.promotion import Decision, decide
 from fedmtl.validation import read_report, usable_clients
 from models.scoring import held_out_rows, score_clients
 from tasks.promotion import CHALLENGER, CHAMPION, ChampionChanged, Registry, RegistryError, actor_name
+from tasks.registry import check_artifacts
 
 MAX_ATTEMPTS = 5  # decisions made again because the champion moved meanwhile, before giving up
 
@@ -79,6 +81,8 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
         tables = {"per_client.csv": decision.per_client, "challenger_scores.csv": scores[str(new.version)]}
         if old is not None:
             tables["champion_scores.csv"] = champion_scores
+        if registry.run_facts(new).privacy != "none" or cfg.privacy.active:  # each client's own figures:
+            tables = {}  # not published next to a private model (the decision's summary still is)
         try:
             record = registry.apply(decision, new, old, who, cfg.tracking.experiment, tables, changed,
                                     _waiting(logger, registry.name))
@@ -99,11 +103,17 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
 
 @flow(name="fedmtl-rollback", log_prints=False)
 def rollback(config: dict[str, Any], actor: str | None = None, reason: str = "") -> dict[str, Any]:
-    """Give ``champion`` back to the version the current champion replaced."""
+    """Give ``champion`` back to the version the current champion replaced, once that version's
+    artifacts matched their recorded hashes (else :class:`~tasks.registry.ModelIntegrityError`,
+    and the champion stays)."""
     cfg = Config.model_validate(config)
     registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
                              cfg.tracking.artifact_root)
     who = actor_name(actor)
+    current = registry.by_alias(CHAMPION)
+    previous = current.tags.get("promotion.replaced_version", "none") if current is not None else "none"
+    if previous not in ("", "none"):  # never give champion to a version whose artifacts were changed
+        check_artifacts(f"models:/{registry.name}/{previous}", registry.tracking_uri)
     current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason,
                                                   _waiting(get_run_logger(), registry.name))
     get_run_logger().info("champion of '%s': version %s -> %s", registry.name, current.version, restored.version)

@@ -10,8 +10,9 @@ deployment's working directory) and
    partitions' md5, the run's ``data_version``; with ``schedule.push_data``, ``dvc push``es it
    to the default remote (skipped, with a warning, when the project has none);
 2. runs ``fedmtl-train`` as a subflow with ``training.warm_start = schedule.warm_start``
-   (default ``champion``: the champion's base, heads, personal heads and round count, when the
-   alias exists);
+   (default ``champion``: the champion's base, global and group heads and round count, and its
+   personal heads if it bundles them (``tracking.bundle_personal_heads``), when the alias exists;
+   the champion is loaded only once its artifacts matched the hashes recorded at registration);
 3. with ``schedule.promote``: judges the new version with the promotion gates (the
    ``fedmtl-promote`` flow, as a subflow): it becomes the champion if it passes them, else the
    reasons are written on its tags and the champion stays; a rejection is an outcome, not a

@@ -28,9 +28,10 @@ from fedmtl.faults import crash_if_due, retryable
 from fedmtl.federation import Federation, sat_out_clients
 from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
+from fedmtl.randomness import SecretRandom
 from fedmtl.state import ServerState
 from fedmtl.store import ClientStore
-from fedmtl.validation import read_report, usable_clients
+from fedmtl.validation import bind_partitions, read_report, usable_clients
 from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
@@ -57,7 +58,11 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
     cfg = Config.model_validate(config)
     logger = get_run_logger()
     manifest = read_manifest(cfg.data.partitions_dir)
-    report = read_report(cfg.data.validation_dir)
+    # bound to what was validated: the manifest must be the one validated, a client whose file
+    # changed since is quarantined (named), and every read of a partition checks its SHA-256
+    report, digests = bind_partitions(cfg.data.partitions_dir, manifest, read_report(cfg.data.validation_dir))
+    for client, why in report.changed.items():
+        logger.warning("client '%s' is quarantined: %s", client, why)
     clients = usable_clients(manifest, report, cfg.training.min_clients)
     tags = run_tags(cfg, manifest, report)
     runs_root = Path(cfg.training.workdir) / "runs"
@@ -70,8 +75,15 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
         key = uuid.uuid4().hex[:8]
         run_dir, record = runs_root / key, RunRecord(key, settings, tags["data_version"],
                                                      tags.get("prefect_flow_run_id"))
-    fed = Federation.from_config(cfg, manifest, ClientStore(run_dir / "clients"))
+    # the run's secret key (DP noise, Poisson sampling): kept in the run's directory, mode 0600,
+    # never logged, so that a resume draws exactly the noise the uninterrupted run would have
+    fed = Federation.from_config(cfg, manifest, ClientStore(run_dir / "clients"), SecretRandom.load_or_create(run_dir),
+                                 partition_digests=digests)
     check_privacy(cfg, fed)
+    if fed.secret.seeded:
+        logger.warning("privacy.insecure_seeded_noise is on: DP noise and sampling can be replayed from "
+                       "training.seed; this run's ε is void (tagged privacy_epsilon_void=true)")
+        tags["privacy_epsilon_void"] = "true"
     budget = privacy_budget(cfg, len(clients))
     checkpoints = CheckpointStore(run_dir / "checkpoints")
     tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
@@ -131,7 +143,9 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
                              background=True)
             logger.info("round %d: %s", state.round, _headline(summary))
             progress.current().round_done(state.round, _headline(summary))
-        if records is None:  # resumed after the last round: score the final state again
+        if budget is not None:  # DP: the final model's evaluation, released once, noised and accounted
+            history, records = release_final_evaluation(fed, state, clients, history, budget, tracker, checkpoints)
+        elif records is None:  # resumed after the last round: score the final state again
             records, _ = evaluate(quote(fed), quote(state), quote(clients))
         if budget is not None:
             tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
@@ -213,6 +227,8 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
             error = str(future.state.result(raise_on_failure=False))
             failed.update({client: error for client in part})
     retried = retry_failed(fed, state, failed, updates, cfg, shared)
+    updates, refused = fed.screen(updates)  # bounded influence: weights from the manifest, outsized norms refused
+    failed.update(refused)
     t["local_train"] = time.perf_counter() - start
     sat_out = sat_out_clients(failed)
     if len(updates) < cfg.training.min_clients:
@@ -239,17 +255,24 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
     t["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records, pooled = evaluate(quote(fed), quote(state), quote(clients))
+    if cfg.privacy.dp:  # each evaluation release costs ε: under DP only the final model's is released
+        records, pooled = pd.DataFrame(), {}
+    else:
+        records, pooled, skipped = evaluate(quote(fed), quote(state), quote(clients), with_skipped=True)
+        for client, why in skipped.items():  # named in the round's report, rounds/round-NNNN-failed.json
+            failed[client] = f"{failed[client]} (and not evaluated)" if client in failed else f"not evaluated: {why}"
     t["evaluate"] = time.perf_counter() - start
     crash_if_due(cfg.faults.crash_at_round, state.round)  # fault injection: a SIGKILL mid-round
 
     start = time.perf_counter()
     summary = {**summarize(records), **pooled, **grouping_metrics(fed, records)}
-    extra = {"clients/participating": len(updates), "clients/failed": len(failed), "clients/retried": retried}
+    # under DP who took part (and so how many) is secret: the sampling amplification counts on it
+    extra = {} if cfg.privacy.dp else {"clients/participating": len(updates), "clients/failed": len(failed),
+                                      "clients/retried": retried, "clients/refused": len(refused)}
     if cfg.privacy.per_client_metrics:  # a client's training loss is its own figure too
         extra["train/loss/mean"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
     if privacy is not None:
-        extra.update(privacy_metrics(privacy))
+        extra.update(privacy_metrics(privacy, dp=cfg.privacy.dp))
         for client, why in privacy.held_back.items():
             failed.setdefault(client, f"held back: {why}")
     if budget is not None:
@@ -263,7 +286,10 @@ def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
         tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
     now = time.perf_counter()
     tracker.log_metrics({"time/tracking_s": now - start, "time/round_s": now - began}, state.round)
-    if failed:
+    if failed and cfg.privacy.dp:  # names sampled clients: kept with the coordinator, not released
+        atomic_write_bytes(fed.store.root.parent / "rounds" / f"round-{state.round:04d}-failed.json",
+                           json.dumps(failed, indent=2).encode())  # mkstemp: mode 0600
+    elif failed:
         tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
     return state, records, summary
 
@@ -364,7 +390,7 @@ def privacy_budget(cfg: Config, n_clients: int):
     if p.target_epsilon is not None:
         try:
             check_plan(p.target_epsilon, cfg.training.rounds, p.noise_multiplier, "poisson",
-                       sample_rate=rate, delta=p.delta)
+                       sample_rate=rate, delta=p.delta, extra_releases=(p.evaluation_noise_multiplier,))
         except BudgetExceeded as exc:
             raise PrivacyPlanError(str(exc)) from None
     return PrivacyAccountant(p.noise_multiplier, "poisson", sample_rate=rate, delta=p.delta)
@@ -378,14 +404,32 @@ def budget_exhausted(budget, cfg: Config, state: ServerState) -> bool:
         return False
     from fedmtl.accounting import epsilon_after
 
-    after = epsilon_after(budget.rounds + 1, budget.noise_multiplier, "poisson",
-                          sample_rate=budget.sample_rate, delta=budget.delta)
+    after = epsilon_after(budget.rounds + 1, budget.noise_multiplier, "poisson",  # and the final evaluation
+                          sample_rate=budget.sample_rate, delta=budget.delta,
+                          extra_releases=(cfg.privacy.evaluation_noise_multiplier,))
     if after <= target:
         return False
     get_run_logger().warning(
         "privacy budget: stopping after round %d: one more round would spend ε=%.3g > "
         "privacy.target_epsilon=%g at δ=%g", state.round, after, target, budget.delta)
     return True
+
+
+def release_final_evaluation(fed, state, clients, history, budget, tracker, checkpoints):
+    """Under DP: the final model's pooled evaluation, the run's one evaluation release (each
+    client's statistics clipped to their public bound, Gaussian noise of multiplier
+    ``privacy.evaluation_noise_multiplier``), counted by the accountant; logged at the last
+    round's step and merged into the last summary. A run resumed after it was released
+    reuses the released figures (the checkpoint's ``evaluation`` record): never a second release."""
+    released = checkpoints.released_evaluation(state.round)
+    if released is None:
+        _, released = evaluate(quote(fed), quote(state), quote(clients))
+        checkpoints.save_released_evaluation(state.round, released)
+    tracker.log_metrics(released, state.round)
+    budget.release(fed.privacy.evaluation_noise_multiplier)
+    tracker.log_metrics({"privacy/epsilon": budget.epsilon()}, state.round)
+    history = [*history[:-1], {**(history[-1] if history else {}), **released}]
+    return history, pd.DataFrame()
 
 
 def dp_sgd_tags(fed: Federation, state: ServerState) -> dict[str, str]:
@@ -401,17 +445,24 @@ def dp_sgd_tags(fed: Federation, state: ServerState) -> dict[str, str]:
     return out
 
 
-def privacy_metrics(report) -> dict[str, float]:
-    """The round's private-aggregation report as metrics (no client's own values)."""
-    return {
+def privacy_metrics(report, dp: bool = False) -> dict[str, float]:
+    """The round's private-aggregation report as metrics (no client's own values). Under DP
+    only what is public or covered by ε: the clip norm (adaptive clipping moves it by the noised
+    count, post-processing), the noise std and the planned releases; the counts of released,
+    held-back and dropped clients depend on who was sampled and are not released."""
+    out = {
         "privacy/clip": report.clip,
         "privacy/noise_std": report.noise_std,
         "privacy/releases": float(len(report.releases)),
-        "privacy/released_clients": float(report.released_clients),
-        "privacy/held_back": float(len(report.held_back)),
-        "privacy/dropped_mid_protocol": float(len(report.dropped_mid_protocol)),
-        "time/secagg_s": report.secagg_seconds,
     }
+    if not dp:
+        out.update({
+            "privacy/released_clients": float(report.released_clients),
+            "privacy/held_back": float(len(report.held_back)),
+            "privacy/dropped_mid_protocol": float(len(report.dropped_mid_protocol)),
+            "time/secagg_s": report.secagg_seconds,
+        })
+    return out
 
 
 def grouping_metrics(fed: Federation, records: pd.DataFrame) -> dict[str, float]:
@@ -464,7 +515,7 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
     bundle = None
     if cfg.tracking.register_model:
         bundle = make_bundle(fed, state, cfg)
-        example = input_example(fed, clients)
+        example = input_example(fed)  # synthetic: never a client's rows
         model_uri, version = log_personalized_model(
             tracker.run_id, bundle, example, cfg.tracking.registered_model,
             tags={"data_version": tags["data_version"], "git_commit": tags["git_commit"],
@@ -504,6 +555,8 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
 def privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
     """The model version's privacy tags: the mechanism and, under DP, the ε spent (at δ)."""
     out = {"privacy": cfg.privacy.mechanism}
+    if cfg.privacy.insecure_seeded_noise:  # noise replayable from training.seed: no ε holds
+        out["privacy_epsilon_void"] = "true"
     if cfg.privacy.dp or cfg.privacy.dp_sgd:
         tags = tracker.client.get_run(tracker.run_id).data.tags
     if cfg.privacy.dp:
@@ -515,7 +568,15 @@ def privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
 
 
 def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> PersonalizedBundle:
+    """The model to register: the shared base, global and group heads and the client → group
+    routing. Personal heads and bases stay on the clients (each fits and keeps its own, e.g.
+    ``fedmtl personalize``) unless ``tracking.bundle_personal_heads`` opts in, which the
+    settings refuse under ``privacy.dp``/``privacy.dp_sgd`` (they are fitted outside ε)."""
     personal, bases = {}, {}
+    if cfg.tracking.bundle_personal_heads and (cfg.privacy.dp or cfg.privacy.dp_sgd):
+        raise ValueError("tracking.bundle_personal_heads=true with privacy.dp or privacy.dp_sgd: personal heads "
+                         "are fitted outside the DP guarantee and would be published in the registered model; "
+                         "set tracking.bundle_personal_heads=false")
     if cfg.tracking.bundle_personal_heads:
         for client in fed.manifest.client_ids:
             kept = fed.store.load(client)
@@ -541,15 +602,21 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
     )
 
 
-def input_example(fed: Federation, clients: list[str], rows: int = 2) -> pd.DataFrame:
-    parts = []
-    for client in clients[:2]:
-        data = fed.data(client)
-        x = data.x_test[:rows] if data.n_test else data.x_train[:rows]
-        frame = pd.DataFrame(x.numpy().astype("float64"), columns=fed.manifest.features)
-        frame.insert(0, CLIENT_COLUMN, client)
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True)
+#: the client id of the registered model's input example: no client of the data
+EXAMPLE_CLIENT = "example-client"
+
+
+def input_example(fed: Federation, rows: int = 2) -> pd.DataFrame:
+    """The input example stored with the registered model (``input_example.json``,
+    ``serving_input_example.json``, the signature): synthetic, for every run. ``rows`` rows of
+    zeros under the feature columns and a client id no client has (so it is answered by the
+    global heads, as an unknown client without labels is); never a client's rows or statistics."""
+    client = EXAMPLE_CLIENT
+    while client in set(fed.manifest.client_ids):
+        client += "-x"
+    frame = pd.DataFrame(0.0, index=range(rows), columns=list(fed.manifest.features))
+    frame.insert(0, CLIENT_COLUMN, client)
+    return frame
 
 
 def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:

@@ -103,7 +103,7 @@ class PersonalizedPredictor:
         if missing:
             raise ValueError(f"input is missing feature column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
         y = encode_support(frame, self.tasks, client)
-        x = torch.tensor(frame[b.features].to_numpy(dtype=np.float32, copy=True))
+        x = torch.tensor(feature_matrix(frame, b.features))
         cfg = self.coldstart_settings()
         seed = client_seed(cfg.seed, 0, client, "cold-start")
         model = copy.deepcopy(self.model)  # training writes into the module: never the shared one
@@ -125,8 +125,9 @@ class PersonalizedPredictor:
         missing = [c for c in [CLIENT_COLUMN, *b.features] if c not in frame.columns]
         if missing:
             raise ValueError(f"input is missing column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        x_all = torch.tensor(frame[b.features].to_numpy(dtype=np.float32, copy=True))
+        x_all = torch.tensor(feature_matrix(frame, b.features))
         clients = frame[CLIENT_COLUMN].astype(str).to_numpy()
+        check_cold_start_load(frame, clients, self.label_columns(frame), self.is_known)
         out: dict[str, np.ndarray] = {}
         used = np.empty(len(frame), dtype=object)
         for task in b.tasks:
@@ -166,6 +167,54 @@ class PersonalizedPredictor:
             result[task["name"]] = values
         result[HEAD_COLUMN] = used.astype(str)
         return result
+
+
+#: What one request may ask the model to fit: cold-start clients (an unknown client id sent with
+#: labelled rows) and labelled rows for each. Each fit is a few epochs on the server's CPU, so
+#: an unbounded request would let one caller occupy the scoring server; larger support sets
+#: belong in `fedmtl personalize`, run where the client's data is.
+MAX_COLD_START_CLIENTS = 16
+MAX_SUPPORT_ROWS = 10_000
+
+
+def feature_matrix(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """The feature columns as float32; ``ValueError`` naming the column(s) and a row for values
+    that are not numbers or not finite (NaN, inf, or beyond float32), which would otherwise be
+    answered with a meaningless prediction."""
+    try:
+        x = frame[features].to_numpy(dtype=np.float64, copy=True)
+    except (TypeError, ValueError):
+        odd = [c for c in features if pd.to_numeric(frame[c], errors="coerce").isna().any()
+               and not frame[c].isna().all()]
+        raise ValueError(f"feature column(s) {odd[:5] or features[:5]} hold values that are not numbers") from None
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    bad = ~np.isfinite(x32)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        named = sorted({features[c] for c in cols})
+        raise ValueError(f"feature column(s) {named[:5]}{'...' if len(named) > 5 else ''} hold {int(bad.sum())} "
+                         f"missing, infinite or out-of-range value(s) (first at row {int(rows[0])}); "
+                         "send finite numbers")
+    return x32
+
+
+def check_cold_start_load(frame: pd.DataFrame, clients: np.ndarray, labels: list[str], is_known) -> None:
+    """Refuse (``ValueError``) a request that asks for more cold-start fits than
+    :data:`MAX_COLD_START_CLIENTS`, or more than :data:`MAX_SUPPORT_ROWS` labelled rows for one."""
+    if not labels or not len(frame):
+        return
+    labelled = frame[labels].notna().any(axis=1).to_numpy()
+    counts = pd.Series(clients[labelled]).value_counts()
+    unknown = {c: int(n) for c, n in counts.items() if not is_known(c)}
+    if len(unknown) > MAX_COLD_START_CLIENTS:
+        raise ValueError(f"the request sends labelled rows for {len(unknown)} unknown clients; one request "
+                         f"fits at most {MAX_COLD_START_CLIENTS} (send fewer, or run `fedmtl personalize`)")
+    big = {c: n for c, n in unknown.items() if n > MAX_SUPPORT_ROWS}
+    if big:
+        client, n = next(iter(big.items()))
+        raise ValueError(f"client '{client}': {n} labelled rows in one request; a cold start fits on at most "
+                         f"{MAX_SUPPORT_ROWS} (run `fedmtl personalize` for a larger support set)")
 
 
 def unflatten(module: torch.nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:

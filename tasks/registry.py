@@ -1,10 +1,32 @@
-"""Log the personalised model as an MLflow pyfunc and register it with an alias."""
+"""Log the personalised model as an MLflow pyfunc and register it with an alias; load it back
+only after checking its artifacts.
+
+Integrity. A logged model is code as well as data: its ``serving.py`` (MLflow "models from code")
+is executed when the model is loaded, and ``bundle.pt``, ``MLmodel`` and the rest decide what is
+served. When a model is logged, the SHA-256 of every file MLflow uploads for it is recorded, as
+the JSON ``{relative path: sha256}``, in the tag ``fedmtl.artifact_sha256`` of the model version
+(set when the version is created), of the training run and of the logged model. Every load
+(:func:`load_predictor`, :func:`verified_copy`: ``fedmtl evaluate``/``serve``/``personalize``,
+promotion's scoring, warm start from the champion, rollback's check) downloads the artifacts to a
+local temporary folder, checks that folder against the tag (a changed, missing or extra file is
+refused with :class:`ModelIntegrityError`) and then loads from that same folder, never from a
+second download. A version without the tag (registered before fedmtl recorded hashes, or not by
+fedmtl) is refused. The tags live in the tracking store, the files in the artifact store: this
+catches changes to the artifact store, not someone who can also rewrite the tracking store's tags.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import json
+import re
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -60,19 +82,24 @@ def log_personalized_model(
     """Log under ``run_id`` as artifact ``model``; register as a new version of
     ``registered_model`` with alias ``challenger``. Returns (model URI, version or None).
 
-    The registry entry is created only after the model's artifacts were written, so a crash
-    leaves no version that points at a half-written model."""
+    ``input_example`` is stored with the model (``input_example.json``, ``serving_input_example.json``):
+    it must be synthetic, never a client's rows (flows/training.py ``input_example``).
+
+    The SHA-256 of every artifact file is recorded (tag :data:`HASH_TAG` on the version, the run
+    and the logged model; see the module's docstring). The registry entry is created only after
+    the model's artifacts were written and checked, so a crash leaves no version that points at
+    a half-written model."""
     predictor = PersonalizedPredictor(bundle)
     output_example = predictor.predict(input_example)
     with warnings.catch_warnings():  # MLflow's hint about integer columns: labels never miss
         warnings.simplefilter("ignore", UserWarning)
         signature = with_optional_labels(infer_signature(input_example, output_example), bundle)
+    buffer = io.BytesIO()
+    torch.save(bundle.to_dict(), buffer)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bundle.pt"
-        buffer = io.BytesIO()
-        torch.save(bundle.to_dict(), buffer)
         path.write_bytes(buffer.getvalue())
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _recording_uploads() as uploaded:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(SERVING_ENTRY),
@@ -81,16 +108,231 @@ def log_personalized_model(
                 input_example=input_example,
                 pip_requirements=pip_requirements(),
             )
+    hashes = _logged_hashes(info, uploaded.get(info.model_id), _sha256(buffer.getvalue()))
+    recorded = hashes_tag_value(hashes)
+    client = MlflowClient()
+    client.set_tag(run_id, HASH_TAG, recorded)
+    with contextlib.suppress(Exception):  # a store without logged-model tags: the version's tag decides
+        client.set_logged_model_tags(info.model_id, {HASH_TAG: recorded})
     version = None
     if registered_model:
-        client = MlflowClient()
         ensure_registered_model(client, registered_model)
         mv = client.create_model_version(
-            registered_model, info.model_uri, run_id=run_id, tags=tags or {}, model_id=info.model_id
+            registered_model, info.model_uri, run_id=run_id, tags={**(tags or {}), HASH_TAG: recorded},
+            model_id=info.model_id,
         )
         version = str(mv.version)
         claim_challenger(client, registered_model, version)
     return info.model_uri, version
+
+
+#: The tag holding ``{relative path: sha256}`` of every file of the logged model (JSON).
+HASH_TAG = "fedmtl.artifact_sha256"
+#: Files MLflow itself adds to a model's folder after it was logged, which nothing ever loads:
+#: loading ``models:/<name>/<version>`` from a local artifact store writes ``registered_model_meta``
+#: (the name and version, for the caller's information) into the store's own folder.
+MLFLOW_WRITES = frozenset({"registered_model_meta"})
+#: The longest tag value every MLflow store accepts for a model version (older servers: 5000).
+MAX_TAG_VALUE = 5000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ModelIntegrityError(ValueError):
+    """A model's artifacts differ from the hashes recorded when it was logged (a file changed,
+    missing or added), or it has no recorded hashes: it is not loaded."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def artifact_hashes(root: str | Path) -> dict[str, str]:
+    """``{path relative to root (POSIX): sha256 of its bytes}`` for every file under ``root``.
+    A link or anything that is not a plain file is recorded as such (so it never matches)."""
+    root = Path(root)
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            out[rel] = "not a plain file (a link)"
+        elif path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[rel] = digest.hexdigest()
+        elif not path.is_dir():
+            out[rel] = "not a plain file"
+    return out
+
+
+def hashes_tag_value(hashes: dict[str, str]) -> str:
+    """The tag value of ``hashes``: canonical JSON, at most :data:`MAX_TAG_VALUE` characters."""
+    value = json.dumps(dict(sorted(hashes.items())), separators=(",", ":"))
+    if len(value) > MAX_TAG_VALUE:
+        raise ValueError(f"the artifact hashes of the model ({len(hashes)} files) take {len(value)} characters, "
+                         f"more than an MLflow tag holds ({MAX_TAG_VALUE})")
+    return value
+
+
+_upload_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _recording_uploads() -> Iterator[dict[str, dict[str, str]]]:
+    """While inside: the hashes of the local folder that MLflow uploads as a logged model's
+    artifacts (``MlflowClient.log_model_artifacts``), by model id, taken just before the upload
+    (what was written, not what the store returns). Only this thread's uploads are recorded."""
+    captured: dict[str, dict[str, str]] = {}
+    me = threading.get_ident()
+    with _upload_lock:
+        original = MlflowClient.log_model_artifacts
+
+        def recording(self, model_id, local_dir, *args, **kwargs):
+            if threading.get_ident() == me:
+                captured[model_id] = artifact_hashes(local_dir)
+            return original(self, model_id, local_dir, *args, **kwargs)
+
+        MlflowClient.log_model_artifacts = recording
+        try:
+            yield captured
+        finally:
+            MlflowClient.log_model_artifacts = original
+
+
+def _logged_hashes(info, uploaded: dict[str, str] | None, bundle_sha: str) -> dict[str, str]:
+    """The hashes to record for the model just logged (``info``): those of the files uploaded,
+    checked against a fresh download of the store's copy (so the store holds exactly them). If
+    the upload could not be observed (another MLflow version), the downloaded copy's hashes,
+    after checking that its bundle and loader code are the bytes written here."""
+    location = MlflowClient().get_logged_model(info.model_id).artifact_location
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = artifact_hashes(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
+    if uploaded is None:
+        own = {f"artifacts/{BUNDLE_ARTIFACT}.pt": bundle_sha, SERVING_ENTRY.name: _sha256(SERVING_ENTRY.read_bytes())}
+        for rel, sha in own.items():
+            if rel in stored and stored[rel] != sha:
+                raise ModelIntegrityError(f"the logged model {info.model_uri}: artifact '{rel}' changed in the "
+                                          "artifact store while it was being logged")
+        uploaded = stored
+    if stored != uploaded:
+        bad = sorted(p for p in set(stored) | set(uploaded) if stored.get(p) != uploaded.get(p))
+        raise ModelIntegrityError(f"the logged model {info.model_uri}: the artifact store's copy of {bad[:5]} "
+                                  "differs from what was uploaded; nothing was registered")
+    return uploaded
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI names, resolved once (an alias to its version number)."""
+
+    download_uri: str  # where exactly these artifacts are stored (no alias to move)
+    label: str  # "version 3 of registered model 'm'" (for messages)
+    hashes: str | None  # the recorded tag value (None: none recorded)
+    how: str  # where the hashes should have been recorded
+
+
+def resolve(model_uri: str, tracking_uri: str) -> ModelRef:
+    """Resolve ``model_uri`` (``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+    ``models:/<model id>``, ``runs:/<run id>/model``) to its artifacts and recorded hashes."""
+    client = MlflowClient(tracking_uri)
+    if model_uri.startswith("models:/"):
+        rest = model_uri.removeprefix("models:/").strip("/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)  # raises for an unknown alias
+            label = f"version {version.version} (alias '{alias}') of registered model '{name}'"
+        elif "/" in rest:
+            name, number = rest.rsplit("/", 1)
+            if not number.isdigit():
+                raise ValueError(f"model URI '{model_uri}': name a version number or an alias "
+                                 f"(models:/{name}/<version> or models:/{name}@<alias>), not a stage")
+            version = client.get_model_version(name, number)
+            label = f"version {version.version} of registered model '{name}'"
+        else:  # a logged model by id (models:/m-...)
+            logged = client.get_logged_model(rest)
+            return ModelRef(logged.artifact_location, f"logged model '{rest}'", (logged.tags or {}).get(HASH_TAG),
+                            f"the logged model's tag {HASH_TAG}")
+        # the version's storage location itself: a models:/ download would add a file of its own
+        # (registered_model_meta) to the copy
+        return ModelRef(client.get_model_version_download_uri(name, str(version.version)), label,
+                        (version.tags or {}).get(HASH_TAG), f"the version's tag {HASH_TAG}")
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+        if path.strip("/") != "model":
+            raise ModelIntegrityError(f"model URI '{model_uri}': only a fedmtl run's model (runs:/<run id>/model) "
+                                      "can be verified before loading")
+        run = client.get_run(run_id)
+        outputs = run.outputs.model_outputs if run.outputs is not None else []
+        logged = [m for m in (client.get_logged_model(o.model_id) for o in outputs or []) if m.name == "model"]
+        if len(logged) != 1:
+            raise ModelIntegrityError(f"model URI '{model_uri}': run '{run_id}' has {len(logged)} logged models "
+                                      "named 'model' (fedmtl logs one): name a registered version instead")
+        return ModelRef(logged[0].artifact_location, f"the model of run '{run_id}'", run.data.tags.get(HASH_TAG),
+                        f"the run's tag {HASH_TAG}")
+    raise ModelIntegrityError(f"model URI '{model_uri}': fedmtl loads only registered versions (models:/...) "
+                              "and training runs' models (runs:/<run id>/model), whose artifacts it can verify")
+
+
+def verify(ref: ModelRef, local: str | Path) -> None:
+    """Raise :class:`ModelIntegrityError` unless the files under ``local`` are exactly those
+    whose hashes ``ref`` recorded."""
+    retrain = "re-register it by training a new version (`fedmtl train` or `fedmtl run`)"
+    if not ref.hashes:
+        raise ModelIntegrityError(
+            f"{ref.label} has no recorded artifact hashes ({ref.how} is missing: it was registered before "
+            f"fedmtl recorded them, or not by fedmtl), so its code and weights cannot be checked and it is not "
+            f"loaded: {retrain}")
+    try:
+        expected = json.loads(ref.hashes)
+        ok = isinstance(expected, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in expected.items())
+    except ValueError:
+        ok = False
+    if not ok or not expected:
+        raise ModelIntegrityError(f"{ref.label}: {ref.how} is not a JSON object of SHA-256 hashes; it is not "
+                                  f"loaded: {retrain}")
+    actual = {path: sha for path, sha in artifact_hashes(local).items() if path not in MLFLOW_WRITES}
+    problems = []
+    for path in sorted(set(expected) | set(actual)):
+        if path not in actual:
+            problems.append(f"artifact '{path}' is missing")
+        elif path not in expected:
+            problems.append(f"artifact '{path}' was not part of the model when it was registered")
+        elif actual[path] != expected[path]:
+            problems.append(f"artifact '{path}' does not match its recorded SHA-256 "
+                            f"(recorded {expected[path][:12]}…, found {actual[path][:12]}…)")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelIntegrityError(
+            f"{ref.label} failed its integrity check: {'; '.join(problems[:3])}{more}. Its artifacts were changed "
+            f"after it was registered; it is not loaded: restore the artifacts or {retrain}")
+
+
+def verified_copy(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """Download the artifacts of ``model_uri`` into the local folder ``dst`` and check them
+    against their recorded hashes; returns the model's folder there, to load from (and only
+    from: a second download could hold other files). Raises :class:`ModelIntegrityError`."""
+    mlflow.set_tracking_uri(tracking_uri)
+    ref = resolve(model_uri, tracking_uri)
+    if not ref.hashes:  # refuse before downloading anything
+        verify(ref, dst)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri, dst_path=str(dst),
+                                                     tracking_uri=tracking_uri))
+    verify(ref, local)
+    return local
+
+
+def check_artifacts(model_uri: str, tracking_uri: str) -> None:
+    """Raise :class:`ModelIntegrityError` unless the artifacts of ``model_uri`` match their
+    recorded hashes (downloaded to a temporary folder and checked; nothing is loaded)."""
+    with tempfile.TemporaryDirectory(prefix="fedmtl-check-") as tmp:
+        verified_copy(model_uri, tracking_uri, tmp)
+
+
+def predictor_from(local_model: str | Path) -> PersonalizedPredictor:
+    """The predictor of a fedmtl pyfunc model in a local folder (one :func:`verified_copy` checked)."""
+    return mlflow.pyfunc.load_model(str(local_model)).unwrap_python_model().predictor
 
 
 #: The tag that marks a registered model as fedmtl's (set when fedmtl creates it).
@@ -159,9 +401,11 @@ def claim_challenger(client: MlflowClient, name: str, version: str) -> bool:
 
 
 def load_predictor(model_uri: str, tracking_uri: str) -> PersonalizedPredictor:
-    """The predictor inside a registered (or logged) fedmtl pyfunc model."""
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+    """The predictor inside a registered (or logged) fedmtl pyfunc model, loaded from a local
+    copy of its artifacts once they matched their recorded hashes (:func:`verified_copy`;
+    else :class:`ModelIntegrityError`, before any of its code runs)."""
+    with tempfile.TemporaryDirectory(prefix="fedmtl-model-") as tmp:
+        return predictor_from(verified_copy(model_uri, tracking_uri, tmp))
 
 
 CHAMPION = "champion"
@@ -172,7 +416,8 @@ def champion_bundle(
 ) -> tuple[str, PersonalizedBundle] | None:
     """(version, bundle) of the model version that ``alias`` of ``registered_model`` points at,
     or None when the registered model or the alias does not exist. A version that exists but
-    cannot be loaded raises ``RuntimeError`` naming it."""
+    cannot be loaded raises ``RuntimeError`` naming it; one whose artifacts fail their integrity
+    check, :class:`ModelIntegrityError` (nothing of it is loaded)."""
     client = MlflowClient(tracking_uri)
     try:
         model = client.get_registered_model(registered_model)
@@ -186,6 +431,8 @@ def champion_bundle(
     uri = f"models:/{registered_model}/{version}"
     try:
         bundle = load_predictor(uri, tracking_uri).bundle
+    except ModelIntegrityError:  # names the version already; a refusal, not a failure to load
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to load names the version
         raise RuntimeError(
             f"cannot load {alias} version {version} of '{registered_model}' ({uri}) from {tracking_uri}: "

@@ -87,10 +87,22 @@ def global_merge(
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(fed: Federation, state: ServerState, clients: list[str]) -> tuple[pd.DataFrame, dict[str, float]]:
+def evaluate(
+    fed: Federation, state: ServerState, clients: list[str], with_skipped: bool = False
+) -> tuple[pd.DataFrame, dict[str, float]] | tuple[pd.DataFrame, dict[str, float], dict[str, str]]:
     """Every client scores global, group and personalised models on its own held-out split:
     per-client records, or, when per-client metrics are off (privacy), no records and the
-    metrics pooled from the clients' summed statistics."""
+    metrics pooled from the clients' summed statistics. A client whose partition cannot be used
+    (missing, changed after validation, NaN or infinite rows: :class:`fedmtl.client.PartitionError`)
+    is left out and logged; the others are scored. Returns (records, pooled metrics), and with
+    ``with_skipped`` the skipped clients with their errors as a third item."""
+    skipped: dict[str, str] = {}
     if fed.privacy.client_metrics:
-        return pd.DataFrame(fed.evaluate_clients(clients, state)), {}
-    return pd.DataFrame(), fed.evaluate_pooled(clients, state)
+        records, pooled = pd.DataFrame(fed.evaluate_clients(clients, state, skipped)), {}
+    else:
+        records, pooled = pd.DataFrame(), fed.evaluate_pooled(clients, state, skipped)
+    if skipped:
+        logger = get_run_logger()
+        for client, error in skipped.items():
+            logger.warning("client '%s' not evaluated: %s", client, error)
+    return (records, pooled, skipped) if with_skipped else (records, pooled)

@@ -34,6 +34,8 @@ from fedmtl.data.manifest import (
     Manifest,
     TaskSpec,
     atomic_write_bytes,
+    check_entries,
+    partition_path,
     read_manifest,
 )
 from fedmtl.data.sources import (
@@ -391,6 +393,10 @@ def partition(cfg: DataConfig) -> Manifest:
             raise DataError(
                 f"client '{entry.client}': file name '{entry.file}' would leave '{out_dir}'"
             )
+    try:  # what read_manifest will refuse, refused before anything is written
+        check_entries(manifest.clients)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_partitions(out_dir)
     for entry, data in outputs:
@@ -409,7 +415,10 @@ def load_partition(partitions_dir: str | Path, client: str) -> pd.DataFrame:
         raise DataError(
             f"client '{client}' is not in the manifest at '{directory / MANIFEST}'"
         ) from None
-    path = directory / entry.file
+    try:
+        path = partition_path(directory, client, entry.file)  # a link must stay inside the folder
+    except PermissionError as exc:
+        raise DataError(str(exc)) from None
     if not path.exists():
         raise FileNotFoundError(
             f"client '{client}': partition file '{path}' is missing; "

@@ -52,7 +52,9 @@ PERMISSIVE = ("promotion.min_gain=-1", "promotion.max_client_regression=1", "pro
 def store(tmp_path_factory):
     """Partitions of the tests' 8-client set-up; no MLflow store yet (the trainings create it)."""
     root = tmp_path_factory.mktemp("concurrency")
-    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "training.rounds": ROUNDS})
+    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "training.rounds": ROUNDS,
+                                           # opt in: the test compares the two runs' personal heads
+                                           "tracking.bundle_personal_heads": True})
     cfg = load_config(None, overrides)
     prepare(cfg.data)
     partition(cfg.data)

@@ -73,7 +73,8 @@ def test_learned_groups_are_logged_per_round_with_their_ari(prefect_harness, dig
 @pytest.mark.parametrize("method", ["ditto", "lg-fedavg"])
 def test_served_model_with_personal_bases_matches_the_evaluation(prefect_harness, digits_root, method):
     cfg, result = _train(digits_root, **{"algorithm.method": method, "tracking.client_runs": False,
-                                          "tracking.registered_model": f"fedmtl-test-{method}"})
+                                          "tracking.registered_model": f"fedmtl-test-{method}",
+                                          "tracking.bundle_personal_heads": True})  # opt in: serve them
     final = _final_clients(cfg, result["mlflow_run_id"])
     predictor = PersonalizedPredictor(result["bundle"])
     manifest = read_manifest(cfg.data.partitions_dir)

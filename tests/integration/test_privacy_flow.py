@@ -48,8 +48,10 @@ def test_dp_run_logs_epsilon_every_round_and_tags_the_run_and_model(trained):
     assert run.data.tags["privacy"] == "dp-fedavg+secagg"
     eps = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "privacy/epsilon"),
                                    key=lambda m: m.step)]
-    assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
-    want = epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta)
+    assert len(eps) == 4 and eps[0] < eps[1] < eps[2] < eps[3]  # 3 rounds, then the evaluation's release
+    assert eps[2] == pytest.approx(epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta))
+    want = epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta,
+                         extra_releases=(cfg.privacy.evaluation_noise_multiplier,))
     assert float(run.data.tags["privacy_epsilon"]) == pytest.approx(want, rel=1e-4)
     assert eps[-1] == pytest.approx(want, rel=1e-4)
     version = client.get_model_version(cfg.tracking.registered_model, result["model_version"])
@@ -57,8 +59,38 @@ def test_dp_run_logs_epsilon_every_round_and_tags_the_run_and_model(trained):
     assert float(version.tags["privacy_epsilon"]) == pytest.approx(want, rel=1e-4)
     clips = client.get_metric_history(run.info.run_id, "privacy/clip")
     assert len({round(m.value, 9) for m in clips}) > 1  # adaptive clipping moved C
-    dropped = client.get_metric_history(run.info.run_id, "privacy/dropped_mid_protocol")
-    assert any(m.value > 0 for m in dropped)  # SecAgg+ recovered sums with clients gone silent
+    assert "privacy_epsilon_void" not in run.data.tags and "privacy_epsilon_void" not in version.tags
+
+
+def test_dp_releases_no_count_that_depends_on_who_was_sampled(trained):
+    """Who takes part in a round is secret under DP (the amplification by sampling counts on
+    it): no participant, failure, release or drop-out count is logged, nor which clients failed."""
+    cfg, result = trained
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    for name in ("clients/participating", "clients/failed", "clients/retried", "clients/refused",
+                 "privacy/released_clients", "privacy/held_back", "privacy/dropped_mid_protocol",
+                 "evaluation/clients", "train/loss/mean"):
+        assert name not in run.data.metrics, name
+    assert not [a for a in client.list_artifacts(run.info.run_id) if a.path == "rounds"]
+
+
+def test_the_runs_secret_key_stays_in_its_directory_with_mode_0600_and_is_never_logged(trained):
+    import os
+    import stat
+    from pathlib import Path
+
+    from fedmtl.randomness import KEY_FILE
+
+    cfg, result = trained
+    keys = list(Path(cfg.training.workdir).glob(f"runs/*/{KEY_FILE}"))
+    assert len(keys) == 1 and stat.S_IMODE(os.stat(keys[0]).st_mode) == 0o600
+    secret = keys[0].read_bytes()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    for form in (secret.hex(), str(int.from_bytes(secret, "big")), str(int.from_bytes(secret, "little"))):
+        assert not any(form in value for value in logged)
 
 
 def test_privacy_on_keeps_per_client_metrics_out_of_mlflow(trained):
@@ -78,12 +110,25 @@ def test_privacy_on_evaluates_from_the_securely_summed_statistics(trained):
     client = MlflowClient(cfg.tracking.tracking_uri)
     metrics = client.get_run(result["mlflow_run_id"]).data.metrics
     assert not any(k.endswith(("/mean", "/weighted_mean", "/worst10")) for k in metrics)
-    for variant in ("global", "group", "personal"):
+    for variant in ("global", "group", "personal"):  # under DP: the final model's, released once
         history = client.get_metric_history(result["mlflow_run_id"], f"{variant}/accuracy/pooled")
-        assert len(history) == 3 and all(0 <= m.value <= 1 for m in history)
-    assert metrics["evaluation/clients"] == 12
+        assert [m.step for m in history] == [3] and all(0 <= m.value <= 1 for m in history)
     assert result["personal_accuracy"] == metrics["personal/accuracy/pooled"]
     assert result["evaluation"] == "pooled through a secure sum" and "personal_accuracy_worst10" not in result
+
+
+def test_a_seeded_noise_run_is_tagged_epsilon_void_on_the_run_and_its_model_version(data):
+    from flows.training import federated_training
+
+    cfg = load_config(None, tiny_overrides(data, **{**PRIVATE, "privacy.insecure_seeded_noise": True,
+                                                                  "privacy.secure_aggregation": False,
+                                                                  "training.rounds": 1,
+                                                                  "tracking.experiment": "seeded"}))
+    result = federated_training(cfg.model_dump(mode="json"))
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(result["mlflow_run_id"]).data.tags["privacy_epsilon_void"] == "true"
+    version = client.get_model_version(cfg.tracking.registered_model, result["model_version"])
+    assert version.tags["privacy_epsilon_void"] == "true"
 
 
 def test_secure_aggregation_refuses_clustering_the_clients_own_updates(data):

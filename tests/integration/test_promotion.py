@@ -39,7 +39,9 @@ def registry(prefect_harness, tmp_path_factory):
     from flows.training import federated_training
 
     root = tmp_path_factory.mktemp("promotion")
-    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "tracking.client_runs": "false"})
+    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "tracking.client_runs": "false",
+                                        # opt in: promotion scores each client through its personal head
+                                        "tracking.bundle_personal_heads": "true"})
     cfg = load_config(None, overrides)
     prepare(cfg.data)
     partition(cfg.data)

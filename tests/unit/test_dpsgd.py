@@ -288,9 +288,9 @@ def tiny(tmp_path_factory):
     partition(cfg.data)
     manifest = read_manifest(cfg.data.partitions_dir)
 
-    def make(store: str, **extra) -> Federation:
+    def make(store: str, secret=None, **extra) -> Federation:
         c = load_config(None, tiny_overrides(root, **PRIVATE, **extra))
-        return Federation.from_config(c, manifest, ClientStore(root / store))
+        return Federation.from_config(c, manifest, ClientStore(root / store), secret)
 
     return make, manifest
 
@@ -319,13 +319,21 @@ def test_run_rounds_logs_growing_client_epsilon_equal_to_opacus(tiny):
     assert eps[-1] == pytest.approx(float(table.max()))
 
 
-def test_dp_sgd_training_is_seeded_and_noisy(tiny):
+def test_dp_sgd_noise_comes_from_the_secret_key_not_the_seed(tiny):
+    """The attack: rebuild a run's DP-SGD noise from its logged seed. Two runs with the same
+    training.seed but their own keys differ; only the same key (a resume) repeats the model."""
+    from fedmtl.randomness import SecretRandom
+
     make, manifest = tiny
-    a, _, _ = run_rounds(make("seed-a"), manifest.client_ids, 1)
-    b, _, _ = run_rounds(make("seed-b"), manifest.client_ids, 1)
-    c, _, _ = run_rounds(make("seed-c", **{"training.seed": 1}), manifest.client_ids, 1)
+    key = SecretRandom.fresh()
+    a, _, _ = run_rounds(make("seed-a", key), manifest.client_ids, 1)
+    b, _, _ = run_rounds(make("seed-b", SecretRandom(key.key)), manifest.client_ids, 1)
+    c, _, _ = run_rounds(make("seed-c"), manifest.client_ids, 1)  # same seed, a fresh key
     assert torch.equal(a.base, b.base)
     assert not torch.allclose(a.base, c.base)
+    seeded = [run_rounds(make(f"seeded-{i}", **{"privacy.insecure_seeded_noise": True}), manifest.client_ids, 1)[0]
+              for i in range(2)]  # the test-only setting: replayable from the seed, ε void
+    assert torch.equal(seeded[0].base, seeded[1].base)
 
 
 def test_resume_reads_the_ledger_of_the_checkpointed_round(tiny):
@@ -333,11 +341,14 @@ def test_resume_reads_the_ledger_of_the_checkpointed_round(tiny):
     a ledger written by a round after the checkpoint is not read."""
     make, manifest = tiny
     clients = manifest.client_ids
-    straight, _, _ = run_rounds(make("straight"), clients, 3, evaluate_every=3)
-    first = make("resumed")
+    from fedmtl.randomness import SecretRandom
+
+    key = SecretRandom.fresh()  # what the run's directory keeps for a resume
+    straight, _, _ = run_rounds(make("straight", key), clients, 3, evaluate_every=3)
+    first = make("resumed", key)
     two, _, _ = run_rounds(first, clients, 2, evaluate_every=2)
     first.train_clients(clients, two)  # an interrupted third round that wrote its ledgers
-    resumed, _, _ = run_rounds(make("resumed"), clients, 1, state=two)  # resumed from round 2
+    resumed, _, _ = run_rounds(make("resumed", key), clients, 1, state=two)  # resumed from round 2
     assert torch.equal(straight.optimizer[EPSILON_KEY], resumed.optimizer[EPSILON_KEY])
     assert torch.equal(straight.base, resumed.base)
 

@@ -119,7 +119,12 @@ def test_dp_release_plan_uses_public_expected_sizes_not_who_was_sampled():
 
 
 def test_poisson_sampling_draws_each_client_independently_at_the_rate():
+    from fedmtl.randomness import SecretRandom
+
     clients = [f"c{i:03d}" for i in range(1000)]
-    sizes = [len(poisson_sample(clients, 0.1, 0, r)) for r in range(20)]
+    secret = SecretRandom.fresh()
+    sizes = [len(poisson_sample(clients, 0.1, secret.stream("round", r, "participation"))) for r in range(20)]
     assert 80 < np.mean(sizes) < 120 and len(set(sizes)) > 3
-    assert poisson_sample(clients, 0.1, 0, 5) == poisson_sample(clients, 0.1, 0, 5)
+    again = SecretRandom(secret.key)  # the same key (a resume) draws the same sample
+    assert (poisson_sample(clients, 0.1, secret.stream("round", 5, "participation"))
+            == poisson_sample(clients, 0.1, again.stream("round", 5, "participation")))

@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, precision_recall_fscore_support
 
 from fedmtl.data.manifest import TaskSpec
+from fedmtl.randomness import SecretRandom
 from fedmtl.private_evaluation import StatLayout, client_statistics, pooled_metrics, secure_total
 
 TASKS = [TaskSpec("label", "classification", [0, 1, 2, 3]), TaskSpec("y", "regression", [])]
@@ -50,6 +51,7 @@ def test_noise_on_the_counts_changes_the_figures_only_a_little():
     layout = StatLayout.build(["global"], TASKS[:1])
     stats = {c: client_statistics(layout, {("global", "label"): d[1]}, {"label": d[0]}) for c, d in clients(40).items()}
     exact = pooled_metrics(layout, secure_total(stats, False, bound=100.0))
-    noisy = pooled_metrics(layout, secure_total(stats, False, bound=100.0, noise_std=2.0))
+    noisy = pooled_metrics(layout, secure_total(stats, False, bound=100.0, noise_std=2.0,
+                                                 generator=SecretRandom.fresh().stream("evaluation")))
     assert noisy["global/accuracy/pooled"] != exact["global/accuracy/pooled"]
     assert noisy["global/accuracy/pooled"] == pytest.approx(exact["global/accuracy/pooled"], abs=0.05)
