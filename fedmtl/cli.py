@@ -187,6 +187,9 @@ class RoundsBar:
     def round_done(self, round_: int, headline: str) -> None:
         self.bar.update(self.rounds, advance=1, note=headline)
 
+    def note(self, message: str) -> None:
+        self.bar.console.print(message)
+
 
 def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: bool = False) -> dict:
     _check_tracking(cfg.tracking.tracking_uri)
@@ -212,10 +215,17 @@ def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: boo
                 flow_fn = with_runner(federated_training, cfg)
             except RunnerError as exc:
                 _fail(exc, 2)
+    from flows.interrupt import EXIT_INTERRUPTED, Interrupted, stopping_safely
+
+    resume_hint = "resume with: fedmtl train --resume"
     try:
-        with api.settings(), RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner):
+        with api.settings(), RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner), \
+                stopping_safely(bar.note, last_words=f"Checkpoints on disk are complete; {resume_hint}"):
             extra = {"resume": True} if resume else {}
             return run_and_settle(flow_fn, cfg.model_dump(mode="json"), **extra)
+    except Interrupted as exc:  # stopped at a safe point; the MLflow run is KILLED
+        console.print(f"interrupted at round {exc.round}; {resume_hint} (with the same settings)", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - the flow's failure, reported without a traceback
@@ -807,11 +817,35 @@ def schedule(
         console.print(f"  runs:       {PREFECT_UI_URL.value()}/deployments")
     console.print("Ctrl-C stops serving (and pauses the schedule until the next `fedmtl schedule`).")
     sys.stdout.flush()
+    import logging
+
+    flows_logger = logging.getLogger("prefect.flows")
+    shown, level = flows_logger.getEffectiveLevel(), flows_logger.level
+
+    class HowStopped(logging.Filter):
+        """Prefect's serve catches Ctrl-C and SIGTERM alike and only logs (at INFO) which it was;
+        the logger is opened to INFO to see it, and shows what it showed before."""
+
+        interrupted = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage().startswith("Received KeyboardInterrupt"):
+                HowStopped.interrupted = True
+            return record.levelno >= shown
+
+    watch = HowStopped()
+    flows_logger.addFilter(watch)
+    flows_logger.setLevel(min(shown, logging.INFO))
     try:
         serve_deployment(deployment)
     except KeyboardInterrupt:
-        pass
+        HowStopped.interrupted = True
+    finally:
+        flows_logger.removeFilter(watch)
+        flows_logger.setLevel(level)
     console.print(f"stopped serving {full}; its schedule is paused")
+    if HowStopped.interrupted:  # Ctrl-C: 130, as an interrupted command; SIGTERM (a service stop): 0
+        raise typer.Exit(130)
 
 
 def _check_schedule(cron: str | None, interval: float | None, timezone: str | None) -> None:

@@ -20,6 +20,8 @@ class Progress(Protocol):
 
     def round_done(self, round_: int, headline: str) -> None: ...
 
+    def note(self, message: str) -> None: ...
+
 
 class Silent:
     def start(self, rounds: int) -> None:
@@ -32,6 +34,9 @@ class Silent:
         pass
 
     def round_done(self, round_: int, headline: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
         pass
 
 

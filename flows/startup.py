@@ -80,6 +80,9 @@ class ApiStart:
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, **SERVER_ENV},
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                # a session of its own: a terminal's Ctrl-C goes to the foreground process
+                # group, and must stop the run at a safe point, not kill its API under it
+                start_new_session=True,
             )
         except Exception:  # noqa: BLE001 - the flow run starts Prefect's own ephemeral API
             self.process = None

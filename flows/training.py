@@ -33,7 +33,7 @@ from fedmtl.state import ServerState
 from fedmtl.store import ClientStore
 from fedmtl.validation import bind_partitions, read_report, usable_clients
 from fedmtl.warmstart import seed_store, state_from_bundle
-from flows import progress
+from flows import interrupt, progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import CHAMPION, champion_bundle, check_registered_model, log_personalized_model
 from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard, retry_client
@@ -57,6 +57,7 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
     Prefect flow run resumes by itself."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
+    interrupt.reinstall()  # fedmtl train: SIGTERM stops at the next safe point, as SIGINT does
     manifest = read_manifest(cfg.data.partitions_dir)
     # bound to what was validated: the manifest must be the one validated, a client whose file
     # changed since is quarantined (named), and every read of a partition checks its SHA-256
@@ -98,6 +99,8 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
         tracker.set_tags({"resumed_from_round": str(checkpoint.round if checkpoint else 0)})
         logger.info("resuming run %s (MLflow run %s) after round %d", record.key, record.mlflow_run_id,
                     checkpoint.round if checkpoint else 0)
+        progress.current().note(f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round "
+                                f"{checkpoint.round if checkpoint else 0} of {cfg.training.rounds}")
     else:
         record.mlflow_run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{record.key}",
                                              settings, tags)
@@ -123,6 +126,7 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
             budget.step(state.round)  # a warm start's champion rounds and the rounds before a resume count
         progress.current().start(cfg.training.rounds)
         for _ in range(cfg.training.rounds - (state.round - start_round)):
+            interrupt.check(state.round)  # a safe point: the last round's checkpoint is being written whole
             if budget_exhausted(budget, cfg, state):
                 break
             try:
@@ -143,6 +147,7 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
                              background=True)
             logger.info("round %d: %s", state.round, _headline(summary))
             progress.current().round_done(state.round, _headline(summary))
+        interrupt.check(state.round)  # before the final evaluation and registration (a resume does them)
         if budget is not None:  # DP: the final model's evaluation, released once, noised and accounted
             history, records = release_final_evaluation(fed, state, clients, history, budget, tracker, checkpoints)
         elif records is None:  # resumed after the last round: score the final state again
@@ -157,10 +162,14 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
         if per_client is not None:  # per-client metrics of every round, as one table (above max_client_runs)
             tracker.log_table(per_client, "clients/rounds.csv")
         result = finish(fed, state, clients, records, history, record_table(rounds, "assignment"), cfg, tracker, tags)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
             checkpoints.close()
-        tracker.end("FAILED")
+        if isinstance(exc, interrupt.Interrupted):  # stopped on request, at a safe point
+            logger.warning("%s; resume with: fedmtl train --resume", exc)
+            tracker.end("KILLED")
+        else:
+            tracker.end("FAILED")
         raise
     checkpoints.close()
     tracker.end("FINISHED")

@@ -4,6 +4,7 @@ cuts stragglers off, every failure named, and a round that fails clearly below m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -76,3 +77,64 @@ def test_client_retries_counts_the_retries_after_the_first_attempt(data):
     message = str(failure.value)
     assert message.count("(attempt 3;") == 8 and "(attempt 4;" not in message
     assert message.count("tried 2 more times") == 8
+
+
+class RemoveAfterRound:
+    """A progress listener that deletes one client's partition file when a round ends: the file
+    really goes missing in the middle of a run, as a flaky site's would."""
+
+    def __init__(self, path, after: int) -> None:
+        self.path, self.after = path, after
+
+    def start(self, rounds: int) -> None:
+        pass
+
+    def round_started(self, round_: int, clients: int) -> None:
+        pass
+
+    def client_done(self, n: int = 1) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def round_done(self, round_: int, headline: str) -> None:
+        if round_ == self.after:
+            self.path.unlink()
+
+
+def test_a_partition_missing_mid_run_sits_out_named_and_the_run_goes_on(prefect_harness, tmp_path):
+    """A partition file removed after round 1 (a flaky site, a deleted file): the client is
+    named in each later round's report, never retried, left out of the evaluation, and the run
+    finishes with the others (main failed the whole run after two retries)."""
+    import shutil
+
+    from flows import progress
+    from flows.training import federated_training
+
+    root = tmp_path
+    cfg = load_config(None, tiny_overrides(root, **{"training.rounds": 3, "tracking.register_model": False}))
+    prepare(cfg.data)
+    partition(cfg.data)
+    manifest = read_manifest(cfg.data.partitions_dir)
+    validate_partitions(cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir)
+    gone = manifest.clients[5]
+    path = Path(cfg.data.partitions_dir) / gone.file
+    keep = root / "kept.parquet"
+    shutil.copy(path, keep)
+    with progress.reporting(RemoveAfterRound(path, after=1)):
+        result = federated_training(cfg.model_dump(mode="json"))
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    failed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "clients/failed")}
+    retried = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "clients/retried")}
+    assert failed == {1: 0.0, 2: 1.0, 3: 1.0} and retried == {1: 0.0, 2: 0.0, 3: 0.0}
+    for round_ in (2, 3):
+        report = json.loads(open(client.download_artifacts(run.info.run_id,
+                                                           f"rounds/round-{round_:04d}-failed.json")).read())
+        assert list(report) == [gone.client]
+        assert report[gone.client].startswith("PartitionUnavailable: ") and "is missing" in report[gone.client]
+        assert "not evaluated" in report[gone.client] and f"client '{gone.client}'" in report[gone.client]
+    assert result["clients"] == len(manifest.clients)  # trained on, named
+    assert keep.read_bytes() != b""  # (raw data untouched; the copy is only for the reader)
