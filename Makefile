@@ -9,7 +9,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test venv clean ui
 
+# `fedmtl check` first: a bad params.yaml fails here (exit 2), before DVC looks at any stage.
 run: $(STAMP)
+	@fedmtl check >/dev/null
 	@if dvc status --quiet >/dev/null 2>&1 && [ -f metrics.json ]; then \
 	  echo "pipeline up to date (dvc status): the last run's result"; fedmtl report; \
 	else dvc repro --quiet; fi

@@ -156,6 +156,17 @@ def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, 
         console.print(f"  [yellow]quarantined[/] {client}: {reasons[0]}")
 
 
+@app.command("check")
+def check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Load and check the settings as every command does, touching nothing (`make run` runs it
+    before `dvc repro`): a bad setting fails here (exit 2) with the message the stages give."""
+    cfg = _config(params, set_)
+    where = f"'{params}'" if params.exists() else f"no '{params}': the defaults"
+    console.print(f"settings ok ({where}; data.source={cfg.data.source}, "
+                  f"training.rounds={cfg.training.rounds}, algorithm.method={cfg.algorithm.method})",
+                  highlight=False)
+
+
 class RoundsBar:
     """A rich progress bar over rounds and, within a round, the clients that finished."""
 
@@ -464,7 +475,28 @@ def _tracking_uri(uri: str) -> str:
     return uri
 
 
+def _print_judged(outcome: dict) -> None:
+    """Which versions the decision is about (number, MLflow run, method), and, when another
+    version looks like the better candidate, the command that judges it instead."""
+    judged = outcome.get("judged")
+    if not judged:
+        return
+    def named(who: dict) -> str:
+        return f"version {who['version']} (MLflow run {who['run_id'] or 'none'}, method {who['method']})"
+    ref = str(judged.get("challenger_ref") or "").lstrip("@")
+    how = f" (alias {ref})" if ref and not ref.isdigit() else ""
+    console.print(f"judging {named(judged['challenger'])}{how}")
+    console.print(f"champion: {named(judged['champion'])}" if judged.get("champion")
+                  else "champion: none yet")
+    for note in judged.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if judged.get("suggest"):
+        console.print(f"[yellow]to judge version {judged['suggest']} instead:[/] "
+                      f"fedmtl promote --challenger {judged['suggest']}", highlight=False)
+
+
 def _print_decision(outcome: dict) -> None:
+    _print_judged(outcome)
     table = Table(title=f"{outcome['model']}: challenger version {outcome['challenger_version']} vs "
                         f"champion {outcome['champion_version'] or '(none yet)'} — "
                         f"{outcome['task']}/{outcome['metric']}", title_justify="left")
@@ -484,6 +516,9 @@ def _print_decision(outcome: dict) -> None:
     else:
         console.print(f"[bold red]rejected[/]: version {version} stays a challenger; the champion is "
                       f"{'version ' + old if old else 'still unset'}. Reasons are on the version's tags")
+        suggest = (outcome.get("judged") or {}).get("suggest")
+        if suggest:
+            console.print(f"another candidate: fedmtl promote --challenger {suggest}", highlight=False)
     if outcome.get("record_run"):
         console.print(f"decision recorded by {outcome['by']}: MLflow run {outcome['record_run']}")
 

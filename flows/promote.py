@@ -57,6 +57,11 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
     old = registry.by_alias(CHAMPION)
     if old is not None and old.version == new.version:
         raise RegistryError(f"version {new.version} of '{registry.name}' is already the champion")
+    # what is judged, said before the gates: which version, run and method, and whether another
+    # version looks like the better candidate (the alias challenger follows the newest version)
+    about = registry.context(new, old, cfg.promotion.metric, cfg.promotion.task)
+    for note in about["notes"]:
+        logger.warning("%s", note)
     manifest = read_manifest(cfg.data.partitions_dir)
     clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
     who = actor_name(actor)
@@ -98,6 +103,8 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
                 "; ".join(decision.reasons))
     out = result(decision, registry, new.version, old.version if old else None, who, record, dry_run)
     out["champion_changed"] = changed
+    out["judged"] = {**about, "champion": registry.describe(old) if old is not None else None,
+                     "challenger_ref": challenger}
     return out
 
 

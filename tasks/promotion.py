@@ -20,7 +20,7 @@ under the model's registry lock (:mod:`tasks.locking`), after checking that the 
 still the one the decision was made against (a compare-and-set): if another promotion or a
 rollback moved it meanwhile, :class:`ChampionChanged` is raised and the flow judges the
 challenger again against the new champion; the decision it records then says which champion
-changed under it (``promotion.champion_changed``). For a ``sqlite:///`` store the lock is a file
+changed under it (``promotion.champion_moved_meanwhile``). For a ``sqlite:///`` store the lock is a file
 beside the database, shared by every process that writes it, so check and write are atomic. For
 a remote store the lock only covers this machine's processes: the champion is read again just
 before the alias moves, which leaves writers on other machines a window of a few requests.
@@ -28,6 +28,7 @@ before the alias moves, which leaves writers on other machines a window of a few
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -48,6 +49,14 @@ from tasks.registry import CHALLENGER, CHAMPION, check_registered_model, load_pr
 from tasks.tracking import ensure_experiment, open_store, resolve_tracking_uri
 
 PREVIOUS_CHAMPION = "previous_champion"
+#: On a judged version: "no", or how another promotion or a rollback moved the champion while it
+#: was being judged (``promotion.champion_changed`` before, which read as "this promotion did
+#: not change the champion" on a promoted version; removed when a version is judged again).
+CHAMPION_MOVED_TAG = "promotion.champion_moved_meanwhile"
+LEGACY_CHAMPION_MOVED_TAG = "promotion.champion_changed"
+#: Tags of a demotion or rollback that stop being true when the version is promoted again.
+STALE_ON_PROMOTION = frozenset({PREVIOUS_CHAMPION, "replaced_by", "demoted_at", "restored_at", "rolled_back_by",
+                                "rolled_back_at", "rolled_back_reason", "rolled_back_record_run"})
 LOCK_TIMEOUT = 300.0  # seconds to wait for another promotion's or rollback's writes (a second or two)
 
 
@@ -153,6 +162,94 @@ class Registry:
         return RunFacts(clients=clients, quarantined=len(quarantined), privacy=tags.get("privacy", "none"),
                         epsilon=number("privacy_epsilon"), dp_sgd_epsilon=number("privacy_dp_sgd_epsilon_max"))
 
+    # -- what is judged -----------------------------------------------------------------------
+    def describe(self, version: ModelVersion | None) -> dict[str, Any] | None:
+        """How a version is named to whoever promotes it: its number, its training run and the
+        run's method (the param ``algorithm.method``; the run's tag ``method`` otherwise)."""
+        if version is None:
+            return None
+        run = self._run(version.run_id)
+        method = (run.data.params.get("algorithm.method") or run.data.tags.get("method")) if run else None
+        return {"version": str(version.version), "run_id": version.run_id or None, "method": method or "unknown"}
+
+    def _run(self, run_id: str | None):
+        if not run_id:
+            return None
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:  # the run was deleted: the version still names it
+            return None
+
+    def recorded_metric(self, version: ModelVersion, metric: str, task: str | None) -> tuple[str, float] | None:
+        """(metric key, value): the gate metric as the version's training run recorded it for
+        the heads that answer its known clients (the personal heads when the run bundled them,
+        else the group heads, else the global ones), last round, mean over clients (pooled when
+        only pooled figures exist); None when the run recorded none. A hint for choosing what to
+        judge, not the gate: the gates score the current held-out data (``models/scoring.py``)."""
+        run = self._run(version.run_id)
+        if run is None:
+            return None
+        metrics = run.data.metrics
+        bundled = run.data.params.get("tracking.bundle_personal_heads", "").lower() == "true"
+        variants = ("personal", "group", "global") if bundled else ("group", "global")
+        prefixes = ([f"{task}/"] if task else []) + [""]  # the first task's keys carry no prefix
+        for variant in variants:
+            for prefix in prefixes:
+                for stat in ("mean", "pooled"):
+                    key = f"{prefix}{variant}/{metric}/{stat}"
+                    if key in metrics:
+                        return key, float(metrics[key])
+        return None
+
+    def context(self, challenger: ModelVersion, champion: ModelVersion | None, metric: str,
+                task: str | None) -> dict[str, Any]:
+        """What ``fedmtl promote`` says before its gates: the two versions (number, run, method)
+        and, when the challenger is not the obvious choice, why and which version to judge
+        instead (``suggest``): another version that is not the champion, registered after it
+        (any, when there is none), neither rolled back nor already rejected against this
+        champion, whose run recorded a better ``metric``; or, when the challenger was trained
+        with another method than the champion, the best such version with the champion's method."""
+        from fedmtl.evaluation import HIGHER_IS_BETTER
+
+        higher = HIGHER_IS_BETTER.get(metric, True)
+        new, old = self.describe(challenger), self.describe(champion)
+        notes: list[str] = []
+        suggest: str | None = None
+        own = self.recorded_metric(challenger, metric, task)
+        if own is not None:
+            new.update(metric_key=own[0], metric_value=own[1])
+        after = int(champion.version) if champion is not None else 0
+        others = []
+        for mv in self.client.search_model_versions(f"name = '{self.name}'", max_results=1000):
+            tags = mv.tags or {}
+            if (int(mv.version) <= after or str(mv.version) == str(challenger.version)
+                    or tags.get("promotion.decision") == "rolled_back"
+                    or (champion is not None and tags.get("promotion.decision") == "rejected"
+                        and tags.get("promotion.compared_with") == str(champion.version))):
+                continue
+            found = self.recorded_metric(mv, metric, task)
+            if found is not None:
+                others.append({**self.describe(mv), "metric_key": found[0], "metric_value": found[1]})
+        sign = 1.0 if higher else -1.0
+        others.sort(key=lambda o: (-sign * o["metric_value"], -int(o["version"])))
+        better = [o for o in others if own is not None and sign * (o["metric_value"] - own[1]) > 0]
+        if better:
+            b = better[0]
+            notes.append(f"version {b['version']} (method {b['method']}, run {b['run_id']}) recorded "
+                         f"{b['metric_key']} {b['metric_value']:.4f} on its training run, better than version "
+                         f"{new['version']}'s {own[1]:.4f}" + (f" (and {len(better) - 1} more version(s) did)"
+                                                              if len(better) > 1 else ""))
+            suggest = b["version"]
+        if old is not None and new["method"] != old["method"]:
+            same = [o for o in others if o["method"] == old["method"]]
+            notes.append(f"version {new['version']} was trained with method {new['method']}, the champion "
+                         f"(version {old['version']}) with {old['method']}"
+                         + (f"; version {same[0]['version']} is the best registered since with {old['method']}"
+                            if same else ""))
+            if suggest is None and same:
+                suggest = same[0]["version"]
+        return {"challenger": new, "champion": old, "notes": notes, "suggest": suggest}
+
     # -- decisions ----------------------------------------------------------------------------
     def record(self, experiment: str, action: str, version: ModelVersion, compared: ModelVersion | None,
                actor: str, summary: dict[str, Any], tables: dict[str, Any] | None = None,
@@ -233,9 +330,23 @@ class Registry:
             tags["promotion.champion_mean"] = f"{decision.champion_mean:.6f}"
         if decision.promote:
             tags["promotion.replaced_version"] = str(champion.version) if champion else "none"
-        tags["promotion.champion_changed"] = " | ".join(changed)[:5000] if changed else "no"
+        # whether another promotion or a rollback moved the champion while this decision was being
+        # made (then what moved it). Not whether this decision changed the champion: that is
+        # promotion.decision (a promotion always does).
+        tags[CHAMPION_MOVED_TAG] = " | ".join(changed)[:5000] if changed else "no"
+        version = str(challenger.version)
         for key, value in tags.items():
-            client.set_model_version_tag(self.name, str(challenger.version), key, value)
+            client.set_model_version_tag(self.name, version, key, value)
+        # what earlier decisions left that this one makes untrue: a promoted version is neither a
+        # previous champion nor rolled back; without a champion, nothing was compared with
+        stale = [k for k in (client.get_model_version(self.name, version).tags or {})
+                 if (k == "promotion.champion_mean" and decision.champion_mean is None)
+                 or (k == "promotion.replaced_version" and not decision.promote)
+                 or k == LEGACY_CHAMPION_MOVED_TAG
+                 or (decision.promote and k in STALE_ON_PROMOTION)]
+        for key in stale:
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version_tag(self.name, version, key)
         self.close(run_id)
 
     def rollback(self, actor: str, experiment: str, reason: str = "",
@@ -292,5 +403,5 @@ def _decision_word(action: str, summary: dict[str, Any]) -> str:
     return "promoted" if summary.get("promote") else "rejected"
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "ChampionChanged", "Registry", "RegistryError",
+__all__ = ["CHALLENGER", "CHAMPION", "CHAMPION_MOVED_TAG", "PREVIOUS_CHAMPION", "ChampionChanged", "Registry", "RegistryError",
            "actor_name"]

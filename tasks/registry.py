@@ -65,8 +65,16 @@ def with_optional_labels(signature: ModelSignature, bundle: PersonalizedBundle) 
     """Add each task's label column to the input schema as an optional column of any type:
     the labelled rows of a client the model does not know are its cold-start support set.
     (Any type: a label column that mixes labelled and unlabelled rows arrives as floats with
-    NaN, or as text; the model checks labels against the declared classes itself.)"""
-    inputs = list(signature.inputs.inputs)
+    NaN, or as text; the model checks labels against the declared classes itself.)
+
+    The feature columns are declared optional too (their types still apply when present):
+    MLflow's schema enforcement would answer a request that lacks one with a dump of the whole
+    request and schema before its reason; the model itself refuses it with one sentence naming
+    the missing column(s) (``PersonalizedPredictor.predict``, answered HTTP 400 by
+    ``models/serving.py``)."""
+    features = set(bundle.features)
+    inputs = [ColSpec(c.type, c.name, required=False) if c.name in features and c.required else c
+              for c in signature.inputs.inputs]
     names = {c.name for c in inputs}
     inputs += [ColSpec(AnyType(), t["name"], required=False) for t in bundle.tasks if t["name"] not in names]
     return ModelSignature(Schema(inputs), signature.outputs, signature.params)
@@ -330,9 +338,17 @@ def check_artifacts(model_uri: str, tracking_uri: str) -> None:
         verified_copy(model_uri, tracking_uri, tmp)
 
 
+#: MLflow loads a "models from code" model by running its code, which hands the model over
+#: through one module-level global (``set_model``): two loads at once (promotion scores the
+#: challenger and the champion in parallel) can both get the same model object, whose
+#: ``load_context`` then holds whichever bundle loaded last — both versions would answer alike.
+_pyfunc_load_lock = threading.Lock()
+
+
 def predictor_from(local_model: str | Path) -> PersonalizedPredictor:
     """The predictor of a fedmtl pyfunc model in a local folder (one :func:`verified_copy` checked)."""
-    return mlflow.pyfunc.load_model(str(local_model)).unwrap_python_model().predictor
+    with _pyfunc_load_lock:
+        return mlflow.pyfunc.load_model(str(local_model)).unwrap_python_model().predictor
 
 
 #: The tag that marks a registered model as fedmtl's (set when fedmtl creates it).

@@ -178,11 +178,11 @@ def test_two_promotions_at_once_leave_one_champion_and_record_both(store, traini
     first = next(v for v, t in tags.items() if t["promotion.compared_with"] == "none")
     second = "2" if first == "1" else "1"
     assert done[f"promote-v{first}"][0] == 0, done[f"promote-v{first}"][1]
-    assert tags[first]["promotion.decision"] == "promoted" and tags[first]["promotion.champion_changed"] == "no"
+    assert tags[first]["promotion.decision"] == "promoted" and tags[first]["promotion.champion_moved_meanwhile"] == "no"
     # the second was judged again, against the champion the first had just installed, and says so
     code, output = done[f"promote-v{second}"]
     assert tags[second]["promotion.compared_with"] == first, output
-    assert f"changed from none to version {first}" in tags[second]["promotion.champion_changed"]
+    assert f"changed from none to version {first}" in tags[second]["promotion.champion_moved_meanwhile"]
     assert f"changed from none to version {first}" in output
     assert "champion_scores.csv" in {a.path for a in client.list_artifacts(tags[second]["promotion.record_run"])}
     # the gate "worst clients do not drop" cannot be loosened: the weaker of the two, if second, is rejected

@@ -32,6 +32,26 @@ def partitions_hash(repo: Path) -> str:
     return lock["stages"]["partition"]["outs"][0]["md5"]
 
 
+def fails(cwd: Path, *args: str) -> tuple[int, str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, f"{' '.join(args)} succeeded:\n{done.stdout}\n{done.stderr}"
+    return done.returncode, done.stdout + done.stderr
+
+
+def outputs(repo: Path) -> dict[str, bytes]:
+    """Every output of the pipeline and dvc.lock, as bytes."""
+    files = [p for p in sorted((repo / "data").rglob("*")) if p.is_file() and "data_docs" not in p.parts]
+    files += [p for p in (repo / "metrics.json", repo / "dvc.lock") if p.exists()]
+    return {str(p.relative_to(repo)): p.read_bytes() for p in files}
+
+
+def stale_stages(repo: Path) -> list[str]:
+    """The stages `dvc status` lists (it prints each as an unindented ``name:`` line)."""
+    status = sh(repo, "dvc", "status")
+    return [ln[:-1] for ln in status.splitlines() if ln.endswith(":") and not ln[:1].isspace()]
+
+
 def test_repro_versions_data_and_mlflow_records_it(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()
@@ -64,6 +84,44 @@ def test_repro_versions_data_and_mlflow_records_it(tmp_path):
 
     # nothing changed: nothing re-runs
     assert "Running stage" not in sh(repo, "dvc", "repro")
+
+    # a bad setting in params.yaml, through `dvc repro` and through `make run` (whose first step
+    # is `fedmtl check`): refused with the setting named, every output and dvc.lock kept as they
+    # were (the outputs are `persist: true`: DVC does not delete them before the command runs)
+    recipe = (REPO / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "fedmtl check" in recipe and recipe.index("fedmtl check") < recipe.index("dvc repro")
+    good = (repo / "params.yaml").read_text()
+    before = outputs(repo)
+    assert "data/validation/report.json" in before and any(p.endswith(".parquet") for p in before)
+    for section, key, value, named in (("training", None, None, "training.rouns"),
+                                       ("data", "partition", "twelve", "data.partition.n_clients")):
+        bad = yaml.safe_load(good)
+        if key is None:
+            bad[section]["rouns"] = bad[section].pop("rounds")
+        else:
+            bad[section][key]["n_clients"] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+        code, said = fails(repo, "fedmtl", "check")
+        assert code == 2 and named in said, said
+        _, said = fails(repo, "dvc", "repro")
+        assert named in said, said
+        assert outputs(repo) == before, f"a bad {named} changed or removed outputs"
+    (repo / "params.yaml").write_text(good)
+    assert stale_stages(repo) == []
+
+    # `fedmtl run` (the whole pipeline in one flow) validates the same partitions again: the
+    # report DVC tracks is the same bytes (the Data Docs beside it are not tracked), so only the
+    # train stage, whose metrics.json the run rewrote, is out of date; once `dvc repro` has
+    # trained, a second `dvc repro` runs nothing
+    sh(repo, "fedmtl", "run")
+    assert stale_stages(repo) == ["train"]
+    ran = sh(repo, "dvc", "repro")
+    assert "Running stage 'train'" in ran and "Running stage 'validate'" not in ran, ran
+    trained = json.loads((repo / "metrics.json").read_text())["mlflow_run_id"]
+    assert "Running stage" not in sh(repo, "dvc", "repro")
+    assert stale_stages(repo) == []
+    assert json.loads((repo / "metrics.json").read_text())["mlflow_run_id"] == trained
+    metrics = json.loads((repo / "metrics.json").read_text())
 
     # change a data parameter: new partitions, new hash, and the new MLflow run records it
     params["data"]["seed"] = 1

@@ -69,6 +69,10 @@ def tags(r, version: str) -> dict[str, str]:
     return r.client.get_model_version(MODEL, version).tags
 
 
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
 def test_promote_reject_promote_and_rollback(registry):
     r = registry
     v1, v2 = r.weak["model_version"], r.strong["model_version"]
@@ -82,6 +86,12 @@ def test_promote_reject_promote_and_rollback(registry):
     t = tags(r, v1)
     assert t["promotion.decision"] == "promoted" and t["promotion.by"] == "alice"
     assert t["promotion.replaced_version"] == "none" and t["promotion.compared_with"] == "none"
+    # nothing moved the champion while it was judged; the old, ambiguous tag name is gone
+    assert t["promotion.champion_moved_meanwhile"] == "no" and "promotion.champion_changed" not in t
+    assert "promotion.champion_mean" not in t
+    out = flat(res.output)
+    assert f"judging version {v1} (MLflow run {r.weak['mlflow_run_id']}, method fedmtl)" in out
+    assert "champion: none yet" in out and out.index("judging version") < out.index("gate")
     record = r.client.get_run(t["promotion.record_run"])
     assert record.info.status == "FINISHED" and record.data.tags["decision"] == "promoted"
     assert r.client.get_experiment(record.info.experiment_id).name == "fedmtl-promotions"
@@ -104,12 +114,19 @@ def test_promote_reject_promote_and_rollback(registry):
     t = tags(r, v2)
     assert t["promotion.decision"] == "rejected" and "promotion.min_gain 0.9" in t["promotion.reasons"]
     assert t["promotion.compared_with"] == v1 and float(t["promotion.challenger_mean"]) > 0
+    # each version answered with its own weights (both are loaded at once: never the same model twice)
+    assert float(t["promotion.challenger_mean"]) == pytest.approx(r.strong["personal_f1"], abs=1e-5)
+    assert float(t["promotion.champion_mean"]) == pytest.approx(r.weak["personal_f1"], abs=1e-5)
 
     # permissive gates: the challenger (alias) replaces the champion, which keeps a tag
     res = cli(r, "promote", extra=("promotion.min_gain=-1", "promotion.max_client_regression=1",
                                   "promotion.worst_fraction=1"))
     assert res.exit_code == 0, res.output
     assert alias(r) == v2 and f"was version {v1}" in res.output
+    out = flat(res.output)
+    assert f"judging version {v2} (MLflow run {r.strong['mlflow_run_id']}, method fedmtl) (alias challenger)" in out
+    assert f"champion: version {v1} (MLflow run {r.weak['mlflow_run_id']}, method fedmtl)" in out
+    assert "note:" not in out  # same method, and no other version to suggest
     assert tags(r, v1)["previous_champion"] == "true" and tags(r, v1)["replaced_by"] == v2
     assert tags(r, v2)["promotion.replaced_version"] == v1
     per_client = pd.read_csv(r.client.download_artifacts(tags(r, v2)["promotion.record_run"], "per_client.csv",
@@ -130,6 +147,17 @@ def test_promote_reject_promote_and_rollback(registry):
     assert "previous_champion" not in tags(r, v1) and "restored_at" in tags(r, v1)
     res = cli(r, "rollback")
     assert res.exit_code == 2 and "replaced no earlier champion" in res.output
+
+    # promoted again: the rolled-back version's tags say what is true now, not what was
+    res = cli(r, "promote", "--challenger", v2, extra=("promotion.min_gain=-1", "promotion.max_client_regression=1",
+                                                      "promotion.worst_fraction=1"))
+    assert res.exit_code == 0, res.output
+    t2 = tags(r, v2)
+    assert alias(r) == v2 and t2["promotion.decision"] == "promoted" and t2["promotion.replaced_version"] == v1
+    assert t2["promotion.champion_moved_meanwhile"] == "no" and t2["promotion.compared_with"] == v1
+    assert not {"rolled_back_by", "rolled_back_at", "rolled_back_reason", "rolled_back_record_run",
+                "previous_champion", "replaced_by", "demoted_at", "restored_at"} & set(t2)
+    assert tags(r, v1)["previous_champion"] == "true" and tags(r, v1)["replaced_by"] == v2
 
 
 def test_evaluate_scores_every_client_through_the_models_routing(registry):
@@ -185,6 +213,15 @@ def test_served_champion_answers_like_the_model_in_memory(registry):
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
         assert answer is not None, f"the scoring server did not answer:\n{server.stdout.read() if server.poll() is not None else ''}"
+        # a request without a feature column: HTTP 400 whose message starts with the reason, short
+        lacking = frame.drop(columns=[manifest.features[1]])
+        bad = json.dumps({"dataframe_split": json.loads(lacking.to_json(orient="split", index=False))}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=bad,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        message = json.loads(refused.value.read())["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -194,3 +231,43 @@ def test_served_champion_answers_like_the_model_in_memory(registry):
                                   check_dtype=False)
     assert set(served.loc[frame["client_id"] == "never-seen", "head"]) == {"global"}
     assert set(served.loc[frame["client_id"] == manifest.client_ids[0], "head"]) == {"personal"}
+    first = message.splitlines()[0]
+    assert repr(manifest.features[1]) in first and "missing" in first and len(first) < 120, message
+    assert "Failed to enforce schema" not in message and len(message) < 300, message
+
+
+def test_promote_names_the_judged_versions_and_a_better_candidate(registry):
+    """The reported case: a run of another method registered after a good one; a plain
+    `fedmtl promote` judges the newest version, and says which, and what to judge instead."""
+    from flows.training import federated_training
+
+    r = registry
+    other = federated_training(load_config(None, [*r.overrides, "training.rounds=1",
+                                                  "algorithm.method=fedavg"]).model_dump(mode="json"))
+    v3, run3 = other["model_version"], other["mlflow_run_id"]
+    assert v3 == "3" and alias(r, "challenger") == v3
+    key = "personal/f1/mean"  # the gate metric (f1) of the heads that answer known clients (bundled)
+    # make the comparison certain: the fedavg run recorded a worse f1 than either earlier run
+    r.client.log_metric(run3, key, 0.01, step=10_000)
+    recorded = {v: r.client.get_run(run).data.metrics[key]
+                for v, run in (("1", r.weak["mlflow_run_id"]), ("2", r.strong["mlflow_run_id"]))}
+    best = max(recorded, key=lambda v: (recorded[v], int(v)))
+
+    # no champion (as after the reported two runs): every other version is a candidate
+    r.client.delete_registered_model_alias(MODEL, "champion")
+    res = cli(r, "promote", "--dry-run")
+    out = flat(res.output)
+    assert f"judging version {v3} (MLflow run {run3}, method fedavg) (alias challenger)" in out, res.output
+    assert "champion: none yet" in out
+    assert f"version {best} (method fedmtl, run " in out and f"{key} {recorded[best]:.4f}" in out
+    assert f"to judge version {best} instead: fedmtl promote --challenger {best}" in out
+    assert out.index("fedmtl promote --challenger") < out.index("gate")
+
+    # a champion trained with another method: said, with the version of the champion's method
+    r.client.set_registered_model_alias(MODEL, "champion", "1")
+    res = cli(r, "promote", "--dry-run")
+    out = flat(res.output)
+    assert f"champion: version 1 (MLflow run {r.weak['mlflow_run_id']}, method fedmtl)" in out, res.output
+    assert f"version {v3} was trained with method fedavg, the champion (version 1) with fedmtl" in out
+    assert "fedmtl promote --challenger 2" in out  # the only version registered since, other than v3
+    assert alias(r) == "1" and "promotion.decision" not in tags(r, v3)  # a dry run
