@@ -42,6 +42,54 @@ def start(root: Path, *args: str) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+class Terminal:
+    """``fedmtl train`` in a pseudo-terminal of its own, as a user runs it: rich draws its live
+    progress bar, and a typed Ctrl-C (``\\x03``) makes the terminal send SIGINT to the foreground
+    process group, which is what a user's Ctrl-C does."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        import pty
+        import threading
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+        env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   TERM="xterm", COLUMNS="120")
+        self.master, slave = pty.openpty()
+
+        def controlling_terminal() -> None:  # in the child: a new session, the pty its terminal
+            import fcntl
+            import termios
+
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        command = [str(Path(sys.executable).parent / "fedmtl"), "train", *args]
+        self.process = subprocess.Popen(command, cwd=root, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                        preexec_fn=controlling_terminal)
+        os.close(slave)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)  # a full pty would block the child
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.chunks.append(chunk)
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
+
+    def text(self) -> str:
+        self.reader.join(timeout=5)
+        return b"".join(self.chunks).decode(errors="replace")
+
+
 def output(root: Path) -> tuple[str, str]:
     return (root / "out.log").read_text(), (root / "err.log").read_text()
 
@@ -92,17 +140,19 @@ def test_ctrl_c_stops_at_a_safe_point_exits_130_and_resume_matches_an_uninterrup
     before = runs(root)
     sets = [arg for o in overrides for arg in ("--set", o)]
 
-    process = start(root, *sets)
+    terminal = Terminal(root, *sets)
+    process = terminal.process
     run_dir = new_run(root, before)
     wait_for_round(run_dir, process, 2)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+    terminal.ctrl_c()  # typed in the terminal: SIGINT to the whole foreground process group
     process.wait(timeout=60)
-    out, err = output(root)
-    assert process.returncode == 130, f"{out}\n{err}"
+    out = err = " ".join(terminal.text().split())  # one screen: rich may wrap lines
+    assert process.returncode == 130, out
     record = RunRecord.load(run_dir)
     stopped = CheckpointStore(run_dir / "checkpoints").rounds()
     assert stopped and max(stopped) < ROUNDS and not record.finished
     assert f"interrupted at round {max(stopped)}; resume with: fedmtl train --resume" in out
+    assert "SIGINT: stopping after the current round" in out
     assert "Connection refused" not in out + err and "Error logging to API" not in out + err
     _, problems = CheckpointStore(run_dir / "checkpoints").latest()
     assert not problems
