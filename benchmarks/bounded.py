@@ -29,7 +29,8 @@ def run(scenario: str, method: str, seed: int, extra: tuple[str, ...], workdir: 
     import torch
 
     torch.set_num_threads(1)
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.store import ClientStore
 
     cfg, manifest = scenario_data(scenario, method, seed, False, workdir, extra)

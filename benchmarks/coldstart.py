@@ -52,7 +52,8 @@ def run_seed(seed: int, fold: int, rounds: int, draws: int, workdir: str, extra:
     from fedmtl.config import load_config
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.store import ClientStore
     from fedmtl.training import client_seed, load_weights
     from models.personalized import unflatten

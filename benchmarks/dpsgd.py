@@ -56,7 +56,8 @@ def run(name: str, seed: int, rounds: int, workdir: str) -> dict:
     torch.set_num_threads(1)
     from fedmtl.data.manifest import read_manifest
     from fedmtl.dpsgd import DPSGDSpec
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.store import ClientStore
 
     cfg = config(seed, workdir)

@@ -50,7 +50,8 @@ from fedmtl.data.manifest import ClientEntry, Manifest
 from fedmtl.data.partitioners import label_permutation, permute_labels
 from fedmtl.data.sources import client_ids, generate_synthetic, load_digits
 from fedmtl.evaluation import summarize
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.private_aggregation import PrivacySpec, private_aggregate
 from fedmtl.secagg import SecAggError, default_neighbours, secure_sum
 from fedmtl.state import ServerState, assign

@@ -101,7 +101,8 @@ def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
     import torch
 
     torch.set_num_threads(1)
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.grouping import adjusted_rand
     from fedmtl.store import ClientStore
 

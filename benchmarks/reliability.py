@@ -103,7 +103,8 @@ def part_byzantine(root: Path, rounds: int) -> list[dict]:
     from benchmarks.speed import make_config
     from fedmtl.data.manifest import read_manifest
     from fedmtl.evaluation import summarize
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.store import ClientStore
 
     torch.set_num_threads(1)

@@ -1,9 +1,9 @@
 """One federation: the clients' side of a round, as plain functions over explicit state.
 
 :class:`Federation` bundles what every client step needs (where the partitions are, the
-model architecture, local training settings, the client stores); the Prefect tasks in
-``tasks/`` are thin wrappers over its methods, and :func:`run_rounds` is the same round
-without any orchestrator (tests, benchmarks, debugging).
+model architecture, local training settings, the client stores); the round loop
+(:mod:`fedmtl.rounds`) calls its methods, in process or through the Prefect tasks in
+``tasks/``, which are thin wrappers over them.
 
 :meth:`Federation.train_clients` trains a shard of clients: with a batchable method (the
 standard shared step) and ``training.batched`` allowing it, all of them at once
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from fedmtl.aggregation import global_merge, group_aggregate
@@ -29,8 +28,8 @@ from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
 from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
 from fedmtl.client import ClientData, ManifestKey, PartitionChanged, PartitionError, load_client_data
 from fedmtl.data.manifest import Manifest, PartitionDigest
-from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate, shards
-from fedmtl.evaluation import VARIANTS, evaluate_clients, summarize
+from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate
+from fedmtl.evaluation import VARIANTS, evaluate_clients
 from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.dp import AdaptiveClip
 from fedmtl.dpsgd import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSession, DPSGDSpec, Ledger, client_epsilons
@@ -558,49 +557,6 @@ def participants(fed: Federation, clients: list[str], per_round: float, round_: 
         return poisson_sample(clients, sample_rate(per_round, len(clients)),
                               fed.secret.stream("round", round_, "participation"))
     return clients_for_round(clients, per_round, fed.seed, round_)
-
-
-def run_rounds(
-    fed: Federation,
-    clients: list[str],
-    rounds: int,
-    per_round: float = 1.0,
-    state: ServerState | None = None,
-    evaluate_every: int = 1,
-) -> tuple[ServerState, pd.DataFrame, list[dict[str, float]]]:
-    """The federated round without an orchestrator: returns the final state, the last
-    evaluation's per-client records and every evaluated round's summary. Local training goes
-    through :meth:`Federation.train_clients`, one shard of ``fed.clients_per_task`` clients at
-    a time (all of a round's clients when None: nothing here runs shards side by side). Under
-    ``privacy.dp_sgd`` a client over its target sits the round out, and training stops when
-    no client of a round can train."""
-    state = state or fed.initial_state()
-    history: list[dict[str, float]] = []
-    records = pd.DataFrame()
-    refused_total = 0
-    for r in range(rounds):
-        chosen = participants(fed, clients, per_round, state.round)
-        size = fed.clients_per_task or max(len(chosen), 1)
-        failed: dict[str, str] | None = {} if fed.dp_sgd is not None else None
-        updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
-        updates, refused = fed.screen(updates)  # refused: named, left out, not an error of the round
-        refused_total += len(refused)
-        sat_out = sat_out_clients(failed or {})
-        errors = {c: e for c, e in (failed or {}).items() if c not in sat_out}
-        if errors:
-            raise RuntimeError(f"round {state.round + 1}: clients failed: "
-                               + "; ".join(f"{c}: {e}" for c, e in errors.items()))
-        if sat_out and not updates:  # every client's DP-SGD budget is spent: training stops
-            break
-        groups, privacy = fed.aggregate(updates, state, clients, per_round)
-        state = fed.merge(state, groups, updates, privacy)
-        if (r + 1) % evaluate_every == 0 or r + 1 == rounds:
-            records = pd.DataFrame(fed.evaluate_clients(clients, state))
-            extra = {"privacy/dp_sgd_sat_out": float(len(sat_out))} if fed.dp_sgd is not None else {}
-            extra["clients/refused"] = float(len(refused))
-            extra["clients/refused_total"] = float(refused_total)  # over all the rounds so far
-            history.append({**summarize(records), **fed.dp_sgd_metrics(state), **extra})
-    return state, records, history
 
 
 def sat_out_clients(failed: dict[str, str]) -> list[str]:

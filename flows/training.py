@@ -11,24 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import flow, get_run_logger, runtime, unmapped
+from prefect import flow, get_run_logger, runtime
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
-from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from fedmtl import plots
+from fedmtl import rounds as round_loop
 from fedmtl.checkpoint import (Checkpoint, CheckpointStore, RunRecord, capture_rng, find_resumable,
                                record_table, restore_rng, table_record)
 from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
-from fedmtl.dispatch import default_workers, shards
 from fedmtl.evaluation import summarize
-from fedmtl.faults import crash_if_due, retryable
-from fedmtl.federation import Federation, sat_out_clients
+from fedmtl.faults import crash_if_due
+from fedmtl.federation import Federation
 from fedmtl.grouping import adjusted_rand
 from fedmtl.provenance import data_version, git_commit
 from fedmtl.randomness import SecretRandom
+from fedmtl.rounds import ClientBudgetsSpent, RoundFailed  # noqa: F401 - the flow's errors, importable here
 from fedmtl.state import ServerState
 from fedmtl.store import ClientStore
 from fedmtl.validation import bind_partitions, read_report, usable_clients
@@ -36,15 +35,8 @@ from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import interrupt, progress
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import CHAMPION, champion_bundle, check_registered_model, log_personalized_model
-from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard, retry_client
+from tasks.round import PrefectSteps, evaluate
 from tasks.tracking import RunTracker
-
-class RoundFailed(RuntimeError):
-    """Too few clients returned an update for the round to count."""
-
-
-class ClientBudgetsSpent(RoundFailed):
-    """Too few clients for a round, because the others' DP-SGD budgets are spent: training stops."""
 
 
 @flow(name="fedmtl-train", log_prints=False)
@@ -125,33 +117,25 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
         if budget is not None and state.round:
             budget.step(state.round)  # a warm start's champion rounds and the rounds before a resume count
         progress.current().start(cfg.training.rounds)
-        for _ in range(cfg.training.rounds - (state.round - start_round)):
-            interrupt.check(state.round)  # a safe point: the last round's checkpoint is being written whole
-            if budget_exhausted(budget, cfg, state):
-                break
-            try:
-                state, records, summary = run_round(fed, state, clients, cfg, tracker, tags, budget)
-            except ClientBudgetsSpent as exc:
-                if not history:  # not one round could train: nothing to register
-                    raise
-                logger.warning("privacy budget: stopping after round %d: %s", state.round, exc)
-                break
-            history.append(summary)
-            log = {"summary": summary, "metrics": table_record(tracker.take_journal())}  # replayed on a resume
-            if fed.grouping_method is not None and cfg.privacy.per_client_metrics:
-                log["assignment"] = table_record(assignment_table(records, state.round))
-            if cfg.tracking.client_runs and cfg.privacy.per_client_metrics and not client_runs(cfg, clients):
-                log["clients"] = table_record(records.assign(round=state.round))
-            checkpoints.save(Checkpoint(state, log, {"start_round": start_round, "run": record.key,
-                                                     "child_runs": tracker.child_runs}, capture_rng()),
-                             background=True)
-            logger.info("round %d: %s", state.round, _headline(summary))
-            progress.current().round_done(state.round, _headline(summary))
+        report_round = RoundReporting(fed, cfg, clients, tracker, tags, budget, checkpoints, history,
+                                      {"start_round": start_round, "run": record.key})
+        outcome = round_loop.run(fed, state, clients, cfg.training.rounds - (state.round - start_round),
+                             steps=PrefectSteps(cfg), per_round=cfg.training.clients_per_round,
+                             min_clients=cfg.training.min_clients,
+                             evaluate_every=0 if cfg.privacy.dp else 1,  # DP: only the final model's, released once
+                             callbacks=[report_round])
+        state = outcome.state
+        if outcome.records is not None:
+            records = outcome.records
+        if isinstance(outcome.stopped, ClientBudgetsSpent):
+            if not history:  # not one round could train: nothing to register
+                raise outcome.stopped
+            logger.warning("privacy budget: stopping after round %d: %s", state.round, outcome.stopped)
         interrupt.check(state.round)  # before the final evaluation and registration (a resume does them)
         if budget is not None:  # DP: the final model's evaluation, released once, noised and accounted
             history, records = release_final_evaluation(fed, state, clients, history, budget, tracker, checkpoints)
         elif records is None:  # resumed after the last round: score the final state again
-            records, _ = evaluate(quote(fed), quote(state), quote(clients))
+            records, _, _ = evaluate(quote(fed), quote(state), quote(clients))
         if budget is not None:
             tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
         if fed.dp_sgd is not None:
@@ -205,146 +189,64 @@ def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerS
     return fresh
 
 
-def run_round(fed, state, clients, cfg, tracker, tags, budget=None):
-    """One round; returns the new state, per-client records and the round summary.
+class RoundReporting(round_loop.Callbacks):
+    """What the flow does around each round of the loop (:func:`fedmtl.rounds.run`): before it,
+    stop at an interrupt (a safe point: the last checkpoint is being written whole) or when the
+    next round would exceed ``privacy.target_epsilon``; after it, the round's metrics, per-client
+    records and failures to MLflow (what privacy allows), the ε spent, the checkpoint, progress."""
 
-    Large inputs go to the tasks ``quote``d: Prefect would otherwise walk every field of the
-    federation, the state and the updates looking for futures on each task call (measured at
-    ~14 ms a task on W, more than the steps' own work); no input here is a future."""
-    t = {}
-    began = start = time.perf_counter()
-    chosen = dispatch(quote(fed), quote(clients), cfg.training.clients_per_round, state.round)
-    t["dispatch"] = time.perf_counter() - start
+    def __init__(self, fed, cfg, clients, tracker, tags, budget, checkpoints, history, extra) -> None:
+        self.fed, self.cfg, self.clients, self.tracker, self.tags = fed, cfg, clients, tracker, tags
+        self.budget, self.checkpoints, self.history, self.extra = budget, checkpoints, history, extra
 
-    start = time.perf_counter()
-    parts = shards(chosen, cfg.training.clients_per_task, shard_workers(cfg, fed), fed.train_rows())
-    # submitted to another process (process, Dask), a quoted input would arrive still wrapped
-    shared = quote if cfg.runner.kind == "thread" else (lambda value: value)
-    futures = local_train_shard.map(parts, unmapped(shared(fed)), unmapped(shared(state)))
-    progress.current().round_started(state.round + 1, len(chosen))
-    sizes = {id(f): len(p) for f, p in zip(futures, parts)}
-    for done in as_completed(futures):
-        progress.current().client_done(sizes[id(done)])
-    updates, failed = [], {}
-    for part, future in zip(parts, futures):
-        future.wait()  # keeps the task's own final state: the API records states asynchronously
-        if future.state.is_completed():
-            trained, lost = future.result()
-            updates += trained
-            failed.update(lost)
-        else:  # the whole shard failed
-            error = str(future.state.result(raise_on_failure=False))
-            failed.update({client: error for client in part})
-    retried = retry_failed(fed, state, failed, updates, cfg, shared)
-    updates, refused = fed.screen(updates)  # bounded influence: weights from the manifest, outsized norms refused
-    failed.update(refused)
-    t["local_train"] = time.perf_counter() - start
-    sat_out = sat_out_clients(failed)
-    if len(updates) < cfg.training.min_clients:
-        if sat_out and len(sat_out) == len(failed):
-            raise ClientBudgetsSpent(
-                f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
-                f"privacy.dp_sgd_target_epsilon (training.min_clients = {cfg.training.min_clients}); "
-                f"{len(sat_out)} sat out: " + "; ".join(failed[c] for c in sat_out))
-        raise RoundFailed(
-            f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
-            f"update (training.min_clients = {cfg.training.min_clients}); failed: "
-            + "; ".join(f"{c}: {e}" for c, e in failed.items())
-        )
+    def before_round(self, state: ServerState) -> bool:
+        interrupt.check(state.round)
+        return not budget_exhausted(self.budget, self.cfg, state)
 
-    start = time.perf_counter()
-    groups, privacy = group_aggregate(quote(fed), quote(updates), quote(state), quote(clients),
-                                      cfg.training.clients_per_round)
-    t["group_aggregate"] = time.perf_counter() - start
+    def after_round(self, state: ServerState, report: round_loop.Round) -> None:
+        fed, cfg, tracker = self.fed, self.cfg, self.tracker
+        crash_if_due(cfg.faults.crash_at_round, state.round)  # fault injection: a SIGKILL mid-round
+        start = time.perf_counter()
+        records, failed, updates = report.records, dict(report.failed), report.updates
+        summary = {**summarize(records), **report.pooled, **grouping_metrics(fed, records)}
+        # under DP who took part (and so how many) is secret: the sampling amplification counts on it
+        extra = {} if cfg.privacy.dp else {"clients/participating": len(updates), "clients/failed": len(failed),
+                                          "clients/retried": report.retried, "clients/refused": len(report.refused)}
+        if cfg.privacy.per_client_metrics:  # a client's training loss is its own figure too
+            extra["train/loss/mean"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+        if report.privacy is not None:
+            extra.update(privacy_metrics(report.privacy, dp=cfg.privacy.dp))
+            for client, why in report.privacy.held_back.items():
+                failed.setdefault(client, f"held back: {why}")
+        if self.budget is not None:
+            self.budget.step()
+            extra["privacy/epsilon"] = self.budget.epsilon()
+        if fed.dp_sgd is not None:  # each client's sample-level ε: the largest and the mean so far
+            extra.update(fed.dp_sgd_metrics(state))
+            extra["privacy/dp_sgd_sat_out"] = float(len(report.sat_out))
+        tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in report.seconds.items()}},
+                            state.round)
+        if client_runs(cfg, self.clients):
+            tracker.log_clients(records, state.round, {"data_version": self.tags["data_version"]})
+        tracking = time.perf_counter() - start
+        tracker.log_metrics({"time/tracking_s": tracking, "time/round_s": sum(report.seconds.values()) + tracking},
+                            state.round)
+        if failed and cfg.privacy.dp:  # names sampled clients: kept with the coordinator, not released
+            atomic_write_bytes(fed.store.root.parent / "rounds" / f"round-{state.round:04d}-failed.json",
+                               json.dumps(failed, indent=2).encode())  # mkstemp: mode 0600
+        elif failed:
+            tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
 
-    start = time.perf_counter()
-    state = global_merge(quote(fed), quote(state), quote(groups),
-                         quote(updates) if fed.needs_updates_to_merge(state) else None,
-                         quote(privacy))
-    t["global_merge"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    if cfg.privacy.dp:  # each evaluation release costs ε: under DP only the final model's is released
-        records, pooled = pd.DataFrame(), {}
-    else:
-        records, pooled, skipped = evaluate(quote(fed), quote(state), quote(clients), with_skipped=True)
-        for client, why in skipped.items():  # named in the round's report, rounds/round-NNNN-failed.json
-            failed[client] = f"{failed[client]} (and not evaluated)" if client in failed else f"not evaluated: {why}"
-    t["evaluate"] = time.perf_counter() - start
-    crash_if_due(cfg.faults.crash_at_round, state.round)  # fault injection: a SIGKILL mid-round
-
-    start = time.perf_counter()
-    summary = {**summarize(records), **pooled, **grouping_metrics(fed, records)}
-    # under DP who took part (and so how many) is secret: the sampling amplification counts on it
-    extra = {} if cfg.privacy.dp else {"clients/participating": len(updates), "clients/failed": len(failed),
-                                      "clients/retried": retried, "clients/refused": len(refused)}
-    if cfg.privacy.per_client_metrics:  # a client's training loss is its own figure too
-        extra["train/loss/mean"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
-    if privacy is not None:
-        extra.update(privacy_metrics(privacy, dp=cfg.privacy.dp))
-        for client, why in privacy.held_back.items():
-            failed.setdefault(client, f"held back: {why}")
-    if budget is not None:
-        budget.step()
-        extra["privacy/epsilon"] = budget.epsilon()
-    if fed.dp_sgd is not None:  # each client's sample-level ε: the largest and the mean so far
-        extra.update(fed.dp_sgd_metrics(state))
-        extra["privacy/dp_sgd_sat_out"] = float(len(sat_out))
-    tracker.log_metrics({**summary, **extra, **{f"time/{k}_s": v for k, v in t.items()}}, state.round)
-    if client_runs(cfg, clients):
-        tracker.log_clients(records, state.round, {"data_version": tags["data_version"]})
-    now = time.perf_counter()
-    tracker.log_metrics({"time/tracking_s": now - start, "time/round_s": now - began}, state.round)
-    if failed and cfg.privacy.dp:  # names sampled clients: kept with the coordinator, not released
-        atomic_write_bytes(fed.store.root.parent / "rounds" / f"round-{state.round:04d}-failed.json",
-                           json.dumps(failed, indent=2).encode())  # mkstemp: mode 0600
-    elif failed:
-        tracker.log_text(json.dumps(failed, indent=2), f"rounds/round-{state.round:04d}-failed.json")
-    return state, records, summary
-
-
-def retry_failed(fed, state, failed: dict[str, str], updates: list, cfg: Config, shared) -> int:
-    """Train the round's failed clients again, each in its own task that Prefect retries with
-    exponential backoff (``training.client_retries``, ``retry_delay``, ``client_timeout``).
-    Updates that arrive join ``updates`` and leave ``failed``; a client that still fails stays
-    there, its message saying how often it was tried. Clients cut off by the timeout, or whose
-    update was rejected, are not retried. Returns how many clients came back on a retry."""
-    again = [c for c, error in failed.items() if retryable(error)]
-    if not again or cfg.training.client_retries == 0:
-        return 0
-    delay = cfg.training.retry_delay
-    retries = cfg.training.client_retries
-    # the retry task's first run is the first retry: Prefect retries it the other retries - 1 times
-    options = {"retries": retries - 1, "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0}
-    if cfg.runner.kind != "thread":  # Prefect cannot interrupt a thread; there the client's own deadline acts
-        options["timeout_seconds"] = cfg.training.client_timeout
-    futures = retry_client.with_options(**options).map(again, unmapped(shared(fed)), unmapped(shared(state)),
-                                                       retries)
-    back = 0
-    for client, future in zip(again, futures):
-        future.wait()
-        result = future.result() if future.state.is_completed() else str(future.state.result(raise_on_failure=False))
-        if isinstance(result, str):
-            failed[client] = result
-        else:
-            updates.append(result)
-            del failed[client]
-            back += 1
-    if back:
-        updates.sort(key=lambda u: u.client)  # the same order whichever attempt an update came from
-    return back
-
-
-def shard_workers(cfg: Config, fed: Federation) -> int:
-    """Workers to spread a round's shards over: ``runner.workers``, else the CPU count, except
-    for batched training on threads: a batched shard is many small torch calls that hold the
-    GIL, and two such shards in two threads measured twice as slow as one (1,000 Synthetic
-    clients: 10.2 s against 5.1 s per round), while the per-client path gains from threads."""
-    if cfg.runner.workers:
-        return cfg.runner.workers
-    if cfg.runner.kind == "thread" and fed.uses_batching():
-        return 1
-    return default_workers()
+        self.history.append(summary)
+        log = {"summary": summary, "metrics": table_record(tracker.take_journal())}  # replayed on a resume
+        if fed.grouping_method is not None and cfg.privacy.per_client_metrics:
+            log["assignment"] = table_record(assignment_table(records, state.round))
+        if cfg.tracking.client_runs and cfg.privacy.per_client_metrics and not client_runs(cfg, self.clients):
+            log["clients"] = table_record(records.assign(round=state.round))
+        self.checkpoints.save(Checkpoint(state, log, {**self.extra, "child_runs": tracker.child_runs},
+                                         capture_rng()), background=True)
+        get_run_logger().info("round %d: %s", state.round, _headline(summary))
+        progress.current().round_done(state.round, _headline(summary))
 
 
 def client_runs(cfg: Config, clients: list[str]) -> bool:
@@ -432,7 +334,7 @@ def release_final_evaluation(fed, state, clients, history, budget, tracker, chec
     reuses the released figures (the checkpoint's ``evaluation`` record): never a second release."""
     released = checkpoints.released_evaluation(state.round)
     if released is None:
-        _, released = evaluate(quote(fed), quote(state), quote(clients))
+        _, released, _ = evaluate(quote(fed), quote(state), quote(clients))
         checkpoints.save_released_evaluation(state.round, released)
     tracker.log_metrics(released, state.round)
     budget.release(fed.privacy.evaluation_noise_multiplier)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from fedmtl.cli import app
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.store import ClientStore
 from models.personalized import PersonalizedPredictor
 from tests.conftest import tiny_overrides

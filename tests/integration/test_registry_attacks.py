@@ -32,7 +32,8 @@ from fedmtl.cli import app
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.store import ClientStore
 from fedmtl.validation import validate_partitions
 from models.personalized import CLIENT_COLUMN, PersonalizedPredictor

@@ -13,7 +13,8 @@ from fedmtl.algorithms import METHODS, get_algorithm
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.grouping import adjusted_rand, choose_group, cluster_vectors
 from fedmtl.server_optim import ServerOptimizer
 from fedmtl.store import ClientStore

@@ -17,7 +17,8 @@ from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import TaskSpec, read_manifest
 from fedmtl.dispatch import MIN_CLIENTS_PER_TASK, shards
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.state import flat
 from fedmtl.store import ClientStore
 from fedmtl.training import LocalConfig, train_joint

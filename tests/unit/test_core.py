@@ -15,7 +15,8 @@ from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.dispatch import clients_for_round
 from fedmtl.evaluation import summarize, worst_fraction_mean
-from fedmtl.federation import Federation, RejectedUpdate, check_update, run_rounds
+from fedmtl.federation import Federation, RejectedUpdate, check_update
+from fedmtl.rounds import run_rounds
 from fedmtl.state import ClientUpdate, ServerState, assign
 from fedmtl.store import ClientStore
 from tests.conftest import tiny_overrides

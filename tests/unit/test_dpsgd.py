@@ -23,7 +23,8 @@ from fedmtl.data import partition, prepare  # noqa: E402
 from fedmtl.data.manifest import TaskSpec, read_manifest  # noqa: E402
 from fedmtl.dpsgd import (EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSpec, Ledger, dp_fit,  # noqa: E402
                           epsilon, poisson_plan)
-from fedmtl.federation import Federation, run_rounds  # noqa: E402
+from fedmtl.federation import Federation  # noqa: E402
+from fedmtl.rounds import run_rounds
 from fedmtl.store import ClientStore  # noqa: E402
 from fedmtl.training import LocalConfig, fit, multitask_loss  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402

@@ -138,7 +138,8 @@ def test_config_names_the_setting_and_the_extra(monkeypatch):
 def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.federation import Federation, run_rounds
+    from fedmtl.federation import Federation
+    from fedmtl.rounds import run_rounds
     from fedmtl.store import ClientStore
     from tests.conftest import tiny_overrides
 

@@ -200,7 +200,7 @@ def test_without_the_bound_the_1e30_update_takes_over_which_is_the_attack(data):
 
 
 def test_bounded_influence_refuses_nothing_honest_over_a_run(data):
-    from fedmtl.federation import run_rounds
+    from fedmtl.rounds import run_rounds
 
     fed = federation(data, "honest", **HONEST)
     _, _, history = run_rounds(fed, fed.manifest.client_ids, 3)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from fedmtl.config import ConfigError, load_config
 from fedmtl.data import partition, prepare
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.store import ClientStore
 from fedmtl.warmstart import seed_store, state_from_bundle
 from models.personalized import CLIENT_COLUMN, PersonalizedPredictor

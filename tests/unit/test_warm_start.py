@@ -10,7 +10,8 @@ import torch
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.federation import Federation, run_rounds
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
 from fedmtl.store import ClientStore
 from fedmtl.warmstart import WarmStartError, seed_store, state_from_bundle
 from models.personalized import PersonalizedBundle
