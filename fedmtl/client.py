@@ -14,7 +14,7 @@ wrong with a client's partition raises a :class:`PartitionError` naming the clie
   NaN or infinite features or regression labels, a class label outside the declared classes.
 
 The flow treats such a client like a quarantined one: named, it sits the round out (training and
-evaluation), never retried (:func:`fedmtl.faults.retryable`).
+evaluation), never retried (:class:`fedmtl.state.ClientFailure`, kind ``partition``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from fedmtl.data.manifest import (Manifest, PartitionDigest, TaskSpec, UnsafeMan
 
 class PartitionError(ValueError):
     """A client's partition that cannot be trained or evaluated on; names the client and file."""
+
+    failure_kind = "partition"  # its file is what it is: not retried, it sits out like a quarantined client
 
     def __init__(self, message: str, client: str | None = None, path: str | Path | None = None,
                  digest: PartitionDigest | None = None) -> None:

@@ -79,6 +79,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 class DPSGDBudgetSpent(RuntimeError):
     """A client whose next round would take its sample-level ε above the target: it sits out."""
 
+    failure_kind = "budget_spent"
+
 
 def require_opacus() -> None:
     try:

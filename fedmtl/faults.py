@@ -39,6 +39,8 @@ class InjectedFailure(RuntimeError):
 class ClientTimeout(TimeoutError):
     """A client that did not finish within ``training.client_timeout``."""
 
+    failure_kind = "timeout"  # it was given its time: not retried
+
 
 def _uniform(*key: object) -> float:
     """A reproducible draw in [0, 1) from a key (no global random state involved)."""
@@ -96,21 +98,6 @@ class FaultSpec:
             return update
         seed = int(_uniform(self.seed, "byzantine", round_, update.client) * 2 ** 62)
         return corrupt_update(update, self.byzantine_attack, generator=torch.Generator().manual_seed(seed))
-
-
-NOT_RETRIED = ("ClientTimeout", "RejectedUpdate", "DPSGDBudgetSpent",
-               # fedmtl.client.PartitionError and its kinds: the client's partition file is
-               # missing, unreadable, changed after validation or breaks the contract
-               "PartitionError", "PartitionUnavailable", "PartitionChanged", "PartitionInvalid")
-
-
-def retryable(error: str) -> bool:
-    """Whether a client failure (as recorded: ``"ExceptionName: message"``) is worth a retry: not
-    a client cut off by the timeout (it was given its time), a rejected update (it would be
-    rejected again), a client whose DP-SGD budget is spent (it sits the round out), nor one
-    whose partition cannot be used (a :class:`fedmtl.client.PartitionError`: its file is what
-    it is; like a quarantined client it sits out, named)."""
-    return not error.startswith(tuple(f"{name}:" for name in NOT_RETRIED))
 
 
 def crash_if_due(crash_at_round: int | None, round_: int) -> None:

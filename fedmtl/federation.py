@@ -39,13 +39,16 @@ from fedmtl.robust import RobustSpec
 from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
 from fedmtl.randomness import SecretRandom
 from fedmtl.server_optim import ServerOptimizer
-from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, flat, initial_state
+from fedmtl.state import (ClientFailure, ClientUpdate, FailureKind, GroupAggregate, ServerState, flat,
+                          initial_state)
 from fedmtl.store import ClientStore
 from fedmtl.training import LocalConfig, client_seed
 
 
 class RejectedUpdate(ValueError):
     """A client update that must never reach a model (non-finite or wrong shape)."""
+
+    failure_kind = "rejected"  # it would be rejected again: not retried
 
 
 @dataclass(frozen=True)
@@ -267,14 +270,14 @@ class Federation:
         return reason is None
 
     def train_clients(
-        self, clients: list[str], state: ServerState, failed: dict[str, str] | None = None, attempt: int = 0,
+        self, clients: list[str], state: ServerState, failed: dict[str, ClientFailure] | None = None, attempt: int = 0,
     ) -> list[ClientUpdate]:
         """Local training of a shard of clients, in order: batched when the method and model
         allow it and ``training.batched`` is not off, else :meth:`client_round` per client.
 
         ``failed`` None: a client that fails (missing data, rejected update) raises, as
         :meth:`client_round` does. A dict: the client is left out of the result and its error
-        recorded there (client -> message), so one bad client does not fail its shard.
+        recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does not fail its shard.
         ``attempt``: 0 the first time, then the retry's number (fault injection draws anew)."""
         model = self.new_model()
         if not self.uses_batching(model):
@@ -285,7 +288,7 @@ class Federation:
                 except Exception as exc:  # noqa: BLE001 - reported per client when asked to
                     if failed is None:
                         raise
-                    failed[client] = f"{type(exc).__name__}: {exc}"
+                    failed[client] = ClientFailure.of(exc)
             return updates
 
         tasks = list(self.manifest.tasks)
@@ -301,7 +304,7 @@ class Federation:
             except Exception as exc:  # noqa: BLE001
                 if failed is None:
                     raise
-                failed[client] = f"{type(exc).__name__}: {exc}"
+                failed[client] = ClientFailure.of(exc)
                 continue
             prepared.append((client, data, group, personal, start, ctx.generator))
         jobs = [SharedJob(data, start.base, start.heads, gen, start.prox_mu)
@@ -316,7 +319,7 @@ class Federation:
             except RejectedUpdate as exc:
                 if failed is None:
                     raise
-                failed[client] = f"{type(exc).__name__}: {exc}"
+                failed[client] = ClientFailure.of(exc)
                 continue
             if keep is not None:
                 self.store.save(client, keep, state.round + 1)
@@ -324,7 +327,7 @@ class Federation:
         return updates
 
     def evaluate_clients(self, clients: list[str], state: ServerState,
-                         skipped: dict[str, str] | None = None) -> list[dict]:
+                         skipped: dict[str, ClientFailure] | None = None) -> list[dict]:
         """Each client scores the global, group and personalised models on its own held-out
         split (records in client order). Personalisation runs per client (it may fit a
         personal head and keep it in the client's store); the scoring is batched over the
@@ -332,7 +335,7 @@ class Federation:
 
         ``skipped`` None: a client whose partition cannot be used raises its
         :class:`fedmtl.client.PartitionError`. A dict: that client is left out of the records and
-        its error recorded there (client -> message), so one bad client does not stop the round."""
+        its failure recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does not stop the round."""
         model, jobs, groups = self._evaluation_jobs(clients, state, skipped)
         records = evaluate_clients(model, jobs, self.manifest.tasks)
         for r in records:
@@ -340,7 +343,7 @@ class Federation:
         return records
 
     def evaluate_pooled(self, clients: list[str], state: ServerState,
-                        skipped: dict[str, str] | None = None) -> dict[str, float]:
+                        skipped: dict[str, ClientFailure] | None = None) -> dict[str, float]:
         """Private evaluation (``privacy.client_metrics`` off): the same scoring, but each client
         reduces its scores to sufficient statistics (confusion counts, error sums) and only their
         sum over the clients comes out, through SecAgg+ (or CKKS, ``secure_aggregation_protocol``) when
@@ -361,7 +364,7 @@ class Federation:
             neighbours=spec.secagg_neighbours, max_dropout=spec.secagg_max_dropout,
             protocol=spec.secure_aggregation_protocol)
 
-    def _evaluation_jobs(self, clients: list[str], state: ServerState, skipped: dict[str, str] | None = None):
+    def _evaluation_jobs(self, clients: list[str], state: ServerState, skipped: dict[str, ClientFailure] | None = None):
         """The model, each client's (data, {variant: (base, heads)}) and each client's group.
         A client whose partition cannot be used (:class:`fedmtl.client.PartitionError`) raises,
         or, with ``skipped`` a dict, is left out and recorded there."""
@@ -374,7 +377,7 @@ class Federation:
             except PartitionError as exc:
                 if skipped is None:
                     raise
-                skipped[client] = f"{type(exc).__name__}: {exc}"
+                skipped[client] = ClientFailure.of(exc)
                 continue
             ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round, "evaluate"),
                                 state.round)
@@ -408,7 +411,7 @@ class Federation:
                                  self.secret.stream("server", state.round, "dp-noise"),
                                  client_seed(self.seed, state.round, "server", "secagg"), like)
 
-    def screen(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, str]]:
+    def screen(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
         """Bounded influence, before any aggregation: each update's weight is its client's train
         rows *as the manifest records them* (never the count a client reports), and, with
         ``server.max_norm_ratio`` and no privacy mechanism (under DP every update is clipped to
@@ -427,9 +430,9 @@ class Federation:
         kept, refused = [], {}
         for u in updates:
             if norms[u.client] > bound:
-                refused[u.client] = (
-                    f"{RejectedUpdate.__name__}: client '{u.client}': update norm {norms[u.client]:.4g} exceeds "
-                    f"server.max_norm_ratio={ratio:g} × the round's median update norm {median:.4g}")
+                refused[u.client] = ClientFailure.of(RejectedUpdate(
+                    f"client '{u.client}': update norm {norms[u.client]:.4g} exceeds "
+                    f"server.max_norm_ratio={ratio:g} × the round's median update norm {median:.4g}"))
             else:
                 kept.append(u)
         return kept, refused
@@ -559,6 +562,6 @@ def participants(fed: Federation, clients: list[str], per_round: float, round_: 
     return clients_for_round(clients, per_round, fed.seed, round_)
 
 
-def sat_out_clients(failed: dict[str, str]) -> list[str]:
+def sat_out_clients(failed: dict[str, ClientFailure]) -> list[str]:
     """The clients of a round's failures that sat out because their DP-SGD budget was spent."""
-    return [c for c, e in failed.items() if e.startswith(f"{DPSGDBudgetSpent.__name__}:")]
+    return [c for c, f in failed.items() if f.kind is FailureKind.BUDGET_SPENT]

@@ -36,7 +36,7 @@ import pandas as pd
 from fedmtl.dispatch import shards
 from fedmtl.federation import Federation, participants, sat_out_clients
 from fedmtl.private_aggregation import RoundPrivacy
-from fedmtl.state import ClientUpdate, GroupAggregate, ServerState
+from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState
 
 
 class RoundFailed(RuntimeError):
@@ -49,21 +49,22 @@ class ClientBudgetsSpent(RoundFailed):
 
 @dataclass
 class Round:
-    """What one round did. ``failed``: client -> why, for every client the round lost (a failed
-    or refused update, one that could not be evaluated); the clients the group rule held back
-    are in ``privacy.held_back``."""
+    """What one round did. ``failed``: client -> why, for every client whose update the round
+    lost (failed or refused); ``not_evaluated``: the clients whose evaluation failed; the clients
+    the group rule held back are in ``privacy.held_back``."""
 
     number: int  # the state's round after the merge (1 for the first)
     chosen: list[str]
     updates: list[ClientUpdate]
-    failed: dict[str, str]
-    refused: dict[str, str]
+    failed: dict[str, ClientFailure]
+    refused: dict[str, ClientFailure]
     retried: int
     sat_out: list[str]
     privacy: RoundPrivacy | None
     records: pd.DataFrame
     pooled: dict[str, float]
     evaluated: bool
+    not_evaluated: dict[str, ClientFailure] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # step -> wall-clock seconds
 
 
@@ -75,9 +76,9 @@ class Steps:
         return participants(fed, clients, per_round, round_)
 
     def local_train(self, fed: Federation, state: ServerState,
-                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, str], int]:
+                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
         """(updates in client order, failed client -> why, how many came back on a retry)."""
-        failed: dict[str, str] = {}
+        failed: dict[str, ClientFailure] = {}
         size = fed.clients_per_task or max(len(chosen), 1)
         updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
         return updates, failed, 0
@@ -91,10 +92,10 @@ class Steps:
         return fed.merge(state, groups, updates, privacy)
 
     def evaluate(self, fed: Federation, state: ServerState,
-                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, str]]:
+                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
         """(per-client records, pooled metrics, client -> why it was not evaluated): records
         when per-client metrics are allowed, else the pooled metrics of the private evaluation."""
-        skipped: dict[str, str] = {}
+        skipped: dict[str, ClientFailure] = {}
         if fed.privacy.client_metrics:
             return pd.DataFrame(fed.evaluate_clients(clients, state, skipped)), {}, skipped
         return pd.DataFrame(), fed.evaluate_pooled(clients, state, skipped), skipped
@@ -106,8 +107,8 @@ class InProcess(Steps):
     DP-SGD budget is spent: it sits the round out), and so does one that cannot be evaluated."""
 
     def local_train(self, fed: Federation, state: ServerState,
-                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, str], int]:
-        failed: dict[str, str] | None = {} if fed.dp_sgd is not None else None
+                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
+        failed: dict[str, ClientFailure] | None = {} if fed.dp_sgd is not None else None
         size = fed.clients_per_task or max(len(chosen), 1)
         updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
         failed = failed or {}
@@ -119,7 +120,7 @@ class InProcess(Steps):
         return updates, failed, 0
 
     def evaluate(self, fed: Federation, state: ServerState,
-                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, str]]:
+                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
         """Per-client records always, privacy on or off: the simulator's own measurement (the
         benchmarks' accuracies), which no run releases."""
         return pd.DataFrame(fed.evaluate_clients(clients, state)), {}, {}
@@ -144,7 +145,7 @@ def run_round(fed: Federation, state: ServerState, clients: list[str], steps: St
             raise ClientBudgetsSpent(
                 f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
                 f"privacy.dp_sgd_target_epsilon (training.min_clients = {min_clients}); "
-                f"{len(sat_out)} sat out: " + "; ".join(failed[c] for c in sat_out))
+                f"{len(sat_out)} sat out: " + "; ".join(str(failed[c]) for c in sat_out))
         raise RoundFailed(
             f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
             f"update (training.min_clients = {min_clients}); failed: "
@@ -161,11 +162,9 @@ def run_round(fed: Federation, state: ServerState, clients: list[str], steps: St
     start = time.perf_counter()
     records, pooled, skipped = (steps.evaluate(fed, state, clients) if evaluate
                                 else (pd.DataFrame(), {}, {}))
-    for client, why in skipped.items():  # named with the round's other losses
-        failed[client] = f"{failed[client]} (and not evaluated)" if client in failed else f"not evaluated: {why}"
     seconds["evaluate"] = time.perf_counter() - start
     return state, Round(state.round, chosen, updates, failed, refused, retried, sat_out, privacy, records,
-                        pooled, evaluate, seconds)
+                        pooled, evaluate, skipped, seconds)
 
 
 class Callbacks:

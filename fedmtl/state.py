@@ -8,6 +8,7 @@ The server state never holds a personal head: those live in the :class:`~fedmtl.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
@@ -89,6 +90,39 @@ class PersonalState:
     @classmethod
     def from_dict(cls, raw: dict) -> "PersonalState":
         return cls(dict(raw["heads"]), raw.get("base"))
+
+
+class FailureKind(str, Enum):
+    """Why a client was lost to a round, which decides what the round does about it."""
+
+    ERROR = "error"  # local training raised: worth a retry
+    TIMEOUT = "timeout"  # cut off by training.client_timeout: it was given its time
+    REJECTED = "rejected"  # its update was refused (non-finite, outsized): it would be again
+    BUDGET_SPENT = "budget_spent"  # its DP-SGD budget is spent: it sits the round out
+    PARTITION = "partition"  # its partition cannot be used: like a quarantined client, it sits out
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client lost to a round: the kind (what the round does about it), the exception's name
+    and its message. An exception class names its kind in ``failure_kind`` (default: an error
+    worth a retry). ``str()`` gives ``"ExceptionName: message"``, as the round reports show."""
+
+    kind: FailureKind
+    error: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException, note: str = "") -> "ClientFailure":
+        kind = FailureKind(getattr(exc, "failure_kind", FailureKind.ERROR))
+        return cls(kind, type(exc).__name__, f"{exc}{note}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind is FailureKind.ERROR
+
+    def __str__(self) -> str:
+        return f"{self.error}: {self.message}"
 
 
 @dataclass

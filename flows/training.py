@@ -207,7 +207,10 @@ class RoundReporting(round_loop.Callbacks):
         fed, cfg, tracker = self.fed, self.cfg, self.tracker
         crash_if_due(cfg.faults.crash_at_round, state.round)  # fault injection: a SIGKILL mid-round
         start = time.perf_counter()
-        records, failed, updates = report.records, dict(report.failed), report.updates
+        records, updates = report.records, report.updates
+        failed = {client: str(failure) for client, failure in report.failed.items()}  # the round's report
+        for client, why in report.not_evaluated.items():
+            failed[client] = f"{failed[client]} (and not evaluated)" if client in failed else f"not evaluated: {why}"
         summary = {**summarize(records), **report.pooled, **grouping_metrics(fed, records)}
         # under DP who took part (and so how many) is secret: the sampling amplification counts on it
         extra = {} if cfg.privacy.dp else {"clients/participating": len(updates), "clients/failed": len(failed),

@@ -20,11 +20,10 @@ from prefect.utilities.annotations import quote
 
 from fedmtl.config import Config
 from fedmtl.dispatch import default_workers, shards
-from fedmtl.faults import retryable
 from fedmtl.federation import Federation
 from fedmtl.private_aggregation import RoundPrivacy
 from fedmtl.rounds import Steps
-from fedmtl.state import ClientUpdate, GroupAggregate, ServerState
+from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState
 from flows import progress
 
 _STEPS = Steps()  # the steps themselves, as plain calls
@@ -44,14 +43,14 @@ def _shard_name() -> str:
 @task(name="local_train_shard", task_run_name=_shard_name, cache_policy=NO_CACHE)
 def local_train_shard(
     clients: list[str], fed: Federation, state: ServerState
-) -> tuple[list[ClientUpdate], dict[str, str]]:
+) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
     """Local training of a shard of clients (``fedmtl.dispatch.shards``), batched when the
     method and model allow it (``training.batched``); each client's update carries its own
     metrics and its personal state stays in its own store. Returns (updates, failed clients
     with their errors): a client that fails is left out and logged (the shard's other clients
     still count); the task fails only if the whole shard does (e.g. ``training.batched: on``
     with a method that cannot batch)."""
-    failed: dict[str, str] = {}
+    failed: dict[str, ClientFailure] = {}
     updates = fed.train_clients(clients, state, failed)
     if failed:
         logger = get_run_logger()
@@ -65,7 +64,7 @@ def _retry_name() -> str:
 
 
 @task(name="retry_client", task_run_name=_retry_name, cache_policy=NO_CACHE)
-def retry_client(client: str, fed: Federation, state: ServerState, retries: int) -> ClientUpdate | str:
+def retry_client(client: str, fed: Federation, state: ServerState, retries: int) -> ClientUpdate | ClientFailure:
     """A client that failed in its shard, trained again on its own. The task raises while the
     client fails and retries are left, so that Prefect retries it (``training.client_retries``,
     with exponential backoff from ``training.retry_delay``); after the last one it returns the
@@ -76,7 +75,7 @@ def retry_client(client: str, fed: Federation, state: ServerState, retries: int)
         if task_run.run_count < retries:  # run k of this task is retry k; Prefect runs it `retries` times
             raise
         get_run_logger().warning("client '%s' still fails after %d retries: %s", client, retries, exc)
-        return f"{type(exc).__name__}: {exc} (tried {retries} more times, with backoff)"
+        return ClientFailure.of(exc, f" (tried {retries} more times, with backoff)")
 
 
 @task(name="group_aggregate", cache_policy=NO_CACHE)
@@ -103,7 +102,7 @@ def global_merge(
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(
     fed: Federation, state: ServerState, clients: list[str]
-) -> tuple[pd.DataFrame, dict[str, float], dict[str, str]]:
+) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
     """Every client scores global, group and personalised models on its own held-out split:
     per-client records, or, when per-client metrics are off (privacy), no records and the
     metrics pooled from the clients' summed statistics. A client whose partition cannot be used
@@ -147,19 +146,19 @@ class PrefectSteps(Steps):
                 updates += trained
                 failed.update(lost)
             else:  # the whole shard failed
-                error = str(future.state.result(raise_on_failure=False))
+                error = ClientFailure.of(future.state.result(raise_on_failure=False))
                 failed.update({client: error for client in part})
         retried = self.retry_failed(fed, state, failed, updates)
         return updates, failed, retried
 
-    def retry_failed(self, fed, state, failed: dict[str, str], updates: list) -> int:
+    def retry_failed(self, fed, state, failed: dict[str, ClientFailure], updates: list) -> int:
         """Train the round's failed clients again, each in its own task that Prefect retries
         with exponential backoff. Updates that arrive join ``updates`` and leave ``failed``; a
         client that still fails stays there, its message saying how often it was tried. Clients
         cut off by the timeout, whose update was rejected or whose partition cannot be used are
         not retried. Returns how many clients came back on a retry."""
         cfg = self.cfg
-        again = [c for c, error in failed.items() if retryable(error)]
+        again = [c for c, failure in failed.items() if failure.retryable]
         if not again or cfg.training.client_retries == 0:
             return 0
         delay = cfg.training.retry_delay
@@ -175,8 +174,8 @@ class PrefectSteps(Steps):
         for client, future in zip(again, futures):
             future.wait()
             result = (future.result() if future.state.is_completed()
-                      else str(future.state.result(raise_on_failure=False)))
-            if isinstance(result, str):
+                      else ClientFailure.of(future.state.result(raise_on_failure=False)))
+            if isinstance(result, ClientFailure):
                 failed[client] = result
             else:
                 updates.append(result)

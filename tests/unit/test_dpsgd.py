@@ -25,6 +25,7 @@ from fedmtl.dpsgd import (EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSpec, Ledg
                           epsilon, poisson_plan)
 from fedmtl.federation import Federation  # noqa: E402
 from fedmtl.rounds import run_rounds
+from fedmtl.state import FailureKind
 from fedmtl.store import ClientStore  # noqa: E402
 from fedmtl.training import LocalConfig, fit, multitask_loss  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
@@ -384,11 +385,12 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     over = sorted(c for c in clients if after[2][c] > target)
     fed = make("target", **{"privacy.dp_sgd_target_epsilon": target})
     one, _, _ = run_rounds(fed, clients, 1)
-    failed: dict[str, str] = {}
+    failed = {}
     fed.train_clients(clients, one, failed)
     assert sorted(failed) == over
-    assert all(e.startswith("DPSGDBudgetSpent: client '") and "privacy.dp_sgd_target_epsilon" in e
-               for e in failed.values())
+    assert all(f.kind is FailureKind.BUDGET_SPENT and not f.retryable for f in failed.values())
+    assert all(str(f).startswith("DPSGDBudgetSpent: client '") and "privacy.dp_sgd_target_epsilon" in str(f)
+               for f in failed.values())
     state, _, history = run_rounds(fed, clients, 2, state=one)
     assert state.round == 2 and len(history) == 1  # round 3: no client could train
     assert history[0]["privacy/dp_sgd_sat_out"] == len(over)

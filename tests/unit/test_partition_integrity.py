@@ -25,8 +25,9 @@ from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import (MANIFEST, PartitionDigest, UnsafeManifest, file_digest, partition_path,
                                   read_manifest)
-from fedmtl.faults import retryable
-from fedmtl.federation import Federation
+from fedmtl.faults import ClientTimeout, InjectedFailure
+from fedmtl.state import ClientFailure, FailureKind
+from fedmtl.federation import Federation, RejectedUpdate
 from fedmtl.store import ClientStore
 from fedmtl.validation import (CHANGED_CHECK, ValidationReport, _read_partition, bind_partitions,
                                manifest_digest, read_report, usable_clients, validate_partitions)
@@ -182,12 +183,13 @@ def test_a_client_whose_partition_changed_sits_out_and_the_others_train_as_witho
     state = fed.initial_state()
     TAMPER[case][0](copy["path"])  # after the run bound itself to the validated files
 
-    failed: dict[str, str] = {}
+    failed: dict[str, ClientFailure] = {}
     updates = fed.train_clients(clients, state, failed)
     assert list(failed) == [VICTIM]
     kind = PartitionUnavailable if case == "deleted" else PartitionChanged
-    assert failed[VICTIM].startswith(f"{kind.__name__}: client '{VICTIM}': partition file '{copy['path']}'")
-    assert not retryable(failed[VICTIM])  # the flow does not retry it: it sits out
+    assert str(failed[VICTIM]).startswith(f"{kind.__name__}: client '{VICTIM}': partition file '{copy['path']}'")
+    assert failed[VICTIM].kind is FailureKind.PARTITION
+    assert not failed[VICTIM].retryable  # the flow does not retry it: it sits out
     with pytest.raises(kind, match=VICTIM):
         fed.data(VICTIM)
 
@@ -200,12 +202,12 @@ def test_a_client_whose_partition_changed_sits_out_and_the_others_train_as_witho
     merged = fed.merge(state, fed.aggregate(updates, state, clients)[0], updates)
     assert torch.isfinite(merged.base).all() and not torch.equal(merged.base, state.base)
 
-    skipped: dict[str, str] = {}
+    skipped: dict[str, ClientFailure] = {}
     records = pd.DataFrame(fed.evaluate_clients(clients, merged, skipped))
-    assert list(skipped) == [VICTIM] and f"client '{VICTIM}'" in skipped[VICTIM]
+    assert list(skipped) == [VICTIM] and f"client '{VICTIM}'" in str(skipped[VICTIM])
     assert set(records["client"]) == set(clients) - {VICTIM}
     assert np.isfinite(records["accuracy"]).all()
-    pooled: dict[str, str] = {}
+    pooled: dict[str, ClientFailure] = {}
     fed.evaluate_pooled(clients, merged, pooled)
     assert list(pooled) == [VICTIM]
 
@@ -233,17 +235,22 @@ def test_without_a_report_the_contract_is_still_checked_at_load(copy: dict[str, 
     state = fed.initial_state()
     with pytest.raises(kind):  # unasked, evaluation raises the client's own error (no overflow)
         fed.evaluate_clients([VICTIM], state)
-    skipped: dict[str, str] = {}
+    skipped: dict[str, ClientFailure] = {}
     assert fed.evaluate_clients(["c000", VICTIM], state, skipped)
-    assert list(skipped) == [VICTIM] and phrase in skipped[VICTIM]
+    assert list(skipped) == [VICTIM] and phrase in str(skipped[VICTIM])
 
 
 def test_a_partition_error_is_a_value_error_and_a_missing_one_a_file_not_found_error() -> None:
     assert issubclass(PartitionChanged, PartitionError) and issubclass(PartitionError, ValueError)
     assert issubclass(PartitionUnavailable, FileNotFoundError)
-    for name in ("PartitionChanged", "PartitionUnavailable", "PartitionInvalid"):
-        assert not retryable(f"{name}: client 'x': partition file 'x.parquet' ...")
-    assert retryable("InjectedFailure: client 'x' failed")
+    for kind in (PartitionChanged, PartitionUnavailable, PartitionInvalid):
+        failure = ClientFailure.of(kind("client 'x': partition file 'x.parquet' ..."))
+        assert failure.kind is FailureKind.PARTITION and not failure.retryable
+        assert str(failure) == f"{kind.__name__}: client 'x': partition file 'x.parquet' ..."
+    assert ClientFailure.of(InjectedFailure("client 'x' failed")).retryable
+    assert ClientFailure.of(ValueError("anything else")).kind is FailureKind.ERROR
+    assert ClientFailure.of(ClientTimeout("late")).kind is FailureKind.TIMEOUT
+    assert ClientFailure.of(RejectedUpdate("nan"), " (tried 2 more times)").message == "nan (tried 2 more times)"
 
 
 # --------------------------------------------------------------------------------------------
