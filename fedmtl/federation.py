@@ -34,6 +34,7 @@ from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
 from fedmtl.dp import AdaptiveClip
 from fedmtl.dpsgd import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSession, DPSGDSpec, Ledger, client_epsilons
 from fedmtl.faults import FaultSpec
+from fedmtl.nn import build_model
 from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
 from fedmtl.robust import RobustSpec
 from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
@@ -130,8 +131,6 @@ class Federation:
         return "ifca" if self.algorithm.learns_groups else self.grouping.method
 
     def new_model(self) -> torch.nn.Module:
-        from models import build_model  # the torch modules live in the top-level models/ package
-
         return build_model(
             self.model_cfg, len(self.manifest.features), self.manifest.tasks, self.manifest.input_shape
         )

@@ -3,7 +3,7 @@ evaluate.
 
 :func:`run_round` is one round and :func:`run` the loop over rounds. *How* each step runs is an
 argument, a :class:`Steps`: :class:`InProcess` makes plain calls (the simulator's
-:func:`run_rounds`, the benchmarks, the tests); ``tasks.round.PrefectSteps`` runs the same steps
+:func:`run_rounds`, the benchmarks, the tests); ``flows.steps.PrefectSteps`` runs the same steps
 as Prefect tasks, with the client shards mapped over the task runner and failed clients retried
 (the ``fedmtl-train`` flow). Everything beside the round itself (tracking, checkpoints, the
 privacy budget, progress, interrupts) is a :class:`Callbacks` of the caller's, called before and
@@ -70,7 +70,7 @@ class Round:
 
 class Steps:
     """How a round's steps run. This base class makes plain in-process calls; a subclass runs
-    them elsewhere (``tasks.round.PrefectSteps``: Prefect tasks)."""
+    them elsewhere (``flows.steps.PrefectSteps``: Prefect tasks)."""
 
     def dispatch(self, fed: Federation, clients: list[str], per_round: float, round_: int) -> list[str]:
         return participants(fed, clients, per_round, round_)

@@ -1,6 +1,6 @@
 """Warm start: continue training from a trained personalised model instead of round 0.
 
-:func:`state_from_bundle` turns a :class:`~models.personalized.PersonalizedBundle` (what the
+:func:`state_from_bundle` turns a :class:`~fedmtl.bundle.PersonalizedBundle` (what the
 registry's ``champion`` holds) into the server state to start from (shared base, global and
 group heads, client → group assignment, round count) and the personal states to seed each
 client's store with, so that both the shared and the personal parts continue. A bundle without
@@ -25,9 +25,9 @@ import torch
 from fedmtl.state import Heads, PersonalState, ServerState
 from fedmtl.store import ClientStore
 
-if TYPE_CHECKING:  # the torch modules live in the top-level models/ package
+if TYPE_CHECKING:
+    from fedmtl.bundle import PersonalizedBundle
     from fedmtl.federation import Federation
-    from models.personalized import PersonalizedBundle
 
 #: the settings of ``model`` that decide the shapes of the parameters
 ARCHITECTURE_KEYS = ("base", "hidden", "cnn_channels")

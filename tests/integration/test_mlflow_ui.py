@@ -261,7 +261,7 @@ def _row(lines: list[str], key: str) -> list[str]:
 
 
 def test_cli_compare_marks_differences_and_the_better_value(trained):
-    from fedmtl.cli import app
+    from cli import app
 
     _, cfg, results = trained
     a, b = (results[m]["mlflow_run_id"] for m in METHODS)
@@ -294,7 +294,7 @@ def test_cli_compare_marks_differences_and_the_better_value(trained):
 
 
 def test_cli_compare_and_ui_errors_name_the_run_or_store(trained, tmp_path):
-    from fedmtl.cli import app
+    from cli import app
 
     _, cfg, results = trained
     unknown = "0123456789abcdef0123456789abcdef"

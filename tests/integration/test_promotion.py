@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fedmtl.cli import app
+from cli import app
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest

@@ -9,7 +9,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fedmtl.cli import app
+from cli import app
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest

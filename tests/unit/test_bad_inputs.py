@@ -29,7 +29,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fedmtl.cli import app
+from cli import app
 from fedmtl.data.manifest import MANIFEST, read_manifest
 from fedmtl.validation import REPORT, read_report
 from tests.conftest import tiny_overrides

@@ -148,7 +148,7 @@ def test_config_errors_name_the_key_and_allowed_values(tmp_path):
 def test_cli_rejects_invalid_setting_with_exit_code_2(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from fedmtl.cli import app
+    from cli import app
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run", "--set", "grouping.weighting=median"])
@@ -178,7 +178,7 @@ def test_batched_evaluation_equals_each_client_scored_alone():
     from fedmtl.data.manifest import TaskSpec
     from fedmtl.evaluation import evaluate_clients
     from fedmtl.state import flat
-    from models.multitask import build_model
+    from fedmtl.nn import build_model
 
     class Cfg:
         base, hidden, dropout, cnn_channels = "mlp", [8], 0.0, [4]

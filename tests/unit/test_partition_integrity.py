@@ -277,7 +277,7 @@ def test_a_file_entry_outside_the_partitions_folder_is_refused(copy: dict[str, A
 def test_validate_refuses_an_unsafe_manifest_naming_the_entry(copy: dict[str, Any]) -> None:
     from typer.testing import CliRunner
 
-    from fedmtl.cli import app
+    from cli import app
 
     _manifest_with(copy["parts"], VICTIM, "../../secret.parquet")
     root = copy["parts"].parents[1]

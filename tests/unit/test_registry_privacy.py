@@ -53,7 +53,7 @@ def test_personal_heads_are_not_bundled_by_default(trained):
 
 @pytest.mark.parametrize("privacy", ["privacy.dp", "privacy.dp_sgd"])
 def test_bundling_personal_heads_is_refused_under_dp(trained, privacy, tmp_path):
-    from fedmtl.cli import app
+    from cli import app
     from flows.training import make_bundle
 
     root, cfg, manifest, fed, state = trained

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.bases import build_base
-from models.heads import build_head
+from fedmtl.nn.bases import build_base
+from fedmtl.nn.heads import build_head
 
 
 class MultiTaskModel(nn.Module):

@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``fedmtl`` command."""
+
+from cli import main
+
+main()

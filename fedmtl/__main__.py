@@ -1,3 +1,0 @@
-from fedmtl.cli import main
-
-main()
