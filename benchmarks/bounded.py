@@ -31,7 +31,7 @@ def run(scenario: str, method: str, seed: int, extra: tuple[str, ...], workdir: 
     torch.set_num_threads(1)
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.store import ClientStore
+    from fedmtl.client.store import ClientStore
 
     cfg, manifest = scenario_data(scenario, method, seed, False, workdir, extra)
     store = Path(tempfile.mkdtemp(dir=workdir, prefix="store-"))

@@ -78,7 +78,7 @@ def _path(x_tr, y_tr, x_te, y_te) -> list[float]:
 def run_one(scenario: str, seed: int, workdir: str) -> list[dict]:
     import numpy as np
 
-    from fedmtl.client import load_client_data
+    from fedmtl.client.data import load_client_data
 
     cfg, manifest = scenario_data(scenario, "local", seed, False, workdir)
     task = manifest.tasks[0].name

@@ -11,7 +11,7 @@ clients; 4, one per group (drawn with the seed), never train; ``--folds`` repeat
 clients held out (6 folds: every client is held out once; each fold is its own training run, so
 the held-out test rows are 24 clients' instead of 4). Each held-out client then takes k = 5, 10,
 20 labelled rows of its train split (``--draws`` seeded draws per k), personalises
-(:func:`fedmtl.coldstart.personalize` with the ``coldstart`` settings) and is scored on its own
+(:func:`fedmtl.lifecycle.coldstart.personalize` with the ``coldstart`` settings) and is scored on its own
 held-out split. Compared with the mean personalised accuracy of the 20 clients that trained all
 along (the same run, the same final round), and with the global heads (no labels).
 """
@@ -48,14 +48,14 @@ def run_seed(seed: int, fold: int, rounds: int, draws: int, workdir: str, extra:
     import torch
 
     torch.set_num_threads(1)
-    from fedmtl.coldstart import personalize
+    from fedmtl.lifecycle.coldstart import personalize
     from fedmtl.config import load_config
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.store import ClientStore
-    from fedmtl.training import client_seed, load_weights
+    from fedmtl.client.store import ClientStore
+    from fedmtl.client.training import client_seed, load_weights
     from models.personalized import unflatten
     from torch.func import functional_call
 

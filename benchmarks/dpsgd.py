@@ -55,10 +55,10 @@ def run(name: str, seed: int, rounds: int, workdir: str) -> dict:
 
     torch.set_num_threads(1)
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.dpsgd import DPSGDSpec
+    from fedmtl.privacy.dpsgd import DPSGDSpec
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.store import ClientStore
+    from fedmtl.client.store import ClientStore
 
     cfg = config(seed, workdir)
     manifest = read_manifest(cfg.data.partitions_dir)

@@ -13,7 +13,7 @@ writes ``benchmarks/results/privacy.md`` and ``privacy.json``. Parts (each in th
   sessions: how many sums were recovered and their largest error.
 - **ckks** (not in the default parts; needs the ``he`` extra): the same core round of 10 and 100
   Synthetic clients, each round's updates aggregated three ways — plainly, with SecAgg+ (default
-  graph) and with CKKS homomorphic encryption (:mod:`fedmtl.he`, a fresh key per round) — the
+  graph) and with CKKS homomorphic encryption (:mod:`fedmtl.privacy.he`, a fresh key per round) — the
   round's seconds for each, the protocols' own seconds, the largest difference from the plain
   group means, and the bytes one client sends.
 - **dp**: fedmtl without DP and with DP at noise multipliers z giving ε ≈ 8, 4, 2 and 1
@@ -22,7 +22,7 @@ writes ``benchmarks/results/privacy.md`` and ``privacy.json``. Parts (each in th
   over 200 clients in 2 label-permutation groups, 30 % sampled per round, MLP 64-64-10.
   Personalised and global accuracy (client means on the held-out 25 %), and the
   membership-inference attack on the model a run registers (base + group heads): Yeom et al.'s
-  loss threshold (:func:`fedmtl.attacks.loss_threshold_attack`), every client's train rows
+  loss threshold (:func:`fedmtl.privacy.attacks.loss_threshold_attack`), every client's train rows
   (members) against its held-out rows (non-members), each scored with its own group's heads.
 """
 
@@ -40,22 +40,22 @@ import torch
 
 from benchmarks import write_results
 from benchmarks.scale import InMemoryFederation
-from fedmtl.accounting import epsilon_after, noise_for
-from fedmtl.aggregation import group_aggregate
-from fedmtl.attacks import (lira_offline, lira_online, logit_confidence, loss_threshold_attack,
+from fedmtl.privacy.accounting import epsilon_after, noise_for
+from fedmtl.server.aggregation import group_aggregate
+from fedmtl.privacy.attacks import (lira_offline, lira_online, logit_confidence, loss_threshold_attack,
                             per_example_loss, split_in_out)
-from fedmtl.client import ClientData, encode_labels
+from fedmtl.client.data import ClientData, encode_labels
 from fedmtl.config import load_config
 from fedmtl.data.manifest import ClientEntry, Manifest
 from fedmtl.data.partitioners import label_permutation, permute_labels
 from fedmtl.data.sources import client_ids, generate_synthetic, load_digits
-from fedmtl.evaluation import summarize
+from fedmtl.eval.metrics import summarize
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.private_aggregation import PrivacySpec, private_aggregate
-from fedmtl.secagg import SecAggError, default_neighbours, secure_sum
+from fedmtl.privacy.aggregation import PrivacySpec, private_aggregate
+from fedmtl.privacy.secagg import SecAggError, default_neighbours, secure_sum
 from fedmtl.state import ServerState, assign
-from fedmtl.store import ClientStore
+from fedmtl.client.store import ClientStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -184,7 +184,7 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
 
 def part_ckks(sizes: list[int], rounds: int) -> dict:
     """Plain, SecAgg+ and CKKS aggregation of the same updates, round by round (see the docstring)."""
-    from fedmtl.he import HEClient, KeyHolder
+    from fedmtl.privacy.he import HEClient, KeyHolder
 
     out = {"rounds": [], "load_average": [os.getloadavg()[0]]}
     for n in sizes:

@@ -103,8 +103,8 @@ def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
     torch.set_num_threads(1)
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.grouping import adjusted_rand
-    from fedmtl.store import ClientStore
+    from fedmtl.server.grouping import adjusted_rand
+    from fedmtl.client.store import ClientStore
 
     sc = SCENARIOS[scenario]
     cfg, manifest = scenario_data(scenario, method, seed, quick, workdir, extra)

@@ -102,10 +102,10 @@ def part_byzantine(root: Path, rounds: int) -> list[dict]:
 
     from benchmarks.speed import make_config
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.evaluation import summarize
+    from fedmtl.eval.metrics import summarize
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.store import ClientStore
+    from fedmtl.client.store import ClientStore
 
     torch.set_num_threads(1)
     rows = []
@@ -142,7 +142,7 @@ def part_byzantine(root: Path, rounds: int) -> list[dict]:
 def part_resume(root: Path, rounds: int) -> dict:
     import torch
 
-    from fedmtl.checkpoint import CheckpointStore, RunRecord
+    from fedmtl.lifecycle.checkpoint import CheckpointStore, RunRecord
 
     params = prepare_data(root, {**WORKLOAD, "training.rounds": rounds})
     code_ref, wall_ref, ref = fedmtl_train(root, params)

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmtl import aggregation
-from fedmtl.client import ClientData, encode_labels
+from fedmtl.server import aggregation
+from fedmtl.client.data import ClientData, encode_labels
 from fedmtl.config import load_config
 from fedmtl.data.manifest import ClientEntry, Manifest
 from fedmtl.data.sources import generate_synthetic
-from fedmtl.dispatch import default_workers, shards
+from fedmtl.server.dispatch import default_workers, shards
 from fedmtl.federation import Federation
-from fedmtl.store import ClientStore
+from fedmtl.client.store import ClientStore
 
 
 @dataclass(frozen=True)

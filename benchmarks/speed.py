@@ -69,7 +69,7 @@ def prepare_data(root: Path, values: dict) -> Path:
     from fedmtl.config import dump_config
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.validation import validate_partitions
+    from fedmtl.data.validation import validate_partitions
 
     root.mkdir(parents=True, exist_ok=True)
     cfg = make_config(root, values)

@@ -72,7 +72,7 @@ def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, 
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.validation import validate_partitions
+    from fedmtl.data.validation import validate_partitions
 
     try:
         manifest = read_manifest(cfg.data.partitions_dir)

@@ -37,7 +37,7 @@ def personalize(
     quiet.configure(verbose)
     import pandas as pd
 
-    from fedmtl.coldstart import encode_support
+    from fedmtl.lifecycle.coldstart import encode_support
     from models.personalized import CLIENT_COLUMN, HEAD_COLUMN
 
     frame = _read_table(support, "support file")
@@ -140,7 +140,7 @@ def _client_of(frame: "pd.DataFrame", column: str) -> str | None:
 def _print_scores(predicted, target, truth, tasks, path: Path) -> None:
     import numpy as np
 
-    from fedmtl.coldstart import present
+    from fedmtl.lifecycle.coldstart import present
 
     for task in tasks:
         mask = present(truth[task.name]).numpy()

@@ -84,8 +84,8 @@ def evaluate(
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.evaluation import HIGHER_IS_BETTER, worst_fraction_mean
-    from fedmtl.validation import read_report, usable_clients
+    from fedmtl.eval.metrics import HIGHER_IS_BETTER, worst_fraction_mean
+    from fedmtl.data.validation import read_report, usable_clients
     from models.scoring import held_out_rows, score_clients
 
     uri = _model_uri(model, cfg.tracking.registered_model)

@@ -36,7 +36,7 @@ def schedule(
         _fail(ValueError('give exactly one schedule: --cron "0 2 * * *" or --interval SECONDS'), 2)
     _check_schedule(cron, interval, timezone)  # before the DVC and Prefect server checks
     if cfg.schedule.refresh_data:
-        from fedmtl.datarefresh import DataRefreshError, check_params, require_project
+        from fedmtl.lifecycle.datarefresh import DataRefreshError, check_params, require_project
 
         try:
             check_params(cfg, require_project(Path.cwd()))

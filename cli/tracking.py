@@ -26,7 +26,7 @@ def compare(
     """Runs side by side: the parameters that differ and each final metric (last round), the
     better value marked ✓ (higher accuracy/precision/recall/F1/gain/ARI, lower loss and time)."""
     quiet.configure(verbose)
-    from fedmtl.comparison import BEST_MARK, compare as compare_runs
+    from fedmtl.eval.comparison import BEST_MARK, compare as compare_runs
 
     if len(runs) < 2:
         _fail(ValueError(f"compare needs at least two runs, got {len(runs)}: {' '.join(runs)}"), 2)

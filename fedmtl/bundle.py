@@ -5,7 +5,7 @@ needed to rebuild the torch model and to cold-start a new client.
 Built by the training flow (``flows.training.make_bundle``), stored in the registry as
 ``bundle.pt`` (``torch.save`` of :meth:`PersonalizedBundle.to_dict`), served by
 ``models.personalized.PersonalizedPredictor`` and read back by a warm start
-(:mod:`fedmtl.warmstart`).
+(:mod:`fedmtl.lifecycle.warmstart`).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class TrainingConfig(_Section):
         "heads and round count) when one exists; none: from a fresh initialisation"
     )
     batched: Literal["auto", "on", "off"] = Field(
-        "auto", description="train a task's clients together (torch.func, fedmtl/batched.py): auto: "
+        "auto", description="train a task's clients together (torch.func, fedmtl/client/batched.py): auto: "
         "whenever the method's client round is the shared step (fedmtl, fedavg, fedavg-ft, FedProx) and "
         "the model has no dropout or batch norm; on: the same, else an error naming why; off: one client "
         "at a time"
@@ -170,7 +170,7 @@ class TrainingConfig(_Section):
     clients_per_task: int | None = Field(
         None, ge=1, description="clients trained by one Prefect task; null: one task per worker "
         "(runner.workers; else the CPU count, or 1 for batched training on threads), at least 8 "
-        "clients each on average, balanced by training rows (fedmtl.dispatch.shards)"
+        "clients each on average, balanced by training rows (fedmtl.server.dispatch.shards)"
     )
 
     @field_validator("batched", mode="before")
@@ -194,7 +194,7 @@ class AlgorithmConfig(_Section):
     personal_lambda_search: PersonalLambdaSearch = Field(
         "off", description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
         "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train rows "
-        "(least log-loss on the left-out folds), then refits on all of them (fedmtl/personal.py; personal_lambda "
+        "(least log-loss on the left-out folds), then refits on all of them (fedmtl/client/personal.py; personal_lambda "
         "for clients with fewer than 10 train rows). cv gains up to 1.4 points (docs/quality.md) for 41 fits "
         "per client and evaluation instead of 1: opt in where the evaluation cost is small"
     )
@@ -221,7 +221,7 @@ class AlgorithmConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """The server optimiser (Reddi et al. 2021) and the aggregation rule (fedmtl/robust.py)."""
+    """The server optimiser (Reddi et al. 2021) and the aggregation rule (fedmtl/server/robust.py)."""
 
     optimizer: ServerOptimizerName = "fedavg"
     lr: float = Field(1.0, gt=0, description="server step η (1 with fedavg = plain averaging)")
@@ -285,7 +285,7 @@ class TrackingConfig(_Section):
 class ColdStartConfig(_Section):
     """A client that took no part in training (``fedmtl personalize``, the pyfunc given labels):
     it picks the group head with the lowest loss on its k labelled rows, then fine-tunes its
-    own head from it on those rows, the base frozen (fedmtl/coldstart.py). The defaults, a gentle
+    own head from it on those rows, the base frozen (fedmtl/lifecycle/coldstart.py). The defaults, a gentle
     fine-tune (10 full-batch steps at k <= 32, lr 0.02, pulled back to the group head by μ = 1),
     did as well as any setting tried by benchmarks/coldstart.py at k = 5..20; longer or faster
     fine-tunes without the pull overfit the k rows and lost up to 1.6 points."""
@@ -397,6 +397,14 @@ class RunnerConfig(_Section):
         return self
 
 
+def tenseal_installed() -> bool:
+    """Whether the ``he`` extra (TenSEAL, for ``secure_aggregation_protocol: ckks``) is installed,
+    without importing it (nor :mod:`fedmtl.privacy.he`: the settings depend on no mechanism)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tenseal") is not None
+
+
 class PrivacyConfig(_Section):
     """What leaves the clients (docs/privacy.md). ``dp``: client-level DP-FedAvg — each
     client's released update (base and group head) clipped to ``clip_norm``, Gaussian noise
@@ -455,7 +463,7 @@ class PrivacyConfig(_Section):
     )
     dp_sgd: bool = Field(
         False, description="sample-level DP-SGD inside local training (Opacus): each row's gradient "
-        "clipped, Gaussian noise on every step, each client's own ε accounted (fedmtl/dpsgd.py)"
+        "clipped, Gaussian noise on every step, each client's own ε accounted (fedmtl/privacy/dpsgd.py)"
     )
     dp_sgd_noise_multiplier: float = Field(
         1.0, gt=0, description="σ: noise std on each step's summed row gradients is σ·dp_sgd_max_grad_norm"
@@ -487,11 +495,9 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _check_protocol(self) -> "PrivacyConfig":
         if self.secure_aggregation and self.secure_aggregation_protocol == "ckks":
-            from fedmtl.he import INSTALL_HINT, available
-
-            if not available():
+            if not tenseal_installed():
                 raise ValueError("privacy.secure_aggregation_protocol=ckks needs the optional 'tenseal' "
-                                 f"package, which is not installed: {INSTALL_HINT}")
+                                 "package, which is not installed: pip install -e '.[he]'")
         return self
 
     @property

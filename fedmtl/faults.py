@@ -9,8 +9,8 @@ benchmark. Nothing here runs unless a ``faults`` setting asks for it.
   ``training.client_timeout`` shorter than the delay, the client is cut off once the timeout
   has passed (:class:`ClientTimeout`): the server waited that long and went on without it.
 - **Byzantine clients** (``byzantine_fraction``, ``byzantine_attack``): a fixed seeded set of
-  clients (:func:`fedmtl.byzantine.attackers`) sends corrupted updates, or trains on flipped
-  labels (:mod:`fedmtl.byzantine`).
+  clients (:func:`fedmtl.server.byzantine.attackers`) sends corrupted updates, or trains on flipped
+  labels (:mod:`fedmtl.server.byzantine`).
 - **A crash** (``crash_at_round``): the process kills itself with SIGKILL mid-round.
 """
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmtl.byzantine import DATA_ATTACKS, attackers, corrupt_update, flip_labels
-from fedmtl.client import ClientData
+from fedmtl.server.byzantine import DATA_ATTACKS, attackers, corrupt_update, flip_labels
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate
 

@@ -7,7 +7,7 @@ model architecture, local training settings, the client stores); the round loop
 
 :meth:`Federation.train_clients` trains a shard of clients: with a batchable method (the
 standard shared step) and ``training.batched`` allowing it, all of them at once
-(:mod:`fedmtl.batched`), else one :meth:`Federation.client_round` after the other; either way
+(:mod:`fedmtl.client.batched`), else one :meth:`Federation.client_round` after the other; either way
 each client's update, metrics and personal state are those of :meth:`Federation.client_round`.
 """
 
@@ -23,27 +23,27 @@ from typing import Any
 
 import torch
 
-from fedmtl.aggregation import global_merge, group_aggregate
+from fedmtl.server.aggregation import global_merge, group_aggregate
 from fedmtl.algorithms import ALL, Algorithm, ClientContext, FedMTL
-from fedmtl.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
-from fedmtl.client import ClientData, ManifestKey, PartitionChanged, PartitionError, load_client_data
+from fedmtl.client.batched import BatchingUnsupported, SharedJob, batching_blocker, train_shared
+from fedmtl.client.data import ClientData, ManifestKey, PartitionChanged, PartitionError, load_client_data
 from fedmtl.data.manifest import Manifest, PartitionDigest
-from fedmtl.dispatch import clients_for_round, poisson_sample, sample_rate
-from fedmtl.evaluation import VARIANTS, evaluate_clients
-from fedmtl.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
-from fedmtl.dp import AdaptiveClip
-from fedmtl.dpsgd import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSession, DPSGDSpec, Ledger, client_epsilons
+from fedmtl.server.dispatch import clients_for_round, poisson_sample, sample_rate
+from fedmtl.eval.metrics import VARIANTS, evaluate_clients
+from fedmtl.server.grouping import WARMUP_GROUP, GroupingSpec, choose_group, regroup
+from fedmtl.privacy.dp import AdaptiveClip
+from fedmtl.privacy.dpsgd import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSession, DPSGDSpec, Ledger, client_epsilons
 from fedmtl.faults import FaultSpec
 from fedmtl.nn import build_model
-from fedmtl.private_aggregation import PrivacySpec, RoundPrivacy, private_aggregate
-from fedmtl.robust import RobustSpec
-from fedmtl.private_evaluation import StatLayout, pooled_evaluation, statistics_score
-from fedmtl.randomness import SecretRandom
-from fedmtl.server_optim import ServerOptimizer
+from fedmtl.privacy.aggregation import PrivacySpec, RoundPrivacy, private_aggregate
+from fedmtl.server.robust import RobustSpec
+from fedmtl.privacy.evaluation import StatLayout, pooled_evaluation, statistics_score
+from fedmtl.privacy.randomness import SecretRandom
+from fedmtl.server.optimizers import ServerOptimizer
 from fedmtl.state import (ClientFailure, ClientUpdate, FailureKind, GroupAggregate, ServerState, flat,
                           initial_state)
-from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig, client_seed
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import LocalConfig, client_seed
 
 
 class RejectedUpdate(ValueError):
@@ -74,7 +74,7 @@ class Federation:
     #: the run's secret key: every draw a privacy guarantee rests on (DP noise, Poisson sampling)
     secret: SecretRandom = field(default_factory=SecretRandom.fresh, repr=False, compare=False)
     max_norm_ratio: float | None = None  # server.max_norm_ratio: bounded influence (None: off)
-    #: client -> the digest of its partition as validated (fedmtl.validation.bind_partitions): every
+    #: client -> the digest of its partition as validated (fedmtl.data.validation.bind_partitions): every
     #: read checks it (PartitionChanged), a client without one is refused. None: no check (a
     #: federation built without a validation report, e.g. tests and benchmarks)
     partition_digests: dict[str, PartitionDigest] | None = field(default=None, repr=False, compare=False)
@@ -157,7 +157,7 @@ class Federation:
 
     def data(self, client: str) -> ClientData:
         """The client's partition, cached while its file is unchanged; with ``partition_digests``,
-        only the very file validation passed. Raises a :class:`fedmtl.client.PartitionError`
+        only the very file validation passed. Raises a :class:`fedmtl.client.data.PartitionError`
         naming the client and the file when it cannot be used."""
         expected = None
         if self.partition_digests is not None:
@@ -330,10 +330,10 @@ class Federation:
         """Each client scores the global, group and personalised models on its own held-out
         split (records in client order). Personalisation runs per client (it may fit a
         personal head and keep it in the client's store); the scoring is batched over the
-        clients (:func:`fedmtl.evaluation.evaluate_clients`), with one model for them all.
+        clients (:func:`fedmtl.eval.metrics.evaluate_clients`), with one model for them all.
 
         ``skipped`` None: a client whose partition cannot be used raises its
-        :class:`fedmtl.client.PartitionError`. A dict: that client is left out of the records and
+        :class:`fedmtl.client.data.PartitionError`. A dict: that client is left out of the records and
         its failure recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does not stop the round."""
         model, jobs, groups = self._evaluation_jobs(clients, state, skipped)
         records = evaluate_clients(model, jobs, self.manifest.tasks)
@@ -348,7 +348,7 @@ class Federation:
         sum over the clients comes out, through SecAgg+ (or CKKS, ``secure_aggregation_protocol``) when
         ``privacy.secure_aggregation`` is on,
         with ``privacy.evaluation_noise`` added to every summed count
-        (:mod:`fedmtl.private_evaluation`): metrics ``{variant}/{metric}/pooled``. ``skipped``: as
+        (:mod:`fedmtl.privacy.evaluation`): metrics ``{variant}/{metric}/pooled``. ``skipped``: as
         for :meth:`evaluate_clients` (a skipped client adds nothing to the sums)."""
         model, jobs, _ = self._evaluation_jobs(clients, state, skipped)
         tasks = list(self.manifest.tasks)
@@ -365,7 +365,7 @@ class Federation:
 
     def _evaluation_jobs(self, clients: list[str], state: ServerState, skipped: dict[str, ClientFailure] | None = None):
         """The model, each client's (data, {variant: (base, heads)}) and each client's group.
-        A client whose partition cannot be used (:class:`fedmtl.client.PartitionError`) raises,
+        A client whose partition cannot be used (:class:`fedmtl.client.data.PartitionError`) raises,
         or, with ``skipped`` a dict, is left out and recorded there."""
         model = self.new_model()
         tasks = list(self.manifest.tasks)
@@ -394,7 +394,7 @@ class Federation:
         self, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float = 1.0
     ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
         """The group_aggregate step: plain per-group means, or, with ``privacy`` on, the
-        private releases of :mod:`fedmtl.private_aggregation` and their report."""
+        private releases of :mod:`fedmtl.privacy.aggregation` and their report."""
         if not self.privacy.enabled:
             return group_aggregate(updates, self.robust), None
         spec = self.privacy

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from fedmtl.dispatch import shards
+from fedmtl.server.dispatch import shards
 from fedmtl.federation import Federation, participants, sat_out_clients
-from fedmtl.private_aggregation import RoundPrivacy
+from fedmtl.privacy.aggregation import RoundPrivacy
 from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState
 
 
@@ -218,7 +218,7 @@ class _History(Callbacks):
     """The summaries :func:`run_rounds` returns: one per evaluated round."""
 
     def __init__(self, fed: Federation) -> None:
-        from fedmtl.evaluation import summarize
+        from fedmtl.eval.metrics import summarize
 
         self.fed, self.summarize = fed, summarize
         self.summaries: list[dict[str, float]] = []

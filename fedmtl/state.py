@@ -2,7 +2,7 @@
 
 Parameters travel as flat float32 vectors (``torch.nn.utils.parameters_to_vector`` order of the
 module they belong to), so aggregation, clipping and masking are plain tensor arithmetic.
-The server state never holds a personal head: those live in the :class:`~fedmtl.store.ClientStore`.
+The server state never holds a personal head: those live in the :class:`~fedmtl.client.store.ClientStore`.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class GroupAggregate:
     """A group's sample-weighted mean update and the mass behind it. ``weight``: a public
     weight for the merge across groups that replaces ``grouping.weighting`` (DP: the group's
     expected number of clients); ``pooled``: a base-only release of several small groups
-    (:mod:`fedmtl.private_aggregation`), which updates no group head and assigns no group."""
+    (:mod:`fedmtl.privacy.aggregation`), which updates no group head and assigns no group."""
 
     group: str
     n_clients: int

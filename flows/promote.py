@@ -3,7 +3,7 @@
 ``fedmtl-promote``: both versions answer every validated client's held-out rows (the current
 partitions, through each model's own routing; each loaded only once its artifacts matched the
 hashes recorded at registration, tasks/registry.py), the gates of ``promotion`` decide
-(``fedmtl/promotion.py``), and the registry records the decision and, on a pass, moves the
+(``fedmtl/lifecycle/promotion.py``), and the registry records the decision and, on a pass, moves the
 ``champion`` alias (``tasks/promotion.py``). ``fedmtl-rollback`` gives ``champion`` back to the
 version the current champion replaced.
 
@@ -24,8 +24,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fedmtl.config import Config
 from fedmtl.data.manifest import read_manifest
-from fedmtl.promotion import Decision, decide
-from fedmtl.validation import read_report, usable_clients
+from fedmtl.lifecycle.promotion import Decision, decide
+from fedmtl.data.validation import read_report, usable_clients
 from models.scoring import held_out_rows, score_clients
 from tasks.promotion import CHALLENGER, CHAMPION, ChampionChanged, Registry, RegistryError, actor_name
 from tasks.registry import check_artifacts

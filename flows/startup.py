@@ -158,7 +158,7 @@ def warm_up(config: Any, data: bool = True) -> None:
     process is about to write them, as ``fedmtl run`` does)."""
     try:
         from fedmtl.algorithms import get_algorithm
-        from fedmtl.batched import warm_up as torch_func_warm_up
+        from fedmtl.client.batched import warm_up as torch_func_warm_up
 
         if config.training.batched != "off" and get_algorithm(config.algorithm.method).batchable:
             torch_func_warm_up()
@@ -178,9 +178,9 @@ def warm_up(config: Any, data: bool = True) -> None:
 
 
 def _prefetch(config: Any) -> None:
-    from fedmtl.client import ManifestKey, load_client_data
+    from fedmtl.client.data import ManifestKey, load_client_data
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.validation import read_report, usable_clients
+    from fedmtl.data.validation import read_report, usable_clients
 
     manifest = read_manifest(config.data.partitions_dir)
     clients = usable_clients(manifest, read_report(config.data.validation_dir), 1)

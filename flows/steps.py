@@ -13,7 +13,7 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from fedmtl.config import Config
-from fedmtl.dispatch import default_workers, shards
+from fedmtl.server.dispatch import default_workers, shards
 from fedmtl.federation import Federation
 from fedmtl.rounds import Steps
 from fedmtl.state import ClientFailure

@@ -15,23 +15,23 @@ from prefect import flow, get_run_logger, runtime
 from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
-from fedmtl import plots
+from fedmtl.eval import plots
 from fedmtl import rounds as round_loop
-from fedmtl.checkpoint import (Checkpoint, CheckpointStore, RunRecord, capture_rng, find_resumable,
+from fedmtl.lifecycle.checkpoint import (Checkpoint, CheckpointStore, RunRecord, capture_rng, find_resumable,
                                record_table, restore_rng, table_record)
 from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, atomic_write_bytes, read_manifest
-from fedmtl.evaluation import summarize
+from fedmtl.eval.metrics import summarize
 from fedmtl.faults import crash_if_due
 from fedmtl.federation import Federation
-from fedmtl.grouping import adjusted_rand
-from fedmtl.provenance import data_version, git_commit
-from fedmtl.randomness import SecretRandom
+from fedmtl.server.grouping import adjusted_rand
+from fedmtl.lifecycle.provenance import data_version, git_commit
+from fedmtl.privacy.randomness import SecretRandom
 from fedmtl.rounds import ClientBudgetsSpent, RoundFailed  # noqa: F401 - the flow's errors, importable here
 from fedmtl.state import ServerState
-from fedmtl.store import ClientStore
-from fedmtl.validation import bind_partitions, read_report, usable_clients
-from fedmtl.warmstart import seed_store, state_from_bundle
+from fedmtl.client.store import ClientStore
+from fedmtl.data.validation import bind_partitions, read_report, usable_clients
+from fedmtl.lifecycle.warmstart import seed_store, state_from_bundle
 from flows import interrupt, progress
 from flows.steps import PrefectSteps
 from models.personalized import CLIENT_COLUMN, PersonalizedBundle
@@ -45,7 +45,7 @@ def federated_training(config: dict[str, Any], resume: bool = False) -> dict[str
     """Train on the validated partitions named in ``config`` (a ``Config`` as a dict).
 
     Every complete round is checkpointed in the run's directory (``training.workdir``/runs/KEY:
-    :mod:`fedmtl.checkpoint`). ``resume``: continue the newest interrupted run with the same
+    :mod:`fedmtl.lifecycle.checkpoint`). ``resume``: continue the newest interrupted run with the same
     settings and data after its last good checkpoint, in the same MLflow run; a retry of the same
     Prefect flow run resumes by itself."""
     cfg = Config.model_validate(config)
@@ -290,12 +290,12 @@ def privacy_budget(cfg: Config, n_clients: int):
     p = cfg.privacy
     if not p.dp:
         return None
-    from fedmtl.accounting import BudgetExceeded, PrivacyAccountant, check_plan
-    from fedmtl.dispatch import sample_rate
+    from fedmtl.privacy.accounting import BudgetExceeded, PrivacyAccountant, check_plan
+    from fedmtl.server.dispatch import sample_rate
 
     rate = sample_rate(cfg.training.clients_per_round, n_clients)
     if p.adaptive_clip:
-        from fedmtl.dp import default_count_noise, update_noise_multiplier
+        from fedmtl.privacy.dp import default_count_noise, update_noise_multiplier
 
         try:
             update_noise_multiplier(p.noise_multiplier, default_count_noise(rate * n_clients))
@@ -317,7 +317,7 @@ def budget_exhausted(budget, cfg: Config, state: ServerState) -> bool:
     target = cfg.privacy.target_epsilon
     if budget is None or target is None:
         return False
-    from fedmtl.accounting import epsilon_after
+    from fedmtl.privacy.accounting import epsilon_after
 
     after = epsilon_after(budget.rounds + 1, budget.noise_multiplier, "poisson",  # and the final evaluation
                           sample_rate=budget.sample_rate, delta=budget.delta,

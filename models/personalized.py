@@ -4,7 +4,7 @@ Routing, for each row: the client's personal heads if the bundle has them, else 
 heads if the client is known, else, for a client that took no part in training, a cold start:
 when its rows carry labels (the task's label column present and not null), those rows are its
 support set, it picks its group by the loss of each group head on them and fine-tunes its own
-head from it (:func:`fedmtl.coldstart.personalize`, settings in the bundle's ``coldstart``), and
+head from it (:func:`fedmtl.lifecycle.coldstart.personalize`, settings in the bundle's ``coldstart``), and
 all its rows are predicted with that head (``head`` = "cold-start"); without labels, the global
 heads. A cold start is not remembered: send the labelled rows with every request.
 """
@@ -21,8 +21,8 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils import vector_to_parameters
 
-from fedmtl.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
-from fedmtl.training import client_seed
+from fedmtl.lifecycle.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
+from fedmtl.client.training import client_seed
 from fedmtl.bundle import PersonalizedBundle  # noqa: F401 - re-exported: where the served model is read
 from fedmtl.nn import build_model
 

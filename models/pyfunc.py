@@ -4,7 +4,7 @@ Input: a ``client_id`` column plus the feature columns; optionally the tasks' la
 Output: one column per task (the predicted label or value) and ``head`` (personal, group,
 cold-start or global: which heads answered). A client id the model does not know is answered
 by the global heads, unless some of its rows carry labels: then those rows are its support set
-and all its rows are answered by a cold-start head (fedmtl/coldstart.py).
+and all its rows are answered by a cold-start head (fedmtl/lifecycle/coldstart.py).
 """
 
 from __future__ import annotations

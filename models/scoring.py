@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from fedmtl.client import encode_labels
+from fedmtl.client.data import encode_labels
 from fedmtl.data import load_partition
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.evaluation import classification_metrics, regression_metrics
+from fedmtl.eval.metrics import classification_metrics, regression_metrics
 from models.personalized import CLIENT_COLUMN, HEAD_COLUMN, PersonalizedPredictor
 
 

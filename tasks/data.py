@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from fedmtl.config import Config
 from fedmtl.data import partitions
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 
 
 @task(name="prepare", cache_policy=NO_CACHE)

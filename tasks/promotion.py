@@ -1,7 +1,7 @@
 """The registry side of champion/challenger promotion and rollback (MLflow).
 
 Aliases: ``challenger`` (set by every training run on its new version) and ``champion`` (the
-version in use). The decision itself is pure (``fedmtl/promotion.py``); this module reads the
+version in use). The decision itself is pure (``fedmtl/lifecycle/promotion.py``); this module reads the
 facts it needs from the registry, records every decision, and moves the alias.
 
 Every decision (promote, reject, rollback) is recorded twice: as tags on the model version it
@@ -42,7 +42,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fedmtl.promotion import Decision, RunFacts
+from fedmtl.lifecycle.promotion import Decision, RunFacts
 from models.personalized import PersonalizedPredictor
 from tasks.locking import registry_lock
 from tasks.registry import CHALLENGER, CHAMPION, check_registered_model, load_predictor
@@ -209,7 +209,7 @@ class Registry:
         (any, when there is none), neither rolled back nor already rejected against this
         champion, whose run recorded a better ``metric``; or, when the challenger was trained
         with another method than the champion, the best such version with the champion's method."""
-        from fedmtl.evaluation import HIGHER_IS_BETTER
+        from fedmtl.eval.metrics import HIGHER_IS_BETTER
 
         higher = HIGHER_IS_BETTER.get(metric, True)
         new, old = self.describe(challenger), self.describe(champion)

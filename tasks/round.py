@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
 from fedmtl.federation import Federation
-from fedmtl.private_aggregation import RoundPrivacy
+from fedmtl.privacy.aggregation import RoundPrivacy
 from fedmtl.rounds import Steps
 from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState
 
@@ -35,7 +35,7 @@ def _shard_name() -> str:
 def local_train_shard(
     clients: list[str], fed: Federation, state: ServerState
 ) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
-    """Local training of a shard of clients (``fedmtl.dispatch.shards``), batched when the
+    """Local training of a shard of clients (``fedmtl.server.dispatch.shards``), batched when the
     method and model allow it (``training.batched``); each client's update carries its own
     metrics and its personal state stays in its own store. Returns (updates, failed clients
     with their errors): a client that fails is left out and logged (the shard's other clients
@@ -97,7 +97,7 @@ def evaluate(
     """Every client scores global, group and personalised models on its own held-out split:
     per-client records, or, when per-client metrics are off (privacy), no records and the
     metrics pooled from the clients' summed statistics. A client whose partition cannot be used
-    (missing, changed after validation, NaN or infinite rows: :class:`fedmtl.client.PartitionError`)
+    (missing, changed after validation, NaN or infinite rows: :class:`fedmtl.client.data.PartitionError`)
     is left out and logged; the others are scored. Returns (records, pooled metrics, skipped
     client -> error)."""
     records, pooled, skipped = _STEPS.evaluate(fed, state, clients)

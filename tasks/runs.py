@@ -8,7 +8,7 @@ from mlflow.entities import ViewType  # tasks/__init__ has already quietened MLf
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fedmtl.comparison import RunRecord
+from fedmtl.eval.comparison import RunRecord
 from tasks.locking import sqlite_path
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")

@@ -1,5 +1,5 @@
 """The data-version steps of a scheduled run as Prefect tasks (thin wrappers over
-:mod:`fedmtl.datarefresh`)."""
+:mod:`fedmtl.lifecycle.datarefresh`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedmtl import datarefresh
+from fedmtl.lifecycle import datarefresh
 from fedmtl.config import Config
-from fedmtl.provenance import data_version, dvc_lock_hash
+from fedmtl.lifecycle.provenance import data_version, dvc_lock_hash
 
 
 @task(name="refresh-data", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ heads jointly from a start for ``local_epochs``, FedProx's μ optional, and rele
 changed) say so by defining :meth:`Algorithm.shared_start` (where a client starts from) and
 :meth:`Algorithm.shared_result` (its update and personal state from the trained weights);
 :meth:`Algorithm.shared_round` is then their ``client_round``, and
-:func:`fedmtl.batched.train_shared` can train many such clients at once.
+:func:`fedmtl.client.batched.train_shared` can train many such clients at once.
 
 Every method is scored with the same three variants on each client's held-out split:
 ``global`` (θ, φ₀), ``group`` (θ, φ_g; φ₀ for methods without groups) and ``personal``.
@@ -28,10 +28,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import LocalConfig, train_joint
+from fedmtl.client.training import LocalConfig, train_joint
 
 #: The one group of methods that do not group clients.
 ALL = "all"
@@ -70,7 +70,7 @@ class Algorithm:
     learns_groups: ClassVar[bool] = False
     #: whether ``client_round`` is the standard shared step (``shared_start`` → train_joint of
     #: base and heads for ``local_epochs`` → ``shared_result``), so clients can be trained in
-    #: batches (:mod:`fedmtl.batched`)
+    #: batches (:mod:`fedmtl.client.batched`)
     batchable: ClassVar[bool] = False
 
     def client_round(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads, diff
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import load_weights, train_joint
+from fedmtl.client.training import load_weights, train_joint
 
 
 class Ditto(Algorithm):

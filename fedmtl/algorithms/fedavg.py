@@ -8,9 +8,9 @@ The personalised model is the global model itself.
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import LocalConfig
+from fedmtl.client.training import LocalConfig
 
 
 class FedAvg(Algorithm):

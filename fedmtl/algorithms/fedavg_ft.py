@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import ClientContext
 from fedmtl.algorithms.fedavg import FedAvg
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import Heads, PersonalState, ServerState, Vector
-from fedmtl.training import train_joint
+from fedmtl.client.training import train_joint
 
 
 class FedAvgFT(FedAvg):

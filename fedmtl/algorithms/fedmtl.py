@@ -4,12 +4,12 @@ Client round (docs/algorithm.md):
 
 - **shared step**: from the received (θ, φ_g) train base and group head jointly for
   ``local_epochs`` (FedProx's μ optional) and release Δθ and Δφ_g. The server aggregates
-  within groups first, then across groups (:mod:`fedmtl.aggregation`); groups come from a
-  column or are learned (:mod:`fedmtl.grouping`).
+  within groups first, then across groups (:mod:`fedmtl.server.aggregation`); groups come from a
+  column or are learned (:mod:`fedmtl.server.grouping`).
 - **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
   ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
   pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly (``personal_fit: map``,
-  :mod:`fedmtl.personal`) with λ fixed or chosen per client by cross-validation on its own train
+  :mod:`fedmtl.client.personal`) with λ fixed or chosen per client by cross-validation on its own train
   rows (``personal_lambda_search: cv``). ψ_c is fitted on the base it will be used with, and
   never leaves the client.
 """
@@ -17,10 +17,10 @@ Client round (docs/algorithm.md):
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.personal import fit_personal_heads
-from fedmtl.training import LocalConfig, train_heads
+from fedmtl.client.personal import fit_personal_heads
+from fedmtl.client.training import LocalConfig, train_heads
 
 
 class FedMTL(Algorithm):

@@ -6,9 +6,9 @@ The client trains base and its personal head together for ``local_epochs`` and r
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import train_joint
+from fedmtl.client.training import train_joint
 
 
 class FedPer(Algorithm):

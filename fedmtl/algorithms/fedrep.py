@@ -6,9 +6,9 @@ frozen, then the base for ``local_epochs`` with the head frozen, and releases Δ
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import train_heads, train_joint
+from fedmtl.client.training import train_heads, train_joint
 
 
 class FedRep(Algorithm):

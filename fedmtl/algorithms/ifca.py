@@ -1,7 +1,7 @@
 """IFCA (Ghosh et al. 2020), with weight sharing: a shared base and k cluster heads.
 
 Each round a client picks the cluster whose head has the lowest loss on its train split
-(:func:`fedmtl.grouping.choose_group`), trains base and that head jointly for
+(:func:`fedmtl.server.grouping.choose_group`), trains base and that head jointly for
 ``local_epochs`` and releases both deltas; the server averages heads within clusters. The
 personalised model is the client's cluster model. The same assignment rule is available to
 fedmtl as ``grouping.method: ifca``."""
@@ -9,9 +9,9 @@ fedmtl as ``grouping.method: ifca``."""
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import train_joint
+from fedmtl.client.training import train_joint
 
 
 class IFCA(Algorithm):

@@ -6,9 +6,9 @@ Each client keeps its own base θ_c and trains it with the received global head 
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.training import train_joint
+from fedmtl.client.training import train_joint
 
 
 class LGFedAvg(Algorithm):

@@ -4,9 +4,9 @@ nothing. The reference any federated method must beat (no federation, no leakage
 from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState
-from fedmtl.training import train_joint
+from fedmtl.client.training import train_joint
 
 
 class LocalOnly(Algorithm):

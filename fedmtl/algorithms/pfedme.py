@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.state import ClientUpdate, PersonalState, ServerState, flat
-from fedmtl.training import batches, load_weights, multitask_loss, read_heads
+from fedmtl.client.training import batches, load_weights, multitask_loss, read_heads
 
 
 class PFedMe(Algorithm):

@@ -15,8 +15,8 @@ entry. A partition file that is a symbolic link must resolve inside the partitio
 (:func:`partition_path`).
 
 :class:`PartitionDigest` is a partition file's SHA-256 and size: validation records it for every
-file it read, and training checks it before using a file (:mod:`fedmtl.validation`,
-:func:`fedmtl.client.load_client_data`).
+file it read, and training checks it before using a file (:mod:`fedmtl.data.validation`,
+:func:`fedmtl.client.data.load_client_data`).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def client_id_problem(client: object) -> str | None:
     """Why ``client`` cannot be a client id, or None. Ids with path separators or ``..`` are
     allowed: no path is ever made from an id itself (partition files get safe names,
     :func:`fedmtl.data.partitions.partition_file_name`; client stores a sanitised name plus a
-    hash, :func:`fedmtl.store.client_folder`)."""
+    hash, :func:`fedmtl.client.store.client_folder`)."""
     if not isinstance(client, str) or not client:
         return "is not a non-empty string"
     if "\x00" in client:

@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from tasks.promotion import Registry
 from tests.conftest import tiny_overrides
 

@@ -140,7 +140,7 @@ def test_push_without_a_remote_or_to_a_broken_one_says_which_and_changes_nothing
     scheduled flow warns and trains on); with a default remote whose URL cannot be written, it
     fails naming the remote and the way to go on without pushing; the data and dvc.lock stay
     as they were."""
-    from fedmtl.datarefresh import DataRefreshError, push, remote
+    from fedmtl.lifecycle.datarefresh import DataRefreshError, push, remote
 
     repo = tmp_path / "project"
     repo.mkdir()

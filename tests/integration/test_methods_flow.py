@@ -11,7 +11,7 @@ from fedmtl.algorithms import METHODS
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from models.personalized import CLIENT_COLUMN, PersonalizedPredictor
 from tests.conftest import tiny_overrides
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.store import ClientStore
+from fedmtl.client.store import ClientStore
 from models.personalized import PersonalizedPredictor
 from tests.conftest import tiny_overrides
 

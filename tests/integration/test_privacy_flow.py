@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedmtl.accounting import epsilon_after
+from fedmtl.privacy.accounting import epsilon_after
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_the_runs_secret_key_stays_in_its_directory_with_mode_0600_and_is_never_
     import stat
     from pathlib import Path
 
-    from fedmtl.randomness import KEY_FILE
+    from fedmtl.privacy.randomness import KEY_FILE
 
     cfg, result = trained
     keys = list(Path(cfg.training.workdir).glob(f"runs/*/{KEY_FILE}"))

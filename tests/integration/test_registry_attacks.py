@@ -34,8 +34,8 @@ from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.store import ClientStore
-from fedmtl.validation import validate_partitions
+from fedmtl.client.store import ClientStore
+from fedmtl.data.validation import validate_partitions
 from models.personalized import CLIENT_COLUMN, PersonalizedPredictor
 from tests.conftest import tiny_overrides
 

@@ -13,7 +13,7 @@ from cli import app
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from tasks.registry import OWNER, OWNER_TAG, RegisteredModelClash
 from tests.conftest import tiny_overrides
 

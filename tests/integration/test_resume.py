@@ -13,12 +13,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedmtl.checkpoint import CheckpointStore, RunRecord
+from fedmtl.lifecycle.checkpoint import CheckpointStore, RunRecord
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.store import ClientStore
-from fedmtl.validation import validate_partitions
+from fedmtl.client.store import ClientStore
+from fedmtl.data.validation import validate_partitions
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow

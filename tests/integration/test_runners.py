@@ -11,7 +11,7 @@ import pytest
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 from flows.runners import RunnerError, task_runner, with_runner, worker_environment
 from tests.conftest import tiny_overrides
 

@@ -15,11 +15,11 @@ from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.grouping import adjusted_rand, choose_group, cluster_vectors
-from fedmtl.server_optim import ServerOptimizer
-from fedmtl.store import ClientStore
+from fedmtl.server.grouping import adjusted_rand, choose_group, cluster_vectors
+from fedmtl.server.optimizers import ServerOptimizer
+from fedmtl.client.store import ClientStore
 from fedmtl.state import assign
-from fedmtl.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
+from fedmtl.client.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
 from tests.conftest import tiny_overrides
 
 
@@ -219,7 +219,7 @@ def _with(module, vector):
 
 
 def _client_like(data, x_train, y_train, x_test=None):
-    from fedmtl.client import ClientData
+    from fedmtl.client.data import ClientData
 
     return ClientData(data.client, data.group, x_train, y_train,
                       data.x_test if x_test is None else x_test, data.y_test)
@@ -229,7 +229,7 @@ def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_
     """personal_lambda_search: cv picks a large λ when the client's labels are drawn from its
     group head, a small one when they follow a very different head; it reads only the train rows
     and is deterministic."""
-    from fedmtl.personal import LAMBDA_GRID, fit_personal_heads, select_lambda
+    from fedmtl.client.personal import LAMBDA_GRID, fit_personal_heads, select_lambda
 
     make, _ = setup
     fed, ctx, state, data = one_client(make("fedmtl", "lambda-search"))

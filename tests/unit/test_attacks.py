@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from fedmtl.attacks import (
+from fedmtl.privacy.attacks import (
     AttackResult,
     evaluate_scores,
     lira_offline,

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from fedmtl.data.manifest import MANIFEST, read_manifest
-from fedmtl.validation import REPORT, read_report
+from fedmtl.data.validation import REPORT, read_report
 from tests.conftest import tiny_overrides
 
 runner = CliRunner()

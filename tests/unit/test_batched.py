@@ -1,4 +1,4 @@
-"""Batched local training (fedmtl/batched.py) gives each client what the per-client loop gives."""
+"""Batched local training (fedmtl/client/batched.py) gives each client what the per-client loop gives."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import fedmtl.federation as federation
-from fedmtl.batched import BatchingUnsupported, SharedJob, train_shared
-from fedmtl.client import ClientData
+from fedmtl.client.batched import BatchingUnsupported, SharedJob, train_shared
+from fedmtl.client.data import ClientData
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import TaskSpec, read_manifest
-from fedmtl.dispatch import MIN_CLIENTS_PER_TASK, shards
+from fedmtl.server.dispatch import MIN_CLIENTS_PER_TASK, shards
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
 from fedmtl.state import flat
-from fedmtl.store import ClientStore
-from fedmtl.training import LocalConfig, train_joint
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import LocalConfig, train_joint
 from models import build_model
 from tests.conftest import tiny_overrides
 

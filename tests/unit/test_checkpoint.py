@@ -1,4 +1,4 @@
-"""Round checkpoints (fedmtl/checkpoint.py): atomic, checksummed, never loaded when damaged."""
+"""Round checkpoints (fedmtl/lifecycle/checkpoint.py): atomic, checksummed, never loaded when damaged."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl.checkpoint import (Checkpoint, CheckpointStore, CorruptCheckpoint, ResumeError, RunRecord, capture_rng,
+from fedmtl.lifecycle.checkpoint import (Checkpoint, CheckpointStore, CorruptCheckpoint, ResumeError, RunRecord, capture_rng,
                                find_resumable, record_table, restore_rng, table_record)
 from fedmtl.state import ServerState
 
@@ -133,7 +133,7 @@ class _Evil:
 def test_a_tampered_checkpoint_or_client_store_never_runs_code(tmp_path):
     import hashlib
 
-    from fedmtl.store import ClientStore, CorruptState, client_folder
+    from fedmtl.client.store import ClientStore, CorruptState, client_folder
 
     marker = tmp_path / "pwned"
     store = CheckpointStore(tmp_path / "ckpt")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmtl.coldstart import (
+from fedmtl.lifecycle.coldstart import (
     COLD_START,
     GLOBAL,
     ColdStartSettings,
@@ -19,9 +19,9 @@ from fedmtl.coldstart import (
     support_loss,
 )
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.grouping import lowest_loss
+from fedmtl.server.grouping import lowest_loss
 from fedmtl.state import flat
-from fedmtl.training import load_weights
+from fedmtl.client.training import load_weights
 from models import build_model
 
 N_FEATURES, N_CLASSES = 6, 4

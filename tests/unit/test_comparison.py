@@ -1,4 +1,4 @@
-"""fedmtl.comparison: which settings differ, which final metric is better, how rows look."""
+"""fedmtl.eval.comparison: which settings differ, which final metric is better, how rows look."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedmtl.comparison import (
+from fedmtl.eval.comparison import (
     BEST_MARK,
     HIGHER,
     LOWER,

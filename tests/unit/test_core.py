@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from fedmtl.aggregation import global_merge, group_aggregate, weighted_mean
+from fedmtl.server.aggregation import global_merge, group_aggregate, weighted_mean
 from fedmtl.config import ConfigError, load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.dispatch import clients_for_round
-from fedmtl.evaluation import summarize, worst_fraction_mean
+from fedmtl.server.dispatch import clients_for_round
+from fedmtl.eval.metrics import summarize, worst_fraction_mean
 from fedmtl.federation import Federation, RejectedUpdate, check_update
 from fedmtl.rounds import run_rounds
 from fedmtl.state import ClientUpdate, ServerState, assign
-from fedmtl.store import ClientStore
+from fedmtl.client.store import ClientStore
 from tests.conftest import tiny_overrides
 
 
@@ -158,7 +158,7 @@ def test_cli_rejects_invalid_setting_with_exit_code_2(tmp_path, monkeypatch):
 
 
 def test_fast_classification_metrics_equal_scikit_learns():
-    from fedmtl.evaluation import classification_metrics, classification_metrics_sklearn
+    from fedmtl.eval.metrics import classification_metrics, classification_metrics_sklearn
 
     rng = np.random.default_rng(0)
     cases = [(np.array([0, 0, 1]), np.array([0, 0, 1])), (np.array([3]), np.array([5])),
@@ -174,9 +174,9 @@ def test_fast_classification_metrics_equal_scikit_learns():
 
 
 def test_batched_evaluation_equals_each_client_scored_alone():
-    from fedmtl.client import ClientData
+    from fedmtl.client.data import ClientData
     from fedmtl.data.manifest import TaskSpec
-    from fedmtl.evaluation import evaluate_clients
+    from fedmtl.eval.metrics import evaluate_clients
     from fedmtl.state import flat
     from fedmtl.nn import build_model
 
@@ -227,7 +227,7 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
 
 def test_the_client_store_versions_personal_state_by_round(tmp_path):
     from fedmtl.state import PersonalState
-    from fedmtl.store import ClientStore
+    from fedmtl.client.store import ClientStore
 
     store = ClientStore(tmp_path)
 
@@ -250,7 +250,7 @@ def test_the_client_store_versions_personal_state_by_round(tmp_path):
 
 def test_robust_aggregation_survives_sign_flipping_clients_where_the_mean_breaks(tmp_path):
     """20 % of the clients send −10×Δ every round: FedAvg's mean collapses to chance, the
-    coordinate median, the trimmed mean and multi-Krum keep the model (fedmtl/robust.py)."""
+    coordinate median, the trimmed mean and multi-Krum keep the model (fedmtl/server/robust.py)."""
     base = {"data.partition.n_clients": 10, "data.partition.scheme": "iid", "algorithm.method": "fedavg",
             "training.local_epochs": 2}
     cfg = load_config(None, tiny_overrides(tmp_path, **base))

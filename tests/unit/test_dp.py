@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedmtl import accounting as acc
-from fedmtl.dp import AdaptiveClip, clip_update, gaussian_noise, noised_sum, update_noise_multiplier
+from fedmtl.privacy import accounting as acc
+from fedmtl.privacy.dp import AdaptiveClip, clip_update, gaussian_noise, noised_sum, update_noise_multiplier
 
 DELTA = 1e-5
 

@@ -1,4 +1,4 @@
-"""Sample-level DP-SGD inside local training (fedmtl/dpsgd.py): Opacus's clipping and noise,
+"""Sample-level DP-SGD inside local training (fedmtl/privacy/dpsgd.py): Opacus's clipping and noise,
 the same batches as plain SGD when both are switched off, each client's ε equal to Opacus's
 own accountant, the settings' errors, and the core round with a ledger that survives resume."""
 
@@ -17,17 +17,17 @@ from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
 from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
 
-from fedmtl.batched import BatchingUnsupported  # noqa: E402
+from fedmtl.client.batched import BatchingUnsupported  # noqa: E402
 from fedmtl.config import ConfigError, load_config  # noqa: E402
 from fedmtl.data import partition, prepare  # noqa: E402
 from fedmtl.data.manifest import TaskSpec, read_manifest  # noqa: E402
-from fedmtl.dpsgd import (EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSpec, Ledger, dp_fit,  # noqa: E402
+from fedmtl.privacy.dpsgd import (EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSpec, Ledger, dp_fit,  # noqa: E402
                           epsilon, poisson_plan)
 from fedmtl.federation import Federation  # noqa: E402
 from fedmtl.rounds import run_rounds
 from fedmtl.state import FailureKind
-from fedmtl.store import ClientStore  # noqa: E402
-from fedmtl.training import LocalConfig, fit, multitask_loss  # noqa: E402
+from fedmtl.client.store import ClientStore  # noqa: E402
+from fedmtl.client.training import LocalConfig, fit, multitask_loss  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 TASKS = [TaskSpec("label", "classification", ["a", "b", "c"])]
@@ -324,7 +324,7 @@ def test_run_rounds_logs_growing_client_epsilon_equal_to_opacus(tiny):
 def test_dp_sgd_noise_comes_from_the_secret_key_not_the_seed(tiny):
     """The attack: rebuild a run's DP-SGD noise from its logged seed. Two runs with the same
     training.seed but their own keys differ; only the same key (a resume) repeats the model."""
-    from fedmtl.randomness import SecretRandom
+    from fedmtl.privacy.randomness import SecretRandom
 
     make, manifest = tiny
     key = SecretRandom.fresh()
@@ -343,7 +343,7 @@ def test_resume_reads_the_ledger_of_the_checkpointed_round(tiny):
     a ledger written by a round after the checkpoint is not read."""
     make, manifest = tiny
     clients = manifest.client_ids
-    from fedmtl.randomness import SecretRandom
+    from fedmtl.privacy.randomness import SecretRandom
 
     key = SecretRandom.fresh()  # what the run's directory keeps for a resume
     straight, _, _ = run_rounds(make("straight", key), clients, 3, evaluate_every=3)

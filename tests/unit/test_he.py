@@ -1,4 +1,4 @@
-"""Homomorphic aggregation with CKKS (fedmtl/he.py) and its use in private aggregation."""
+"""Homomorphic aggregation with CKKS (fedmtl/privacy/he.py) and its use in private aggregation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("tenseal")
 
-from fedmtl import he  # noqa: E402
-from fedmtl.aggregation import group_aggregate  # noqa: E402
+from fedmtl.privacy import he  # noqa: E402
+from fedmtl.server.aggregation import group_aggregate  # noqa: E402
 from fedmtl.config import load_config  # noqa: E402
-from fedmtl.private_aggregation import PrivacySpec, private_aggregate  # noqa: E402
+from fedmtl.privacy.aggregation import PrivacySpec, private_aggregate  # noqa: E402
 from tests.unit.test_private_aggregation import updates  # noqa: E402
 
 
@@ -129,7 +129,9 @@ def test_config_names_the_setting_and_the_extra(monkeypatch):
     cfg = load_config(None, ["privacy.secure_aggregation=true", "privacy.secure_aggregation_protocol=ckks"])
     assert cfg.privacy.mechanism == "ckks"
     assert PrivacySpec.from_config(cfg.privacy).protocol == "ckks"
-    monkeypatch.setattr(he, "available", lambda: False)
+    import fedmtl.config
+
+    monkeypatch.setattr(fedmtl.config, "tenseal_installed", lambda: False)
     with pytest.raises(ValueError, match=r"secure_aggregation_protocol=ckks.*pip install -e '\.\[he\]'"):
         load_config(None, ["privacy.secure_aggregation=true", "privacy.secure_aggregation_protocol=ckks"])
     load_config(None, ["privacy.secure_aggregation_protocol=ckks"])  # unused without secure_aggregation
@@ -140,7 +142,7 @@ def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
     from fedmtl.data.manifest import read_manifest
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.store import ClientStore
+    from fedmtl.client.store import ClientStore
     from tests.conftest import tiny_overrides
 
     models = {}

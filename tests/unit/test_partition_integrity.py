@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmtl.client import (PartitionChanged, PartitionError, PartitionInvalid, PartitionUnavailable,
+from fedmtl.client.data import (PartitionChanged, PartitionError, PartitionInvalid, PartitionUnavailable,
                            load_client_data)
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
@@ -28,8 +28,8 @@ from fedmtl.data.manifest import (MANIFEST, PartitionDigest, UnsafeManifest, fil
 from fedmtl.faults import ClientTimeout, InjectedFailure
 from fedmtl.state import ClientFailure, FailureKind
 from fedmtl.federation import Federation, RejectedUpdate
-from fedmtl.store import ClientStore
-from fedmtl.validation import (CHANGED_CHECK, ValidationReport, _read_partition, bind_partitions,
+from fedmtl.client.store import ClientStore
+from fedmtl.data.validation import (CHANGED_CHECK, ValidationReport, _read_partition, bind_partitions,
                                manifest_digest, read_report, usable_clients, validate_partitions)
 from tests.conftest import tiny_overrides
 

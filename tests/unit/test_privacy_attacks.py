@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl import dp
+from fedmtl.privacy import dp
 from fedmtl.config import load_config
 from fedmtl.data.manifest import read_manifest
 from fedmtl.data.partitions import partition, prepare
 from fedmtl.federation import Federation, participants
-from fedmtl.randomness import KEY_FILE, SecretRandom
-from fedmtl.store import ClientStore
-from fedmtl.training import client_seed
+from fedmtl.privacy.randomness import KEY_FILE, SecretRandom
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import client_seed
 from tests.conftest import tiny_overrides
 
 DP = {"privacy.dp": True, "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 0.5, "privacy.min_group_size": 2,

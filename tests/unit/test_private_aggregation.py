@@ -1,4 +1,4 @@
-"""Private aggregation (fedmtl/private_aggregation.py): releases, clipping, SecAgg+, noise."""
+"""Private aggregation (fedmtl/privacy/aggregation.py): releases, clipping, SecAgg+, noise."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl import secagg
-from fedmtl.aggregation import global_merge, group_aggregate
-from fedmtl.dispatch import poisson_sample
-from fedmtl.private_aggregation import POOLED, PrivacySpec, plan_releases, private_aggregate
+from fedmtl.privacy import secagg
+from fedmtl.server.aggregation import global_merge, group_aggregate
+from fedmtl.server.dispatch import poisson_sample
+from fedmtl.privacy.aggregation import POOLED, PrivacySpec, plan_releases, private_aggregate
 from fedmtl.state import ClientUpdate, ServerState
 
 
@@ -119,7 +119,7 @@ def test_dp_release_plan_uses_public_expected_sizes_not_who_was_sampled():
 
 
 def test_poisson_sampling_draws_each_client_independently_at_the_rate():
-    from fedmtl.randomness import SecretRandom
+    from fedmtl.privacy.randomness import SecretRandom
 
     clients = [f"c{i:03d}" for i in range(1000)]
     secret = SecretRandom.fresh()

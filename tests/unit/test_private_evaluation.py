@@ -1,4 +1,4 @@
-"""Private evaluation (fedmtl/private_evaluation.py): pooled metrics from summed statistics."""
+"""Private evaluation (fedmtl/privacy/evaluation.py): pooled metrics from summed statistics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, precision_recall_fscore_support
 
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.randomness import SecretRandom
-from fedmtl.private_evaluation import StatLayout, client_statistics, pooled_metrics, secure_total
+from fedmtl.privacy.randomness import SecretRandom
+from fedmtl.privacy.evaluation import StatLayout, client_statistics, pooled_metrics, secure_total
 
 TASKS = [TaskSpec("label", "classification", [0, 1, 2, 3]), TaskSpec("y", "regression", [])]
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from fedmtl.config import PromotionConfig
-from fedmtl.promotion import RunFacts, decide
+from fedmtl.lifecycle.promotion import RunFacts, decide
 
 CLEAN = RunFacts(clients=10, quarantined=0)
 

@@ -17,8 +17,8 @@ from fedmtl.config import ConfigError, load_config
 from fedmtl.data import partition, prepare
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.store import ClientStore
-from fedmtl.warmstart import seed_store, state_from_bundle
+from fedmtl.client.store import ClientStore
+from fedmtl.lifecycle.warmstart import seed_store, state_from_bundle
 from models.personalized import CLIENT_COLUMN, PersonalizedPredictor
 from tests.conftest import REPO, tiny_overrides
 

@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregation (fedmtl.robust) and the attacks it is tested against (fedmtl.byzantine)."""
+"""Byzantine-robust aggregation (fedmtl.server.robust) and the attacks it is tested against (fedmtl.server.byzantine)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
-from fedmtl.aggregation import global_merge, group_aggregate, weighted_mean
-from fedmtl.byzantine import ATTACKS, attackers, corrupt_update, flip_labels
-from fedmtl.robust import (
+from fedmtl.server.aggregation import global_merge, group_aggregate, weighted_mean
+from fedmtl.server.byzantine import ATTACKS, attackers, corrupt_update, flip_labels
+from fedmtl.server.robust import (
     RULES,
     RobustSpec,
     aggregate_updates,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl import shamir
-from fedmtl.fixedpoint import MIN_FRAC_BITS, FixedPoint, max_clip
-from fedmtl.secagg import (
+from fedmtl.privacy import shamir
+from fedmtl.privacy.fixedpoint import MIN_FRAC_BITS, FixedPoint, max_clip
+from fedmtl.privacy.secagg import (
     MaskedInput,
     SecAggClient,
     SecAggError,

@@ -31,7 +31,7 @@ from fedmtl.data import (
     partition,
     prepare,
 )
-from fedmtl.validation import validate_partitions
+from fedmtl.data.validation import validate_partitions
 
 HAS_HAR = importlib.util.find_spec(har.PACKAGE) is not None
 needs_har = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""fedmtl.validation: real Great Expectations runs over small hand-written partitions."""
+"""fedmtl.data.validation: real Great Expectations runs over small hand-written partitions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from fedmtl.config import ValidationConfig
 from fedmtl.data.manifest import ClientEntry, Manifest, TaskSpec, write_manifest
-from fedmtl.validation import (
+from fedmtl.data.validation import (
     READ_CHECK,
     REPORT,
     ClientValidation,
@@ -275,7 +275,7 @@ def test_usable_clients_raises_when_too_few_remain() -> None:
 
 
 def test_importing_the_module_does_not_import_great_expectations() -> None:
-    code = "import sys, fedmtl.validation; print('great_expectations' in sys.modules)"
+    code = "import sys, fedmtl.data.validation; print('great_expectations' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,

@@ -12,8 +12,8 @@ from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.store import ClientStore
-from fedmtl.warmstart import WarmStartError, seed_store, state_from_bundle
+from fedmtl.client.store import ClientStore
+from fedmtl.lifecycle.warmstart import WarmStartError, seed_store, state_from_bundle
 from models.personalized import PersonalizedBundle
 from tests.conftest import tiny_overrides
 

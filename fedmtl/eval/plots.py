@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fedmtl.evaluation import HIGHER_IS_BETTER, VARIANTS  # noqa: E402
+from fedmtl.eval.metrics import HIGHER_IS_BETTER, VARIANTS  # noqa: E402
 
 
 def convergence(history: list[dict[str, float]], metric: str = "accuracy"):

@@ -1,5 +1,5 @@
 """Byzantine clients on purpose: the faulty or malicious updates the robust rules
-(:mod:`fedmtl.robust`) are tested and benchmarked against. A setting for experiments, like
+(:mod:`fedmtl.server.robust`) are tested and benchmarked against. A setting for experiments, like
 :mod:`fedmtl.faults`; nothing here runs unless a test or a benchmark asks for it.
 
 Threat model: a fixed fraction of the clients (:func:`attackers`, the same ones every round) are
@@ -76,7 +76,7 @@ def corrupt_update(
     ``generator`` seeds the Gaussian noise (``None``: torch's global generator)."""
     if attack in DATA_ATTACKS:
         raise ValueError(f"attack '{attack}' corrupts training labels, not updates: apply "
-                         "fedmtl.byzantine.flip_labels to the client's labels before local training")
+                         "fedmtl.server.byzantine.flip_labels to the client's labels before local training")
     if attack not in MODEL_ATTACKS:
         raise ValueError(f"attack '{attack}' is not known; allowed values: {ATTACKS}")
     parts = ([update.delta_base] if update.delta_base is not None else []) + list(update.delta_heads.values())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedmtl.state import Heads, PersonalState, ServerState
-from fedmtl.store import ClientStore
+from fedmtl.client.store import ClientStore
 
 if TYPE_CHECKING:
     from fedmtl.bundle import PersonalizedBundle

@@ -3,11 +3,11 @@
 What ε covers
 -------------
 Client-level DP: neighbouring federations differ in one client's whole data. Every released sum
-is a sum of client updates clipped to L2 norm C plus N(0, (zC)² I) (:mod:`fedmtl.dp`), so ε
+is a sum of client updates clipped to L2 norm C plus N(0, (zC)² I) (:mod:`fedmtl.privacy.dp`), so ε
 covers everything computed from the released group and global sums — the group heads, the shared
 base and the server optimiser's state — over all rounds accounted. The personal heads stay on the
-clients and are outside ε, as is anything else a client reveals (see :mod:`fedmtl.dp`). The
-assumptions are those of :mod:`fedmtl.dp`: each client in exactly one fixed, public group, the
+clients and are outside ε, as is anything else a client reveals (see :mod:`fedmtl.privacy.dp`). The
+assumptions are those of :mod:`fedmtl.privacy.dp`: each client in exactly one fixed, public group, the
 sums unweighted, and the clients sampled exactly as stated here:
 
 - ``sampling="poisson"``: every client joins a round independently with probability q
@@ -37,7 +37,7 @@ z/√releases_per_round; Mironov, Talwar & Zhang 2019, §3).
   client takes part in two Gaussian queries per round: ``releases_per_round=2``.
 
 Adaptive clipping (Andrew et al. 2021): pass the *overall* noise multiplier z. The update sums use
-z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`fedmtl.dp.update_noise_multiplier`) and the clip-count query
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`fedmtl.privacy.dp.update_noise_multiplier`) and the clip-count query
 has multiplier 2σ_b, so each (update sum, count) pair is exactly a Gaussian mechanism with
 multiplier z and the accounting is unchanged. With ``releases_per_round=2`` and one count query
 per round, counting two releases at z counts the count query twice: a valid upper bound.

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedmtl.randomness import SecretStream
+from fedmtl.privacy.randomness import SecretStream
 
 
 def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round_: int) -> list[str]:
@@ -31,7 +31,7 @@ def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round
 def poisson_sample(clients: Sequence[str], rate: float, stream: SecretStream) -> list[str]:
     """Each client independently with probability ``rate`` (Poisson sampling, what the DP
     accountant's sampled Gaussian mechanism assumes), input order. The draws come from a secret
-    stream (:class:`fedmtl.randomness.SecretRandom`, the round's ``participation`` purpose):
+    stream (:class:`fedmtl.privacy.randomness.SecretRandom`, the round's ``participation`` purpose):
     whoever knows the seed must not know who takes part."""
     if not 0 < rate <= 1:
         raise ValueError(f"sample rate {rate} must be in (0, 1] (training.clients_per_round)")
@@ -47,7 +47,7 @@ def sample_rate(per_round: float, n_clients: int) -> float:
 
 
 #: Fewest clients an automatically sized shard holds (smaller shards would not amortise the
-#: batched step's per-step cost, see fedmtl/batched.py).
+#: batched step's per-step cost, see fedmtl/client/batched.py).
 MIN_CLIENTS_PER_TASK = 8
 
 

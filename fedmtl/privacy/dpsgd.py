@@ -44,7 +44,7 @@ head ψ_c fitted at evaluation, shipped in the registered model with
 ``tracking.bundle_personal_heads``; its evaluation figures; its train loss, logged only with
 ``privacy.client_metrics``), and its row count n (public, like the sample count of an update).
 The noise and the Poisson batches come from the client's secret stream for the round
-(:class:`fedmtl.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a ChaCha20
+(:class:`fedmtl.privacy.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a ChaCha20
 key stream, never from the seed, so nobody can replay them; Opacus's ``secure_mode`` would need
 ``torchcsprng``, which is not maintained for current torch).
 
@@ -232,7 +232,7 @@ class DPSGDSession:
 
     def fit(self, module: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: dict[str, torch.Tensor],
             tasks: Sequence, epochs: int, cfg, generator: torch.Generator, **options) -> float:
-        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.training.fit`; ``options``:
+        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.client.training.fit`; ``options``:
         :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of the last
         epoch's sampled rows."""
         return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps,
@@ -258,13 +258,13 @@ def dp_fit(
     """DP-SGD of ``params`` (parameters of ``module``) on the rows (x, y); appends the steps
     taken, (σ, q, steps), to ``record``. The module's other parameters stay frozen, and the
     module is left as it was found (Opacus's hooks and attributes removed). ``noise``: a
-    :class:`~fedmtl.randomness.SecretStream` that every step's Gaussian noise and Poisson batch
+    :class:`~fedmtl.privacy.randomness.SecretStream` that every step's Gaussian noise and Poisson batch
     come from (what a run uses); None: the seeded ``generator`` (tests only: replayable)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    from fedmtl.training import multitask_loss
+    from fedmtl.client.training import multitask_loss
 
     n = int(x.shape[0])
     if n == 0 or epochs == 0 or not params:
@@ -346,7 +346,7 @@ def _secret_optimizer():
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    from fedmtl.dp import gaussian_noise
+    from fedmtl.privacy.dp import gaussian_noise
 
     class SecretNoiseDPOptimizer(DPOptimizer):
         secret_stream = None

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
 

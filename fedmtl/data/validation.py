@@ -24,7 +24,7 @@ read (of the very bytes it validated) and the SHA-256 of the manifest it validat
 :func:`bind_partitions` (the training flow, before its first round) refuses a manifest changed
 since, and quarantines every client whose file is no longer the one validated; the digests go
 to :class:`fedmtl.federation.Federation`, whose every read of a partition checks them again
-(:func:`fedmtl.client.load_client_data`), so a file changed mid-run is caught too.
+(:func:`fedmtl.client.data.load_client_data`), so a file changed mid-run is caught too.
 
 Great Expectations is imported lazily (it takes seconds), so importing this module is cheap.
 """

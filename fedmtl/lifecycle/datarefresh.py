@@ -5,7 +5,7 @@ A scheduled run (flows/scheduled.py) calls :func:`refresh` in the project's root
 parameter changed: a table file is not a DVC dependency), then ``dvc repro validate``, which
 re-runs ``partition`` and ``validate`` only when the prepared data changed. dvc.lock then
 records the partitions' new md5, the ``data_version`` every MLflow run is tagged with
-(:mod:`fedmtl.provenance`). :func:`push` stores that version in the default DVC remote.
+(:mod:`fedmtl.lifecycle.provenance`). :func:`push` stores that version in the default DVC remote.
 
 The stages read their settings from the project's ``params.yaml``; :func:`check_params`
 refuses a run whose data settings differ from it (the data would not be what DVC records).

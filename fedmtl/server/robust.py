@@ -26,7 +26,7 @@ distances, and sample counts are self-reported, so weighting them would hand the
 point back to whoever claims the most samples.
 
 Defaults (:func:`robust_aggregate`): f = min(⌈0.2·n⌉, ⌊(n − 3)/2⌋), i.e. tolerate up to 20 % of
-the clients (rounded up, so it covers :func:`fedmtl.byzantine.attackers` at 20 %), capped at the
+the clients (rounded up, so it covers :func:`fedmtl.server.byzantine.attackers` at 20 %), capped at the
 largest f Krum allows; multi-Krum averages m = n − f vectors, the most it can keep while still
 able to exclude all f; the norm bound M is the median of the n norms (an adaptive choice that at
 least half the clients satisfy and that a Byzantine minority cannot inflate).
@@ -255,7 +255,7 @@ def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> Grou
     """One group's aggregate under ``spec``: the rule runs on each client's concatenated update
     [Δθ, Δφ_t for the tasks in sorted order], so Krum keeps or excludes whole clients, and the result
     is split back into base and heads. Clients are taken in sorted order (as in
-    :func:`fedmtl.aggregation.group_aggregate`), weighted by their sample counts (uniform if all
+    :func:`fedmtl.server.aggregation.group_aggregate`), weighted by their sample counts (uniform if all
     are 0). ``clients``, ``n_clients`` and ``n_samples`` of the result count only the contributing
     clients; the excluded ones are those of ``updates`` not in ``clients``."""
     if not updates:

@@ -10,15 +10,15 @@ averages those vectors itself:
    actual participants otherwise. Smaller groups are pooled into one base-only release (their
    heads are not updated that round: a head sum over their members would be theirs alone);
    a pool that is itself too small sits the round out (its clients are named in the report).
-2. **Clipping** (``dp``): each u_c is clipped to L2 norm C (:func:`fedmtl.dp.clip_update`)
+2. **Clipping** (``dp``): each u_c is clipped to L2 norm C (:func:`fedmtl.privacy.dp.clip_update`)
    and counts once (uniform weights, DP-FedAvg). Without DP, u_c is weighted by its sample
    count over a public scale and its coordinates clipped to ±``secagg_range``.
-3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.secagg.secure_sum`) inside the release,
+3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.privacy.secagg.secure_sum`) inside the release,
    so that the aggregator receives masked vectors and learns their sum only. Simulated
    ``secagg_dropout`` clients go silent after sending their masked input; their self-masks are
    rebuilt from their neighbours' Shamir shares and the sum is still exact. With
    ``secure_aggregation_protocol: ckks`` the release is summed with CKKS homomorphic encryption
-   instead (:func:`fedmtl.he.encrypted_sum`): the aggregator receives ciphertexts only, adds them,
+   instead (:func:`fedmtl.privacy.he.encrypted_sum`): the aggregator receives ciphertexts only, adds them,
    and a key holder (one fresh key per round, separate from the aggregator) decrypts the sum —
    exact to about 1e-8 per client and coordinate. CKKS has one message per client, so there is
    no mid-protocol dropout to simulate (``secagg_dropout`` does not apply).
@@ -26,7 +26,7 @@ averages those vectors itself:
    the aggregator after unmasking, then division by the release's expected number of clients
    (public) — so the group and global updates are post-processing of noised sums, and each
    round is one sampled Gaussian mechanism per client for the accountant
-   (:mod:`fedmtl.accounting`, ``releases_per_round=1``). The trust this needs: the aggregator
+   (:mod:`fedmtl.privacy.accounting`, ``releases_per_round=1``). The trust this needs: the aggregator
    adds the noise honestly; with secure aggregation it sees the exact sum before it does.
    (Distributed noise, each client adding its share before masking, would remove that trust
    at the price of noise that falls short when clients drop out; not implemented.)
@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedmtl import dp
-from fedmtl.he import HEError, KeyHolder, encrypted_sum
-from fedmtl.randomness import SecretStream
-from fedmtl.secagg import SecAggError, secure_sum
+from fedmtl.privacy import dp
+from fedmtl.privacy.he import HEError, KeyHolder, encrypted_sum
+from fedmtl.privacy.randomness import SecretStream
+from fedmtl.privacy.secagg import SecAggError, secure_sum
 from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
 
 #: The name of the pooled base-only release of the groups too small for their own.
@@ -67,7 +67,7 @@ class PrivacySpec:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     secure_aggregation: bool = False
-    secure_aggregation_protocol: str = "secagg"  # or "ckks" (fedmtl.he)
+    secure_aggregation_protocol: str = "secagg"  # or "ckks" (fedmtl.privacy.he)
     secagg_range: float = 1.0
     secagg_neighbours: int | None = None
     secagg_max_dropout: float = 0.1

@@ -2,7 +2,7 @@
 
 ``group_aggregate``: per group, the sample-weighted mean of the clients' Δθ and Δφ_g.
 ``global_merge``: Δθ = Σ_g w_g Δθ_g with w_g by samples, uniform or √samples; the server
-optimiser steps θ with Δθ (FedAvg θ ← θ + η·Δθ, or FedAdam/FedYogi, :mod:`fedmtl.server_optim`);
+optimiser steps θ with Δθ (FedAvg θ ← θ + η·Δθ, or FedAdam/FedYogi, :mod:`fedmtl.server.optimizers`);
 group heads φ_g ← φ_g + Δφ_g, and φ₀ ← mean of the φ_g. Methods with one global head instead
 step φ₀ like θ. With samples weighting the two levels compose to plain FedAvg over clients.
 """
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fedmtl.robust import RobustSpec, aggregate_updates, robust_aggregate
-from fedmtl.server_optim import ServerOptimizer
+from fedmtl.server.robust import RobustSpec, aggregate_updates, robust_aggregate
+from fedmtl.server.optimizers import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, Vector
 
 WEIGHTINGS = ("samples", "uniform", "sqrt")
@@ -48,7 +48,7 @@ def group_weight(n_samples: int, n_clients: int, weighting: str) -> float:
 def group_aggregate(updates: Sequence[ClientUpdate], robust: RobustSpec | None = None) -> dict[str, GroupAggregate]:
     """Per group, the sample-weighted mean of the members' updates (sorted by client id), or,
     with a ``robust`` rule other than the mean, that rule over each member's whole update
-    (:func:`fedmtl.robust.aggregate_updates`). Parts a method keeps local (``delta_base`` None,
+    (:func:`fedmtl.server.robust.aggregate_updates`). Parts a method keeps local (``delta_base`` None,
     no heads) stay absent."""
     by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
     for u in sorted(updates, key=lambda u: u.client):

@@ -6,7 +6,7 @@ heads, assignment, the server optimiser's moments and the adaptive clip, which l
 small JSON record of the run (``extra``: e.g. the MLflow run id), and the round's own record
 (``rounds/round-NNNNNN.pt``: its summary, the metrics it logged, its per-client tables), which
 is kept for every round so that a resumed run still reports all of them.
-The clients' personal state is not copied: the :class:`~fedmtl.store.ClientStore` keeps a
+The clients' personal state is not copied: the :class:`~fedmtl.client.store.ClientStore` keeps a
 version per round, and a resumed run reads each client's newest version up to the checkpoint's
 round (see its docstring).
 

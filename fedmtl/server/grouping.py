@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmtl.aggregation import weighted_mean
-from fedmtl.client import ClientData
+from fedmtl.server.aggregation import weighted_mean
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, ServerState
-from fedmtl.training import train_loss
+from fedmtl.client.training import train_loss
 
 METHODS = ("column", "ifca", "cluster")
 #: the single group every client trains in before clustering
@@ -59,7 +59,7 @@ def choose_group(model: nn.Module, state: ServerState, data: ClientData, tasks: 
 
 def lowest_loss(losses: dict[str, float]) -> str:
     """The group with the lowest loss (NaN counts as +inf; ties go to the first group in
-    sorted order): the rule of :func:`choose_group` and of a cold start (fedmtl/coldstart.py)."""
+    sorted order): the rule of :func:`choose_group` and of a cold start (fedmtl/lifecycle/coldstart.py)."""
     if not losses:
         raise ValueError("no group heads to choose from")
     return min(sorted(losses), key=lambda g: (math.inf if math.isnan(losses[g]) else losses[g], g))

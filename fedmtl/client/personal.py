@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
-from fedmtl.training import load_weights, multitask_loss, read_heads
+from fedmtl.client.training import load_weights, multitask_loss, read_heads
 
 #: the default λ grid of the search: half-decade steps from 0.01 to 30
 LAMBDA_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)

@@ -21,7 +21,7 @@ client be fixed and public (e.g. ``grouping.method=column``) and that the sums b
 
 Assumptions: each client belongs to exactly one group, so the per-group sums are computed on
 disjoint sets of clients; the clients of a round are sampled as the accountant is told
-(:mod:`fedmtl.accounting`); a group with no sampled client still releases its (pure-noise) sum.
+(:mod:`fedmtl.privacy.accounting`); a group with no sampled client still releases its (pure-noise) sum.
 
 Adaptive clipping (:class:`AdaptiveClip`): the clip norm C follows the target quantile γ of the
 update norms, C ← C·exp(−η_C (b̄ − γ)), where b̄ is the noised fraction of clients whose
@@ -31,7 +31,7 @@ z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`update_noise_multiplier`), so t
 Gaussian mechanism with the configured overall noise multiplier z — the z the accountant is given.
 
 Randomness: in a run, every noise draw comes from the run's secret key
-(:class:`fedmtl.randomness.SecretRandom`, a ChaCha20 stream per purpose); a seeded
+(:class:`fedmtl.privacy.randomness.SecretRandom`, a ChaCha20 stream per purpose); a seeded
 ``torch.Generator`` is accepted for tests only (anyone who knows the seed can replay it, and it
 keeps only 32 bits of its seed). Floating-point attacks (Mironov 2012) are not addressed.
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmtl.randomness import SecretStream
+from fedmtl.privacy.randomness import SecretStream
 
 #: relative slack when checking that a summed update is clipped (float32 rounding of the scaling)
 _CLIP_SLACK = 1e-5
@@ -90,7 +90,7 @@ def gaussian_noise(
     like: torch.Tensor | torch.Size | Sequence[int], std: float, generator: torch.Generator | SecretStream
 ) -> torch.Tensor:
     """N(0, std² I) shaped like ``like`` (a tensor: also its dtype and device; a shape: float32),
-    from a :class:`~fedmtl.randomness.SecretStream` (what every release uses) or a seeded
+    from a :class:`~fedmtl.privacy.randomness.SecretStream` (what every release uses) or a seeded
     ``torch.Generator`` (reproducible by anyone who knows the seed: tests only)."""
     std = float(std)
     if not (math.isfinite(std) and std >= 0):
@@ -101,7 +101,7 @@ def gaussian_noise(
         shape, dtype, device = torch.Size(like), torch.float32, torch.device("cpu")
     if not dtype.is_floating_point:
         dtype = torch.float32
-    if isinstance(generator, SecretStream):  # the secret source every release uses (fedmtl.randomness)
+    if isinstance(generator, SecretStream):  # the secret source every release uses (fedmtl.privacy.randomness)
         return (generator.standard_normal(shape) * std).to(dtype=dtype, device=device)
     noise = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
     return (noise * std).to(device)

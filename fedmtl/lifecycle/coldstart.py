@@ -3,11 +3,11 @@
 The client brings k labelled rows (its *support set*). It
 
 1. picks its group: the group head with the lowest loss on the support set, with the shared
-   base θ (IFCA's rule, :func:`fedmtl.grouping.lowest_loss`, the same rule as
-   :func:`fedmtl.grouping.choose_group`); a bundle without group heads (methods that do not
+   base θ (IFCA's rule, :func:`fedmtl.server.grouping.lowest_loss`, the same rule as
+   :func:`fedmtl.server.grouping.choose_group`); a bundle without group heads (methods that do not
    group clients) starts from the global heads instead;
 2. fine-tunes its own head from that group head on the support set for ``epochs`` passes, θ
-   frozen (:func:`fedmtl.training.train_heads`), optionally pulled back to the group head by
+   frozen (:func:`fedmtl.client.training.train_heads`), optionally pulled back to the group head by
    ``prox_mu``/2·‖ψ − φ_g‖²; every draw comes from a generator seeded by ``seed``.
 
 With no labelled row it gets the global heads (``source`` "global").
@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fedmtl.client import ClientData, encode_labels
+from fedmtl.client.data import ClientData, encode_labels
 from fedmtl.config import ColdStartConfig
-from fedmtl.grouping import lowest_loss
+from fedmtl.server.grouping import lowest_loss
 from fedmtl.state import Heads, Vector
-from fedmtl.training import LocalConfig, train_heads, train_loss
+from fedmtl.client.training import LocalConfig, train_heads, train_loss
 
 COLD_START = "cold-start"
 GLOBAL = "global"
@@ -184,7 +184,7 @@ def support_loss(
     tasks: Sequence[Any], client: str = "?",
 ) -> float:
     """The multi-task loss of (base, heads) on the labels that exist: the sum over tasks of the
-    task's mean loss on the rows that carry its label (:func:`fedmtl.training.train_loss`; with
+    task's mean loss on the rows that carry its label (:func:`fedmtl.client.training.train_loss`; with
     every label present this is exactly the train loss IFCA's rule compares)."""
     total, any_task = 0.0, False
     for task in tasks:

@@ -7,8 +7,8 @@ Each client reduces its held-out scores to sufficient statistics, per (model var
   ``ERROR_CLIP`` (in the label's units) so that every entry has a public bound.
 
 The clients' statistics are summed (with SecAgg+ when ``privacy.secure_aggregation`` is on,
-:func:`fedmtl.secagg.secure_sum`, or CKKS with ``secure_aggregation_protocol: ckks``,
-:func:`fedmtl.he.encrypted_sum`), so the server learns the federation's pooled confusion matrix
+:func:`fedmtl.privacy.secagg.secure_sum`, or CKKS with ``secure_aggregation_protocol: ckks``,
+:func:`fedmtl.privacy.he.encrypted_sum`), so the server learns the federation's pooled confusion matrix
 and error sums and nothing about any one client. Optionally Gaussian noise is added to the
 summed counts (``noise_std``). From them: pooled accuracy (= the sample-weighted mean of the
 clients' accuracies), macro precision, recall and F1 over the classes present in the pooled
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.dp import gaussian_noise
-from fedmtl.randomness import SecretStream
+from fedmtl.privacy.dp import gaussian_noise
+from fedmtl.privacy.randomness import SecretStream
 
 ERROR_CLIP = 100.0
 """Regression: each row's |error| counts at most this much in the summed statistics."""
@@ -101,7 +101,7 @@ def client_statistics(
 
 
 def statistics_score(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, np.ndarray]:
-    """A scorer for :func:`fedmtl.evaluation.evaluate_clients` that keeps the statistics."""
+    """A scorer for :func:`fedmtl.eval.metrics.evaluate_clients` that keeps the statistics."""
     return {"statistics": task_statistics(task, y_true, output)}
 
 
@@ -207,12 +207,12 @@ def secure_total(
     if not np.all(scale > 0):
         raise ValueError("every statistics bound must be positive")
     if secure and protocol == "ckks":
-        from fedmtl.he import encrypted_sum
+        from fedmtl.privacy.he import encrypted_sum
 
         result = encrypted_sum({c: v / scale for c, v in vectors.items()}, bound=1.0)
         total = np.asarray(result.sum, dtype=np.float64) * scale
     elif secure:
-        from fedmtl.secagg import DEFAULT_MAX_DROPOUT, secure_sum
+        from fedmtl.privacy.secagg import DEFAULT_MAX_DROPOUT, secure_sum
 
         scaled = {c: v / scale for c, v in vectors.items()}
         result = secure_sum(scaled, clip=1.0, neighbours=neighbours,

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from fedmtl.config import PromotionConfig
-from fedmtl.evaluation import HIGHER_IS_BETTER, worst_fraction_mean
+from fedmtl.eval.metrics import HIGHER_IS_BETTER, worst_fraction_mean
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Homomorphic aggregation (CKKS, TenSEAL): another secure sum, simulated in-process.
 
-The parties, as in :mod:`fedmtl.secagg` Python objects in one process that talk only through
+The parties, as in :mod:`fedmtl.privacy.secagg` Python objects in one process that talk only through
 the message types below:
 
 * the **key holder** (:class:`KeyHolder`) makes a CKKS context (poly_modulus_degree 8192,
@@ -24,7 +24,7 @@ guarantee — the server learns only the sum (Σ over the clients whose input ar
 were) — holds while the key holder and the server do not collude and the key holder decrypts
 nothing but the server's aggregate. In this simulation the key holder is a separate object from
 the server (a fresh key per :func:`encrypted_sum` call unless one is passed in, e.g. one per
-round in :mod:`fedmtl.private_aggregation`); in a deployment it would be a committee of clients
+round in :mod:`fedmtl.privacy.aggregation`); in a deployment it would be a committee of clients
 or a hardware security module that decrypts only the final sum. CKKS in TenSEAL has no threshold
 (multi-party) decryption, so the key cannot be split among the clients in a dropout-tolerant
 way as SecAgg+ splits its masks with Shamir shares; in exchange a client that drops out simply
@@ -62,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmtl.config import tenseal_installed
+
 POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 SCALE_BITS = 40
@@ -95,9 +97,7 @@ def tenseal() -> Any:
 
 def available() -> bool:
     """Whether tenseal can be imported (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("tenseal") is not None
+    return tenseal_installed()
 
 
 def n_chunks(dim: int) -> int:

@@ -1,7 +1,7 @@
 """Batched local training: the shared step of many clients at once, in one process.
 
 The shared step of FedAvg, FedProx, FedAvg-FT and fedmtl is the same procedure for every
-client: :func:`~fedmtl.training.train_joint` + :func:`~fedmtl.training.fit` from a per-client
+client: :func:`~fedmtl.client.training.train_joint` + :func:`~fedmtl.client.training.fit` from a per-client
 start (base, heads), mini-batches drawn by the client's own generator, SGD. :func:`train_shared`
 runs that procedure for a shard of clients that share an architecture with ``torch.func``:
 the clients' parameters are the rows of one contiguous ``[C, P]`` tensor (base, then each
@@ -11,8 +11,8 @@ and each step is one ``vmap(grad(functional_call(...)))`` over the clients.
 Each client's result is what it would get alone (up to floating-point summation order):
 
 - the same mini-batches: the client's generator, seeded as ``Federation.context`` seeds it,
-  draws one ``randperm`` per epoch in the same order as :func:`~fedmtl.training.batches`;
-- the same loss: :func:`~fedmtl.training.multitask_loss`'s mean over the batch's real rows
+  draws one ``randperm`` per epoch in the same order as :func:`~fedmtl.client.training.batches`;
+- the same loss: :func:`~fedmtl.client.training.multitask_loss`'s mean over the batch's real rows
   (rows are padded to the batch size and masked, so a last partial batch averages over its
   real rows only), plus FedProx's μ/2·‖w − w₀‖², whose gradient μ·(w − w₀) is added to
   the loss's gradient;
@@ -20,7 +20,7 @@ Each client's result is what it would get alone (up to floating-point summation 
   dampening 0, not Nesterov; the momentum buffer starts as the first gradient);
 - a client whose batches of this epoch are done does not move; the returned loss is the
   last epoch's batch losses weighted by batch sizes; a client without train rows does not
-  move and reports NaN, as :func:`~fedmtl.training.fit` does.
+  move and reports NaN, as :func:`~fedmtl.client.training.fit` does.
 
 Clients are sorted by their number of batches per epoch, so at step ``t`` of an epoch the
 clients that still have a batch are a prefix of the stacked tensor: a step costs what its
@@ -46,10 +46,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from fedmtl.client import ClientData
+from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector
-from fedmtl.training import LocalConfig, multitask_loss
+from fedmtl.client.training import LocalConfig, multitask_loss
 
 
 #: At most this many clients still training at a step: their gradients are taken one by one
@@ -134,7 +134,7 @@ def _masked_loss(
     outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], mask: torch.Tensor,
     count: torch.Tensor, tasks: Sequence[TaskSpec],
 ) -> torch.Tensor:
-    """:func:`~fedmtl.training.multitask_loss` over the rows where ``mask`` is set."""
+    """:func:`~fedmtl.client.training.multitask_loss` over the rows where ``mask`` is set."""
     total = torch.zeros(())
     for task in tasks:
         out, y = outputs[task.name], targets[task.name]
