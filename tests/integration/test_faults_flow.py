@@ -13,6 +13,7 @@ from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.data.validation import validate_partitions
+from flows import progress
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -79,24 +80,12 @@ def test_client_retries_counts_the_retries_after_the_first_attempt(data):
     assert message.count("tried 2 more times") == 8
 
 
-class RemoveAfterRound:
+class RemoveAfterRound(progress.Silent):
     """A progress listener that deletes one client's partition file when a round ends: the file
     really goes missing in the middle of a run, as a flaky site's would."""
 
     def __init__(self, path, after: int) -> None:
         self.path, self.after = path, after
-
-    def start(self, rounds: int) -> None:
-        pass
-
-    def round_started(self, round_: int, clients: int) -> None:
-        pass
-
-    def client_done(self, n: int = 1) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
     def round_done(self, round_: int, headline: str) -> None:
         if round_ == self.after:
@@ -109,7 +98,6 @@ def test_a_partition_missing_mid_run_sits_out_named_and_the_run_goes_on(prefect_
     finishes with the others (main failed the whole run after two retries)."""
     import shutil
 
-    from flows import progress
     from flows.training import federated_training
 
     root = tmp_path
