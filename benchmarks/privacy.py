@@ -40,7 +40,8 @@ import torch
 
 from benchmarks import write_results
 from benchmarks.scale import InMemoryFederation
-from fedmtl.privacy.accounting import epsilon_after, noise_for
+from fedmtl.privacy.accounting import epsilon_after
+from fedmtl.privacy.budget import noise_for
 from fedmtl.server.aggregation import group_aggregate
 from fedmtl.privacy.attacks import (lira_offline, lira_online, logit_confidence, loss_threshold_attack,
                             per_example_loss, split_in_out)
@@ -52,7 +53,8 @@ from fedmtl.data.sources import client_ids, generate_synthetic, load_digits
 from fedmtl.eval.metrics import summarize
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.privacy.aggregation import PrivacySpec, private_aggregate
+from fedmtl.config import PrivacyConfig
+from fedmtl.privacy.aggregation import private_aggregate
 from fedmtl.privacy.secagg import SecAggError, default_neighbours, secure_sum
 from fedmtl.state import ServerState, assign
 from fedmtl.client.store import ClientStore
@@ -126,7 +128,7 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
             state = fed.initial_state()
             plain, secure, protocol, error = [], [], [], 0.0
             plain_cpu, secure_cpu = [], []
-            spec = PrivacySpec(secure_aggregation=True, secagg_range=1.0, secagg_max_dropout=max_dropout)
+            spec = PrivacyConfig(secure_sum={"enabled": True, "range": 1.0, "max_dropout": max_dropout})
             scale = float(max(e.n_train for e in manifest.clients))
             for r in range(rounds):
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -194,8 +196,8 @@ def part_ckks(sizes: list[int], rounds: int) -> dict:
             clients = manifest.client_ids
             state = fed.initial_state()
             scale = float(max(e.n_train for e in manifest.clients))
-            specs = {"secagg": PrivacySpec(secure_aggregation=True),
-                     "ckks": PrivacySpec(secure_aggregation=True, secure_aggregation_protocol="ckks")}
+            specs = {"secagg": PrivacyConfig(secure_sum={"enabled": True}),
+                     "ckks": PrivacyConfig(secure_sum={"enabled": True, "protocol": "ckks"})}
             wall = {k: [] for k in ("plain", *specs)}
             cpu = {k: [] for k in ("plain", *specs)}
             protocol = {k: [] for k in specs}
@@ -339,7 +341,8 @@ def part_dp(scenario: str, n_clients: int, rate: float, model: list[str], rounds
         overrides = [*model, "algorithm.method=fedmtl", "training.local_epochs=5", "training.lr=0.05",
                      f"training.clients_per_round={rate}", "grouping.method=column"]
         if z is not None:
-            overrides += ["privacy.dp=true", f"privacy.noise_multiplier={z}", f"privacy.clip_norm={clip}",
+            overrides += ["privacy.dp_fedavg.enabled=true", f"privacy.dp_fedavg.noise_multiplier={z}",
+                          f"privacy.dp_fedavg.clip_norm={clip}",
                           "privacy.min_group_size=3"]
         with tempfile.TemporaryDirectory() as tmp:
             fed = federation(manifest, memory, overrides, tmp)

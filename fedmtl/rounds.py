@@ -96,7 +96,7 @@ class Steps:
         """(per-client records, pooled metrics, client -> why it was not evaluated): records
         when per-client metrics are allowed, else the pooled metrics of the private evaluation."""
         skipped: dict[str, ClientFailure] = {}
-        if fed.privacy.client_metrics:
+        if fed.privacy.per_client_metrics:
             return pd.DataFrame(fed.evaluate_clients(clients, state, skipped)), {}, skipped
         return pd.DataFrame(), fed.evaluate_pooled(clients, state, skipped), skipped
 
@@ -108,7 +108,7 @@ class InProcess(Steps):
 
     def local_train(self, fed: Federation, state: ServerState,
                     chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
-        failed: dict[str, ClientFailure] | None = {} if fed.dp_sgd is not None else None
+        failed: dict[str, ClientFailure] | None = {} if fed.sample_level is not None else None
         size = fed.clients_per_task or max(len(chosen), 1)
         updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
         failed = failed or {}
@@ -144,7 +144,7 @@ def run_round(fed: Federation, state: ServerState, clients: list[str], steps: St
         if sat_out and len(sat_out) == len(failed):
             raise ClientBudgetsSpent(
                 f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
-                f"privacy.dp_sgd_target_epsilon (training.min_clients = {min_clients}); "
+                f"privacy.dp_sgd.target_epsilon (training.min_clients = {min_clients}); "
                 f"{len(sat_out)} sat out: " + "; ".join(str(failed[c]) for c in sat_out))
         raise RoundFailed(
             f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
@@ -228,7 +228,7 @@ class _History(Callbacks):
         self.refused += len(report.refused)
         if not report.evaluated:
             return
-        extra = {"privacy/dp_sgd_sat_out": float(len(report.sat_out))} if self.fed.dp_sgd is not None else {}
+        extra = {"privacy/dp_sgd_sat_out": float(len(report.sat_out))} if self.fed.sample_level is not None else {}
         extra["clients/refused"] = float(len(report.refused))
         extra["clients/refused_total"] = float(self.refused)  # over all the rounds so far
         self.summaries.append({**self.summarize(report.records), **report.pooled,
@@ -245,7 +245,7 @@ def run_rounds(
 ) -> tuple[ServerState, pd.DataFrame, list[dict[str, float]]]:
     """The simulator: :func:`run` with the :class:`InProcess` steps; returns the final state,
     the last evaluation's per-client records and every evaluated round's summary. Under
-    ``privacy.dp_sgd`` a client over its target sits the round out, and training stops when no
+    ``privacy.dp_sgd.enabled`` a client over its target sits the round out, and training stops when no
     client of a round can train."""
     history = _History(fed)
     outcome = run(fed, state or fed.initial_state(), clients, rounds, per_round=per_round,

@@ -43,8 +43,9 @@ def assign(module: nn.Module, vector: Vector) -> None:
 @dataclass
 class ServerState:
     """Shared base θ, one head per (group, task) φ_g, the global head φ₀ per task, the round,
-    the client → group assignment (given by a column, or learned) and the server optimiser's
-    moments (FedAdam/FedYogi; empty for FedAvg)."""
+    the client → group assignment (given by a column, or learned), the server optimiser's
+    moments (FedAdam/FedYogi; empty for FedAvg) and the privacy mechanisms' own server state
+    (adaptive clipping's C, DP-SGD's table of client ε; empty without them)."""
 
     round: int
     base: Vector
@@ -52,6 +53,7 @@ class ServerState:
     global_heads: Heads
     assignment: dict[str, str] = field(default_factory=dict)
     optimizer: dict[str, Vector] = field(default_factory=dict)
+    privacy: dict[str, Vector] = field(default_factory=dict)
 
     def heads_for(self, group: str | None) -> Heads:
         """The heads a client of ``group`` starts from: its group's, else the global fallback."""
@@ -67,12 +69,17 @@ class ServerState:
             "global_heads": self.global_heads,
             "assignment": self.assignment,
             "optimizer": self.optimizer,
+            "privacy": self.privacy,
         }
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ServerState":
+        optimizer = dict(raw.get("optimizer", {}))
+        privacy = dict(raw.get("privacy", {}))
+        for key in [k for k in optimizer if k.startswith("privacy/")]:  # where earlier checkpoints kept it
+            privacy.setdefault(key, optimizer.pop(key))
         return cls(raw["round"], raw["base"], raw["group_heads"], raw["global_heads"],
-                   dict(raw.get("assignment", {})), dict(raw.get("optimizer", {})))
+                   dict(raw.get("assignment", {})), optimizer, privacy)
 
 
 @dataclass

@@ -15,6 +15,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def with_settings(cfg, settings: dict[str, object]):
+    """``cfg`` (a frozen :class:`fedmtl.config.Config`) with ``section.key`` settings changed,
+    validated again as a whole."""
+    from fedmtl.config import Config
+
+    tree = cfg.model_dump()
+    for key, value in settings.items():
+        *path, name = key.split(".")
+        node = tree
+        for part in path:
+            node = node[part]
+        node[name] = value
+    return Config.model_validate(tree)
+
+
 def tiny_overrides(root: Path, **extra: object) -> list[str]:
     """Settings for a fast run inside ``root``: digits, 8 clients in 2 permutation groups."""
     values = {

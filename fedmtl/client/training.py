@@ -45,7 +45,7 @@ class LocalConfig:
     pfedme_lambda: float = 15.0
     pfedme_inner_steps: int = 5
     pfedme_personal_lr: float = 0.05
-    #: a :class:`fedmtl.privacy.dpsgd.DPSGDSession` while a client trains under ``privacy.dp_sgd``: every
+    #: a :class:`fedmtl.privacy.dpsgd.DPSGDSession` while a client trains under ``privacy.dp_sgd.enabled``: every
     #: :func:`fit` is then DP-SGD and its steps are recorded there (set per client round, never here)
     dp_sgd: Any = field(default=None, compare=False, repr=False)
 

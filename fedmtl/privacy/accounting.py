@@ -75,12 +75,6 @@ from dp_accounting.rdp import RdpAccountant
 Sampling = Literal["poisson", "fixed"]
 SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
 
-#: noise multipliers searched by :func:`noise_for`
-_MAX_NOISE = 1e4
-#: rounds searched by :func:`max_rounds`
-_MAX_ROUNDS = 10**7
-
-
 @dataclass(frozen=True)
 class SamplingPlan:
     """How the clients of a round are sampled, validated. ``rate`` is q (m/N when fixed)."""
@@ -142,21 +136,21 @@ def sampling_plan(
 def _check_noise(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z > 0):
-        raise ValueError(f"privacy.noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+        raise ValueError(f"privacy.dp_fedavg.noise_multiplier must be a finite number > 0, got {noise_multiplier}")
     return z
 
 
 def _check_delta(delta: float) -> float:
     d = float(delta)
     if not (math.isfinite(d) and 0 < d < 1):
-        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+        raise ValueError(f"privacy.dp_fedavg.delta must be in (0, 1), got {delta}")
     return d
 
 
 def _check_target(target_epsilon: float) -> float:
     eps = float(target_epsilon)
     if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"privacy.target_epsilon must be a finite number > 0, got {target_epsilon}")
+        raise ValueError(f"privacy.dp_fedavg.target_epsilon must be a finite number > 0, got {target_epsilon}")
     return eps
 
 
@@ -252,170 +246,16 @@ def epsilon_after(
     )
 
 
-def max_rounds(
-    target_epsilon: float,
-    noise_multiplier: float,
-    sampling: Sampling = "poisson",
-    sample_rate: float | None = None,
-    population: int | None = None,
-    sample_size: int | None = None,
-    *,
-    delta: float,
-    releases_per_round: int = 1,
-    limit: int = _MAX_ROUNDS,
-) -> int:
-    """The largest number of rounds with ε ≤ ``target_epsilon`` (0 if one round exceeds it;
-    ``limit`` if that many still fit). ε grows with the rounds, so a doubling then a binary search."""
-    plan = sampling_plan(sampling, sample_rate, population, sample_size)
-    return _max_rounds(
-        _check_target(target_epsilon), _check_noise(noise_multiplier), plan,
-        _check_releases(releases_per_round), _check_delta(delta), _check_rounds(limit, "limit"),
-    )
-
-
-def _max_rounds(target: float, z: float, plan: SamplingPlan, releases: int, delta: float, limit: int,
-                extra: tuple[float, ...] = ()) -> int:
-    def fits(n: int) -> bool:
-        return _epsilon(z, plan, releases, n, delta, extra) <= target
-
-    if limit == 0 or not fits(1):
-        return 0
-    lo, hi = 1, 2  # fits(lo); find hi with not fits(hi)
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        if fits(limit):
-            return limit
-        hi = limit
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def noise_for(
-    target_epsilon: float,
-    rounds: int,
-    sampling: Sampling = "poisson",
-    sample_rate: float | None = None,
-    population: int | None = None,
-    sample_size: int | None = None,
-    *,
-    delta: float,
-    releases_per_round: int = 1,
-    tolerance: float = 1e-3,
-) -> float:
-    """The smallest noise multiplier z (to within ``tolerance``) with ε ≤ ``target_epsilon`` after
-    ``rounds`` rounds: ε(z) ≤ target and ε(z − tolerance) > target. ε falls with z, so a bisection."""
-    plan = sampling_plan(sampling, sample_rate, population, sample_size)
-    if not (math.isfinite(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    return _noise_for(
-        _check_target(target_epsilon), _check_rounds(rounds), plan,
-        _check_releases(releases_per_round), _check_delta(delta), float(tolerance),
-    )
-
-
-def _noise_for(target: float, rounds: int, plan: SamplingPlan, releases: int, delta: float, tolerance: float,
-               extra: tuple[float, ...] = ()) -> float:
-    def fits(z: float) -> bool:
-        return _epsilon(z, plan, releases, rounds, delta, extra) <= target
-
-    lo, hi = 0.0, 1.0  # z=0 is no privacy, so not fits(lo); find hi with fits(hi)
-    while not fits(hi):
-        lo, hi = hi, hi * 2
-        if hi > _MAX_NOISE:
-            raise ValueError(
-                f"no noise multiplier up to {_MAX_NOISE:g} reaches privacy.target_epsilon={target:g} "
-                f"at privacy.delta={delta:g} after {rounds} rounds"
-            )
-    while hi - lo > tolerance:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
-
-
-class BudgetExceeded(Exception):
-    """A training plan whose ε would exceed the target; carries the numbers and the fixes."""
-
-    def __init__(
-        self,
-        *,
-        target_epsilon: float,
-        delta: float,
-        rounds: int,
-        epsilon: float,
-        allowed_rounds: int,
-        noise_multiplier: float,
-        required_noise_multiplier: float,
-        sampling: str,
-        sampling_text: str,
-    ) -> None:
-        self.target_epsilon = target_epsilon
-        self.delta = delta
-        self.rounds = rounds
-        self.epsilon = epsilon
-        self.allowed_rounds = allowed_rounds
-        self.noise_multiplier = noise_multiplier
-        self.required_noise_multiplier = required_noise_multiplier
-        self.sampling = sampling
-        super().__init__(
-            f"privacy.target_epsilon={target_epsilon:g} at δ={delta:g} allows {allowed_rounds} "
-            f"round{'s' if allowed_rounds != 1 else ''} with noise_multiplier={noise_multiplier:g} and "
-            f"{sampling_text} (ε after {rounds} rounds would be {epsilon:.3g}); lower training.rounds, "
-            f"raise privacy.noise_multiplier (≥ {required_noise_multiplier:.2f} fits {rounds} rounds) "
-            f"or sample fewer clients"
-        )
-
-
-def check_plan(
-    target_epsilon: float,
-    rounds: int,
-    noise_multiplier: float,
-    sampling: Sampling = "poisson",
-    sample_rate: float | None = None,
-    population: int | None = None,
-    sample_size: int | None = None,
-    *,
-    delta: float,
-    releases_per_round: int = 1,
-    extra_releases: tuple[float, ...] = (),
-) -> float:
-    """ε after ``rounds`` rounds (and ``extra_releases``, as in :func:`epsilon_after`) if it is
-    ≤ ``target_epsilon``; :class:`BudgetExceeded` otherwise, naming the rounds that fit and the
-    noise multiplier that fits ``rounds`` rounds."""
-    target = _check_target(target_epsilon)
-    plan = sampling_plan(sampling, sample_rate, population, sample_size)
-    z, n, releases, d = (
-        _check_noise(noise_multiplier), _check_rounds(rounds), _check_releases(releases_per_round), _check_delta(delta)
-    )
-    extra = tuple(float(e) for e in extra_releases)
-    eps = _epsilon(z, plan, releases, n, d, extra)
-    if eps <= target:
-        return eps
-    allowed = _max_rounds(target, z, plan, releases, d, limit=n, extra=extra)
-    if _epsilon(1e4, plan, releases, n, d, extra) > target:  # the extra releases alone exceed it
-        raise BudgetExceeded(
-            target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
-            noise_multiplier=z, required_noise_multiplier=math.inf, sampling=plan.sampling,
-            sampling_text=plan.describe() + " (the evaluation's release alone spends more: raise "
-            "privacy.evaluation_noise_multiplier)")
-    needed = _noise_for(target, n, plan, releases, d, tolerance=1e-3, extra=extra)
-    needed = math.ceil(needed * 100) / 100  # rounded up, so the number shown still fits
-    raise BudgetExceeded(
-        target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
-        noise_multiplier=z, required_noise_multiplier=needed, sampling=plan.sampling,
-        sampling_text=plan.describe(),
-    )
-
-
 class PrivacyAccountant:
-    """ε spent by a training run so far: ``step()`` once per round, ``epsilon()`` at δ.
+    """ε spent by a training run so far: ``step()`` once per round, ``epsilon()`` at δ (an
+    :class:`fedmtl.privacy.accountant.Accountant`).
 
     ``noise_multiplier`` is the overall z (with adaptive clipping, not z_Δ; see the module
     docstring); ``releases_per_round`` states how many separately noised Gaussian queries each
     sampled client takes part in per round (1 when the global sum is computed from the noised
-    group sums, 2 when it is noised separately).
+    group sums, 2 when it is noised separately). ``planned``: the noise multipliers of releases
+    to come after the last round (the final pooled evaluation), which
+    :meth:`epsilon_after_next` counts as already spent.
     """
 
     def __init__(
@@ -428,8 +268,10 @@ class PrivacyAccountant:
         *,
         delta: float,
         releases_per_round: int = 1,
+        planned: tuple[float, ...] = (),
     ) -> None:
         self.noise_multiplier = _check_noise(noise_multiplier)
+        self.planned = tuple(_check_noise(z) for z in planned)
         self.plan = sampling_plan(sampling, sample_rate, population, sample_size)
         self.delta = _check_delta(delta)
         self.releases_per_round = _check_releases(releases_per_round)
@@ -465,6 +307,11 @@ class PrivacyAccountant:
         """ε at ``delta`` after the rounds and releases accounted so far (0 before the first)."""
         return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds, self.delta,
                         self._extra)
+
+    def epsilon_after_next(self) -> float:
+        """ε after one more round and the planned releases (what training must not exceed)."""
+        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds + 1, self.delta,
+                        self._extra + self.planned)
 
     def __repr__(self) -> str:
         return (

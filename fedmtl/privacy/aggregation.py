@@ -12,16 +12,16 @@ averages those vectors itself:
    a pool that is itself too small sits the round out (its clients are named in the report).
 2. **Clipping** (``dp``): each u_c is clipped to L2 norm C (:func:`fedmtl.privacy.dp.clip_update`)
    and counts once (uniform weights, DP-FedAvg). Without DP, u_c is weighted by its sample
-   count over a public scale and its coordinates clipped to ±``secagg_range``.
+   count over a public scale and its coordinates clipped to ±``secure_sum.range``.
 3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.privacy.secagg.secure_sum`) inside the release,
    so that the aggregator receives masked vectors and learns their sum only. Simulated
-   ``secagg_dropout`` clients go silent after sending their masked input; their self-masks are
+   ``secure_sum.dropout`` clients go silent after sending their masked input; their self-masks are
    rebuilt from their neighbours' Shamir shares and the sum is still exact. With
-   ``secure_aggregation_protocol: ckks`` the release is summed with CKKS homomorphic encryption
+   ``secure_sum.protocol: ckks`` the release is summed with CKKS homomorphic encryption
    instead (:func:`fedmtl.privacy.he.encrypted_sum`): the aggregator receives ciphertexts only, adds them,
    and a key holder (one fresh key per round, separate from the aggregator) decrypts the sum —
    exact to about 1e-8 per client and coordinate. CKKS has one message per client, so there is
-   no mid-protocol dropout to simulate (``secagg_dropout`` does not apply).
+   no mid-protocol dropout to simulate (``secure_sum.dropout`` does not apply).
 4. **Noise** (``dp``): central Gaussian noise N(0, (z_Δ·C)²) on each release's sum, added by
    the aggregator after unmasking, then division by the release's expected number of clients
    (public) — so the group and global updates are post-processing of noised sums, and each
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedmtl.config.privacy import PrivacyConfig
 from fedmtl.privacy import dp
 from fedmtl.privacy.he import HEError, KeyHolder, encrypted_sum
 from fedmtl.privacy.randomness import SecretStream
@@ -54,50 +55,6 @@ from fedmtl.state import ClientUpdate, GroupAggregate, Heads, Vector
 
 #: The name of the pooled base-only release of the groups too small for their own.
 POOLED = "__pooled__"
-
-
-@dataclass(frozen=True)
-class PrivacySpec:
-    """The ``privacy`` settings the aggregation needs (see ``fedmtl.config.PrivacyConfig``)."""
-
-    dp: bool = False
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    adaptive_clip: bool = False
-    target_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
-    secure_aggregation: bool = False
-    secure_aggregation_protocol: str = "secagg"  # or "ckks" (fedmtl.privacy.he)
-    secagg_range: float = 1.0
-    secagg_neighbours: int | None = None
-    secagg_max_dropout: float = 0.1
-    secagg_dropout: float = 0.0
-    min_group_size: int = 3
-    client_metrics: bool = True  # privacy.per_client_metrics: else the evaluation is pooled
-    evaluation_noise: float = 0.0
-    evaluation_noise_multiplier: float = 10.0  # under dp: z of the accounted evaluation release
-
-    @classmethod
-    def from_config(cls, privacy) -> "PrivacySpec":
-        return cls(
-            dp=privacy.dp, clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
-            adaptive_clip=privacy.adaptive_clip, target_quantile=privacy.target_quantile,
-            clip_learning_rate=privacy.clip_learning_rate, secure_aggregation=privacy.secure_aggregation,
-            secure_aggregation_protocol=privacy.secure_aggregation_protocol,
-            secagg_range=privacy.secagg_range, secagg_neighbours=privacy.secagg_neighbours,
-            secagg_max_dropout=privacy.secagg_max_dropout, secagg_dropout=privacy.secagg_dropout, min_group_size=privacy.min_group_size,
-            client_metrics=privacy.per_client_metrics, evaluation_noise=privacy.evaluation_noise,
-            evaluation_noise_multiplier=privacy.evaluation_noise_multiplier,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.dp or self.secure_aggregation
-
-    @property
-    def protocol(self) -> str | None:
-        """The secure sum in use: "secagg", "ckks", or None (plain sums)."""
-        return self.secure_aggregation_protocol if self.secure_aggregation else None
 
 
 @dataclass
@@ -126,9 +83,25 @@ class RoundPrivacy:
     released_clients: int = 0
     expected_total: float = 0.0  # Σ q·N_g: the public denominator of the adaptive-clip count
 
+    def metrics(self, dp: bool) -> dict[str, float]:
+        """The report as metrics (no client's own values). Under DP only what is public or
+        covered by ε: the clip norm (adaptive clipping moves it by the noised count,
+        post-processing), the noise std and the planned releases; the counts of released,
+        held-back and dropped clients depend on who was sampled and are not released."""
+        out = {"privacy/clip": self.clip, "privacy/noise_std": self.noise_std,
+               "privacy/releases": float(len(self.releases))}
+        if not dp:
+            out.update({
+                "privacy/released_clients": float(self.released_clients),
+                "privacy/held_back": float(len(self.held_back)),
+                "privacy/dropped_mid_protocol": float(len(self.dropped_mid_protocol)),
+                "time/secagg_s": self.secagg_seconds,
+            })
+        return out
+
 
 def plan_releases(
-    updates: Sequence[ClientUpdate], spec: PrivacySpec, expected: Mapping[str, float]
+    updates: Sequence[ClientUpdate], spec: PrivacyConfig, expected: Mapping[str, float]
 ) -> tuple[list[Release], dict[str, str], list[str]]:
     """(releases, held-back clients with the reason, the pooled groups). ``expected``: each
     group's public expected number of participants (q·N_g); under DP a group's size for the
@@ -189,7 +162,7 @@ def _split(total: Vector, base: int, sizes: dict[str, int], tasks: list[str]) ->
 
 def private_aggregate(
     updates: Sequence[ClientUpdate],
-    spec: PrivacySpec,
+    spec: PrivacyConfig,
     clip: float,
     expected: Mapping[str, float],
     weight_scale: float,
@@ -204,8 +177,8 @@ def private_aggregate(
     report = RoundPrivacy(clip=clip, expected_total=sum(expected.values()))
     releases, held, pooled = plan_releases(updates, spec, expected)
     report.held_back, report.pooled_groups = held, pooled
-    z = spec.noise_multiplier
-    if spec.dp and spec.adaptive_clip:
+    z = spec.dp_fedavg.noise_multiplier
+    if spec.dp and spec.dp_fedavg.adaptive_clip:
         z = dp.update_noise_multiplier(z, dp.default_count_noise(report.expected_total or 1.0))
     report.noise_std = z * clip if spec.dp else 0.0
     out: dict[str, GroupAggregate] = {}
@@ -213,7 +186,7 @@ def private_aggregate(
     keys: list[KeyHolder] = []  # CKKS: the round's key holder, made when first needed
     for i, release in enumerate(releases):
         members = release.updates
-        if spec.secure_aggregation and 0 < len(members) < max(2, spec.min_group_size):
+        if spec.secure and 0 < len(members) < max(2, spec.min_group_size):
             # DP plans releases by expected size; a round that sampled too few members for a
             # secure sum keeps them out (under DP the release is then pure noise)
             for u in members:
@@ -237,7 +210,7 @@ def private_aggregate(
                 scalars[u.client] = 1.0 if norm <= clip else 0.0  # the client's bit for adaptive clipping
             else:
                 w = max(u.n_samples, 0) / weight_scale
-                v = (v * w).clamp(-spec.secagg_range, spec.secagg_range)
+                v = (v * w).clamp(-spec.secure_sum.range, spec.secure_sum.range)
                 scalars[u.client] = w
             vectors[u.client] = v
         try:
@@ -273,7 +246,7 @@ def private_aggregate(
 
 
 def _sum(
-    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacySpec, clip: float, dim: int, seed: int,
+    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacyConfig, clip: float, dim: int, seed: int,
     keys: list[KeyHolder] | None = None,
 ) -> tuple[Vector, float, list[str], float]:
     """Σ vectors (and Σ scalars): SecAgg+ or CKKS when on, else plainly. Returns (sum, scalar
@@ -281,28 +254,28 @@ def _sum(
     holder for the round (appended when empty, reused by the round's later releases)."""
     if not vectors:
         return torch.zeros(dim), 0.0, [], 0.0
-    if not spec.secure_aggregation:
+    if not spec.secure:
         return torch.stack(list(vectors.values())).sum(0), float(sum(scalars.values())), [], 0.0
-    if spec.secure_aggregation_protocol == "ckks":
+    if spec.secure_sum.protocol == "ckks":
         keys = [] if keys is None else keys
         keygen = time.perf_counter()
         if not keys:
             keys.append(KeyHolder())
         keygen = time.perf_counter() - keygen
         result = encrypted_sum(
-            {u: v.numpy() for u, v in vectors.items()}, bound=clip if spec.dp else spec.secagg_range,
+            {u: v.numpy() for u, v in vectors.items()}, bound=clip if spec.dp else spec.secure_sum.range,
             scalars=scalars, scalar_bound=1.0,  # weights n_c / weight_scale ≤ 1, or DP's 0/1 bits
             key_holder=keys[0])
         return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
                 float(result.scalar_sum or 0.0), [], keygen + float(result.seconds["total"]))
     ids = sorted(vectors)
     rng = np.random.default_rng(seed)
-    n_drop = int(math.floor(spec.secagg_dropout * len(ids)))
+    n_drop = int(math.floor(spec.secure_sum.dropout * len(ids)))
     dropped = sorted(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else []
-    bound = clip if spec.dp else spec.secagg_range
+    bound = clip if spec.dp else spec.secure_sum.range
     result = secure_sum(
-        {u: vectors[u].numpy() for u in ids}, clip=bound, neighbours=spec.secagg_neighbours,
-        max_dropout=spec.secagg_max_dropout, drop_after_masking=dropped, scalars=scalars,
+        {u: vectors[u].numpy() for u in ids}, clip=bound, neighbours=spec.secure_sum.neighbours,
+        max_dropout=spec.secure_sum.max_dropout, drop_after_masking=dropped, scalars=scalars,
         scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
     )
     return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),

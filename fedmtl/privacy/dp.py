@@ -61,14 +61,14 @@ _CLIP_SLACK = 1e-5
 def _check_clip(clip: float) -> float:
     clip = float(clip)
     if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"privacy.clip_norm must be a finite number > 0, got {clip}")
+        raise ValueError(f"privacy.dp_fedavg.clip_norm must be a finite number > 0, got {clip}")
     return clip
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z >= 0):
-        raise ValueError(f"privacy.noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        raise ValueError(f"privacy.dp_fedavg.noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     return z
 
 
@@ -136,7 +136,7 @@ def noised_sum(
                 raise ValueError(f"update {i} has shape {tuple(update.shape)}, expected {tuple(shape)}")
             norm = float(torch.linalg.vector_norm(update.detach().to(torch.float64)))
             if not norm <= clip * (1 + _CLIP_SLACK):
-                raise ValueError(f"update {i} has norm {norm:.6g} > privacy.clip_norm={clip}; clip it first")
+                raise ValueError(f"update {i} has norm {norm:.6g} > privacy.dp_fedavg.clip_norm={clip}; clip it first")
             total += update.detach().to(torch.float64)
         out_dtype = clipped[0].dtype
     noise = gaussian_noise(total, z * clip, generator)
@@ -161,7 +161,7 @@ def update_noise_multiplier(
     """
     z = _check_noise_multiplier(noise_multiplier)
     if z == 0:
-        raise ValueError("privacy.noise_multiplier must be > 0 with adaptive clipping")
+        raise ValueError("privacy.dp_fedavg.noise_multiplier must be > 0 with adaptive clipping")
     if count_noise is None:
         if expected_clients is None:
             raise ValueError("update_noise_multiplier needs count_noise or expected_clients")
@@ -171,7 +171,7 @@ def update_noise_multiplier(
         raise ValueError(f"privacy.count_noise must be a finite number >= 0, got {count_noise}")
     if 2 * sigma_b <= z:
         raise ValueError(
-            f"privacy.count_noise={sigma_b:.4g} is too small for privacy.noise_multiplier={z:.4g}: "
+            f"privacy.count_noise={sigma_b:.4g} is too small for privacy.dp_fedavg.noise_multiplier={z:.4g}: "
             f"the clip-count query alone would use the whole budget (need 2·count_noise > "
             f"noise_multiplier, i.e. count_noise > {z / 2:.4g}); raise the count noise or the clients per round"
         )
@@ -198,9 +198,9 @@ class AdaptiveClip:
         if not (math.isfinite(self.expected_clients) and self.expected_clients > 0):
             raise ValueError(f"expected clients per round must be > 0, got {self.expected_clients}")
         if not 0 <= self.target_quantile <= 1:
-            raise ValueError(f"privacy.target_quantile must be in [0, 1], got {self.target_quantile}")
+            raise ValueError(f"privacy.dp_fedavg.target_quantile must be in [0, 1], got {self.target_quantile}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"privacy.clip_learning_rate must be > 0, got {self.learning_rate}")
+            raise ValueError(f"privacy.dp_fedavg.clip_learning_rate must be > 0, got {self.learning_rate}")
         if self.count_noise is None:
             object.__setattr__(self, "count_noise", default_count_noise(self.expected_clients))
         elif not (math.isfinite(self.count_noise) and self.count_noise >= 0):

@@ -1,4 +1,4 @@
-"""Sample-level DP-SGD inside a client's local training (``privacy.dp_sgd``), with Opacus.
+"""Sample-level DP-SGD inside a client's local training (``privacy.dp_sgd.enabled``), with Opacus.
 
 What it protects
 ----------------
@@ -11,9 +11,9 @@ head step, Ditto's personal model, ...) becomes a DP-SGD step (Abadi et al. 2016
   ⌈n/B⌉ steps per epoch (Opacus's ``UniformWithReplacementSampler`` rule, drawn from the client's
   secret stream);
 - **per-row clipping**: Opacus's ``GradSampleModule`` computes each row's gradient of the
-  (multi-task) loss; ``DPOptimizer`` clips each to L2 norm C = ``privacy.dp_sgd_max_grad_norm``
+  (multi-task) loss; ``DPOptimizer`` clips each to L2 norm C = ``privacy.dp_sgd.max_grad_norm``
   over all the trained parameters together, sums them, adds N(0, (σC)²) noise with
-  σ = ``privacy.dp_sgd_noise_multiplier`` (from the same stream) and divides by the expected
+  σ = ``privacy.dp_sgd.noise_multiplier`` (from the same stream) and divides by the expected
   batch size ⌊nq⌋ (as ``PrivacyEngine.make_private`` does); the inner ``torch.optim.SGD`` then
   applies momentum and weight decay;
 - a **data-independent term** of the objective (FedProx's μ/2·‖w − w₀‖²) is added to the noised
@@ -22,18 +22,18 @@ head step, Ditto's personal model, ...) becomes a DP-SGD step (Abadi et al. 2016
 
 Accounting
 ----------
-Each client keeps a **ledger** in its own store (:meth:`ClientStore.save_record`, record
+Each client keeps a **ledger** (:mod:`fedmtl.privacy.sample_level`) in its own store (:meth:`ClientStore.save_record`, record
 ``dp_sgd``, versioned by round like the personal state, so a run resumed from its checkpoint of
 round r reads exactly the ledger of round r): one row (round, σ, q, steps) per round it trained.
-Its ε at δ = ``privacy.dp_sgd_delta`` (default ``privacy.delta``) is Opacus's own accountant
+Its ε at δ = ``privacy.dp_sgd.delta`` (default ``privacy.dp_fedavg.delta``) is Opacus's own accountant
 (``rdp``, or ``prv``) over the ledger's (σ, q, steps); composition over rounds and over several
 training calls in one round is the same adaptive composition of sampled Gaussian steps. The
 client reports that ε with its update (``dp_sgd_epsilon``), and the server keeps the latest ε of
-every client in its state (:data:`EPSILON_KEY`, checkpointed with it) to log
+every client in its state (:data:`fedmtl.privacy.sample_level.EPSILON_KEY`, checkpointed with it) to log
 ``privacy/dp_sgd_epsilon_max`` and ``_mean`` every round.
 
-``privacy.dp_sgd_target_epsilon``: a client whose next round would take its ε above the target
-sits the round out (:class:`DPSGDBudgetSpent`, named in the round report) instead. A client
+``privacy.dp_sgd.target_epsilon``: a client whose next round would take its ε above the target
+sits the round out (:class:`fedmtl.privacy.sample_level.DPSGDBudgetSpent`, named in the round report) instead. A client
 predicts its next round from the steps of its last one (the same for every round: they depend
 on n, B and the epochs only); in its first round it trains, accounts, and, if the target would
 be exceeded, discards what it trained: nothing of it leaves the client, and the decision
@@ -42,7 +42,7 @@ depends on the step count only, never on the data.
 Outside ε: anything computed from a client's data outside its training round (its personal
 head ψ_c fitted at evaluation, shipped in the registered model with
 ``tracking.bundle_personal_heads``; its evaluation figures; its train loss, logged only with
-``privacy.client_metrics``), and its row count n (public, like the sample count of an update).
+``privacy.evaluation.client_metrics``), and its row count n (public, like the sample count of an update).
 The noise and the Poisson batches come from the client's secret stream for the round
 (:class:`fedmtl.privacy.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a ChaCha20
 key stream, never from the seed, so nobody can replay them; Opacus's ``secure_mode`` would need
@@ -64,10 +64,8 @@ import numpy as np
 import torch
 from torch import nn
 
-#: where the server keeps every client's latest reported ε (float64, manifest order, NaN: not yet)
-EPSILON_KEY = "privacy/dp_sgd_epsilon"
-#: the name of the ledger record in each client's store
-LEDGER = "dp_sgd"
+from fedmtl.config.privacy import DPSGDConfig
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -76,55 +74,11 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
                         "respect to module outputs since no inputs require gradients", category=UserWarning)
 
 
-class DPSGDBudgetSpent(RuntimeError):
-    """A client whose next round would take its sample-level ε above the target: it sits out."""
-
-    failure_kind = "budget_spent"
-
-
 def require_opacus() -> None:
     try:
         import opacus  # noqa: F401
     except ImportError:
-        raise ImportError("privacy.dp_sgd needs Opacus: pip install 'fedmtl[dp-sgd]' (opacus>=1.5)") from None
-
-
-@dataclass(frozen=True)
-class DPSGDSpec:
-    """The ``privacy.dp_sgd_*`` settings, validated (each error names its setting)."""
-
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    target_epsilon: float | None = None
-    accountant: str = "rdp"
-
-    def __post_init__(self) -> None:
-        def bad(value) -> bool:
-            return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-
-        if bad(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise ValueError(f"privacy.dp_sgd_noise_multiplier must be a number >= 0, got {self.noise_multiplier!r}")
-        if bad(self.max_grad_norm) or self.max_grad_norm <= 0:
-            raise ValueError(f"privacy.dp_sgd_max_grad_norm must be a number > 0, got {self.max_grad_norm!r}")
-        if bad(self.delta) or not 0 < self.delta < 1:
-            raise ValueError(f"privacy.dp_sgd_delta must be in (0, 1), got {self.delta!r}")
-        if self.target_epsilon is not None and (bad(self.target_epsilon) or self.target_epsilon <= 0):
-            raise ValueError(f"privacy.dp_sgd_target_epsilon must be a number > 0 or null, got {self.target_epsilon!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"privacy.dp_sgd_accountant '{self.accountant}' is not known; allowed values: "
-                             f"{', '.join(ACCOUNTANTS)}")
-
-    @classmethod
-    def from_config(cls, privacy) -> "DPSGDSpec | None":  # a fedmtl.config.PrivacyConfig
-        if not privacy.dp_sgd:
-            return None
-        require_opacus()
-        return cls(privacy.dp_sgd_noise_multiplier, privacy.dp_sgd_max_grad_norm, privacy.dp_sgd_delta_value,
-                   privacy.dp_sgd_target_epsilon, privacy.dp_sgd_accountant)
-
-    def epsilon(self, history: Sequence[tuple[float, float, int]]) -> float:
-        return epsilon(history, self.delta, self.accountant)
+        raise ImportError("privacy.dp_sgd.enabled needs Opacus: pip install 'fedmtl[dp-sgd]' (opacus>=1.5)") from None
 
 
 def poisson_plan(n: int, batch_size: int) -> tuple[float, int, int]:
@@ -189,43 +143,11 @@ def _rdp_per_step(noise: float, rate: float):
     return out
 
 
-class Ledger:
-    """A client's DP-SGD steps, one row (round, σ, q, steps) per round it trained in."""
-
-    def __init__(self, rows: Sequence[tuple[int, float, float, int]] = ()) -> None:
-        self.rows = [(int(r), float(z), float(q), int(s)) for r, z, q, s in rows]
-
-    @classmethod
-    def from_tensor(cls, value: torch.Tensor | None) -> "Ledger":
-        if value is None:
-            return cls()
-        if value.dim() != 2 or value.shape[1] != 4:
-            raise ValueError(f"a DP-SGD ledger is a [k, 4] tensor, got shape {tuple(value.shape)}")
-        return cls([tuple(row) for row in value.tolist()])
-
-    def to_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.rows, dtype=torch.float64).reshape(-1, 4)
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(z, q, s) for _, z, q, s in self.rows]
-
-    def last_round(self) -> list[tuple[float, float, int]]:
-        """The steps of the last round the client trained in (its next round's, repeated)."""
-        if not self.rows:
-            return []
-        last = self.rows[-1][0]
-        return [(z, q, s) for r, z, q, s in self.rows if r == last]
-
-    def plus(self, round_: int, steps: Sequence[tuple[float, float, int]]) -> "Ledger":
-        return Ledger(self.rows + [(round_, z, q, s) for z, q, s in compact(steps)])
-
-
 @dataclass
 class DPSGDSession:
     """One client's DP-SGD in one round: the settings and the steps it took (σ, q, steps)."""
 
-    spec: DPSGDSpec
+    spec: DPSGDConfig
     #: the client's secret stream for the round (noise and batch sampling); None: ``generator``
     noise: Any = None
     steps: list[tuple[float, float, int]] = field(default_factory=list)
@@ -248,7 +170,7 @@ def dp_fit(
     epochs: int,
     cfg,
     generator: torch.Generator,
-    spec: DPSGDSpec,
+    spec: DPSGDConfig,
     record: list[tuple[float, float, int]] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
@@ -359,15 +281,3 @@ def _secret_optimizer():
                 _mark_as_processed(p.summed_grad)
 
     return SecretNoiseDPOptimizer
-
-
-def client_epsilons(table: torch.Tensor | None) -> dict[str, float]:
-    """``privacy/dp_sgd_epsilon_max`` and ``_mean`` over the clients that have trained (from the
-    server's table of every client's latest reported ε), and how many have."""
-    if table is None:
-        return {}
-    known = table[~torch.isnan(table)]
-    if known.numel() == 0:
-        return {"privacy/dp_sgd_clients": 0.0}
-    return {"privacy/dp_sgd_epsilon_max": float(known.max()), "privacy/dp_sgd_epsilon_mean": float(known.mean()),
-            "privacy/dp_sgd_clients": float(known.numel())}

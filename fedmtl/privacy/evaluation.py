@@ -6,7 +6,7 @@ Each client reduces its held-out scores to sufficient statistics, per (model var
 - regression: the number of rows, Σ|error| and Σ error², each row's |error| clipped to
   ``ERROR_CLIP`` (in the label's units) so that every entry has a public bound.
 
-The clients' statistics are summed (with SecAgg+ when ``privacy.secure_aggregation`` is on,
+The clients' statistics are summed (with SecAgg+ when ``privacy.secure_sum`` is on,
 :func:`fedmtl.privacy.secagg.secure_sum`, or CKKS with ``secure_aggregation_protocol: ckks``,
 :func:`fedmtl.privacy.he.encrypted_sum`), so the server learns the federation's pooled confusion matrix
 and error sums and nothing about any one client. Optionally Gaussian noise is added to the
@@ -116,7 +116,7 @@ def pooled_evaluation(
     global, pooled) and ``evaluation/clients``. Fewer than ``min_clients`` clients release no
     figures: a sum over one client is that client's own.
 
-    ``noise_multiplier`` z (client-level DP, ``privacy.dp``): each client's vector is clipped to
+    ``noise_multiplier`` z (client-level DP, ``privacy.dp_fedavg.enabled``): each client's vector is clipped to
     the layout's :meth:`~StatLayout.sensitivity` Δ (a no-op for honest statistics) and the sum
     gets N(0, (zΔ)²) on every entry instead of ``noise_std``: one Gaussian mechanism of
     multiplier z over all the clients, which the run's accountant counts."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from fedmtl.server.dispatch import clients_for_round
 from fedmtl.server.robust import RobustSpec, aggregate_updates, robust_aggregate
 from fedmtl.server.optimizers import ServerOptimizer
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, Vector
@@ -43,6 +45,29 @@ def group_weight(n_samples: int, n_clients: int, weighting: str) -> float:
     if weighting == "sqrt":
         return math.sqrt(n_samples)
     raise ValueError(f"grouping.weighting '{weighting}' is not known; allowed values: {WEIGHTINGS}")
+
+
+@dataclass(frozen=True)
+class PlainRelease:
+    """The server's steps without a privacy mechanism: a fixed-size sample of the clients
+    (seeded by the round), the per-group (robust) means of their updates, nothing after the
+    merge. :class:`fedmtl.privacy.release.PrivateRelease` takes its place under
+    ``privacy.dp_fedavg`` or ``privacy.secure_sum``."""
+
+    robust: RobustSpec | None = None
+    seed: int = 0
+
+    #: the server sees each update: the bounded-influence screen by norm applies
+    screens_norms = True
+
+    def participants(self, clients: list[str], per_round: float, round_: int) -> list[str]:
+        return clients_for_round(clients, per_round, self.seed, round_)
+
+    def aggregate(self, updates, state, clients, per_round, release_group, rows):
+        return group_aggregate(updates, self.robust), None
+
+    def after_merge(self, state: ServerState, merged: ServerState, report) -> None:
+        pass
 
 
 def group_aggregate(updates: Sequence[ClientUpdate], robust: RobustSpec | None = None) -> dict[str, GroupAggregate]:
@@ -143,4 +168,4 @@ def global_merge(
     assignment = dict(state.assignment)
     for agg in ordered_heads:
         assignment.update({c: agg.group for c in agg.clients})
-    return ServerState(state.round + 1, base, group_heads, global_heads, assignment, moments)
+    return ServerState(state.round + 1, base, group_heads, global_heads, assignment, moments, dict(state.privacy))

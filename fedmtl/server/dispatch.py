@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedmtl.privacy.randomness import SecretStream
-
 
 def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round_: int) -> list[str]:
     """Sample clients without replacement: ``per_round`` <= 1 is a fraction, > 1 a count.
@@ -26,17 +24,6 @@ def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round
     rng = np.random.default_rng([seed, round_])
     chosen = set(rng.choice(n, size=k, replace=False).tolist())
     return [c for i, c in enumerate(clients) if i in chosen]
-
-
-def poisson_sample(clients: Sequence[str], rate: float, stream: SecretStream) -> list[str]:
-    """Each client independently with probability ``rate`` (Poisson sampling, what the DP
-    accountant's sampled Gaussian mechanism assumes), input order. The draws come from a secret
-    stream (:class:`fedmtl.privacy.randomness.SecretRandom`, the round's ``participation`` purpose):
-    whoever knows the seed must not know who takes part."""
-    if not 0 < rate <= 1:
-        raise ValueError(f"sample rate {rate} must be in (0, 1] (training.clients_per_round)")
-    draws = stream.uniform(len(clients))
-    return [c for c, d in zip(clients, draws) if d < rate]
 
 
 def sample_rate(per_round: float, n_clients: int) -> float:

@@ -117,7 +117,8 @@ def regroup(
         t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))
         for t in tasks
     }
-    state = ServerState(after.round, after.base, group_heads, global_heads, assignment, dict(after.optimizer))
+    state = ServerState(after.round, after.base, group_heads, global_heads, assignment, dict(after.optimizer),
+                        dict(after.privacy))
     return state, score
 
 

@@ -15,7 +15,7 @@ from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.data.validation import validate_partitions
 from models.personalized import PersonalizedPredictor
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, with_settings
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +96,9 @@ def test_many_clients_log_a_table_instead_of_child_runs(trained, tmp_path):
     from flows.training import federated_training
 
     cfg, manifest, broken, _ = trained
-    many = cfg.model_copy(deep=True)
-    many.tracking.max_client_runs = 3  # 7 usable clients: above the threshold
-    many.tracking.register_model = False
-    many.tracking.metrics_file = str(tmp_path / "metrics.json")
+    many = with_settings(cfg, {"tracking.max_client_runs": 3,  # 7 usable clients: above the threshold
+                               "tracking.register_model": False,
+                               "tracking.metrics_file": str(tmp_path / "metrics.json")})
     result = federated_training(many.model_dump(mode="json"))
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])

@@ -29,7 +29,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    from flows.training import input_example, make_bundle
+    from flows.registration import input_example, make_bundle
     from tasks.registry import log_personalized_model
 
     root = tmp_path_factory.mktemp("coldstart")

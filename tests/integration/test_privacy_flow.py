@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 PRIVATE = {
     "data.partition.n_clients": 12, "training.rounds": 3, "training.clients_per_round": 0.5,
-    "privacy.dp": True, "privacy.secure_aggregation": True, "privacy.adaptive_clip": True,
-    "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.5, "privacy.secagg_dropout": 0.2,
+    "privacy.dp_fedavg.enabled": True, "privacy.secure_sum.enabled": True, "privacy.dp_fedavg.adaptive_clip": True,
+    "privacy.dp_fedavg.noise_multiplier": 0.5, "privacy.dp_fedavg.clip_norm": 0.5, "privacy.secure_sum.dropout": 0.2,
     "privacy.min_group_size": 2,
 }
 
@@ -49,9 +49,9 @@ def test_dp_run_logs_epsilon_every_round_and_tags_the_run_and_model(trained):
     eps = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "privacy/epsilon"),
                                    key=lambda m: m.step)]
     assert len(eps) == 4 and eps[0] < eps[1] < eps[2] < eps[3]  # 3 rounds, then the evaluation's release
-    assert eps[2] == pytest.approx(epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta))
-    want = epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.delta,
-                         extra_releases=(cfg.privacy.evaluation_noise_multiplier,))
+    assert eps[2] == pytest.approx(epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.dp_fedavg.delta))
+    want = epsilon_after(3, 0.5, "poisson", sample_rate=0.5, delta=cfg.privacy.dp_fedavg.delta,
+                         extra_releases=(cfg.privacy.evaluation.noise_multiplier,))
     assert float(run.data.tags["privacy_epsilon"]) == pytest.approx(want, rel=1e-4)
     assert eps[-1] == pytest.approx(want, rel=1e-4)
     version = client.get_model_version(cfg.tracking.registered_model, result["model_version"])
@@ -121,7 +121,7 @@ def test_a_seeded_noise_run_is_tagged_epsilon_void_on_the_run_and_its_model_vers
     from flows.training import federated_training
 
     cfg = load_config(None, tiny_overrides(data, **{**PRIVATE, "privacy.insecure_seeded_noise": True,
-                                                                  "privacy.secure_aggregation": False,
+                                                                  "privacy.secure_sum.enabled": False,
                                                                   "training.rounds": 1,
                                                                   "tracking.experiment": "seeded"}))
     result = federated_training(cfg.model_dump(mode="json"))
@@ -134,7 +134,7 @@ def test_a_seeded_noise_run_is_tagged_epsilon_void_on_the_run_and_its_model_vers
 def test_secure_aggregation_refuses_clustering_the_clients_own_updates(data):
     from flows.training import PrivacyPlanError, federated_training
 
-    cfg = load_config(None, tiny_overrides(data, **{**PRIVATE, "privacy.dp": False, "grouping.method": "cluster"}))
+    cfg = load_config(None, tiny_overrides(data, **{**PRIVATE, "privacy.dp_fedavg.enabled": False, "grouping.method": "cluster"}))
     with pytest.raises(PrivacyPlanError, match="grouping.method=cluster"):
         federated_training(cfg.model_dump(mode="json"))
 
@@ -142,9 +142,9 @@ def test_secure_aggregation_refuses_clustering_the_clients_own_updates(data):
 def test_a_plan_over_the_target_epsilon_refuses_to_start_with_the_numbers(data):
     from flows.training import PrivacyPlanError, federated_training
 
-    cfg = load_config(None, tiny_overrides(data, **PRIVATE, **{"privacy.target_epsilon": 0.5,
+    cfg = load_config(None, tiny_overrides(data, **PRIVATE, **{"privacy.dp_fedavg.target_epsilon": 0.5,
                                                                   "tracking.experiment": "refused"}))
-    with pytest.raises(PrivacyPlanError, match=r"privacy.target_epsilon=0.5 .* allows \d+ rounds"):
+    with pytest.raises(PrivacyPlanError, match=r"privacy.dp_fedavg.target_epsilon=0.5 .* allows \d+ rounds"):
         federated_training(cfg.model_dump(mode="json"))
     assert MlflowClient(cfg.tracking.tracking_uri).get_experiment_by_name("refused") is None
 
@@ -162,7 +162,7 @@ def test_dp_sgd_run_logs_each_clients_epsilon_every_round_and_tags_run_and_model
     largest tagged on the run and on the model version; no per-client figures."""
     from flows.training import federated_training
 
-    settings = {"data.partition.n_clients": 12, "privacy.dp_sgd": True, "privacy.dp_sgd_noise_multiplier": 1.0,
+    settings = {"data.partition.n_clients": 12, "privacy.dp_sgd.enabled": True, "privacy.dp_sgd.noise_multiplier": 1.0,
                 "training.batch_size": 32, "tracking.experiment": "dp-sgd"}
     cfg = load_config(None, tiny_overrides(data, **settings))
     result = federated_training(cfg.model_dump(mode="json"))

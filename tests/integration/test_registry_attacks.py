@@ -46,7 +46,7 @@ DECIMALS = 5  # rows compared as float tuples rounded to 1e-5
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    from flows.training import input_example, make_bundle
+    from flows.registration import input_example, make_bundle
     from tasks.registry import log_personalized_model
 
     root = tmp_path_factory.mktemp("attacks")

@@ -20,7 +20,7 @@ from fedmtl.server.optimizers import ServerOptimizer
 from fedmtl.client.store import ClientStore
 from fedmtl.state import assign
 from fedmtl.client.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, with_settings
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,7 @@ def setup(tmp_path_factory):
     manifest = read_manifest(cfg.data.partitions_dir)
 
     def make(method: str, store: str, **overrides) -> Federation:
-        c = cfg.model_copy(deep=True)
-        c.algorithm.method = method
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            setattr(getattr(c, section), name, value)
+        c = with_settings(cfg, {"algorithm.method": method, **overrides})
         return Federation.from_config(c, manifest, ClientStore(root / store))
 
     return make, manifest

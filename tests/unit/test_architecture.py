@@ -232,3 +232,19 @@ def test_no_import_cycles(groups: dict[str, str]) -> None:
     found = cycle(edges)
     assert found is None, "import cycle " + " -> ".join(found) + ": " + "; ".join(
         f"{a} -> {b} at {seen[(a, b)]}" for a, b in zip(found, found[1:]))
+
+
+#: the most lines a module of the project's code (``fedmtl``, ``models``, ``cli``, ``flows``,
+#: ``tasks``) may have, and the modules allowed more, each with why (tests and benchmarks are
+#: scripts of their own and not held to it)
+MAX_LINES = 400
+LONG_MODULES: dict[str, str] = {}
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    sizes = {str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+             for package in PACKAGES for path in python_files(ROOT / package)}
+    assert len(sizes) > 50 and max(sizes.values()) > 100, "too few modules measured: is the scan right?"
+    unexplained = {p: n for p, n in sizes.items() if n > MAX_LINES and p not in LONG_MODULES}
+    assert not unexplained, (f"modules over {MAX_LINES} lines (split them by role, or add them with why to "
+                             f"LONG_MODULES): {unexplained}")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import fedmtl.federation as federation
+import fedmtl.federation.clients as federation
 from fedmtl.client.batched import BatchingUnsupported, SharedJob, train_shared
 from fedmtl.client.data import ClientData
 from fedmtl.config import load_config
@@ -23,7 +23,7 @@ from fedmtl.state import flat
 from fedmtl.client.store import ClientStore
 from fedmtl.client.training import LocalConfig, train_joint
 from models import build_model
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, with_settings
 
 PARAM_TOL = 1e-5  # reached: ~1e-7 (float32 summation order); losses ~1e-7 relative
 LOSS_RTOL = 1e-6
@@ -57,12 +57,7 @@ def table_fed(tmp_path_factory):
     counter = iter(range(10_000))
 
     def make(method: str = "fedmtl", batched: str = "auto", **overrides) -> Federation:
-        c = cfg.model_copy(deep=True)
-        c.algorithm.method = method
-        c.training.batched = batched
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            setattr(getattr(c, section), name, value)
+        c = with_settings(cfg, {"algorithm.method": method, "training.batched": batched, **overrides})
         return Federation.from_config(c, manifest, ClientStore(root / f"store{next(counter)}"))
 
     return make, manifest

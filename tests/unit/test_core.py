@@ -210,8 +210,9 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
     fed = make("pooled")
     state, _, _ = run_rounds(fed, manifest.client_ids, 1)
     records = pd.DataFrame(fed.evaluate_clients(manifest.client_ids, state))
-    private = dataclasses.replace(fed, privacy=dataclasses.replace(
-        fed.privacy, secure_aggregation=secure, client_metrics=False))
+    private = dataclasses.replace(fed, privacy=fed.privacy.model_copy(update={
+        "secure_sum": fed.privacy.secure_sum.model_copy(update={"enabled": secure}),
+        "evaluation": fed.privacy.evaluation.model_copy(update={"client_metrics": False})}))
     pooled = private.evaluate_pooled(manifest.client_ids, state)
     assert pooled["evaluation/clients"] == len(manifest.client_ids)
     assert not any(k.endswith(("/mean", "/worst10")) for k in pooled)
@@ -221,7 +222,7 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
         assert pooled[f"{variant}/accuracy/pooled"] == pytest.approx(weighted, abs=1e-6)
     gain = pooled["personal/accuracy/pooled"] - pooled["global/accuracy/pooled"]
     assert pooled["personalisation_gain/accuracy/pooled"] == pytest.approx(gain)
-    few = dataclasses.replace(private, privacy=dataclasses.replace(private.privacy, min_group_size=99))
+    few = dataclasses.replace(private, privacy=private.privacy.model_copy(update={"min_group_size": 99}))
     assert few.evaluate_pooled(manifest.client_ids, state) == {"evaluation/clients": len(manifest.client_ids)}
 
 

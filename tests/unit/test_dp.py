@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedmtl.privacy import accounting as acc
+from fedmtl.privacy import budget
 from fedmtl.privacy.dp import AdaptiveClip, clip_update, gaussian_noise, noised_sum, update_noise_multiplier
 
 DELTA = 1e-5
@@ -40,7 +41,7 @@ def test_clip_scales_long_vectors_to_exactly_c():
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_clip_must_be_positive(bad):
-    with pytest.raises(ValueError, match="privacy.clip_norm"):
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.clip_norm"):
         clip_update(torch.ones(3), bad)
 
 
@@ -63,7 +64,7 @@ def test_noised_sum_is_reproducible_and_zero_noise_is_the_plain_sum():
 
 
 def test_noised_sum_refuses_unclipped_updates_and_noises_an_empty_group():
-    with pytest.raises(ValueError, match="privacy.clip_norm"):
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.clip_norm"):
         noised_sum([torch.tensor([3.0, 4.0])], 1.0, 1.0, gen())
     with pytest.raises(ValueError, match="like"):
         noised_sum([], 1.0, 1.0, gen())
@@ -111,9 +112,9 @@ def test_adaptive_clip_step_is_geometric():
     # 3 of 4 norms ≤ C: b̄ = 0.75, C ← 2·exp(−0.2·(0.75 − 0.5))
     assert state.update([1.0, 2.0, 0.5, 3.0], gen()).clip == pytest.approx(2.0 * math.exp(-0.05))
     assert AdaptiveClip(clip=1.0, expected_clients=40).count_noise == pytest.approx(2.0)  # m/20
-    with pytest.raises(ValueError, match="privacy.target_quantile"):
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.target_quantile"):
         AdaptiveClip(clip=1.0, expected_clients=10, target_quantile=1.5)
-    with pytest.raises(ValueError, match="privacy.clip_norm"):
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.clip_norm"):
         AdaptiveClip(clip=0.0, expected_clients=10)
 
 
@@ -201,26 +202,26 @@ def test_privacy_accountant_steps():
 
 
 def test_max_rounds_is_the_last_round_within_the_target():
-    n = acc.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA)
+    n = budget.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA)
     assert 1 < n < 1000
     assert poisson_eps(n, 1.1) <= 4.0 < poisson_eps(n + 1, 1.1)
-    assert acc.max_rounds(0.01, 1.1, "poisson", 0.1, delta=DELTA) == 0
-    assert acc.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA, limit=5) == 5
+    assert budget.max_rounds(0.01, 1.1, "poisson", 0.1, delta=DELTA) == 0
+    assert budget.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA, limit=5) == 5
 
 
 def test_noise_for_is_the_least_noise_within_the_target():
-    z = acc.noise_for(4.0, 50, "poisson", 0.1, delta=DELTA)
+    z = budget.noise_for(4.0, 50, "poisson", 0.1, delta=DELTA)
     assert poisson_eps(50, z) <= 4.0 < poisson_eps(50, z - 1e-3)
-    zf = acc.noise_for(8.0, 20, delta=DELTA, tolerance=0.05, **FIXED)  # fixed-size RDP is slower
+    zf = budget.noise_for(8.0, 20, delta=DELTA, tolerance=0.05, **FIXED)  # fixed-size RDP is slower
     assert acc.epsilon_after(20, zf, delta=DELTA, **FIXED) <= 8.0
     assert acc.epsilon_after(20, zf - 0.05, delta=DELTA, **FIXED) > 8.0
 
 
 def test_check_plan_names_the_rounds_and_the_noise_that_fit():
-    allowed = acc.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA)
-    needed = acc.noise_for(4.0, 50, "poisson", 0.1, delta=DELTA)
-    with pytest.raises(acc.BudgetExceeded) as info:
-        acc.check_plan(4.0, 50, 1.1, "poisson", 0.1, delta=DELTA)
+    allowed = budget.max_rounds(4.0, 1.1, "poisson", 0.1, delta=DELTA)
+    needed = budget.noise_for(4.0, 50, "poisson", 0.1, delta=DELTA)
+    with pytest.raises(budget.BudgetExceeded) as info:
+        budget.check_plan(4.0, 50, 1.1, "poisson", 0.1, delta=DELTA)
     err = info.value
     assert err.allowed_rounds == allowed
     assert needed <= err.required_noise_multiplier < needed + 0.011
@@ -228,22 +229,22 @@ def test_check_plan_names_the_rounds_and_the_noise_that_fit():
     text = str(err)
     assert f"allows {allowed} rounds" in text
     assert f"≥ {err.required_noise_multiplier:.2f} fits 50 rounds" in text
-    assert "privacy.target_epsilon=4" in text and "training.rounds" in text and "sample_rate=0.1" in text
+    assert "privacy.dp_fedavg.target_epsilon=4" in text and "training.rounds" in text and "sample_rate=0.1" in text
     # the suggested (rounded-up) noise does fit
-    assert acc.check_plan(4.0, 50, err.required_noise_multiplier, "poisson", 0.1, delta=DELTA) <= 4.0
+    assert budget.check_plan(4.0, 50, err.required_noise_multiplier, "poisson", 0.1, delta=DELTA) <= 4.0
 
 
 def test_check_plan_returns_epsilon_when_it_fits():
-    assert acc.check_plan(10.0, 50, 1.1, "poisson", 0.1, delta=DELTA) == pytest.approx(poisson_eps(50, 1.1))
+    assert budget.check_plan(10.0, 50, 1.1, "poisson", 0.1, delta=DELTA) == pytest.approx(poisson_eps(50, 1.1))
 
 
 @pytest.mark.parametrize(
     "kwargs,setting",
     [
-        ({"delta": 0.0}, "privacy.delta"),
-        ({"delta": 1.0}, "privacy.delta"),
-        ({"noise_multiplier": 0.0}, "privacy.noise_multiplier"),
-        ({"noise_multiplier": float("nan")}, "privacy.noise_multiplier"),
+        ({"delta": 0.0}, "privacy.dp_fedavg.delta"),
+        ({"delta": 1.0}, "privacy.dp_fedavg.delta"),
+        ({"noise_multiplier": 0.0}, "privacy.dp_fedavg.noise_multiplier"),
+        ({"noise_multiplier": float("nan")}, "privacy.dp_fedavg.noise_multiplier"),
         ({"sample_rate": 0.0}, "sample rate"),
         ({"sample_rate": 1.5}, "sample rate"),
         ({"sample_rate": None}, "sample_rate"),
@@ -258,10 +259,10 @@ def test_bad_settings_name_the_setting(kwargs, setting):
 
 
 def test_bad_budget_and_sampling_settings():
-    with pytest.raises(ValueError, match="privacy.target_epsilon"):
-        acc.max_rounds(0.0, 1.0, "poisson", 0.1, delta=DELTA)
-    with pytest.raises(ValueError, match="privacy.target_epsilon"):
-        acc.check_plan(-1.0, 10, 1.0, "poisson", 0.1, delta=DELTA)
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.target_epsilon"):
+        budget.max_rounds(0.0, 1.0, "poisson", 0.1, delta=DELTA)
+    with pytest.raises(ValueError, match="privacy.dp_fedavg.target_epsilon"):
+        budget.check_plan(-1.0, 10, 1.0, "poisson", 0.1, delta=DELTA)
     with pytest.raises(ValueError, match="training.rounds"):
         acc.epsilon_after(-3, 1.0, "poisson", 0.1, delta=DELTA)
     with pytest.raises(ValueError, match="population"):

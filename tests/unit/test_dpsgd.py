@@ -5,6 +5,7 @@ own accountant, the settings' errors, and the core round with a ledger that surv
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
 
 from fedmtl.client.batched import BatchingUnsupported  # noqa: E402
-from fedmtl.config import ConfigError, load_config  # noqa: E402
+from fedmtl.config import ConfigError, DPSGDConfig, load_config  # noqa: E402
 from fedmtl.data import partition, prepare  # noqa: E402
 from fedmtl.data.manifest import TaskSpec, read_manifest  # noqa: E402
-from fedmtl.privacy.dpsgd import (EPSILON_KEY, LEDGER, DPSGDBudgetSpent, DPSGDSpec, Ledger, dp_fit,  # noqa: E402
+from fedmtl.privacy.sample_level import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, Ledger  # noqa: E402
+from fedmtl.privacy.dpsgd import (dp_fit,  # noqa: E402
                           epsilon, poisson_plan)
 from fedmtl.federation import Federation  # noqa: E402
 from fedmtl.rounds import run_rounds
@@ -87,7 +89,7 @@ def test_each_rows_contribution_is_clipped_to_the_max_grad_norm():
         model = net()
         before = flat_params(model)
         dp_fit(model, list(model.parameters()), x[i : i + 1], {"label": y["label"][i : i + 1]}, TASKS, 1, cfg,
-               torch.Generator().manual_seed(i), DPSGDSpec(noise_multiplier=0.0, max_grad_norm=clip))
+               torch.Generator().manual_seed(i), spec(noise_multiplier=0.0, max_grad_norm=clip))
         step = before - flat_params(model)
         raw = grads[i].norm()
         assert step.norm() <= clip * (1 + 1e-5)
@@ -106,7 +108,7 @@ def test_a_batch_step_is_the_sum_of_clipped_row_gradients_over_the_expected_batc
     before = flat_params(model)
     cfg = LocalConfig(batch_size=8, lr=0.3)
     dp_fit(model, list(model.parameters()), x, y, TASKS, 1, cfg, torch.Generator().manual_seed(0),
-           DPSGDSpec(noise_multiplier=0.0, max_grad_norm=clip))
+           spec(noise_multiplier=0.0, max_grad_norm=clip))
     assert torch.allclose(before - flat_params(model), 0.3 * clipped.sum(0) / 6, atol=1e-6)
     assert (clipped.norm(dim=1) <= clip + 1e-5).all() and (grads.norm(dim=1) > clip).any()
 
@@ -130,7 +132,7 @@ def test_noise_has_std_sigma_c_over_the_expected_batch():
         model = net()
         before = flat_params(model)
         dp_fit(model, list(model.parameters()), x, y, TASKS, 1, cfg, torch.Generator().manual_seed(seed),
-               DPSGDSpec(noise_multiplier=2.0, max_grad_norm=0.5))
+               spec(noise_multiplier=2.0, max_grad_norm=0.5))
         steps.append(before - flat_params(model))
     spread = torch.stack(steps).std(0)
     assert spread.mean() == pytest.approx(2.0 * 0.5 / 4, rel=0.05)
@@ -142,7 +144,7 @@ def test_only_the_given_parameters_train_and_the_module_is_left_as_it_was_found(
     body = [p.detach().clone() for p in model.body.parameters()]
     head = flat_params(model.head)
     dp_fit(model, list(model.head.parameters()), x, y, TASKS, 2, LocalConfig(batch_size=4),
-           torch.Generator().manual_seed(0), DPSGDSpec())
+           torch.Generator().manual_seed(0), spec())
     assert all(torch.equal(a, b) for a, b in zip(body, model.body.parameters()))
     assert not torch.equal(head, flat_params(model.head))
     for p in model.parameters():
@@ -161,7 +163,7 @@ def test_without_noise_or_clipping_a_full_batch_equals_plain_sgd():
     a, b = net(), net()
     plain = fit(a, list(a.parameters()), x, y, TASKS, 3, cfg, torch.Generator().manual_seed(0))
     private = dp_fit(b, list(b.parameters()), x, y, TASKS, 3, cfg, torch.Generator().manual_seed(0),
-                     DPSGDSpec(noise_multiplier=0.0, max_grad_norm=1e9))
+                     spec(noise_multiplier=0.0, max_grad_norm=1e9))
     assert torch.allclose(flat_params(a), flat_params(b), atol=1e-6)
     assert private == pytest.approx(plain, rel=1e-5)
 
@@ -174,7 +176,7 @@ def test_without_noise_or_clipping_poisson_batches_equal_plain_sgd_on_the_same_b
     cfg = LocalConfig(batch_size=batch, lr=0.1)
     b = net()
     dp_fit(b, list(b.parameters()), x, y, TASKS, 2, cfg, torch.Generator().manual_seed(5),
-           DPSGDSpec(noise_multiplier=0.0, max_grad_norm=1e9))
+           spec(noise_multiplier=0.0, max_grad_norm=1e9))
     rate, per_epoch, expected = poisson_plan(n, batch)
     a = net()
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
@@ -239,46 +241,61 @@ def test_the_ledger_round_trips_and_predicts_the_next_round():
 # settings -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,setting", [
-    ({"noise_multiplier": -1.0}, "privacy.dp_sgd_noise_multiplier"),
-    ({"noise_multiplier": math.nan}, "privacy.dp_sgd_noise_multiplier"),
-    ({"max_grad_norm": 0.0}, "privacy.dp_sgd_max_grad_norm"),
-    ({"delta": 1.0}, "privacy.dp_sgd_delta"),
-    ({"target_epsilon": 0.0}, "privacy.dp_sgd_target_epsilon"),
-    ({"accountant": "gdp"}, "privacy.dp_sgd_accountant"),
+def spec(**settings) -> DPSGDConfig:
+    """DP-SGD's settings as the federation hands them to a client; unvalidated, so that the
+    clip-only ablation (σ = 0, below what the settings allow a user) can be built."""
+    return DPSGDConfig.model_construct(**{"enabled": True, **settings})
+
+
+@pytest.mark.parametrize("old,new,value", [
+    ("dp_sgd", "dp_sgd.enabled", True),
+    ("dp_sgd_noise_multiplier", "dp_sgd.noise_multiplier", 2.0),
+    ("dp_sgd_max_grad_norm", "dp_sgd.max_grad_norm", 0.5),
+    ("dp_sgd_delta", "dp_sgd.delta", 1e-7),
+    ("dp_sgd_target_epsilon", "dp_sgd.target_epsilon", 3.0),
+    ("dp_sgd_accountant", "dp_sgd.accountant", "prv"),
 ])
-def test_bad_core_settings_name_the_setting(kwargs, setting):
-    with pytest.raises(ValueError, match=setting):
-        DPSGDSpec(**kwargs)
+def test_old_flat_keys_still_work_and_name_their_new_key(old, new, value, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"privacy:\n  dp_sgd: true\n  {old}: {value}\n" if old != "dp_sgd" else "privacy:\n  dp_sgd: true\n")
+    for read in (lambda: load_config(params), lambda: load_config(None, ["privacy.dp_sgd=true", f"privacy.{old}={value}"])):
+        with pytest.warns(FutureWarning, match=rf"privacy\.{old} is now privacy\.{re.escape(new)}"):
+            cfg = read()
+        section, key = new.split(".")
+        assert getattr(getattr(cfg.privacy, section), key) == value
+    if old != "dp_sgd":
+        with pytest.raises(ConfigError, match=rf"privacy\.{old} and privacy\.{re.escape(new)} are both set"):
+            params.write_text(f"privacy:\n  dp_sgd: {{enabled: true, {new.split('.')[1]}: {value}}}\n  {old}: {value}\n")
+            load_config(params)
 
 
 @pytest.mark.parametrize("override,message", [
-    ("privacy.dp_sgd_noise_multiplier=0", "privacy.dp_sgd_noise_multiplier"),
-    ("privacy.dp_sgd_max_grad_norm=-1", "privacy.dp_sgd_max_grad_norm"),
-    ("privacy.dp_sgd_delta=2", "privacy.dp_sgd_delta"),
-    ("privacy.dp_sgd_accountant=moments", "privacy.dp_sgd_accountant.*allowed values"),
+    ("privacy.dp_sgd.noise_multiplier=0", "privacy.dp_sgd.noise_multiplier"),
+    ("privacy.dp_sgd.max_grad_norm=-1", "privacy.dp_sgd.max_grad_norm"),
+    ("privacy.dp_sgd.delta=2", "privacy.dp_sgd.delta"),
+    ("privacy.dp_sgd.accountant=moments", "privacy.dp_sgd.accountant.*allowed values"),
     ("training.batched=on", "training.batched=on with privacy.dp_sgd.*per-sample gradients"),
-    ("algorithm.method=pfedme", "algorithm.method=pfedme with privacy.dp_sgd"),
-    ("algorithm.method=ifca", "algorithm.method=ifca with privacy.dp_sgd"),
-    ("grouping.method=cluster", "grouping.method=cluster with privacy.dp_sgd"),
+    ("algorithm.method=pfedme", "algorithm.method=pfedme with privacy.dp_sgd.enabled"),
+    ("algorithm.method=ifca", "algorithm.method=ifca with privacy.dp_sgd.enabled"),
+    ("grouping.method=cluster", "grouping.method=cluster with privacy.dp_sgd.enabled"),
 ])
 def test_bad_config_settings_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["privacy.dp_sgd=true", override])
+        load_config(None, ["privacy.dp_sgd.enabled=true", override])
 
 
 def test_config_defaults_and_mechanism():
-    p = load_config(None, ["privacy.dp_sgd=true", "privacy.delta=1e-6"]).privacy
-    assert p.mechanism == "dp-sgd" and p.dp_sgd_delta_value == 1e-6 and not p.per_client_metrics
+    p = load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_fedavg.delta=1e-6"]).privacy
+    assert p.mechanism == "dp-sgd" and p.dp_sgd_delta == 1e-6 and not p.per_client_metrics
     assert not p.enabled and p.active  # no release rule of its own; per-client metrics off by default
-    both = load_config(None, ["privacy.dp_sgd=true", "privacy.dp=true", "privacy.secure_aggregation=true"])
+    both = load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_fedavg.enabled=true", "privacy.secure_sum.enabled=true"])
     assert both.privacy.mechanism == "dp-fedavg+dp-sgd+secagg"
-    assert load_config(None, ["privacy.dp_sgd=true", "privacy.dp_sgd_delta=1e-7"]).privacy.dp_sgd_delta_value == 1e-7
+    assert load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.delta=1e-7"]).privacy.dp_sgd_delta == 1e-7
 
 
 # the core round -------------------------------------------------------------------------------
 
-PRIVATE = {"privacy.dp_sgd": True, "privacy.dp_sgd_noise_multiplier": 1.2, "privacy.dp_sgd_max_grad_norm": 1.0,
+PRIVATE = {"privacy.dp_sgd.enabled": True, "privacy.dp_sgd.noise_multiplier": 1.2, "privacy.dp_sgd.max_grad_norm": 1.0,
            "data.partition.n_clients": 6, "training.batch_size": 32, "algorithm.personal_fit": "sgd"}
 
 
@@ -306,7 +323,7 @@ def test_run_rounds_logs_growing_client_epsilon_equal_to_opacus(tiny):
     assert eps[0] < eps[1] < eps[2]
     assert all(h["privacy/dp_sgd_clients"] == len(clients) and h["privacy/dp_sgd_sat_out"] == 0 for h in history)
     assert history[-1]["privacy/dp_sgd_epsilon_mean"] <= eps[-1]
-    table = state.optimizer[EPSILON_KEY]
+    table = state.privacy[EPSILON_KEY]
     want = {}
     for i, client in enumerate(clients):  # each client's ε: Opacus's accountant over its own steps
         rate, per_epoch, _ = poisson_plan(fed.manifest_rows(client), 32)
@@ -351,7 +368,7 @@ def test_resume_reads_the_ledger_of_the_checkpointed_round(tiny):
     two, _, _ = run_rounds(first, clients, 2, evaluate_every=2)
     first.train_clients(clients, two)  # an interrupted third round that wrote its ledgers
     resumed, _, _ = run_rounds(make("resumed", key), clients, 1, state=two)  # resumed from round 2
-    assert torch.equal(straight.optimizer[EPSILON_KEY], resumed.optimizer[EPSILON_KEY])
+    assert torch.equal(straight.privacy[EPSILON_KEY], resumed.privacy[EPSILON_KEY])
     assert torch.equal(straight.base, resumed.base)
 
 
@@ -360,14 +377,14 @@ def test_batched_on_is_refused_naming_dp_sgd(tiny):
     fed = make("batched")
     assert fed.uses_batching() is False  # auto: the per-client path
     on = Federation(fed.partitions_dir, fed.manifest, fed.model_cfg, fed.local, fed.store, batched="on",
-                    dp_sgd=fed.dp_sgd)
-    with pytest.raises(BatchingUnsupported, match="training.batched is 'on' but privacy.dp_sgd is on"):
+                    privacy=fed.privacy)
+    with pytest.raises(BatchingUnsupported, match="training.batched is 'on' but privacy.dp_sgd.enabled: DP-SGD"):
         on.uses_batching()
     with pytest.raises(ValueError, match="algorithm.method=pfedme"):
         from fedmtl.algorithms import get_algorithm
 
         Federation(fed.partitions_dir, fed.manifest, fed.model_cfg, fed.local, fed.store,
-                   algorithm=get_algorithm("pfedme"), dp_sgd=fed.dp_sgd)
+                   algorithm=get_algorithm("pfedme"), privacy=fed.privacy)
 
 
 def test_a_client_over_its_target_sits_out_named(tiny):
@@ -383,13 +400,13 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     assert max(after[1].values()) < low < high < min(after[3].values())
     target = (low + high) / 2
     over = sorted(c for c in clients if after[2][c] > target)
-    fed = make("target", **{"privacy.dp_sgd_target_epsilon": target})
+    fed = make("target", **{"privacy.dp_sgd.target_epsilon": target})
     one, _, _ = run_rounds(fed, clients, 1)
     failed = {}
     fed.train_clients(clients, one, failed)
     assert sorted(failed) == over
     assert all(f.kind is FailureKind.BUDGET_SPENT and not f.retryable for f in failed.values())
-    assert all(str(f).startswith("DPSGDBudgetSpent: client '") and "privacy.dp_sgd_target_epsilon" in str(f)
+    assert all(str(f).startswith("DPSGDBudgetSpent: client '") and "privacy.dp_sgd.target_epsilon" in str(f)
                for f in failed.values())
     state, _, history = run_rounds(fed, clients, 2, state=one)
     assert state.round == 2 and len(history) == 1  # round 3: no client could train
@@ -397,7 +414,7 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     assert history[0]["privacy/dp_sgd_epsilon_max"] <= target
     assert history[0]["privacy/dp_sgd_epsilon_max"] == pytest.approx(low)
     # a target below one round's ε: the client trains, accounts, and discards; nothing is kept
-    below = make("below", **{"privacy.dp_sgd_target_epsilon": min(after[1].values()) / 2})
+    below = make("below", **{"privacy.dp_sgd.target_epsilon": min(after[1].values()) / 2})
     with pytest.raises(DPSGDBudgetSpent, match="this round would take its sample-level ε"):
         below.client_round(clients[0], below.initial_state())
     assert below.store.load_record(clients[0], LEDGER) is None and below.store.load(clients[0]) is None

@@ -13,7 +13,8 @@ pytest.importorskip("tenseal")
 from fedmtl.privacy import he  # noqa: E402
 from fedmtl.server.aggregation import group_aggregate  # noqa: E402
 from fedmtl.config import load_config  # noqa: E402
-from fedmtl.privacy.aggregation import PrivacySpec, private_aggregate  # noqa: E402
+from fedmtl.config import PrivacyConfig  # noqa: E402
+from fedmtl.privacy.aggregation import private_aggregate  # noqa: E402
 from tests.unit.test_private_aggregation import updates  # noqa: E402
 
 
@@ -115,8 +116,8 @@ def test_private_aggregate_with_ckks_matches_secagg_and_plain():
     ups = updates({"a": 5, "b": 4, "s": 2})
     plain = group_aggregate(ups)
     run = lambda spec: private_aggregate(ups, spec, 1.0, {}, 100.0, torch.Generator().manual_seed(1), seed=3)  # noqa: E731
-    ckks, report = run(PrivacySpec(secure_aggregation=True, secure_aggregation_protocol="ckks"))
-    secagg, _ = run(PrivacySpec(secure_aggregation=True))
+    ckks, report = run(PrivacyConfig(secure_sum={"enabled": True, "protocol": "ckks"}))
+    secagg, _ = run(PrivacyConfig(secure_sum={"enabled": True}))
     assert sorted(ckks) == sorted(secagg) and report.secagg_seconds > 0 and not report.dropped_mid_protocol
     for g in ckks:
         assert torch.allclose(ckks[g].delta_base, secagg[g].delta_base, atol=1e-6)
@@ -126,15 +127,15 @@ def test_private_aggregate_with_ckks_matches_secagg_and_plain():
 
 
 def test_config_names_the_setting_and_the_extra(monkeypatch):
-    cfg = load_config(None, ["privacy.secure_aggregation=true", "privacy.secure_aggregation_protocol=ckks"])
+    cfg = load_config(None, ["privacy.secure_sum.enabled=true", "privacy.secure_sum.protocol=ckks"])
     assert cfg.privacy.mechanism == "ckks"
-    assert PrivacySpec.from_config(cfg.privacy).protocol == "ckks"
-    import fedmtl.config
+    assert cfg.privacy.secure_sum.protocol == "ckks"
+    import fedmtl.config.privacy
 
-    monkeypatch.setattr(fedmtl.config, "tenseal_installed", lambda: False)
-    with pytest.raises(ValueError, match=r"secure_aggregation_protocol=ckks.*pip install -e '\.\[he\]'"):
-        load_config(None, ["privacy.secure_aggregation=true", "privacy.secure_aggregation_protocol=ckks"])
-    load_config(None, ["privacy.secure_aggregation_protocol=ckks"])  # unused without secure_aggregation
+    monkeypatch.setattr(fedmtl.config.privacy, "tenseal_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"secure_sum.protocol=ckks.*pip install -e '\.\[he\]'"):
+        load_config(None, ["privacy.secure_sum.enabled=true", "privacy.secure_sum.protocol=ckks"])
+    load_config(None, ["privacy.secure_sum.protocol=ckks"])  # unused without secure_sum.enabled
 
 
 def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
@@ -148,8 +149,8 @@ def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
     models = {}
     for protocol in ("secagg", "ckks"):
         cfg = load_config(None, tiny_overrides(tmp_path, **{
-            "privacy.secure_aggregation": True, "privacy.secure_aggregation_protocol": protocol,
-            "privacy.min_group_size": 2, "privacy.client_metrics": False}))
+            "privacy.secure_sum.enabled": True, "privacy.secure_sum.protocol": protocol,
+            "privacy.min_group_size": 2, "privacy.evaluation.client_metrics": False}))
         if protocol == "secagg":
             prepare(cfg.data)
             partition(cfg.data)

@@ -24,7 +24,7 @@ from fedmtl.client.store import ClientStore
 from fedmtl.client.training import client_seed
 from tests.conftest import tiny_overrides
 
-DP = {"privacy.dp": True, "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 0.5, "privacy.min_group_size": 2,
+DP = {"privacy.dp_fedavg.enabled": True, "privacy.dp_fedavg.noise_multiplier": 1.0, "privacy.dp_fedavg.clip_norm": 0.5, "privacy.min_group_size": 2,
       "data.partition.n_clients": 8, "algorithm.method": "fedavg"}
 
 
@@ -149,7 +149,7 @@ def test_the_same_key_draws_the_same_noise_so_a_resume_is_bit_identical(data):
 
 # --- bounded influence -------------------------------------------------------------------
 
-HONEST = {"privacy.dp": False, "algorithm.method": "fedavg"}
+HONEST = {"privacy.dp_fedavg.enabled": False, "algorithm.method": "fedavg"}
 
 
 def test_an_update_scaled_by_1e30_is_refused_naming_the_client_and_the_federation_goes_on(data):

@@ -8,8 +8,9 @@ import torch
 
 from fedmtl.privacy import secagg
 from fedmtl.server.aggregation import global_merge, group_aggregate
-from fedmtl.server.dispatch import poisson_sample
-from fedmtl.privacy.aggregation import POOLED, PrivacySpec, plan_releases, private_aggregate
+from fedmtl.privacy.release import poisson_sample
+from fedmtl.config import PrivacyConfig
+from fedmtl.privacy.aggregation import POOLED, plan_releases, private_aggregate
 from fedmtl.state import ClientUpdate, ServerState
 
 
@@ -32,7 +33,7 @@ def run(ups, spec, clip=1.0, expected=None, scale=100.0):
 def test_secure_aggregation_equals_the_plain_sample_weighted_means():
     ups = updates({"a": 5, "b": 4})
     plain = group_aggregate(ups)
-    secure, report = run(ups, PrivacySpec(secure_aggregation=True))
+    secure, report = run(ups, PrivacyConfig(secure_sum={"enabled": True}))
     assert sorted(secure) == ["a", "b"] and report.secagg_seconds > 0
     for g in plain:
         assert torch.allclose(secure[g].delta_base, plain[g].delta_base, atol=1e-6)
@@ -43,7 +44,7 @@ def test_secure_aggregation_equals_the_plain_sample_weighted_means():
 def test_secure_sum_survives_dropout_between_masking_and_unmasking():
     ups = updates({"a": 10})
     plain = group_aggregate(ups)["a"]
-    secure, report = run(ups, PrivacySpec(secure_aggregation=True, secagg_dropout=0.3, secagg_neighbours=9))
+    secure, report = run(ups, PrivacyConfig(secure_sum={"enabled": True, "dropout": 0.3, "neighbours": 9}))
     assert len(report.dropped_mid_protocol) == 3
     assert torch.allclose(secure["a"].delta_base, plain.delta_base, atol=1e-6)
 
@@ -58,7 +59,7 @@ def test_the_aggregator_only_ever_receives_masked_inputs(monkeypatch):
 
     monkeypatch.setattr(secagg.SecAggServer, "receive_masked", spy)
     ups = updates({"a": 6}, dim_base=4000)  # long enough that chance correlation is ~0.016
-    run(ups, PrivacySpec(secure_aggregation=True))
+    run(ups, PrivacyConfig(secure_sum={"enabled": True}))
     assert len(seen) == 6 and all(isinstance(m, secagg.MaskedInput) for m in seen)
     plain = {u.client: torch.cat([u.delta_base, u.delta_heads["label"]]).numpy() for u in ups}
     for m in seen:  # a masked input decoded alone is unrelated to its client's update
@@ -68,9 +69,9 @@ def test_the_aggregator_only_ever_receives_masked_inputs(monkeypatch):
 
 def test_small_groups_pool_their_base_updates_and_release_no_head():
     ups = updates({"big": 5, "s1": 2, "s2": 1})
-    releases, held, pooled = plan_releases(ups, PrivacySpec(secure_aggregation=True, min_group_size=3), {})
+    releases, held, pooled = plan_releases(ups, PrivacyConfig(secure_sum={"enabled": True}, min_group_size=3), {})
     assert [r.name for r in releases] == ["big", POOLED] and pooled == ["s1", "s2"] and not held
-    out, _ = run(ups, PrivacySpec(secure_aggregation=True, min_group_size=3))
+    out, _ = run(ups, PrivacyConfig(secure_sum={"enabled": True}, min_group_size=3))
     assert out[POOLED].pooled and out[POOLED].delta_heads == {}
     state = ServerState(0, torch.zeros(30), {g: {"label": torch.zeros(6)} for g in ("big", "s1", "s2")},
                         {"label": torch.zeros(6)})
@@ -82,7 +83,7 @@ def test_small_groups_pool_their_base_updates_and_release_no_head():
 
 def test_a_pool_too_small_sits_the_round_out_and_is_named():
     ups = updates({"big": 4, "tiny": 1})
-    releases, held, _ = plan_releases(ups, PrivacySpec(secure_aggregation=True, min_group_size=3), {})
+    releases, held, _ = plan_releases(ups, PrivacyConfig(secure_sum={"enabled": True}, min_group_size=3), {})
     assert [r.name for r in releases] == ["big"]
     assert "tiny-c00" in held and "privacy.min_group_size=3" in held["tiny-c00"]
 
@@ -90,7 +91,7 @@ def test_a_pool_too_small_sits_the_round_out_and_is_named():
 def test_dp_clips_counts_each_client_once_and_divides_by_the_expected_count():
     ups = updates({"a": 4})
     ups[0].delta_base.mul_(1000)  # one huge update: clipped to C
-    spec = PrivacySpec(dp=True, noise_multiplier=1e-9, min_group_size=2)
+    spec = PrivacyConfig(dp_fedavg={"enabled": True, "noise_multiplier": 1e-9}, min_group_size=2)
     out, report = run(ups, spec, clip=0.5, expected={"a": 5.0})
     vectors = []
     for u in ups:
@@ -103,7 +104,7 @@ def test_dp_clips_counts_each_client_once_and_divides_by_the_expected_count():
 
 
 def test_dp_noise_has_std_z_c_over_the_expected_count():
-    spec = PrivacySpec(dp=True, noise_multiplier=2.0, min_group_size=2)
+    spec = PrivacyConfig(dp_fedavg={"enabled": True, "noise_multiplier": 2.0}, min_group_size=2)
     like = updates({"a": 1}, dim_base=4000)[0]
     out, report = private_aggregate([], spec, 0.5, {"a": 4.0}, 1.0, torch.Generator().manual_seed(0), 0, like)
     noise = out["a"].delta_base
@@ -112,7 +113,7 @@ def test_dp_noise_has_std_z_c_over_the_expected_count():
 
 
 def test_dp_release_plan_uses_public_expected_sizes_not_who_was_sampled():
-    spec = PrivacySpec(dp=True, min_group_size=3)
+    spec = PrivacyConfig(dp_fedavg={"enabled": True}, min_group_size=3)
     ups = updates({"a": 1})  # one sampled client of a group expected to have 4
     releases, held, _ = plan_releases(ups, spec, {"a": 4.0, "b": 1.0})
     assert [r.name for r in releases] == ["a"] and held == {}

@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 
 
 def test_personal_heads_are_not_bundled_by_default(trained):
-    from flows.training import make_bundle
+    from flows.registration import make_bundle
 
     root, cfg, manifest, fed, state = trained
     assert cfg.tracking.bundle_personal_heads is False
@@ -51,10 +51,10 @@ def test_personal_heads_are_not_bundled_by_default(trained):
     assert set(make_bundle(fed, state, opted).personal_heads) == set(manifest.client_ids)  # the explicit opt-in
 
 
-@pytest.mark.parametrize("privacy", ["privacy.dp", "privacy.dp_sgd"])
+@pytest.mark.parametrize("privacy", ["privacy.dp_fedavg.enabled", "privacy.dp_sgd.enabled"])
 def test_bundling_personal_heads_is_refused_under_dp(trained, privacy, tmp_path):
     from cli import app
-    from flows.training import make_bundle
+    from flows.registration import make_bundle
 
     root, cfg, manifest, fed, state = trained
     with pytest.raises(ConfigError, match=rf"tracking.bundle_personal_heads=true with {privacy}=true: .*outside "
@@ -69,15 +69,16 @@ def test_bundling_personal_heads_is_refused_under_dp(trained, privacy, tmp_path)
 
     # settings that bypassed validation (model_copy) are refused by make_bundle itself
     section = privacy.split(".")[1]
+    mechanism = getattr(cfg.privacy, section).model_copy(update={"enabled": True})
     bad = cfg.model_copy(update={
         "tracking": cfg.tracking.model_copy(update={"bundle_personal_heads": True}),
-        "privacy": cfg.privacy.model_copy(update={section: True})})
-    with pytest.raises(ValueError, match="tracking.bundle_personal_heads=true with privacy.dp"):
+        "privacy": cfg.privacy.model_copy(update={section: mechanism})})
+    with pytest.raises(ValueError, match="tracking.bundle_personal_heads=true with DP-FedAvg or DP-SGD"):
         make_bundle(fed, state, bad)
 
 
 def test_the_input_example_is_synthetic(trained):
-    from flows.training import EXAMPLE_CLIENT, input_example, make_bundle
+    from flows.registration import EXAMPLE_CLIENT, input_example, make_bundle
 
     root, cfg, manifest, fed, state = trained
     example = input_example(fed)
@@ -94,7 +95,7 @@ def test_the_input_example_is_synthetic(trained):
 
 
 def test_warm_start_from_a_bundle_without_personal_heads(trained):
-    from flows.training import make_bundle
+    from flows.registration import make_bundle
 
     root, cfg, manifest, fed, state = trained
     bundle = make_bundle(fed, state, cfg)
@@ -159,7 +160,7 @@ def test_the_served_model_refuses_non_finite_features_and_unbounded_cold_starts(
     import numpy as np
     import pandas as pd
 
-    from flows.training import make_bundle
+    from flows.registration import make_bundle
     from models import personalized
 
     root, cfg, manifest, fed, state = trained

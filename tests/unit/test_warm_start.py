@@ -19,7 +19,7 @@ from tests.conftest import tiny_overrides
 
 
 def bundle_of(fed: Federation, state, cfg) -> PersonalizedBundle:
-    """What flows.training.make_bundle builds (without importing Prefect)."""
+    """What flows.registration.make_bundle builds (without importing Prefect)."""
     personal = {c: fed.store.load(c).heads for c in fed.manifest.client_ids if fed.store.load(c)}
     return PersonalizedBundle(
         model_cfg=cfg.model.model_dump(mode="json"),

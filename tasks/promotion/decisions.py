@@ -1,8 +1,5 @@
-"""The registry side of champion/challenger promotion and rollback (MLflow).
-
-Aliases: ``challenger`` (set by every training run on its new version) and ``champion`` (the
-version in use). The decision itself is pure (``fedmtl/lifecycle/promotion.py``); this module reads the
-facts it needs from the registry, records every decision, and moves the alias.
+"""What a promotion writes: every decision (promote, reject, rollback) recorded, and the
+``champion`` alias moved, under the model's registry lock.
 
 Every decision (promote, reject, rollback) is recorded twice: as tags on the model version it
 concerns (``promotion.*``: decision, reasons, by, at, compared_with, record_run) and as a run in
@@ -20,10 +17,11 @@ under the model's registry lock (:mod:`tasks.locking`), after checking that the 
 still the one the decision was made against (a compare-and-set): if another promotion or a
 rollback moved it meanwhile, :class:`ChampionChanged` is raised and the flow judges the
 challenger again against the new champion; the decision it records then says which champion
-changed under it (``promotion.champion_moved_meanwhile``). For a ``sqlite:///`` store the lock is a file
-beside the database, shared by every process that writes it, so check and write are atomic. For
-a remote store the lock only covers this machine's processes: the champion is read again just
-before the alias moves, which leaves writers on other machines a window of a few requests.
+changed under it (``promotion.champion_moved_meanwhile``). For a ``sqlite:///`` store the lock is
+a file beside the database, shared by every process that writes it, so check and write are
+atomic. For a remote store the lock only covers this machine's processes: the champion is read
+again just before the alias moves, which leaves writers on other machines a window of a few
+requests.
 """
 
 from __future__ import annotations
@@ -40,12 +38,11 @@ import mlflow  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from fedmtl.lifecycle.promotion import Decision, RunFacts
-from models.personalized import PersonalizedPredictor
+from fedmtl.lifecycle.promotion import Decision
 from tasks.locking import registry_lock
-from tasks.registry import CHALLENGER, CHAMPION, check_registered_model, load_predictor
+from tasks.promotion.facts import RegistryError, RegistryReader
+from tasks.registry import CHAMPION, check_registered_model
 from tasks.tracking import ensure_experiment, open_store, resolve_tracking_uri
 
 PREVIOUS_CHAMPION = "previous_champion"
@@ -55,29 +52,29 @@ PREVIOUS_CHAMPION = "previous_champion"
 CHAMPION_MOVED_TAG = "promotion.champion_moved_meanwhile"
 LEGACY_CHAMPION_MOVED_TAG = "promotion.champion_changed"
 #: Tags of a demotion or rollback that stop being true when the version is promoted again.
-STALE_ON_PROMOTION = frozenset({PREVIOUS_CHAMPION, "replaced_by", "demoted_at", "restored_at", "rolled_back_by",
-                                "rolled_back_at", "rolled_back_reason", "rolled_back_record_run"})
-LOCK_TIMEOUT = 300.0  # seconds to wait for another promotion's or rollback's writes (a second or two)
-
-
-class RegistryError(ValueError):
-    """A model, version or alias the promotion needs is not in the registry."""
+STALE_ON_PROMOTION = frozenset({PREVIOUS_CHAMPION, "replaced_by", "demoted_at", "restored_at",
+                                "rolled_back_by", "rolled_back_at", "rolled_back_reason",
+                                "rolled_back_record_run"})
+#: seconds to wait for another promotion's or rollback's writes (a second or two)
+LOCK_TIMEOUT = 300.0
 
 
 class ChampionChanged(RuntimeError):
     """The champion is no longer the version a decision was made against: another promotion
     or a rollback moved it in the meantime."""
 
-    def __init__(self, model: str, expected: ModelVersion | None, current: ModelVersion | None) -> None:
+    def __init__(self, model: str, expected: ModelVersion | None,
+                 current: ModelVersion | None) -> None:
         self.expected, self.current = expected, current
         how = ""
         if current is not None and current.tags.get("promotion.decision") == "promoted":
-            how = (f"; version {current.version} was promoted by {current.tags.get('promotion.by', 'someone')} "
+            how = (f"; version {current.version} was promoted by "
+                   f"{current.tags.get('promotion.by', 'someone')} "
                    f"(record run {current.tags.get('promotion.record_run', '?')})")
         elif current is not None and "restored_at" in current.tags:
             how = f"; version {current.version} was restored by a rollback"
-        super().__init__(f"the champion of '{model}' changed from {_label(expected)} to {_label(current)} "
-                         f"while this decision was being made{how}")
+        super().__init__(f"the champion of '{model}' changed from {_label(expected)} to "
+                         f"{_label(current)} while this decision was being made{how}")
 
 
 def _label(version: ModelVersion | None) -> str:
@@ -89,12 +86,8 @@ def _number(version: ModelVersion | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Registry:
+class Registry(RegistryReader):
     """One registered model in one tracking store."""
-
-    tracking_uri: str
-    name: str
-    artifact_root: str = ""  # where the decision records' artifacts go (tracking.artifact_root)
 
     @classmethod
     def open(cls, tracking_uri: str, name: str, artifact_root: str = "") -> "Registry":
@@ -110,10 +103,6 @@ class Registry:
         check_registered_model(registry.client, name)  # never promote within another team's model
         return registry
 
-    @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
-
     def lock(self, on_wait=None, timeout: float = LOCK_TIMEOUT):
         """The model's registry lock (a context manager), held while an alias is read and moved:
         by promotions, rollbacks and training runs claiming ``challenger``. ``on_wait(path)``
@@ -126,143 +115,21 @@ class Registry:
         if _number(current) != _number(expected):
             raise ChampionChanged(self.name, expected, current)
 
-    def by_alias(self, alias: str) -> ModelVersion | None:
-        try:
-            return self.client.get_model_version_by_alias(self.name, alias)
-        except MlflowException:
-            return None
-
-    def version(self, ref: str) -> ModelVersion:
-        """A version by number (``"3"``) or alias (``"challenger"``, ``"@champion"``)."""
-        ref = ref.lstrip("@")
-        if ref.isdigit():
-            try:
-                return self.client.get_model_version(self.name, ref)
-            except MlflowException:
-                raise RegistryError(f"model '{self.name}' has no version {ref}") from None
-        found = self.by_alias(ref)
-        if found is None:
-            raise RegistryError(f"model '{self.name}' has no version with alias '{ref}'")
-        return found
-
-    def predictor(self, version: ModelVersion) -> PersonalizedPredictor:
-        return load_predictor(f"models:/{self.name}/{version.version}", self.tracking_uri)
-
-    def run_facts(self, version: ModelVersion) -> RunFacts:
-        """What the version's training run recorded about its data and privacy."""
-        if not version.run_id:
-            return RunFacts(clients=0, quarantined=0)
-        tags = self.client.get_run(version.run_id).data.tags
-        quarantined = [c for c in tags.get("quarantined_clients", "none").split(",") if c and c != "none"]
-        clients = int(tags.get("validated_clients") or 0)
-        def number(key: str) -> float | None:
-            value = tags.get(key)
-            return float(value) if value not in (None, "") else None
-
-        return RunFacts(clients=clients, quarantined=len(quarantined), privacy=tags.get("privacy", "none"),
-                        epsilon=number("privacy_epsilon"), dp_sgd_epsilon=number("privacy_dp_sgd_epsilon_max"))
-
-    # -- what is judged -----------------------------------------------------------------------
-    def describe(self, version: ModelVersion | None) -> dict[str, Any] | None:
-        """How a version is named to whoever promotes it: its number, its training run and the
-        run's method (the param ``algorithm.method``; the run's tag ``method`` otherwise)."""
-        if version is None:
-            return None
-        run = self._run(version.run_id)
-        method = (run.data.params.get("algorithm.method") or run.data.tags.get("method")) if run else None
-        return {"version": str(version.version), "run_id": version.run_id or None, "method": method or "unknown"}
-
-    def _run(self, run_id: str | None):
-        if not run_id:
-            return None
-        try:
-            return self.client.get_run(run_id)
-        except MlflowException:  # the run was deleted: the version still names it
-            return None
-
-    def recorded_metric(self, version: ModelVersion, metric: str, task: str | None) -> tuple[str, float] | None:
-        """(metric key, value): the gate metric as the version's training run recorded it for
-        the heads that answer its known clients (the personal heads when the run bundled them,
-        else the group heads, else the global ones), last round, mean over clients (pooled when
-        only pooled figures exist); None when the run recorded none. A hint for choosing what to
-        judge, not the gate: the gates score the current held-out data (``models/scoring.py``)."""
-        run = self._run(version.run_id)
-        if run is None:
-            return None
-        metrics = run.data.metrics
-        bundled = run.data.params.get("tracking.bundle_personal_heads", "").lower() == "true"
-        variants = ("personal", "group", "global") if bundled else ("group", "global")
-        prefixes = ([f"{task}/"] if task else []) + [""]  # the first task's keys carry no prefix
-        for variant in variants:
-            for prefix in prefixes:
-                for stat in ("mean", "pooled"):
-                    key = f"{prefix}{variant}/{metric}/{stat}"
-                    if key in metrics:
-                        return key, float(metrics[key])
-        return None
-
-    def context(self, challenger: ModelVersion, champion: ModelVersion | None, metric: str,
-                task: str | None) -> dict[str, Any]:
-        """What ``fedmtl promote`` says before its gates: the two versions (number, run, method)
-        and, when the challenger is not the obvious choice, why and which version to judge
-        instead (``suggest``): another version that is not the champion, registered after it
-        (any, when there is none), neither rolled back nor already rejected against this
-        champion, whose run recorded a better ``metric``; or, when the challenger was trained
-        with another method than the champion, the best such version with the champion's method."""
-        from fedmtl.eval.metrics import HIGHER_IS_BETTER
-
-        higher = HIGHER_IS_BETTER.get(metric, True)
-        new, old = self.describe(challenger), self.describe(champion)
-        notes: list[str] = []
-        suggest: str | None = None
-        own = self.recorded_metric(challenger, metric, task)
-        if own is not None:
-            new.update(metric_key=own[0], metric_value=own[1])
-        after = int(champion.version) if champion is not None else 0
-        others = []
-        for mv in self.client.search_model_versions(f"name = '{self.name}'", max_results=1000):
-            tags = mv.tags or {}
-            if (int(mv.version) <= after or str(mv.version) == str(challenger.version)
-                    or tags.get("promotion.decision") == "rolled_back"
-                    or (champion is not None and tags.get("promotion.decision") == "rejected"
-                        and tags.get("promotion.compared_with") == str(champion.version))):
-                continue
-            found = self.recorded_metric(mv, metric, task)
-            if found is not None:
-                others.append({**self.describe(mv), "metric_key": found[0], "metric_value": found[1]})
-        sign = 1.0 if higher else -1.0
-        others.sort(key=lambda o: (-sign * o["metric_value"], -int(o["version"])))
-        better = [o for o in others if own is not None and sign * (o["metric_value"] - own[1]) > 0]
-        if better:
-            b = better[0]
-            notes.append(f"version {b['version']} (method {b['method']}, run {b['run_id']}) recorded "
-                         f"{b['metric_key']} {b['metric_value']:.4f} on its training run, better than version "
-                         f"{new['version']}'s {own[1]:.4f}" + (f" (and {len(better) - 1} more version(s) did)"
-                                                              if len(better) > 1 else ""))
-            suggest = b["version"]
-        if old is not None and new["method"] != old["method"]:
-            same = [o for o in others if o["method"] == old["method"]]
-            notes.append(f"version {new['version']} was trained with method {new['method']}, the champion "
-                         f"(version {old['version']}) with {old['method']}"
-                         + (f"; version {same[0]['version']} is the best registered since with {old['method']}"
-                            if same else ""))
-            if suggest is None and same:
-                suggest = same[0]["version"]
-        return {"challenger": new, "champion": old, "notes": notes, "suggest": suggest}
-
     # -- decisions ----------------------------------------------------------------------------
-    def record(self, experiment: str, action: str, version: ModelVersion, compared: ModelVersion | None,
-               actor: str, summary: dict[str, Any], tables: dict[str, Any] | None = None,
+    def record(self, experiment: str, action: str, version: ModelVersion,
+               compared: ModelVersion | None, actor: str, summary: dict[str, Any],
+               tables: dict[str, Any] | None = None,
                extra_tags: dict[str, str] | None = None) -> str:
         """Open the decision's record run (left RUNNING until :meth:`close`); returns its id."""
         client = self.client
         experiment_id = ensure_experiment(client, f"{experiment}-promotions", self.artifact_root)
         when = now()
-        run = client.create_run(experiment_id, run_name=f"{action}-{self.name}-v{version.version}", tags={
-            "action": action, "registered_model": self.name, "version": str(version.version),
-            "compared_with": str(compared.version) if compared else "none", "by": actor, "at": when,
-            "decision": _decision_word(action, summary), **(extra_tags or {}),
-        })
+        run = client.create_run(
+            experiment_id, run_name=f"{action}-{self.name}-v{version.version}", tags={
+                "action": action, "registered_model": self.name, "version": str(version.version),
+                "compared_with": str(compared.version) if compared else "none", "by": actor,
+                "at": when, "decision": _decision_word(action, summary), **(extra_tags or {}),
+            })
         run_id = run.info.run_id
         params = [Param("model", self.name), Param("version", str(version.version)),
                   Param("compared_with", str(compared.version) if compared else "none")]
@@ -270,8 +137,8 @@ class Registry:
         metrics = [Metric(k, float(v), stamp, 0) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
         client.log_batch(run_id, metrics=metrics, params=params)
-        client.log_text(run_id, json.dumps({**summary, "by": actor, "at": when}, indent=2, default=str),
-                        "decision.json")
+        client.log_text(run_id, json.dumps({**summary, "by": actor, "at": when}, indent=2,
+                                           default=str), "decision.json")
         for name, frame in (tables or {}).items():
             client.log_text(run_id, frame.to_csv(index=False), name)
         return run_id
@@ -280,8 +147,8 @@ class Registry:
         self.client.set_terminated(run_id, "FINISHED")
 
     def apply(self, decision: Decision, challenger: ModelVersion, champion: ModelVersion | None,
-              actor: str, experiment: str, scores: dict[str, Any], champion_changed: list[str] | None = None,
-              on_wait=None) -> str:
+              actor: str, experiment: str, scores: dict[str, Any],
+              champion_changed: list[str] | None = None, on_wait=None) -> str:
         """Record ``decision``, made against ``champion`` (None: there was none); on a pass
         move ``champion`` to the challenger. Returns the record run's id.
 
@@ -295,9 +162,11 @@ class Registry:
         with self.lock(on_wait):
             self.check_champion(champion)
             run_id = self.record(experiment, action, challenger, champion, actor, summary, scores,
-                                 {"champion_changed": " | ".join(changed)[:5000]} if changed else None)
+                                 {"champion_changed": " | ".join(changed)[:5000]} if changed
+                                 else None)
             if decision.promote:
-                try:  # again, just before the write: writers the lock does not reach (remote stores)
+                # again, just before the write: writers the lock does not reach (remote stores)
+                try:
                     self.check_champion(champion)
                 except ChampionChanged as exc:
                     self.client.set_tag(run_id, "decision", "superseded")
@@ -307,15 +176,15 @@ class Registry:
             self._write(decision, challenger, champion, actor, run_id, changed)
         return run_id
 
-    def _write(self, decision: Decision, challenger: ModelVersion, champion: ModelVersion | None, actor: str,
-               run_id: str, changed: list[str]) -> None:
+    def _write(self, decision: Decision, challenger: ModelVersion, champion: ModelVersion | None,
+               actor: str, run_id: str, changed: list[str]) -> None:
         client = self.client
         when = now()
         if decision.promote:
             client.set_registered_model_alias(self.name, CHAMPION, str(challenger.version))
             if champion is not None:
-                for key, value in ((PREVIOUS_CHAMPION, "true"), ("replaced_by", str(challenger.version)),
-                                   ("demoted_at", when)):
+                for key, value in ((PREVIOUS_CHAMPION, "true"),
+                                   ("replaced_by", str(challenger.version)), ("demoted_at", when)):
                     client.set_model_version_tag(self.name, str(champion.version), key, value)
         tags = {
             "promotion.decision": "promoted" if decision.promote else "rejected",
@@ -357,14 +226,15 @@ class Registry:
         with self.lock(on_wait):
             return self._rollback(actor, experiment, reason)
 
-    def _rollback(self, actor: str, experiment: str, reason: str) -> tuple[ModelVersion, ModelVersion, str]:
+    def _rollback(self, actor: str, experiment: str,
+                  reason: str) -> tuple[ModelVersion, ModelVersion, str]:
         current = self.by_alias(CHAMPION)
         if current is None:
             raise RegistryError(f"model '{self.name}' has no champion: nothing to roll back")
         previous = current.tags.get("promotion.replaced_version", "none")
         if previous in ("", "none"):
-            raise RegistryError(f"champion version {current.version} of '{self.name}' replaced no earlier "
-                                "champion: there is nothing to roll back to")
+            raise RegistryError(f"champion version {current.version} of '{self.name}' replaced no "
+                                "earlier champion: there is nothing to roll back to")
         restored = self.version(previous)
         summary = {"action": "rollback", "from_version": int(current.version),
                    "to_version": int(restored.version), "reason": reason or "not given"}
@@ -401,7 +271,3 @@ def _decision_word(action: str, summary: dict[str, Any]) -> str:
     if action == "rollback":
         return "rolled_back"
     return "promoted" if summary.get("promote") else "rejected"
-
-
-__all__ = ["CHALLENGER", "CHAMPION", "CHAMPION_MOVED_TAG", "PREVIOUS_CHAMPION", "ChampionChanged", "Registry", "RegistryError",
-           "actor_name"]
