@@ -87,10 +87,23 @@ def run_one(scenario: str, seed: int, workdir: str) -> list[dict]:
         data = load_client_data(cfg.data.partitions_dir, manifest, client)
         if data.n_test == 0 or data.n_train == 0:
             continue
-        per_client.append(_client_accuracies(data.x_train.numpy(), data.y_train[task].numpy(),
-                                             data.x_test.numpy(), data.y_test[task].numpy()))
-    return [{"scenario": scenario, "seed": seed, "estimator": k, "value": float(np.mean([c[k] for c in per_client]))}
-            for k in per_client[0]]
+        per_client.append(
+            _client_accuracies(
+                data.x_train.numpy(),
+                data.y_train[task].numpy(),
+                data.x_test.numpy(),
+                data.y_test[task].numpy(),
+            )
+        )
+    return [
+        {
+            "scenario": scenario,
+            "seed": seed,
+            "estimator": k,
+            "value": float(np.mean([c[k] for c in per_client])),
+        }
+        for k in per_client[0]
+    ]
 
 
 def _star(args: tuple) -> list[dict]:
@@ -103,22 +116,37 @@ def markdown(records: list[dict], quality: list[dict], argv: list[str], wall: fl
     frame = pd.DataFrame(records)
     seeds = sorted(frame["seed"].unique())
     scenarios = [s for s in SYNTHETIC if s in set(frame["scenario"])]
-    q = pd.DataFrame(quality) if quality else pd.DataFrame(columns=["scenario", "method", "seed", "metric", "value"])
+    q = (
+        pd.DataFrame(quality)
+        if quality
+        else pd.DataFrame(columns=["scenario", "method", "seed", "metric", "value"])
+    )
     q = q[(q["metric"] == "personal_accuracy") & q["seed"].isin(seeds)]
 
     def mean_of(part: pd.DataFrame) -> str:
         return f"{100 * part['value'].mean():.1f}" if not part.empty else ""
 
-    lines = ["# Linear ceiling of the Synthetic scenarios", "",
-             f"`python -m benchmarks.ceiling {' '.join(argv)}`: seeds {', '.join(map(str, seeds))}; "
-             f"{wall / 60:.1f} min on {os.cpu_count()} cores.", "",
-             "Client-mean accuracy (%) on the held-out splits, mean over the seeds; one scikit-learn "
-             "logistic regression per client on its own train rows (see the module docstring). "
-             "`local` and `fedmtl`: the quality benchmark's rows for the same seeds.", "",
-             "| estimator | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
-    rows = [(f"per-client LR, C = {c:g}", f"C={c:g}") for c in CS] + [("per-client LR, C by 5-fold CV", "cv")]
+    lines = [
+        "# Linear ceiling of the Synthetic scenarios",
+        "",
+        f"`python -m benchmarks.ceiling {' '.join(argv)}`: seeds {', '.join(map(str, seeds))}; "
+        f"{wall / 60:.1f} min on {os.cpu_count()} cores.",
+        "",
+        "Client-mean accuracy (%) on the held-out splits, mean over the seeds; one scikit-learn "
+        "logistic regression per client on its own train rows (see the module docstring). "
+        "`local` and `fedmtl`: the quality benchmark's rows for the same seeds.",
+        "",
+        "| estimator | " + " | ".join(scenarios) + " |",
+        "|---|" + "---|" * len(scenarios),
+    ]
+    rows = [(f"per-client LR, C = {c:g}", f"C={c:g}") for c in CS] + [
+        ("per-client LR, C by 5-fold CV", "cv")
+    ]
     for label, key in rows:
-        cells = [mean_of(frame[(frame["scenario"] == s) & (frame["estimator"] == key)]) for s in scenarios]
+        cells = [
+            mean_of(frame[(frame["scenario"] == s) & (frame["estimator"] == key)])
+            for s in scenarios
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     oracle = []
     for s in scenarios:
@@ -133,10 +161,16 @@ def markdown(records: list[dict], quality: list[dict], argv: list[str], wall: fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default=",".join(SYNTHETIC), help=f"comma-separated, from: {', '.join(SYNTHETIC)}")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SYNTHETIC),
+        help=f"comma-separated, from: {', '.join(SYNTHETIC)}",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for ceiling.md and ceiling.json")
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="folder for ceiling.md and ceiling.json"
+    )
     args = parser.parse_args(argv)
     argv = argv if argv is not None else __import__("sys").argv[1:]
     scenarios = args.scenarios.split(",")
@@ -151,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
             for res in pool.map(_star, jobs):
                 records += res
                 cv = next(r["value"] for r in res if r["estimator"] == "cv")
-                print(f"  {res[0]['scenario']:28s} seed {res[0]['seed']}: C by CV {100 * cv:.1f} %", flush=True)
+                print(
+                    f"  {res[0]['scenario']:28s} seed {res[0]['seed']}: C by CV {100 * cv:.1f} %",
+                    flush=True,
+                )
     wall = time.perf_counter() - start
     quality_file = RESULTS / "quality.json"
     quality = json.loads(quality_file.read_text()) if quality_file.exists() else []

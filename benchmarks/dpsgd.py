@@ -27,18 +27,34 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIO = {"data.source": "digits", "data.partition.scheme": "label-permutation",
-            "data.partition.n_clients": 20, "data.partition.n_groups": 4, "training.local_epochs": 1}
+SCENARIO = {
+    "data.source": "digits",
+    "data.partition.scheme": "label-permutation",
+    "data.partition.n_clients": 20,
+    "data.partition.n_groups": 4,
+    "training.local_epochs": 1,
+}
 #: name -> (σ, C); None: no DP-SGD
-SETTINGS = {"no DP-SGD": None, "clip only (σ = 0)": (0.0, 1.0), "σ = 1": (1.0, 1.0), "σ = 2": (2.0, 1.0),
-            "σ = 3": (3.0, 1.0), "σ = 5": (5.0, 1.0)}
+SETTINGS = {
+    "no DP-SGD": None,
+    "clip only (σ = 0)": (0.0, 1.0),
+    "σ = 1": (1.0, 1.0),
+    "σ = 2": (2.0, 1.0),
+    "σ = 3": (3.0, 1.0),
+    "σ = 5": (5.0, 1.0),
+}
 
 
 def config(seed: int, workdir: str):
     from fedmtl.config import load_config
 
-    overrides = {**SCENARIO, "data.seed": seed, "training.seed": seed, "data.raw_dir": str(Path(workdir) / "raw"),
-                 "data.partitions_dir": str(Path(workdir) / f"{seed}" / "partitions")}
+    overrides = {
+        **SCENARIO,
+        "data.seed": seed,
+        "training.seed": seed,
+        "data.raw_dir": str(Path(workdir) / "raw"),
+        "data.partitions_dir": str(Path(workdir) / f"{seed}" / "partitions"),
+    }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -54,11 +70,11 @@ def run(name: str, seed: int, rounds: int, workdir: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fedmtl.data.manifest import read_manifest
+    from fedmtl.client.store import ClientStore
     from fedmtl.config import DPSGDConfig
+    from fedmtl.data.manifest import read_manifest
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.client.store import ClientStore
 
     cfg = config(seed, workdir)
     manifest = read_manifest(cfg.data.partitions_dir)
@@ -67,18 +83,28 @@ def run(name: str, seed: int, rounds: int, workdir: str) -> dict:
     setting = SETTINGS[name]
     if setting is not None:
         # model_construct: the clip-only ablation's σ = 0 is below what the settings allow a user
-        dp_sgd = DPSGDConfig.model_construct(enabled=True, noise_multiplier=setting[0], max_grad_norm=setting[1])
+        dp_sgd = DPSGDConfig.model_construct(
+            enabled=True, noise_multiplier=setting[0], max_grad_norm=setting[1]
+        )
         fed = dataclasses.replace(fed, privacy=fed.privacy.model_copy(update={"dp_sgd": dp_sgd}))
     start = time.perf_counter()
     _, _, history = run_rounds(fed, manifest.client_ids, rounds, evaluate_every=rounds)
     last = history[-1]
-    return {"setting": name, "seed": seed, "rounds": rounds, "seconds": time.perf_counter() - start,
-            "epsilon": last.get("privacy/dp_sgd_epsilon_max"),
-            **{v: last[f"{v}/accuracy/mean"] for v in ("personal", "group", "global")}}
+    return {
+        "setting": name,
+        "seed": seed,
+        "rounds": rounds,
+        "seconds": time.perf_counter() - start,
+        "epsilon": last.get("privacy/dp_sgd_epsilon_max"),
+        **{v: last[f"{v}/accuracy/mean"] for v in ("personal", "group", "global")},
+    }
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| setting | ε (δ = 1e-5) | personal | group | global | s per run |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | ε (δ = 1e-5) | personal | group | global | s per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in SETTINGS:
         rows = [r for r in records if r["setting"] == name]
         if not rows:
@@ -91,8 +117,10 @@ def table(records: list[dict]) -> str:
             sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
             return f"{statistics.mean(values):.3f}{sd}"
 
-        lines.append(f"| {name} | {eps} | {mean('personal')} | {mean('group')} | {mean('global')} | "
-                     f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+        lines.append(
+            f"| {name} | {eps} | {mean('personal')} | {mean('group')} | {mean('global')} | "
+            f"{statistics.mean(r['seconds'] for r in rows):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -107,17 +135,23 @@ def main() -> None:
         for seed in range(args.seeds):  # data first, once per seed
             prepare_data(seed, workdir)
         with ProcessPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run, name, seed, args.rounds, workdir)
-                       for seed in range(args.seeds) for name in SETTINGS]
+            futures = [
+                pool.submit(run, name, seed, args.rounds, workdir)
+                for seed in range(args.seeds)
+                for name in SETTINGS
+            ]
             records = [f.result() for f in futures]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dpsgd.json").write_text(json.dumps(records, indent=2) + "\n")
-    text = (f"# DP-SGD (`python -m benchmarks.dpsgd --seeds {args.seeds} --rounds {args.rounds}`)\n\n"
-            f"Digits, 20 clients in 4 label-permutation groups, fedmtl, {args.rounds} rounds of one local "
-            f"epoch, batch 16 (Poisson, q = 1/⌈n/16⌉ ≈ 1/5), lr 0.2, C = 1; mean ± sd over {args.seeds} seeds.\n\n"
-            + table(records) + "\n")
+    text = (
+        f"# DP-SGD (`python -m benchmarks.dpsgd --seeds {args.seeds} --rounds {args.rounds}`)\n\n"
+        f"Digits, 20 clients in 4 label-permutation groups, fedmtl, {args.rounds} rounds of one local "
+        f"epoch, batch 16 (Poisson, q = 1/⌈n/16⌉ ≈ 1/5), lr 0.2, C = 1; mean ± sd over {args.seeds} seeds.\n\n"
+        + table(records)
+        + "\n"
+    )
     (RESULTS / "dpsgd.md").write_text(text)
     print(text)
 

@@ -26,11 +26,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 DIGITS = {"data.source": "digits", "data.partition.n_clients": 20}
 #: FedProx's setting: 30 devices, MLR 60 → 10, sizes lognormal(4, 2) + 50
-FEDPROX = {"data.source": "synthetic", "data.synthetic.n_clients": 30, "model.hidden": [],
-           "training.lr": 0.05, "training.batch_size": 16}
+FEDPROX = {
+    "data.source": "synthetic",
+    "data.synthetic.n_clients": 30,
+    "model.hidden": [],
+    "training.lr": 0.05,
+    "training.batch_size": 16,
+}
 #: pFedMe's setting: 100 users, sizes (lognormal(4, 2) + 50) × 5 (capped at 20,000 rows)
-PFEDME = {"data.source": "synthetic", "data.synthetic.n_clients": 100, "data.synthetic.size_scale": 5,
-          "model.hidden": [], "training.lr": 0.05, "training.batch_size": 64}
+PFEDME = {
+    "data.source": "synthetic",
+    "data.synthetic.n_clients": 100,
+    "data.synthetic.size_scale": 5,
+    "model.hidden": [],
+    "training.lr": 0.05,
+    "training.batch_size": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -47,34 +58,84 @@ SCENARIOS = {
     s.name: s
     for s in [
         Scenario("digits-shards", {**DIGITS, "data.partition.scheme": "shards"}),
-        Scenario("digits-dirichlet", {**DIGITS, "data.partition.scheme": "dirichlet", "data.partition.alpha": 0.1}),
-        Scenario("digits-label-permutation", {**DIGITS, "data.partition.scheme": "label-permutation",
-                                              "data.partition.n_groups": 4}, grouped=True),
-        Scenario("digits-rotation", {**DIGITS, "data.partition.scheme": "rotation",
-                                     "data.partition.n_groups": 4}, grouped=True),
-        Scenario("synthetic-0.5-fedprox", {**FEDPROX, "data.synthetic.alpha": 0.5, "data.synthetic.beta": 0.5}),
-        Scenario("synthetic-1-fedprox", {**FEDPROX, "data.synthetic.alpha": 1, "data.synthetic.beta": 1}),
-        Scenario("synthetic-0.5-pfedme-mlr", {**PFEDME, "data.synthetic.alpha": 0.5, "data.synthetic.beta": 0.5},
-                 rounds=20, quick_rounds=5),
-        Scenario("synthetic-1-pfedme-mlr", {**PFEDME, "data.synthetic.alpha": 1, "data.synthetic.beta": 1},
-                 rounds=20, quick_rounds=5),
-        Scenario("synthetic-0.5-pfedme-mlp", {**PFEDME, "data.synthetic.alpha": 0.5, "data.synthetic.beta": 0.5,
-                                              "model.hidden": [20]}, rounds=20, quick_rounds=5),
-        Scenario("har", {"data.source": "har", "model.hidden": [128, 64], "training.lr": 0.05}, rounds=30),
+        Scenario(
+            "digits-dirichlet",
+            {**DIGITS, "data.partition.scheme": "dirichlet", "data.partition.alpha": 0.1},
+        ),
+        Scenario(
+            "digits-label-permutation",
+            {**DIGITS, "data.partition.scheme": "label-permutation", "data.partition.n_groups": 4},
+            grouped=True,
+        ),
+        Scenario(
+            "digits-rotation",
+            {**DIGITS, "data.partition.scheme": "rotation", "data.partition.n_groups": 4},
+            grouped=True,
+        ),
+        Scenario(
+            "synthetic-0.5-fedprox",
+            {**FEDPROX, "data.synthetic.alpha": 0.5, "data.synthetic.beta": 0.5},
+        ),
+        Scenario(
+            "synthetic-1-fedprox", {**FEDPROX, "data.synthetic.alpha": 1, "data.synthetic.beta": 1}
+        ),
+        Scenario(
+            "synthetic-0.5-pfedme-mlr",
+            {**PFEDME, "data.synthetic.alpha": 0.5, "data.synthetic.beta": 0.5},
+            rounds=20,
+            quick_rounds=5,
+        ),
+        Scenario(
+            "synthetic-1-pfedme-mlr",
+            {**PFEDME, "data.synthetic.alpha": 1, "data.synthetic.beta": 1},
+            rounds=20,
+            quick_rounds=5,
+        ),
+        Scenario(
+            "synthetic-0.5-pfedme-mlp",
+            {
+                **PFEDME,
+                "data.synthetic.alpha": 0.5,
+                "data.synthetic.beta": 0.5,
+                "model.hidden": [20],
+            },
+            rounds=20,
+            quick_rounds=5,
+        ),
+        Scenario(
+            "har", {"data.source": "har", "model.hidden": [128, 64], "training.lr": 0.05}, rounds=30
+        ),
     ]
 }
 QUICK_SCENARIOS = ("digits-shards", "digits-label-permutation", "synthetic-0.5-fedprox")
 #: the methods; "fedmtl-cluster" is fedmtl with groups learned by clustering
-METHODS = ("local", "fedavg", "fedavg-ft", "fedper", "fedrep", "lg-fedavg", "ditto", "pfedme",
-           "ifca", "fedmtl", "fedmtl-cluster")
+METHODS = (
+    "local",
+    "fedavg",
+    "fedavg-ft",
+    "fedper",
+    "fedrep",
+    "lg-fedavg",
+    "ditto",
+    "pfedme",
+    "ifca",
+    "fedmtl",
+    "fedmtl-cluster",
+)
 #: fedmtl's rows use the per-client λ search (opt-in: it costs 41 head fits per client and evaluation)
-METHOD_OVERRIDES = {"fedmtl": {"algorithm.personal_lambda_search": "cv"},
-                    "fedmtl-cluster": {"algorithm.method": "fedmtl", "grouping.method": "cluster",
-                                       "algorithm.personal_lambda_search": "cv"}}
+METHOD_OVERRIDES = {
+    "fedmtl": {"algorithm.personal_lambda_search": "cv"},
+    "fedmtl-cluster": {
+        "algorithm.method": "fedmtl",
+        "grouping.method": "cluster",
+        "algorithm.personal_lambda_search": "cv",
+    },
+}
 
 
-def scenario_data(scenario: str, method: str, seed: int, quick: bool, workdir: str,
-                  extra: tuple[str, ...] = ()):
+def scenario_data(
+    scenario: str, method: str, seed: int, quick: bool, workdir: str, extra: tuple[str, ...] = ()
+):
     """The run's configuration and manifest; the scenario's data for ``seed`` is prepared and
     partitioned under ``workdir`` on first use (shared by every method's run)."""
     from fedmtl.config import load_config
@@ -83,36 +144,47 @@ def scenario_data(scenario: str, method: str, seed: int, quick: bool, workdir: s
 
     sc = SCENARIOS[scenario]
     data_dir = Path(workdir) / f"{scenario}-s{seed}"
-    values = {**sc.overrides, "data.seed": seed, "training.seed": seed,
-              "training.rounds": sc.quick_rounds if quick else sc.rounds,
-              "data.raw_dir": str(data_dir / "raw"), "data.partitions_dir": str(data_dir / "partitions"),
-              "algorithm.method": method, **METHOD_OVERRIDES.get(method, {})}
-    cfg = load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
-                      + list(extra))
+    values = {
+        **sc.overrides,
+        "data.seed": seed,
+        "training.seed": seed,
+        "training.rounds": sc.quick_rounds if quick else sc.rounds,
+        "data.raw_dir": str(data_dir / "raw"),
+        "data.partitions_dir": str(data_dir / "partitions"),
+        "algorithm.method": method,
+        **METHOD_OVERRIDES.get(method, {}),
+    }
+    cfg = load_config(
+        None,
+        [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+        + list(extra),
+    )
     if not (data_dir / "partitions" / "manifest.json").exists():
         prepare(cfg.data)
         partition(cfg.data)
     return cfg, read_manifest(cfg.data.partitions_dir)
 
 
-def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
-            extra: tuple[str, ...] = ()) -> list[dict]:
+def run_one(
+    scenario: str, method: str, seed: int, quick: bool, workdir: str, extra: tuple[str, ...] = ()
+) -> list[dict]:
     """Train ``method`` on ``scenario`` with ``seed``; return metric records."""
     import torch
 
     torch.set_num_threads(1)
+    from fedmtl.client.store import ClientStore
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
     from fedmtl.server.grouping import adjusted_rand
-    from fedmtl.client.store import ClientStore
 
     sc = SCENARIOS[scenario]
     cfg, manifest = scenario_data(scenario, method, seed, quick, workdir, extra)
     store = Path(tempfile.mkdtemp(dir=workdir, prefix="store-"))
     fed = Federation.from_config(cfg, manifest, ClientStore(store))
     start = time.perf_counter()
-    state, records, history = run_rounds(fed, manifest.client_ids, cfg.training.rounds,
-                                         evaluate_every=cfg.training.rounds)
+    state, records, history = run_rounds(
+        fed, manifest.client_ids, cfg.training.rounds, evaluate_every=cfg.training.rounds
+    )
     wall = time.perf_counter() - start
     shutil.rmtree(store, ignore_errors=True)
     final = history[-1]
@@ -131,8 +203,11 @@ def run_one(scenario: str, method: str, seed: int, quick: bool, workdir: str,
                 metrics[f"{task}/personal_{metric}"] = value
     if sc.grouped and fed.grouping_method not in (None, "column"):
         metrics["ari"] = adjusted_rand(state.assignment, fed.groups)
-    return [{"scenario": scenario, "method": method, "seed": seed, "metric": k, "value": v}
-            for k, v in metrics.items() if v is not None]
+    return [
+        {"scenario": scenario, "method": method, "seed": seed, "metric": k, "value": v}
+        for k, v in metrics.items()
+        if v is not None
+    ]
 
 
 def _run_star(args: tuple) -> list[dict]:
@@ -144,34 +219,52 @@ def summarise(records: list[dict]) -> dict:
     import pandas as pd
 
     frame = pd.DataFrame(records)
-    return frame.groupby(["scenario", "method", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+    return (
+        frame.groupby(["scenario", "method", "metric"])["value"]
+        .agg(["mean", "std", "count"])
+        .reset_index()
+    )
 
 
 def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
     import pandas as pd
 
     table = summarise(records)
-    lines = ["# Quality benchmark", "",
-             f"`python -m benchmarks.quality {' '.join(args.argv)}`: {args.seeds} seed(s) in this run, "
-             f"{'quick' if args.quick else 'full'} mode, {wall / 60:.1f} min on {os.cpu_count()} cores"
-             + (" (these runs only; the other runs' records were kept from the existing quality.json)."
-                if args.update else "."), "",
-             "Mean over seeds (± standard deviation) of the client-mean on held-out splits, after the last round. "
-             "**Bold**: the best method of the scenario (highest mean).", ""]
-    for metric, title in (("personal_accuracy", "Personalised accuracy (client mean, %)"),
-                          ("personal_accuracy_worst10", "Worst-10 % client accuracy (%)"),
-                          ("personal_f1", "Personalised macro-F1 (client mean, %)"),
-                          ("personalisation_gain", "Personalisation gain, personalised − global accuracy (points)"),
-                          ("ari", "Adjusted Rand index of learned groups"),
-                          ("wall_s", "Wall time per run (s)")):
+    lines = [
+        "# Quality benchmark",
+        "",
+        f"`python -m benchmarks.quality {' '.join(args.argv)}`: {args.seeds} seed(s) in this run, "
+        f"{'quick' if args.quick else 'full'} mode, {wall / 60:.1f} min on {os.cpu_count()} cores"
+        + (
+            " (these runs only; the other runs' records were kept from the existing quality.json)."
+            if args.update
+            else "."
+        ),
+        "",
+        "Mean over seeds (± standard deviation) of the client-mean on held-out splits, after the last round. "
+        "**Bold**: the best method of the scenario (highest mean).",
+        "",
+    ]
+    for metric, title in (
+        ("personal_accuracy", "Personalised accuracy (client mean, %)"),
+        ("personal_accuracy_worst10", "Worst-10 % client accuracy (%)"),
+        ("personal_f1", "Personalised macro-F1 (client mean, %)"),
+        ("personalisation_gain", "Personalisation gain, personalised − global accuracy (points)"),
+        ("ari", "Adjusted Rand index of learned groups"),
+        ("wall_s", "Wall time per run (s)"),
+    ):
         part = table[table["metric"] == metric]
         if part.empty:
             continue
         scale = 1 if metric in ("ari", "wall_s") else 100
         scenarios = [s for s in SCENARIOS if s in set(part["scenario"])]
         methods = [m for m in METHODS if m in set(part["method"])]
-        lines += [f"## {title}", "", "| method | " + " | ".join(scenarios) + " |",
-                  "|---|" + "---|" * len(scenarios)]
+        lines += [
+            f"## {title}",
+            "",
+            "| method | " + " | ".join(scenarios) + " |",
+            "|---|" + "---|" * len(scenarios),
+        ]
         best = {s: part[part["scenario"] == s]["mean"].max() for s in scenarios}
         for m in methods:
             cells = []
@@ -183,7 +276,11 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
                 mean, std = float(row["mean"].iloc[0]) * scale, row["std"].iloc[0]
                 text = f"{mean:.1f}" if metric != "ari" else f"{mean:.2f}"
                 if pd.notna(std) and metric != "wall_s":
-                    text += f" ± {float(std) * scale:.1f}" if metric != "ari" else f" ± {float(std):.2f}"
+                    text += (
+                        f" ± {float(std) * scale:.1f}"
+                        if metric != "ari"
+                        else f" ± {float(std):.2f}"
+                    )
                 if metric not in ("wall_s",) and abs(float(row["mean"].iloc[0]) - best[s]) < 1e-12:
                     text = f"**{text}**"
                 cells.append(text)
@@ -194,20 +291,47 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 scenarios, fewer rounds, 1 seed (< 5 min)")
-    parser.add_argument("--scenarios", default=None, help=f"comma-separated, from: {', '.join(SCENARIOS)}")
-    parser.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 1)")
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (with --update: add seeds)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 scenarios, fewer rounds, 1 seed (< 5 min)"
+    )
+    parser.add_argument(
+        "--scenarios", default=None, help=f"comma-separated, from: {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 1)"
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first..first+N-1 (with --update: add seeds)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for quality.md and quality.json")
-    parser.add_argument("--update", action="store_true",
-                        help="merge into the existing quality.json: replace only the runs made now")
-    parser.add_argument("--set", dest="extra", action="append", default=[],
-                        help="a setting for every run, key=value (repeatable; for tuning)")
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="folder for quality.md and quality.json"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into the existing quality.json: replace only the runs made now",
+    )
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        help="a setting for every run, key=value (repeatable; for tuning)",
+    )
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
-    scenarios = args.scenarios.split(",") if args.scenarios else list(QUICK_SCENARIOS if args.quick else SCENARIOS)
+    scenarios = (
+        args.scenarios.split(",")
+        if args.scenarios
+        else list(QUICK_SCENARIOS if args.quick else SCENARIOS)
+    )
     methods = args.methods.split(",") if args.methods else list(METHODS)
     for name in scenarios:
         if name not in SCENARIOS:
@@ -225,8 +349,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fedmtl-quality-") as workdir:
         # prepare each scenario's data once per seed before the parallel runs
         extra = tuple(args.extra)
-        jobs = [(s, m, seed, args.quick, workdir, extra) for s in scenarios for seed in range(args.first_seed, args.first_seed + args.seeds)
-                for m in methods]
+        jobs = [
+            (s, m, seed, args.quick, workdir, extra)
+            for s in scenarios
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
+            for m in methods
+        ]
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             firsts = [j for j in jobs if j[1] == methods[0]]
             for res in pool.map(_run_star, firsts):
@@ -241,8 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.update and (out / "quality.json").exists():
         done = {(r["scenario"], r["method"], r["seed"]) for r in records}
-        kept = [r for r in json.loads((out / "quality.json").read_text())
-                if (r["scenario"], r["method"], r["seed"]) not in done]
+        kept = [
+            r
+            for r in json.loads((out / "quality.json").read_text())
+            if (r["scenario"], r["method"], r["seed"]) not in done
+        ]
         records = kept + records
     (out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records, args, wall)
@@ -256,8 +387,11 @@ def _progress(res: list[dict]) -> None:
     head = res[0]
     acc = next((r["value"] for r in res if r["metric"] == "personal_accuracy"), float("nan"))
     wall = next((r["value"] for r in res if r["metric"] == "wall_s"), float("nan"))
-    print(f"  {head['scenario']:28s} {head['method']:15s} seed {head['seed']}: "
-          f"personalised accuracy {acc:.3f} ({wall:.0f} s)", flush=True)
+    print(
+        f"  {head['scenario']:28s} {head['method']:15s} seed {head['seed']}: "
+        f"personalised accuracy {acc:.3f} ({wall:.0f} s)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

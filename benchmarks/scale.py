@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmtl.server import aggregation
 from fedmtl.client.data import ClientData, encode_labels
+from fedmtl.client.store import ClientStore
 from fedmtl.config import load_config
 from fedmtl.data.manifest import ClientEntry, Manifest
 from fedmtl.data.sources import generate_synthetic
-from fedmtl.server.dispatch import default_workers, shards
 from fedmtl.federation import Federation
-from fedmtl.client.store import ClientStore
+from fedmtl.server import aggregation
+from fedmtl.server.dispatch import default_workers, shards
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,14 @@ def synthetic_clients(n_clients: int, seed: int = 0) -> tuple[Manifest, dict[str
     for a, b in zip(bounds[:-1], bounds[1:]):
         rows = order[a:b]
         cid = str(clients[rows[0]])
-        memory[cid] = ClientData(cid, "0", torch.from_numpy(x_all[rows]), {task.name: torch.from_numpy(y_all[rows])},
-                                 empty_x, empty_y)
+        memory[cid] = ClientData(
+            cid,
+            "0",
+            torch.from_numpy(x_all[rows]),
+            {task.name: torch.from_numpy(y_all[rows])},
+            empty_x,
+            empty_y,
+        )
         entries.append(ClientEntry(cid, "0", f"{cid}.parquet", len(rows), 0))
     manifest = Manifest("synthetic", "natural", list(raw.features), list(raw.tasks), entries)
     return manifest, memory
@@ -67,14 +73,29 @@ def synthetic_clients(n_clients: int, seed: int = 0) -> tuple[Manifest, dict[str
 def scale_round(n_clients: int, rounds: int = 3, workers: int | None = 1) -> tuple[float, float]:
     """(median seconds per round, MiB of client data) for ``n_clients`` clients per round."""
     manifest, memory = synthetic_clients(n_clients)
-    data_mib = sum(d.x_train.element_size() * d.x_train.nelement() + d.y_train["label"].nelement() * 8
-                   for d in memory.values()) / 2**20
-    cfg = load_config(None, ["model.hidden=[]", "algorithm.method=fedavg", "training.local_epochs=5",
-                             "training.batch_size=16", "training.lr=0.05"])
+    data_mib = (
+        sum(
+            d.x_train.element_size() * d.x_train.nelement() + d.y_train["label"].nelement() * 8
+            for d in memory.values()
+        )
+        / 2**20
+    )
+    cfg = load_config(
+        None,
+        [
+            "model.hidden=[]",
+            "algorithm.method=fedavg",
+            "training.local_epochs=5",
+            "training.batch_size=16",
+            "training.lr=0.05",
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         base = Federation.from_config(cfg, manifest, ClientStore(Path(tmp)))
-        fed = InMemoryFederation(**{f: getattr(base, f) for f in base.__dataclass_fields__ if not f.startswith("_")},
-                                 memory=memory)
+        fed = InMemoryFederation(
+            **{f: getattr(base, f) for f in base.__dataclass_fields__ if not f.startswith("_")},
+            memory=memory,
+        )
         state = fed.initial_state()
         clients = manifest.client_ids
         parts = shards(clients, None, workers or default_workers())
@@ -82,7 +103,9 @@ def scale_round(n_clients: int, rounds: int = 3, workers: int | None = 1) -> tup
         with ThreadPoolExecutor(len(parts)) as pool:
             for _ in range(rounds):
                 start = time.perf_counter()
-                updates = [u for us in pool.map(lambda p: fed.train_clients(p, state), parts) for u in us]
+                updates = [
+                    u for us in pool.map(lambda p: fed.train_clients(p, state), parts) for u in us
+                ]
                 state = fed.merge(state, aggregation.group_aggregate(updates))
                 times.append(time.perf_counter() - start)
     times.sort()
@@ -97,14 +120,30 @@ def main(argv: list[str]) -> None:
     args = [a for a in argv if a != "--json"]
     n = int(args[0]) if args else 1000
     r = int(args[1]) if len(args) > 1 else 3
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process with its imports
-    seconds, mib = scale_round(n, r, workers=1)  # as the flow's thread runner trains a batched round
+    before = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # the process with its imports
+    seconds, mib = scale_round(
+        n, r, workers=1
+    )  # as the flow's thread runner trains a batched round
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if as_json:
-        print(json.dumps({"clients": n, "round_s": seconds, "peak_mib": peak, "data_mib": mib,
-                          "mib_per_client": (peak - before) / n, "threads": torch.get_num_threads()}))
+        print(
+            json.dumps(
+                {
+                    "clients": n,
+                    "round_s": seconds,
+                    "peak_mib": peak,
+                    "data_mib": mib,
+                    "mib_per_client": (peak - before) / n,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
     else:
-        print(f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data, peak {peak:.0f} MiB")
+        print(
+            f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data, peak {peak:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

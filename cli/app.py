@@ -16,22 +16,33 @@ from rich.console import Console
 from cli import __doc__ as HELP  # the package's docstring (exit codes) is the app's help
 from fedmtl.config import Config, ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode="markdown")
-data_app = typer.Typer(no_args_is_help=True, help="The data pipeline's stages (what dvc.yaml runs).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode="markdown"
+)
+data_app = typer.Typer(
+    no_args_is_help=True, help="The data pipeline's stages (what dvc.yaml runs)."
+)
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameter file (DVC's params.yaml)")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="override a setting: key=value (repeatable)")
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="parameter file (DVC's params.yaml)")
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's and libraries' logs")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a setting: key=value (repeatable)"),
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="show Prefect's and libraries' logs")
+]
 
 
 def _config(params: Path, overrides: list[str] | None) -> Config:
     try:
-        return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides)
+        return load_config(
+            params if params.exists() or str(params) != "params.yaml" else None, overrides
+        )
     except ConfigError as exc:
         _fail(exc, 2)
     raise AssertionError("unreachable")
@@ -66,9 +77,14 @@ def _check_tracking(uri: str, setting: str = "tracking.tracking_uri") -> None:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        _fail(ConfigError(f"{setting} = '{uri}': the MLflow tracking server cannot be reached "
-                          f"({host}:{port}: {reason}); start it, or set {setting} to a reachable "
-                          "server or a sqlite:/// store"), 2)
+        _fail(
+            ConfigError(
+                f"{setting} = '{uri}': the MLflow tracking server cannot be reached "
+                f"({host}:{port}: {reason}); start it, or set {setting} to a reachable "
+                "server or a sqlite:/// store"
+            ),
+            2,
+        )
 
 
 def _own_errors(verbose: bool) -> None:
@@ -80,8 +96,13 @@ def _own_errors(verbose: bool) -> None:
         class EngineFailures(logging.Filter):
             def filter(self, record: logging.LogRecord) -> bool:
                 text = record.getMessage()
-                return not text.startswith(("Encountered exception during execution",
-                                            "Task run failed with exception", "Finished in state Failed"))
+                return not text.startswith(
+                    (
+                        "Encountered exception during execution",
+                        "Task run failed with exception",
+                        "Finished in state Failed",
+                    )
+                )
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logger = logging.getLogger(name)

@@ -35,7 +35,9 @@ def _data_warnings() -> Iterator[None]:
 
 
 @data_app.command("prepare")
-def data_prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def data_prepare(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Load the configured source (digits, synthetic, your table) into data/raw/."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
@@ -50,7 +52,9 @@ def data_prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, v
 
 
 @data_app.command("partition")
-def data_partition(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def data_partition(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Split the prepared data into one Parquet file per client (train + held-out test)."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
@@ -67,7 +71,9 @@ def data_partition(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 
 @data_app.command("validate")
-def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def data_validate(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False
+) -> None:
     """Run the Great Expectations suite on every partition; quarantine the ones that fail."""
     cfg = _config(params, set_)
     quiet.configure(verbose)
@@ -79,9 +85,16 @@ def data_validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, 
     except FileNotFoundError as exc:
         _fail(exc, 2)
     except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a manifest's fields
-        _fail(ValueError(f"'{Path(cfg.data.partitions_dir) / 'manifest.json'}' is not a valid manifest "
-                         f"({type(exc).__name__}: {exc}): run `fedmtl data partition` again"), 2)
-    report = validate_partitions(cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir)
+        _fail(
+            ValueError(
+                f"'{Path(cfg.data.partitions_dir) / 'manifest.json'}' is not a valid manifest "
+                f"({type(exc).__name__}: {exc}): run `fedmtl data partition` again"
+            ),
+            2,
+        )
+    report = validate_partitions(
+        cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir
+    )
     console.print(
         f"validated {len(report.clients)} partitions: {len(report.passed)} passed, "
         f"{len(report.quarantined)} quarantined (report: {cfg.data.validation_dir}/report.json)"
@@ -96,6 +109,8 @@ def check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     before `dvc repro`): a bad setting fails here (exit 2) with the message the stages give."""
     cfg = _config(params, set_)
     where = f"'{params}'" if params.exists() else f"no '{params}': the defaults"
-    console.print(f"settings ok ({where}; data.source={cfg.data.source}, "
-                  f"training.rounds={cfg.training.rounds}, algorithm.method={cfg.algorithm.method})",
-                  highlight=False)
+    console.print(
+        f"settings ok ({where}; data.source={cfg.data.source}, "
+        f"training.rounds={cfg.training.rounds}, algorithm.method={cfg.algorithm.method})",
+        highlight=False,
+    )

@@ -18,16 +18,40 @@ if TYPE_CHECKING:  # pandas is imported where a command needs it (fast --help)
 
 @app.command("personalize")
 def personalize(
-    support: Annotated[Path, typer.Argument(help="CSV or Parquet: the feature columns and the label columns; "
-                                                 "its labelled rows are the support set")],
-    model: Annotated[str, typer.Option("--model", "-m", help="registered model URI (models:/name@alias, "
-                                                             "runs:/id/model) or a bundle file (.pt)")] = DEFAULT_MODEL,
-    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking store")] = DEFAULT_TRACKING,
-    client_id: Annotated[Optional[str], typer.Option(
-        "--client-id", help="the new client's id (default: the file's client_id column, else 'new-client')")] = None,
-    predict: Annotated[Optional[Path], typer.Option(
-        "--predict", help="CSV or Parquet of rows to predict (default: the support file's rows)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="predictions file (.csv or .parquet)")] = Path("predictions.csv"),
+    support: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV or Parquet: the feature columns and the label columns; "
+            "its labelled rows are the support set"
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="registered model URI (models:/name@alias, runs:/id/model) or a bundle file (.pt)",
+        ),
+    ] = DEFAULT_MODEL,
+    tracking_uri: Annotated[
+        str, typer.Option("--tracking-uri", help="MLflow tracking store")
+    ] = DEFAULT_TRACKING,
+    client_id: Annotated[
+        Optional[str],
+        typer.Option(
+            "--client-id",
+            help="the new client's id (default: the file's client_id column, else 'new-client')",
+        ),
+    ] = None,
+    predict: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--predict", help="CSV or Parquet of rows to predict (default: the support file's rows)"
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="predictions file (.csv or .parquet)")
+    ] = Path("predictions.csv"),
     verbose: VerboseOpt = False,
 ) -> None:
     """Cold start: a model for a client that took no part in training.
@@ -48,21 +72,30 @@ def personalize(
     labels = predictor.label_columns(frame)
     labelled = frame[frame[labels].notna().any(axis=1)] if labels else frame.iloc[:0]
     if predictor.is_known(client):
-        console.print(f"[yellow]note:[/] client '{client}' is known to the model; personalising from "
-                      "the support rows anyway")
+        console.print(
+            f"[yellow]note:[/] client '{client}' is known to the model; personalising from "
+            "the support rows anyway"
+        )
     try:
         result = predictor.cold_start(client, labelled)
     except ValueError as exc:
         _fail(exc, 2)
     if result.source == "global":
-        console.print(f"client [bold]{client}[/]: no labelled rows in '{support}' (label columns: "
-                      f"{', '.join(t.name for t in tasks)}): predicting with the [bold]global[/] heads")
+        console.print(
+            f"client [bold]{client}[/]: no labelled rows in '{support}' (label columns: "
+            f"{', '.join(t.name for t in tasks)}): predicting with the [bold]global[/] heads"
+        )
     else:
         cfg = predictor.coldstart_settings()
-        start = (f"chose group [bold]{result.group}[/]" if result.group is not None
-                 else "started from the global heads (the model has no group heads)")
-        console.print(f"client [bold]{client}[/]: {result.n_labelled} labelled rows; {start}; fine-tuned its "
-                      f"head for {cfg.epochs} epochs (lr {cfg.lr}, prox_mu {cfg.prox_mu})")
+        start = (
+            f"chose group [bold]{result.group}[/]"
+            if result.group is not None
+            else "started from the global heads (the model has no group heads)"
+        )
+        console.print(
+            f"client [bold]{client}[/]: {result.n_labelled} labelled rows; {start}; fine-tuned its "
+            f"head for {cfg.epochs} epochs (lr {cfg.lr}, prox_mu {cfg.prox_mu})"
+        )
         if result.losses:
             table = Table(title="support loss of each group head", title_justify="left")
             table.add_column("group")
@@ -85,9 +118,18 @@ def personalize(
         except ValueError as exc:
             _fail(exc, 2)
         _print_scores(predicted, target, truth, tasks, predict)
-    keep = [c for c in target.columns if c not in set(features) | {t.name for t in tasks} | {CLIENT_COLUMN}]
-    written = pd.concat([target[keep].reset_index(drop=True),
-                         predicted.reset_index(drop=True).drop(columns=[HEAD_COLUMN])], axis=1)
+    keep = [
+        c
+        for c in target.columns
+        if c not in set(features) | {t.name for t in tasks} | {CLIENT_COLUMN}
+    ]
+    written = pd.concat(
+        [
+            target[keep].reset_index(drop=True),
+            predicted.reset_index(drop=True).drop(columns=[HEAD_COLUMN]),
+        ],
+        axis=1,
+    )
     written.insert(len(keep), CLIENT_COLUMN, client)
     written[HEAD_COLUMN] = predicted[HEAD_COLUMN].to_numpy()
     try:
@@ -122,8 +164,13 @@ def _require_features(frame: "pd.DataFrame", features: list[str], path: Path) ->
     missing = [c for c in features if c not in frame.columns]
     if missing:
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        _fail(ValueError(f"'{path}' is missing feature column(s) {', '.join(missing[:10])}{more} "
-                         f"(the model needs {len(features)}: {features[0]} ... {features[-1]})"), 2)
+        _fail(
+            ValueError(
+                f"'{path}' is missing feature column(s) {', '.join(missing[:10])}{more} "
+                f"(the model needs {len(features)}: {features[0]} ... {features[-1]})"
+            ),
+            2,
+        )
 
 
 def _client_of(frame: "pd.DataFrame", column: str) -> str | None:
@@ -132,8 +179,13 @@ def _client_of(frame: "pd.DataFrame", column: str) -> str | None:
         if len(ids) == 1:
             return str(ids[0])
         if len(ids) > 1:
-            _fail(ValueError(f"the support file holds {len(ids)} clients in '{column}'; "
-                             "give one client's rows (or --client-id)"), 2)
+            _fail(
+                ValueError(
+                    f"the support file holds {len(ids)} clients in '{column}'; "
+                    "give one client's rows (or --client-id)"
+                ),
+                2,
+            )
     return None
 
 
@@ -150,7 +202,13 @@ def _print_scores(predicted, target, truth, tasks, path: Path) -> None:
             index = {c: i for i, c in enumerate(task.classes)}
             pred = np.array([index[v] for v in predicted[task.name].tolist()])
             acc = float((pred[mask] == truth[task.name].numpy()[mask]).mean())
-            console.print(f"accuracy on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{acc:.3f}[/]")
+            console.print(
+                f"accuracy on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{acc:.3f}[/]"
+            )
         else:
-            err_ = np.abs(predicted[task.name].to_numpy(dtype=float)[mask] - truth[task.name].numpy()[mask])
-            console.print(f"MAE on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{err_.mean():.4f}[/]")
+            err_ = np.abs(
+                predicted[task.name].to_numpy(dtype=float)[mask] - truth[task.name].numpy()[mask]
+            )
+            console.print(
+                f"MAE on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{err_.mean():.4f}[/]"
+            )

@@ -11,24 +11,38 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.app import (ParamsOpt, SetOpt, VerboseOpt, _check_tracking, _config, _fail, _own_errors, app,
-                     console)
+from cli.app import (
+    ParamsOpt,
+    SetOpt,
+    VerboseOpt,
+    _check_tracking,
+    _config,
+    _fail,
+    _own_errors,
+    app,
+    console,
+)
 from fedmtl import quiet
 
 DEFAULT_MODEL = "models:/fedmtl-personalized@challenger"
 REJECTED = 3  # exit code of `fedmtl promote` when a gate fails (the champion stays)
 
-ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="who decides (recorded; default: the OS user)")]
+ActorOpt = Annotated[
+    Optional[str], typer.Option("--actor", help="who decides (recorded; default: the OS user)")
+]
 
 
 @app.command("promote")
 def promote(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    challenger: Annotated[str, typer.Option("--challenger", "-c", help="the version to judge: a number or an "
-                                                                       "alias")] = "challenger",
+    challenger: Annotated[
+        str, typer.Option("--challenger", "-c", help="the version to judge: a number or an alias")
+    ] = "challenger",
     actor: ActorOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="decide and print, change nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="decide and print, change nothing")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Promote the challenger to champion if it passes every gate.
@@ -42,8 +56,9 @@ def promote(
     _check_tracking(cfg.tracking.tracking_uri)
     from flows.promote import promote as flow_fn
 
-    outcome = _run_flow(flow_fn, cfg.model_dump(mode="json"), challenger=challenger, actor=actor,
-                        dry_run=dry_run)
+    outcome = _run_flow(
+        flow_fn, cfg.model_dump(mode="json"), challenger=challenger, actor=actor, dry_run=dry_run
+    )
     _print_decision(outcome)
     if not outcome["promote"]:
         raise typer.Exit(REJECTED)
@@ -54,7 +69,9 @@ def rollback(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     actor: ActorOpt = None,
-    reason: Annotated[str, typer.Option("--reason", "-r", help="why (recorded with the decision)")] = "",
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="why (recorded with the decision)")
+    ] = "",
     verbose: VerboseOpt = False,
 ) -> None:
     """Give the alias champion back to the version the current champion replaced."""
@@ -64,17 +81,28 @@ def rollback(
     from flows.promote import rollback as flow_fn
 
     done = _run_flow(flow_fn, cfg.model_dump(mode="json"), actor=actor, reason=reason)
-    console.print(f"champion of [bold]{done['model']}[/]: version {done['from_version']} -> "
-                  f"[bold]{done['to_version']}[/] (by {done['by']}; record run {done['record_run']})")
+    console.print(
+        f"champion of [bold]{done['model']}[/]: version {done['from_version']} -> "
+        f"[bold]{done['to_version']}[/] (by {done['by']}; record run {done['record_run']})"
+    )
 
 
 @app.command("evaluate")
 def evaluate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="an alias or version of tracking.registered_model, "
-                                                             "a models:/ or runs:/ URI, or a bundle file")] = "champion",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the per-client scores (.csv)")] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="an alias or version of tracking.registered_model, "
+            "a models:/ or runs:/ URI, or a bundle file",
+        ),
+    ] = "champion",
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="write the per-client scores (.csv)")
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Score a registered model on every client's held-out split.
@@ -84,8 +112,8 @@ def evaluate(
     cfg = _config(params, set_)
     quiet.configure(verbose)
     from fedmtl.data.manifest import read_manifest
-    from fedmtl.eval.metrics import HIGHER_IS_BETTER, worst_fraction_mean
     from fedmtl.data.validation import read_report, usable_clients
+    from fedmtl.eval.metrics import HIGHER_IS_BETTER, worst_fraction_mean
     from models.scoring import held_out_rows, score_clients
 
     uri = _model_uri(model, cfg.tracking.registered_model)
@@ -102,8 +130,12 @@ def evaluate(
     for task, rows in scores.groupby("task", sort=False):
         for metric, higher in HIGHER_IS_BETTER.items():
             if metric in rows and rows[metric].notna().any():
-                table.add_row(str(task), metric, f"{rows[metric].mean():.4f}",
-                              f"{worst_fraction_mean(rows[metric], higher):.4f}")
+                table.add_row(
+                    str(task),
+                    metric,
+                    f"{rows[metric].mean():.4f}",
+                    f"{worst_fraction_mean(rows[metric], higher):.4f}",
+                )
     console.print(table)
     heads = scores.drop_duplicates("client")["head"].value_counts().to_dict()
     console.print("heads that answered: " + ", ".join(f"{h} {n}" for h, n in heads.items()))
@@ -116,8 +148,14 @@ def evaluate(
 def serve(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="an alias or version of tracking.registered_model, "
-                                                             "or a models:/ URI")] = "champion",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="an alias or version of tracking.registered_model, or a models:/ URI",
+        ),
+    ] = "champion",
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 5001,
 ) -> None:
@@ -133,12 +171,19 @@ def serve(
     quiet.configure()
     uri = _model_uri(model, cfg.tracking.registered_model)
     tracking = _tracking_uri(cfg.tracking.tracking_uri)
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which(
+        "mlflow"
+    )
     if mlflow_bin is None:
         _fail(FileNotFoundError("the `mlflow` command is not installed in this environment"), 2)
     if "://" not in uri and ":/" not in uri:
-        _fail(ValueError(f"model '{uri}': serve a registered version (an alias, a version number or a "
-                         "models:/ URI)"), 2)
+        _fail(
+            ValueError(
+                f"model '{uri}': serve a registered version (an alias, a version number or a "
+                "models:/ URI)"
+            ),
+            2,
+        )
     # the server loads the local copy whose hashes were just checked, never the store again (a
     # second download could hold other files); it stays for the server's lifetime
     copy = Path(tempfile.mkdtemp(prefix="fedmtl-serve-"))
@@ -147,12 +192,29 @@ def serve(
     except BaseException:
         shutil.rmtree(copy, ignore_errors=True)
         raise
-    console.print(f"serving [bold]{uri}[/] (verified copy {local}) at http://{host}:{port}/invocations "
-                  "(Ctrl-C stops)")
+    console.print(
+        f"serving [bold]{uri}[/] (verified copy {local}) at http://{host}:{port}/invocations "
+        "(Ctrl-C stops)"
+    )
     sys.stdout.flush()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    os.execve(mlflow_bin, [mlflow_bin, "models", "serve", "-m", str(local), "--env-manager", "local",
-                           "--host", host, "--port", str(port)], env)
+    os.execve(
+        mlflow_bin,
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            str(local),
+            "--env-manager",
+            "local",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+        env,
+    )
 
 
 def _run_flow(flow_fn, *args, **kwargs) -> dict:
@@ -175,14 +237,18 @@ def _model_uri(model: str, registered_model: str) -> str:
     if ":/" in model or "/" in model or model.endswith(".pt"):
         return model
     model = model.lstrip("@")
-    return f"models:/{registered_model}/{model}" if model.isdigit() else f"models:/{registered_model}@{model}"
+    return (
+        f"models:/{registered_model}/{model}"
+        if model.isdigit()
+        else f"models:/{registered_model}@{model}"
+    )
 
 
 def _tracking_uri(uri: str) -> str:
     """A relative sqlite:/// store made absolute (the scoring server runs in another process)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -192,44 +258,65 @@ def _print_judged(outcome: dict) -> None:
     judged = outcome.get("judged")
     if not judged:
         return
+
     def named(who: dict) -> str:
         return f"version {who['version']} (MLflow run {who['run_id'] or 'none'}, method {who['method']})"
+
     ref = str(judged.get("challenger_ref") or "").lstrip("@")
     how = f" (alias {ref})" if ref and not ref.isdigit() else ""
     console.print(f"judging {named(judged['challenger'])}{how}")
-    console.print(f"champion: {named(judged['champion'])}" if judged.get("champion")
-                  else "champion: none yet")
+    console.print(
+        f"champion: {named(judged['champion'])}" if judged.get("champion") else "champion: none yet"
+    )
     for note in judged.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     if judged.get("suggest"):
-        console.print(f"[yellow]to judge version {judged['suggest']} instead:[/] "
-                      f"fedmtl promote --challenger {judged['suggest']}", highlight=False)
+        console.print(
+            f"[yellow]to judge version {judged['suggest']} instead:[/] "
+            f"fedmtl promote --challenger {judged['suggest']}",
+            highlight=False,
+        )
 
 
 def _print_decision(outcome: dict) -> None:
     _print_judged(outcome)
-    table = Table(title=f"{outcome['model']}: challenger version {outcome['challenger_version']} vs "
-                        f"champion {outcome['champion_version'] or '(none yet)'} — "
-                        f"{outcome['task']}/{outcome['metric']}", title_justify="left")
+    table = Table(
+        title=f"{outcome['model']}: challenger version {outcome['challenger_version']} vs "
+        f"champion {outcome['champion_version'] or '(none yet)'} — "
+        f"{outcome['task']}/{outcome['metric']}",
+        title_justify="left",
+    )
     table.add_column("gate")
     table.add_column("result")
     table.add_column("detail")
     for check in outcome["checks"]:
-        table.add_row(check["name"], "[green]pass[/]" if check["passed"] else "[red]FAIL[/]", check["detail"])
+        table.add_row(
+            check["name"], "[green]pass[/]" if check["passed"] else "[red]FAIL[/]", check["detail"]
+        )
     console.print(table)
     version, old = outcome["challenger_version"], outcome["champion_version"]
     if outcome["dry_run"]:
         verdict = "would be promoted" if outcome["promote"] else "would be rejected"
         console.print(f"dry run: version {version} {verdict}; nothing was changed")
     elif outcome["promote"]:
-        was = f" (was version {old}, now tagged previous_champion)" if old else " (the first champion)"
-        console.print(f"[bold green]promoted[/]: version {version} is the champion of {outcome['model']}{was}")
+        was = (
+            f" (was version {old}, now tagged previous_champion)"
+            if old
+            else " (the first champion)"
+        )
+        console.print(
+            f"[bold green]promoted[/]: version {version} is the champion of {outcome['model']}{was}"
+        )
     else:
-        console.print(f"[bold red]rejected[/]: version {version} stays a challenger; the champion is "
-                      f"{'version ' + old if old else 'still unset'}. Reasons are on the version's tags")
+        console.print(
+            f"[bold red]rejected[/]: version {version} stays a challenger; the champion is "
+            f"{'version ' + old if old else 'still unset'}. Reasons are on the version's tags"
+        )
         suggest = (outcome.get("judged") or {}).get("suggest")
         if suggest:
-            console.print(f"another candidate: fedmtl promote --challenger {suggest}", highlight=False)
+            console.print(
+                f"another candidate: fedmtl promote --challenger {suggest}", highlight=False
+            )
     if outcome.get("record_run"):
         console.print(f"decision recorded by {outcome['by']}: MLflow run {outcome['record_run']}")
 
@@ -248,14 +335,21 @@ def _load_predictor(model: str, tracking_uri: str, into: Path | None = None):
         import torch
 
         try:
-            return PersonalizedPredictor(PersonalizedBundle.from_dict(torch.load(path, weights_only=True)))
+            return PersonalizedPredictor(
+                PersonalizedBundle.from_dict(torch.load(path, weights_only=True))
+            )
         except Exception as exc:  # noqa: BLE001 - not a bundle: the user's input
             _fail(ValueError(f"'{model}' is not a fedmtl model bundle: {exc}"), 2)
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.exists():
-            _fail(FileNotFoundError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
-                                    "train first, or pass --tracking-uri"), 2)
+            _fail(
+                FileNotFoundError(
+                    f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
+                    "train first, or pass --tracking-uri"
+                ),
+                2,
+            )
     _check_tracking(tracking_uri, "the tracking URI")
     from tasks.registry import ModelIntegrityError, load_predictor, predictor_from, verified_copy
 
@@ -267,5 +361,10 @@ def _load_predictor(model: str, tracking_uri: str, into: Path | None = None):
     except ModelIntegrityError as exc:  # changed artifacts, or no recorded hashes: refused
         _fail(ModelIntegrityError(f"refusing to load model '{model}': {exc}"), 2)
     except Exception as exc:  # noqa: BLE001 - unknown name, alias, run or store
-        _fail(ValueError(f"cannot load model '{model}' from {tracking_uri}: {str(exc).splitlines()[0]}"), 2)
+        _fail(
+            ValueError(
+                f"cannot load model '{model}' from {tracking_uri}: {str(exc).splitlines()[0]}"
+            ),
+            2,
+        )
     return predictor

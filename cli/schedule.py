@@ -14,11 +14,22 @@ from fedmtl import quiet
 
 @app.command("schedule")
 def schedule(
-    cron: Annotated[Optional[str], typer.Option(
-        "--cron", help='cron expression, e.g. "0 2 * * *" (02:00 every day; UTC unless --timezone)')] = None,
-    interval: Annotated[Optional[float], typer.Option("--interval", help="seconds between runs (instead of --cron)")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="deployment name (default: schedule.deployment)")] = None,
-    timezone: Annotated[Optional[str], typer.Option("--timezone", help="time zone of --cron, e.g. Europe/Berlin")] = None,
+    cron: Annotated[
+        Optional[str],
+        typer.Option(
+            "--cron",
+            help='cron expression, e.g. "0 2 * * *" (02:00 every day; UTC unless --timezone)',
+        ),
+    ] = None,
+    interval: Annotated[
+        Optional[float], typer.Option("--interval", help="seconds between runs (instead of --cron)")
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="deployment name (default: schedule.deployment)")
+    ] = None,
+    timezone: Annotated[
+        Optional[str], typer.Option("--timezone", help="time zone of --cron, e.g. Europe/Berlin")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -46,15 +57,25 @@ def schedule(
 
     api = PREFECT_API_URL.value()
     if not api:
-        _fail(ValueError("fedmtl schedule needs a Prefect server to keep the schedule: start one with "
-                         "`prefect server start`, then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` "
-                         "(or export PREFECT_API_URL)"), 2)
+        _fail(
+            ValueError(
+                "fedmtl schedule needs a Prefect server to keep the schedule: start one with "
+                "`prefect server start`, then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` "
+                "(or export PREFECT_API_URL)"
+            ),
+            2,
+        )
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         unhealthy = client.api_healthcheck()
     if unhealthy is not None:
-        _fail(ConnectionError(f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {unhealthy}"), 2)
+        _fail(
+            ConnectionError(
+                f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {unhealthy}"
+            ),
+            2,
+        )
     from flows.deploy import FLOW_NAME, ScheduleError, build_deployment, describe_schedule, next_run
     from flows.deploy import serve as serve_deployment
 
@@ -70,19 +91,30 @@ def schedule(
         when_text = f"{when:%Y-%m-%d %H:%M:%S %Z} (in {minutes // 60} h {minutes % 60} min)"
     else:
         when_text = "unknown"
-    steps = ("DVC data refresh (prepare, partition, validate" + (", push" if cfg.schedule.push_data else "") + ") → "
-             if cfg.schedule.refresh_data else "")
+    steps = (
+        "DVC data refresh (prepare, partition, validate"
+        + (", push" if cfg.schedule.push_data else "")
+        + ") → "
+        if cfg.schedule.refresh_data
+        else ""
+    )
     start = "the champion" if cfg.schedule.warm_start == "champion" else "a fresh initialisation"
     console.print(f"serving deployment [bold]{full}[/] (Prefect API {api})")
     console.print(f"  schedule:   {describe_schedule(deployment)}; next run {when_text}")
     judged = " → promotion gates (champion if it passes)" if cfg.schedule.promote else ""
-    console.print(f"  each run:   {steps}train {cfg.training.rounds} rounds from {start} "
-                  f"of '{cfg.tracking.registered_model}'{judged}")
-    console.print("  overlap:    never (concurrency limit 1: a run due while one runs waits for it)")
+    console.print(
+        f"  each run:   {steps}train {cfg.training.rounds} rounds from {start} "
+        f"of '{cfg.tracking.registered_model}'{judged}"
+    )
+    console.print(
+        "  overlap:    never (concurrency limit 1: a run due while one runs waits for it)"
+    )
     console.print(f"  run now:    [bold]prefect deployment run '{full}'[/]")
     if PREFECT_UI_URL.value():
         console.print(f"  runs:       {PREFECT_UI_URL.value()}/deployments")
-    console.print("Ctrl-C stops serving (and pauses the schedule until the next `fedmtl schedule`).")
+    console.print(
+        "Ctrl-C stops serving (and pauses the schedule until the next `fedmtl schedule`)."
+    )
     sys.stdout.flush()
     import logging
 
@@ -111,7 +143,9 @@ def schedule(
         flows_logger.removeFilter(watch)
         flows_logger.setLevel(level)
     console.print(f"stopped serving {full}; its schedule is paused")
-    if HowStopped.interrupted:  # Ctrl-C: 130, as an interrupted command; SIGTERM (a service stop): 0
+    if (
+        HowStopped.interrupted
+    ):  # Ctrl-C: 130, as an interrupted command; SIGTERM (a service stop): 0
         raise typer.Exit(130)
 
 
@@ -124,8 +158,13 @@ def _check_schedule(cron: str | None, interval: float | None, timezone: str | No
     from pydantic import ValidationError
 
     if interval is not None and not interval > 0:
-        _fail(ValueError(f"--interval {interval} is not a valid schedule: it must be a positive number of "
-                         "seconds"), 2)
+        _fail(
+            ValueError(
+                f"--interval {interval} is not a valid schedule: it must be a positive number of "
+                "seconds"
+            ),
+            2,
+        )
     try:
         if cron is not None:
             CronSchedule(cron=cron, timezone=timezone)

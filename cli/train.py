@@ -10,8 +10,17 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.app import (ParamsOpt, SetOpt, VerboseOpt, _check_tracking, _config, _fail, _own_errors, app,
-                     console)
+from cli.app import (
+    ParamsOpt,
+    SetOpt,
+    VerboseOpt,
+    _check_tracking,
+    _config,
+    _fail,
+    _own_errors,
+    app,
+    console,
+)
 from fedmtl import quiet
 from fedmtl.config import Config
 
@@ -20,11 +29,24 @@ class RoundsBar:
     """A rich progress bar over rounds and, within a round, the clients that finished."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console,
-                            disable=not console.is_terminal, transient=False)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=console,
+            disable=not console.is_terminal,
+            transient=False,
+        )
         self.rounds = self.clients = None
 
     def __enter__(self) -> "RoundsBar":
@@ -39,7 +61,9 @@ class RoundsBar:
         self.clients = self.bar.add_task("  clients", total=None, note="")
 
     def round_started(self, round_: int, clients: int) -> None:
-        self.bar.reset(self.clients, total=clients, description=f"  round {round_}: clients", note="")
+        self.bar.reset(
+            self.clients, total=clients, description=f"  round {round_}: clients", note=""
+        )
 
     def client_done(self, n: int = 1) -> None:
         self.bar.advance(self.clients, n)
@@ -79,12 +103,22 @@ def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: boo
 
     resume_hint = "resume with: fedmtl train --resume"
     try:
-        with api.settings(), RoundsBar() as bar, progress.reporting(bar), worker_environment(cfg.runner), \
-                stopping_safely(bar.note, last_words=f"Checkpoints on disk are complete; {resume_hint}"):
+        with (
+            api.settings(),
+            RoundsBar() as bar,
+            progress.reporting(bar),
+            worker_environment(cfg.runner),
+            stopping_safely(
+                bar.note, last_words=f"Checkpoints on disk are complete; {resume_hint}"
+            ),
+        ):
             extra = {"resume": True} if resume else {}
             return run_and_settle(flow_fn, cfg.model_dump(mode="json"), **extra)
     except Interrupted as exc:  # stopped at a safe point; the MLflow run is KILLED
-        console.print(f"interrupted at round {exc.round}; {resume_hint} (with the same settings)", highlight=False)
+        console.print(
+            f"interrupted at round {exc.round}; {resume_hint} (with the same settings)",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
@@ -93,22 +127,39 @@ def _train(cfg: Config, whole_pipeline: bool, verbose: bool = False, resume: boo
     raise AssertionError("unreachable")
 
 
-DaskOpt = Annotated[Optional[str], typer.Option(
-    "--dask-address", help="run the client tasks on this Dask scheduler (runner.kind=dask, runner.dask_address)")]
+DaskOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dask-address",
+        help="run the client tasks on this Dask scheduler (runner.kind=dask, runner.dask_address)",
+    ),
+]
 
 
 def _with_dask(set_: list[str] | None, address: str | None) -> list[str] | None:
-    return [*(set_ or []), "runner.kind=dask", f"runner.dask_address={address}"] if address else set_
+    return (
+        [*(set_ or []), "runner.kind=dask", f"runner.dask_address={address}"] if address else set_
+    )
 
 
-ResumeOpt = Annotated[bool, typer.Option(
-    "--resume", help="continue the newest interrupted run with the same settings and data after its last "
-    "complete round (its checkpoint), in the same MLflow run")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="continue the newest interrupted run with the same settings and data after its last "
+        "complete round (its checkpoint), in the same MLflow run",
+    ),
+]
 
 
 @app.command("train")
-def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False,
-          dask_address: DaskOpt = None, resume: ResumeOpt = False) -> None:
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    dask_address: DaskOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
     """Federated training on the validated partitions (the DVC train stage)."""
     cfg = _config(params, _with_dask(set_, dask_address))
     quiet.configure(verbose)
@@ -117,8 +168,12 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose:
 
 
 @app.command("run")
-def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False,
-        dask_address: DaskOpt = None) -> None:
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    dask_address: DaskOpt = None,
+) -> None:
     """The whole pipeline in one Prefect flow run: prepare, partition, validate, train."""
     cfg = _config(params, _with_dask(set_, dask_address))
     quiet.configure(verbose)
@@ -130,34 +185,55 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: V
 def report(metrics_file: Annotated[Path, typer.Argument()] = Path("metrics.json")) -> None:
     """Print the summary of the last training run from its DVC metrics file."""
     if not metrics_file.exists():
-        _fail(FileNotFoundError(f"'{metrics_file}' does not exist: run `make run` or `fedmtl run` first"), 2)
+        _fail(
+            FileNotFoundError(
+                f"'{metrics_file}' does not exist: run `make run` or `fedmtl run` first"
+            ),
+            2,
+        )
     print_summary(json.loads(metrics_file.read_text()))
 
 
 def print_summary(result: dict) -> None:
     basis = result.get("evaluation", "mean over clients")
-    table = Table(title=f"fedmtl: final round on the clients' held-out splits, {basis}", title_justify="left")
+    table = Table(
+        title=f"fedmtl: final round on the clients' held-out splits, {basis}", title_justify="left"
+    )
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     table.add_column("macro-F1", justify="right")
     table.add_column("worst-10 % acc.", justify="right")
-    for variant, label in (("global", "global (shared head)"), ("group", "group heads"),
-                           ("personal", "personalised")):
+    for variant, label in (
+        ("global", "global (shared head)"),
+        ("group", "group heads"),
+        ("personal", "personalised"),
+    ):
         acc = result.get(f"{variant}_accuracy")
         if acc is None:
             continue
         worst = result.get(f"{variant}_accuracy_worst10")
-        table.add_row(label, f"{acc:.3f}", f"{result.get(f'{variant}_f1', float('nan')):.3f}",
-                      "" if worst is None else f"{worst:.3f}")
+        table.add_row(
+            label,
+            f"{acc:.3f}",
+            f"{result.get(f'{variant}_f1', float('nan')):.3f}",
+            "" if worst is None else f"{worst:.3f}",
+        )
     console.print(table)
     gain = result.get("personalisation_gain")
     if gain is not None:
         console.print(f"personalisation gain (accuracy): [bold]{gain:+.3f}[/]")
-    console.print(f"rounds {result.get('rounds')}, clients {result.get('clients')}, "
-                  f"data version {result.get('data_version')}")
-    console.print(f"MLflow run: [bold]{result.get('mlflow_run_id')}[/]"
-                  + (f"; registered model version {result['model_version']} (alias challenger)"
-                     if result.get("model_version") else ""))
+    console.print(
+        f"rounds {result.get('rounds')}, clients {result.get('clients')}, "
+        f"data version {result.get('data_version')}"
+    )
+    console.print(
+        f"MLflow run: [bold]{result.get('mlflow_run_id')}[/]"
+        + (
+            f"; registered model version {result['model_version']} (alias challenger)"
+            if result.get("model_version")
+            else ""
+        )
+    )
     next_steps = "compare runs: [bold]fedmtl ui[/] (or [bold]fedmtl compare RUN_A RUN_B[/])"
     if result.get("model_version"):
         next_steps += "; make it the champion: [bold]fedmtl promote[/]"

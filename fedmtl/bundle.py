@@ -38,7 +38,9 @@ class PersonalizedBundle:
     personal_heads: dict[str, dict[str, torch.Tensor]]
     personal_bases: dict[str, torch.Tensor] = field(default_factory=dict)
     coldstart: dict[str, Any] = field(default_factory=default_coldstart)  # ColdStartConfig fields
-    round: int = 0  # federated rounds trained so far (a warm start continues from it; 0: not recorded)
+    round: int = (
+        0  # federated rounds trained so far (a warm start continues from it; 0: not recorded)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

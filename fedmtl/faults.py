@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmtl.server.byzantine import DATA_ATTACKS, attackers, corrupt_update, flip_labels
 from fedmtl.client.data import ClientData
 from fedmtl.data.manifest import TaskSpec
+from fedmtl.server.byzantine import DATA_ATTACKS, attackers, corrupt_update, flip_labels
 from fedmtl.state import ClientUpdate
 
 
@@ -45,7 +45,7 @@ class ClientTimeout(TimeoutError):
 def _uniform(*key: object) -> float:
     """A reproducible draw in [0, 1) from a key (no global random state involved)."""
     digest = hashlib.sha256(repr(key).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -61,43 +61,76 @@ class FaultSpec:
     @classmethod
     def from_config(cls, cfg) -> "FaultSpec":
         f = cfg.faults
-        return cls(f.client_failure_rate, f.straggler_rate, f.straggler_delay, cfg.training.client_timeout,
-                   f.byzantine_fraction, f.byzantine_attack, cfg.training.seed)
+        return cls(
+            f.client_failure_rate,
+            f.straggler_rate,
+            f.straggler_delay,
+            cfg.training.client_timeout,
+            f.byzantine_fraction,
+            f.byzantine_attack,
+            cfg.training.seed,
+        )
 
     def before_training(self, client: str, round_: int, attempt: int = 0) -> None:
         """Run a client's injected faults before it trains: maybe wait like a straggler (cut off
         at ``client_timeout``), maybe fail."""
-        if self.straggler_rate and _uniform(self.seed, "straggler", round_, client) < self.straggler_rate:
-            wait = self.straggler_delay if self.client_timeout is None else min(self.straggler_delay,
-                                                                                self.client_timeout)
+        if (
+            self.straggler_rate
+            and _uniform(self.seed, "straggler", round_, client) < self.straggler_rate
+        ):
+            wait = (
+                self.straggler_delay
+                if self.client_timeout is None
+                else min(self.straggler_delay, self.client_timeout)
+            )
             deadline = time.monotonic() + wait
             while (left := deadline - time.monotonic()) > 0:
-                time.sleep(min(left, 0.05))  # short sleeps: a task timeout can interrupt between them
+                time.sleep(
+                    min(left, 0.05)
+                )  # short sleeps: a task timeout can interrupt between them
             if self.client_timeout is not None and self.straggler_delay > self.client_timeout:
-                raise ClientTimeout(f"client '{client}' was cut off after training.client_timeout = "
-                                    f"{self.client_timeout:g} s (it needed {self.straggler_delay:g} s)")
-        if self.client_failure_rate and _uniform(self.seed, "fail", round_, client, attempt) < self.client_failure_rate:
-            raise InjectedFailure(f"client '{client}' failed in round {round_} (attempt {attempt + 1}; injected "
-                                  f"by faults.client_failure_rate = {self.client_failure_rate:g})")
+                raise ClientTimeout(
+                    f"client '{client}' was cut off after training.client_timeout = "
+                    f"{self.client_timeout:g} s (it needed {self.straggler_delay:g} s)"
+                )
+        if (
+            self.client_failure_rate
+            and _uniform(self.seed, "fail", round_, client, attempt) < self.client_failure_rate
+        ):
+            raise InjectedFailure(
+                f"client '{client}' failed in round {round_} (attempt {attempt + 1}; injected "
+                f"by faults.client_failure_rate = {self.client_failure_rate:g})"
+            )
 
     def byzantine(self, clients: Sequence[str]) -> frozenset[str]:
-        return attackers(clients, self.byzantine_fraction, self.seed) if self.byzantine_fraction else frozenset()
+        return (
+            attackers(clients, self.byzantine_fraction, self.seed)
+            if self.byzantine_fraction
+            else frozenset()
+        )
 
-    def poison_data(self, data: ClientData, tasks: Sequence[TaskSpec], bad: frozenset[str]) -> ClientData:
+    def poison_data(
+        self, data: ClientData, tasks: Sequence[TaskSpec], bad: frozenset[str]
+    ) -> ClientData:
         """A Byzantine client's training data under a data attack (labels flipped; held-out rows
         untouched); anyone else's data as it is."""
         if data.client not in bad or self.byzantine_attack not in DATA_ATTACKS:
             return data
-        flipped = {t.name: flip_labels(data.y_train[t.name], t.n_outputs) for t in tasks
-                   if t.kind == "classification"}
+        flipped = {
+            t.name: flip_labels(data.y_train[t.name], t.n_outputs)
+            for t in tasks
+            if t.kind == "classification"
+        }
         return dataclasses.replace(data, y_train={**data.y_train, **flipped})
 
     def poison_update(self, update: ClientUpdate, round_: int, bad: frozenset[str]) -> ClientUpdate:
         """A Byzantine client's released update under a model attack; anyone else's as it is."""
         if update.client not in bad or self.byzantine_attack in DATA_ATTACKS:
             return update
-        seed = int(_uniform(self.seed, "byzantine", round_, update.client) * 2 ** 62)
-        return corrupt_update(update, self.byzantine_attack, generator=torch.Generator().manual_seed(seed))
+        seed = int(_uniform(self.seed, "byzantine", round_, update.client) * 2**62)
+        return corrupt_update(
+            update, self.byzantine_attack, generator=torch.Generator().manual_seed(seed)
+        )
 
 
 def crash_if_due(crash_at_round: int | None, round_: int) -> None:

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from fedmtl.server.dispatch import shards
 from fedmtl.federation import Federation, participants, sat_out_clients
 from fedmtl.privacy.aggregation import RoundPrivacy
+from fedmtl.server.dispatch import shards
 from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState
 
 
@@ -72,27 +72,45 @@ class Steps:
     """How a round's steps run. This base class makes plain in-process calls; a subclass runs
     them elsewhere (``flows.steps.PrefectSteps``: Prefect tasks)."""
 
-    def dispatch(self, fed: Federation, clients: list[str], per_round: float, round_: int) -> list[str]:
+    def dispatch(
+        self, fed: Federation, clients: list[str], per_round: float, round_: int
+    ) -> list[str]:
         return participants(fed, clients, per_round, round_)
 
-    def local_train(self, fed: Federation, state: ServerState,
-                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
+    def local_train(
+        self, fed: Federation, state: ServerState, chosen: list[str]
+    ) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
         """(updates in client order, failed client -> why, how many came back on a retry)."""
         failed: dict[str, ClientFailure] = {}
         size = fed.clients_per_task or max(len(chosen), 1)
-        updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
+        updates = [
+            u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)
+        ]
         return updates, failed, 0
 
-    def group_aggregate(self, fed: Federation, updates: list[ClientUpdate], state: ServerState,
-                        clients: list[str], per_round: float) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
+    def group_aggregate(
+        self,
+        fed: Federation,
+        updates: list[ClientUpdate],
+        state: ServerState,
+        clients: list[str],
+        per_round: float,
+    ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
         return fed.aggregate(updates, state, clients, per_round)
 
-    def global_merge(self, fed: Federation, state: ServerState, groups: dict[str, GroupAggregate],
-                     updates: list[ClientUpdate] | None, privacy: RoundPrivacy | None) -> ServerState:
+    def global_merge(
+        self,
+        fed: Federation,
+        state: ServerState,
+        groups: dict[str, GroupAggregate],
+        updates: list[ClientUpdate] | None,
+        privacy: RoundPrivacy | None,
+    ) -> ServerState:
         return fed.merge(state, groups, updates, privacy)
 
-    def evaluate(self, fed: Federation, state: ServerState,
-                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
+    def evaluate(
+        self, fed: Federation, state: ServerState, clients: list[str]
+    ) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
         """(per-client records, pooled metrics, client -> why it was not evaluated): records
         when per-client metrics are allowed, else the pooled metrics of the private evaluation."""
         skipped: dict[str, ClientFailure] = {}
@@ -106,28 +124,42 @@ class InProcess(Steps):
     at a time. Strict, as a simulator should be: a client that fails raises (except one whose
     DP-SGD budget is spent: it sits the round out), and so does one that cannot be evaluated."""
 
-    def local_train(self, fed: Federation, state: ServerState,
-                    chosen: list[str]) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
+    def local_train(
+        self, fed: Federation, state: ServerState, chosen: list[str]
+    ) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
         failed: dict[str, ClientFailure] | None = {} if fed.sample_level is not None else None
         size = fed.clients_per_task or max(len(chosen), 1)
-        updates = [u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)]
+        updates = [
+            u for shard in shards(chosen, size) for u in fed.train_clients(shard, state, failed)
+        ]
         failed = failed or {}
         sat_out = set(sat_out_clients(failed))
         errors = {c: e for c, e in failed.items() if c not in sat_out}
         if errors:
-            raise RuntimeError(f"round {state.round + 1}: clients failed: "
-                               + "; ".join(f"{c}: {e}" for c, e in errors.items()))
+            raise RuntimeError(
+                f"round {state.round + 1}: clients failed: "
+                + "; ".join(f"{c}: {e}" for c, e in errors.items())
+            )
         return updates, failed, 0
 
-    def evaluate(self, fed: Federation, state: ServerState,
-                 clients: list[str]) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
+    def evaluate(
+        self, fed: Federation, state: ServerState, clients: list[str]
+    ) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
         """Per-client records always, privacy on or off: the simulator's own measurement (the
         benchmarks' accuracies), which no run releases."""
         return pd.DataFrame(fed.evaluate_clients(clients, state)), {}, {}
 
 
-def run_round(fed: Federation, state: ServerState, clients: list[str], steps: Steps, *,
-              per_round: float = 1.0, min_clients: int = 1, evaluate: bool = True) -> tuple[ServerState, Round]:
+def run_round(
+    fed: Federation,
+    state: ServerState,
+    clients: list[str],
+    steps: Steps,
+    *,
+    per_round: float = 1.0,
+    min_clients: int = 1,
+    evaluate: bool = True,
+) -> tuple[ServerState, Round]:
     """One round from ``state``: the new state and what the round did (see the module)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -136,7 +168,9 @@ def run_round(fed: Federation, state: ServerState, clients: list[str], steps: St
 
     start = time.perf_counter()
     updates, failed, retried = steps.local_train(fed, state, chosen)
-    updates, refused = fed.screen(updates)  # bounded influence: weights from the manifest, outsized norms refused
+    updates, refused = fed.screen(
+        updates
+    )  # bounded influence: weights from the manifest, outsized norms refused
     failed = {**failed, **refused}
     seconds["local_train"] = time.perf_counter() - start
     sat_out = sat_out_clients(failed)
@@ -145,26 +179,44 @@ def run_round(fed: Federation, state: ServerState, clients: list[str], steps: St
             raise ClientBudgetsSpent(
                 f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
                 f"privacy.dp_sgd.target_epsilon (training.min_clients = {min_clients}); "
-                f"{len(sat_out)} sat out: " + "; ".join(str(failed[c]) for c in sat_out))
+                f"{len(sat_out)} sat out: " + "; ".join(str(failed[c]) for c in sat_out)
+            )
         raise RoundFailed(
             f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients returned an "
             f"update (training.min_clients = {min_clients}); failed: "
-            + "; ".join(f"{c}: {e}" for c, e in failed.items()))
+            + "; ".join(f"{c}: {e}" for c, e in failed.items())
+        )
 
     start = time.perf_counter()
     groups, privacy = steps.group_aggregate(fed, updates, state, clients, per_round)
     seconds["group_aggregate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    state = steps.global_merge(fed, state, groups, updates if fed.needs_updates_to_merge(state) else None, privacy)
+    state = steps.global_merge(
+        fed, state, groups, updates if fed.needs_updates_to_merge(state) else None, privacy
+    )
     seconds["global_merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records, pooled, skipped = (steps.evaluate(fed, state, clients) if evaluate
-                                else (pd.DataFrame(), {}, {}))
+    records, pooled, skipped = (
+        steps.evaluate(fed, state, clients) if evaluate else (pd.DataFrame(), {}, {})
+    )
     seconds["evaluate"] = time.perf_counter() - start
-    return state, Round(state.round, chosen, updates, failed, refused, retried, sat_out, privacy, records,
-                        pooled, evaluate, skipped, seconds)
+    return state, Round(
+        state.round,
+        chosen,
+        updates,
+        failed,
+        refused,
+        retried,
+        sat_out,
+        privacy,
+        records,
+        pooled,
+        evaluate,
+        skipped,
+        seconds,
+    )
 
 
 class Callbacks:
@@ -189,9 +241,18 @@ class Outcome:
     stopped: Exception | None = None
 
 
-def run(fed: Federation, state: ServerState, clients: list[str], rounds: int, *,
-        steps: Steps | None = None, per_round: float = 1.0, min_clients: int = 1, evaluate_every: int = 1,
-        callbacks: Sequence[Callbacks] = ()) -> Outcome:
+def run(
+    fed: Federation,
+    state: ServerState,
+    clients: list[str],
+    rounds: int,
+    *,
+    steps: Steps | None = None,
+    per_round: float = 1.0,
+    min_clients: int = 1,
+    evaluate_every: int = 1,
+    callbacks: Sequence[Callbacks] = (),
+) -> Outcome:
     """``rounds`` rounds from ``state`` (see the module). Evaluates every ``evaluate_every``-th
     round of this call and the last (0: never). Training stops early, with the reason in
     :attr:`Outcome.stopped`, when every client still able to train has spent its DP-SGD budget
@@ -203,8 +264,15 @@ def run(fed: Federation, state: ServerState, clients: list[str], rounds: int, *,
             return Outcome(state, r, records)
         due = evaluate_every > 0 and ((r + 1) % evaluate_every == 0 or r + 1 == rounds)
         try:
-            state, report = run_round(fed, state, clients, steps, per_round=per_round, min_clients=min_clients,
-                                      evaluate=due)
+            state, report = run_round(
+                fed,
+                state,
+                clients,
+                steps,
+                per_round=per_round,
+                min_clients=min_clients,
+                evaluate=due,
+            )
         except ClientBudgetsSpent as exc:
             return Outcome(state, r, records, exc)
         if report.evaluated:
@@ -228,11 +296,21 @@ class _History(Callbacks):
         self.refused += len(report.refused)
         if not report.evaluated:
             return
-        extra = {"privacy/dp_sgd_sat_out": float(len(report.sat_out))} if self.fed.sample_level is not None else {}
+        extra = (
+            {"privacy/dp_sgd_sat_out": float(len(report.sat_out))}
+            if self.fed.sample_level is not None
+            else {}
+        )
         extra["clients/refused"] = float(len(report.refused))
         extra["clients/refused_total"] = float(self.refused)  # over all the rounds so far
-        self.summaries.append({**self.summarize(report.records), **report.pooled,
-                               **self.fed.dp_sgd_metrics(state), **extra})
+        self.summaries.append(
+            {
+                **self.summarize(report.records),
+                **report.pooled,
+                **self.fed.dp_sgd_metrics(state),
+                **extra,
+            }
+        )
 
 
 def run_rounds(
@@ -248,7 +326,14 @@ def run_rounds(
     ``privacy.dp_sgd.enabled`` a client over its target sits the round out, and training stops when no
     client of a round can train."""
     history = _History(fed)
-    outcome = run(fed, state or fed.initial_state(), clients, rounds, per_round=per_round,
-                  evaluate_every=evaluate_every, callbacks=[history])
+    outcome = run(
+        fed,
+        state or fed.initial_state(),
+        clients,
+        rounds,
+        per_round=per_round,
+        evaluate_every=evaluate_every,
+        callbacks=[history],
+    )
     records = outcome.records if outcome.records is not None else pd.DataFrame()
     return outcome.state, records, history.summaries

@@ -31,7 +31,9 @@ def assign(module: nn.Module, vector: Vector) -> None:
     params = list(module.parameters())
     expected = sum(p.numel() for p in params)
     if vector.numel() != expected:
-        raise ValueError(f"parameter vector has {vector.numel()} values, the module needs {expected}")
+        raise ValueError(
+            f"parameter vector has {vector.numel()} values, the module needs {expected}"
+        )
     with torch.no_grad():
         offset = 0
         for p in params:
@@ -76,10 +78,19 @@ class ServerState:
     def from_dict(cls, raw: dict) -> "ServerState":
         optimizer = dict(raw.get("optimizer", {}))
         privacy = dict(raw.get("privacy", {}))
-        for key in [k for k in optimizer if k.startswith("privacy/")]:  # where earlier checkpoints kept it
+        for key in [
+            k for k in optimizer if k.startswith("privacy/")
+        ]:  # where earlier checkpoints kept it
             privacy.setdefault(key, optimizer.pop(key))
-        return cls(raw["round"], raw["base"], raw["group_heads"], raw["global_heads"],
-                   dict(raw.get("assignment", {})), optimizer, privacy)
+        return cls(
+            raw["round"],
+            raw["base"],
+            raw["group_heads"],
+            raw["global_heads"],
+            dict(raw.get("assignment", {})),
+            optimizer,
+            privacy,
+        )
 
 
 @dataclass

@@ -34,7 +34,10 @@ class ScheduleError(ValueError):
 
 
 def build_deployment(
-    cfg: Config, name: str | None = None, cron: str | None = None, interval: float | None = None,
+    cfg: Config,
+    name: str | None = None,
+    cron: str | None = None,
+    interval: float | None = None,
     timezone: str | None = None,
 ) -> RunnerDeployment:
     """The deployment of ``fedmtl-scheduled`` with exactly one of ``cron`` or ``interval``
@@ -42,7 +45,7 @@ def build_deployment(
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
     if (cron is None) == (interval is None):
-        raise ScheduleError("give exactly one schedule: --cron \"0 2 * * *\" or --interval SECONDS")
+        raise ScheduleError('give exactly one schedule: --cron "0 2 * * *" or --interval SECONDS')
     try:
         if cron is not None:
             schedule = CronSchedule(cron=cron, timezone=timezone)

@@ -63,8 +63,10 @@ def _handle(signum: int, frame: object) -> None:
     _stop.signal_name = name
     _stop.requested.set()
     with contextlib.suppress(Exception):
-        _stop.notify(f"{name}: stopping after the current round (its checkpoint is written whole); "
-                     "press Ctrl-C again to exit at once")
+        _stop.notify(
+            f"{name}: stopping after the current round (its checkpoint is written whole); "
+            "press Ctrl-C again to exit at once"
+        )
 
 
 def requested() -> bool:

@@ -24,35 +24,51 @@ from prefect.cache_policies import NO_CACHE
 
 from fedmtl.config import Config
 from fedmtl.data.manifest import read_manifest
-from fedmtl.lifecycle.promotion import Decision, decide
 from fedmtl.data.validation import read_report, usable_clients
+from fedmtl.lifecycle.promotion import Decision, decide
 from models.scoring import held_out_rows, score_clients
-from tasks.promotion import CHALLENGER, CHAMPION, ChampionChanged, Registry, RegistryError, actor_name
+from tasks.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    ChampionChanged,
+    Registry,
+    RegistryError,
+    actor_name,
+)
 from tasks.registry import check_artifacts
 
 MAX_ATTEMPTS = 5  # decisions made again because the champion moved meanwhile, before giving up
 
 
 @task(name="score_model", task_run_name="score-v{version}", cache_policy=NO_CACHE)
-def score_model(version: str, registry: Registry, partitions_dir: str, clients: list[str]) -> pd.DataFrame:
+def score_model(
+    version: str, registry: Registry, partitions_dir: str, clients: list[str]
+) -> pd.DataFrame:
     """Every client's held-out metrics under one model version."""
     mv = registry.version(version)
     predictor = registry.predictor(mv)
     try:
         return score_clients(predictor, held_out_rows(partitions_dir, clients))
     except ValueError as exc:
-        raise RegistryError(f"version {version} of '{registry.name}' cannot score the current data: {exc}") from None
+        raise RegistryError(
+            f"version {version} of '{registry.name}' cannot score the current data: {exc}"
+        ) from None
 
 
 @flow(name="fedmtl-promote", log_prints=False)
-def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | None = None,
-            dry_run: bool = False) -> dict[str, Any]:
+def promote(
+    config: dict[str, Any],
+    challenger: str = CHALLENGER,
+    actor: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
     """Compare ``challenger`` (a version number or alias) with the champion on every client's
     held-out data; promote it if every gate passes. ``dry_run``: decide, record nothing."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
-    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
-                             cfg.tracking.artifact_root)
+    registry = Registry.open(
+        cfg.tracking.tracking_uri, cfg.tracking.registered_model, cfg.tracking.artifact_root
+    )
     new = registry.version(challenger)
     old = registry.by_alias(CHAMPION)
     if old is not None and old.version == new.version:
@@ -66,45 +82,77 @@ def promote(config: dict[str, Any], challenger: str = CHALLENGER, actor: str | N
     clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
     who = actor_name(actor)
     scores: dict[str, pd.DataFrame] = {}  # by version: a version's scores do not change
-    changed: list[str] = []  # how the champion moved under this promotion, recorded with its decision
+    changed: list[
+        str
+    ] = []  # how the champion moved under this promotion, recorded with its decision
     record = None
 
     for _ in range(MAX_ATTEMPTS):
-        if old is not None and old.version == new.version:  # a concurrent promotion of the same version
-            raise RegistryError(f"version {new.version} of '{registry.name}' is already the champion: "
-                                f"{changed[-1]}")
+        if (
+            old is not None and old.version == new.version
+        ):  # a concurrent promotion of the same version
+            raise RegistryError(
+                f"version {new.version} of '{registry.name}' is already the champion: {changed[-1]}"
+            )
         versions = [str(new.version)] + ([str(old.version)] if old is not None else [])
         missing = [v for v in versions if v not in scores]
         if missing:
-            futures = score_model.map(missing, unmapped(registry), unmapped(cfg.data.partitions_dir),
-                                      unmapped(clients))
+            futures = score_model.map(
+                missing, unmapped(registry), unmapped(cfg.data.partitions_dir), unmapped(clients)
+            )
             scores.update(zip(missing, (f.result() for f in futures)))
         champion_scores = scores[str(old.version)] if old is not None else None
-        decision = decide(scores[str(new.version)], champion_scores, registry.run_facts(new), cfg.promotion)
+        decision = decide(
+            scores[str(new.version)], champion_scores, registry.run_facts(new), cfg.promotion
+        )
         if dry_run:
             break
-        tables = {"per_client.csv": decision.per_client, "challenger_scores.csv": scores[str(new.version)]}
+        tables = {
+            "per_client.csv": decision.per_client,
+            "challenger_scores.csv": scores[str(new.version)],
+        }
         if old is not None:
             tables["champion_scores.csv"] = champion_scores
-        if registry.run_facts(new).privacy != "none" or cfg.privacy.active:  # each client's own figures:
+        if (
+            registry.run_facts(new).privacy != "none" or cfg.privacy.active
+        ):  # each client's own figures:
             tables = {}  # not published next to a private model (the decision's summary still is)
         try:
-            record = registry.apply(decision, new, old, who, cfg.tracking.experiment, tables, changed,
-                                    _waiting(logger, registry.name))
+            record = registry.apply(
+                decision,
+                new,
+                old,
+                who,
+                cfg.tracking.experiment,
+                tables,
+                changed,
+                _waiting(logger, registry.name),
+            )
             break
         except ChampionChanged as exc:
             logger.warning("%s: judging version %s again", exc, new.version)
             changed.append(str(exc))
             old = exc.current
     else:
-        raise RuntimeError(f"the champion of '{registry.name}' changed {MAX_ATTEMPTS} times while version "
-                           f"{new.version} was being judged; nothing was recorded: try again")
-    logger.info("version %s %s: %s", new.version, "promoted" if decision.promote else "rejected",
-                "; ".join(decision.reasons))
-    out = result(decision, registry, new.version, old.version if old else None, who, record, dry_run)
+        raise RuntimeError(
+            f"the champion of '{registry.name}' changed {MAX_ATTEMPTS} times while version "
+            f"{new.version} was being judged; nothing was recorded: try again"
+        )
+    logger.info(
+        "version %s %s: %s",
+        new.version,
+        "promoted" if decision.promote else "rejected",
+        "; ".join(decision.reasons),
+    )
+    out = result(
+        decision, registry, new.version, old.version if old else None, who, record, dry_run
+    )
     out["champion_changed"] = changed
-    out["judged"] = {**about, "champion": registry.describe(old) if old is not None else None,
-                     "challenger_ref": challenger}
+    out["judged"] = {
+        **about,
+        "champion": registry.describe(old) if old is not None else None,
+        "challenger_ref": challenger,
+    }
     return out
 
 
@@ -114,32 +162,64 @@ def rollback(config: dict[str, Any], actor: str | None = None, reason: str = "")
     artifacts matched their recorded hashes (else :class:`~tasks.registry.ModelIntegrityError`,
     and the champion stays)."""
     cfg = Config.model_validate(config)
-    registry = Registry.open(cfg.tracking.tracking_uri, cfg.tracking.registered_model,
-                             cfg.tracking.artifact_root)
+    registry = Registry.open(
+        cfg.tracking.tracking_uri, cfg.tracking.registered_model, cfg.tracking.artifact_root
+    )
     who = actor_name(actor)
     current = registry.by_alias(CHAMPION)
-    previous = current.tags.get("promotion.replaced_version", "none") if current is not None else "none"
-    if previous not in ("", "none"):  # never give champion to a version whose artifacts were changed
+    previous = (
+        current.tags.get("promotion.replaced_version", "none") if current is not None else "none"
+    )
+    if previous not in (
+        "",
+        "none",
+    ):  # never give champion to a version whose artifacts were changed
         check_artifacts(f"models:/{registry.name}/{previous}", registry.tracking_uri)
-    current, restored, record = registry.rollback(who, cfg.tracking.experiment, reason,
-                                                  _waiting(get_run_logger(), registry.name))
-    get_run_logger().info("champion of '%s': version %s -> %s", registry.name, current.version, restored.version)
-    return {"model": registry.name, "from_version": str(current.version), "to_version": str(restored.version),
-            "by": who, "record_run": record}
+    current, restored, record = registry.rollback(
+        who, cfg.tracking.experiment, reason, _waiting(get_run_logger(), registry.name)
+    )
+    get_run_logger().info(
+        "champion of '%s': version %s -> %s", registry.name, current.version, restored.version
+    )
+    return {
+        "model": registry.name,
+        "from_version": str(current.version),
+        "to_version": str(restored.version),
+        "by": who,
+        "record_run": record,
+    }
 
 
 def _waiting(logger, model: str):
     """What to say when another process holds the model's registry lock."""
+
     def waiting(path) -> None:
-        logger.warning("waiting for another promotion or rollback of '%s' to finish writing (lock %s)", model, path)
+        logger.warning(
+            "waiting for another promotion or rollback of '%s' to finish writing (lock %s)",
+            model,
+            path,
+        )
+
     return waiting
 
 
-def result(decision: Decision, registry: Registry, new: str, old: str | None, who: str,
-           record: str | None, dry_run: bool) -> dict[str, Any]:
+def result(
+    decision: Decision,
+    registry: Registry,
+    new: str,
+    old: str | None,
+    who: str,
+    record: str | None,
+    dry_run: bool,
+) -> dict[str, Any]:
     return {
-        **decision.summary(), "reasons": decision.reasons, "model": registry.name,
-        "challenger_version": str(new), "champion_version": str(old) if old else None,
-        "by": who, "record_run": record, "dry_run": dry_run,
+        **decision.summary(),
+        "reasons": decision.reasons,
+        "model": registry.name,
+        "challenger_version": str(new),
+        "champion_version": str(old) if old else None,
+        "by": who,
+        "record_run": record,
+        "dry_run": dry_run,
         "per_client": decision.per_client.to_dict(orient="records"),
     }

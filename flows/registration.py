@@ -18,7 +18,9 @@ from tasks.registry import log_personalized_model
 from tasks.tracking import RunTracker
 
 
-def finish(fed, state, clients, records, history, assignments, cfg, tracker, tags) -> dict[str, Any]:
+def finish(
+    fed, state, clients, records, history, assignments, cfg, tracker, tags
+) -> dict[str, Any]:
     """Plots, the per-client table, the registered model and the DVC metrics file."""
     fig = plots.convergence(history)
     tracker.log_figure(fig, "plots/convergence.png")
@@ -31,7 +33,11 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         tracker.log_figure(fig, "plots/personalisation_gain.png")
         plots.close(fig)
         tracker.log_table(records, "clients_final.csv")
-    if fed.grouping_method is not None and assignments is not None and cfg.privacy.per_client_metrics:
+    if (
+        fed.grouping_method is not None
+        and assignments is not None
+        and cfg.privacy.per_client_metrics
+    ):
         assigned = assignments
         tracker.log_table(assigned, "groups/assignment.csv")
         if not assigned.empty:
@@ -46,11 +52,19 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         bundle = make_bundle(fed, state, cfg)
         example = input_example(fed)  # synthetic: never a client's rows
         model_uri, version = log_personalized_model(
-            tracker.run_id, bundle, example, cfg.tracking.registered_model,
-            tags={"data_version": tags["data_version"], "git_commit": tags["git_commit"],
-                  **version_privacy_tags(cfg, tracker)},
+            tracker.run_id,
+            bundle,
+            example,
+            cfg.tracking.registered_model,
+            tags={
+                "data_version": tags["data_version"],
+                "git_commit": tags["git_commit"],
+                **version_privacy_tags(cfg, tracker),
+            },
         )
-        tracker.set_tags({"registered_model": cfg.tracking.registered_model, "model_version": version or ""})
+        tracker.set_tags(
+            {"registered_model": cfg.tracking.registered_model, "model_version": version or ""}
+        )
 
     final = history[-1]
     pooled = not cfg.privacy.per_client_metrics  # then only pooled figures exist (no worst-10 %)
@@ -65,10 +79,13 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
         "personal_accuracy_worst10": final.get("personal/accuracy/worst10"),
         "global_accuracy_worst10": final.get("global/accuracy/worst10"),
         "group_accuracy_worst10": final.get("group/accuracy/worst10"),
-        "personalisation_gain": final.get("personalisation_gain/accuracy" + ("/pooled" if pooled else "")),
+        "personalisation_gain": final.get(
+            "personalisation_gain/accuracy" + ("/pooled" if pooled else "")
+        ),
         "grouping_ari": final.get("grouping/ari"),
         "evaluation": ("pooled through a secure sum" if cfg.privacy.secure else "pooled")
-        if pooled else "mean over clients",
+        if pooled
+        else "mean over clients",
         "rounds": state.round,
         "clients": len(clients),
         "mlflow_run_id": tracker.run_id,
@@ -77,8 +94,14 @@ def finish(fed, state, clients, records, history, assignments, cfg, tracker, tag
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
     atomic_write_bytes(cfg.tracking.metrics_file, (json.dumps(metrics, indent=2) + "\n").encode())
-    return {**metrics, "model_uri": model_uri, "registered_model": cfg.tracking.registered_model,
-            "tracking_uri": tracker.tracking_uri, "history": history, "bundle": bundle}
+    return {
+        **metrics,
+        "model_uri": model_uri,
+        "registered_model": cfg.tracking.registered_model,
+        "tracking_uri": tracker.tracking_uri,
+        "history": history,
+        "bundle": bundle,
+    }
 
 
 def version_privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
@@ -89,10 +112,20 @@ def version_privacy_tags(cfg: Config, tracker: RunTracker) -> dict[str, str]:
     if cfg.privacy.dp_fedavg.enabled or cfg.privacy.sample_level:
         tags = tracker.client.get_run(tracker.run_id).data.tags
     if cfg.privacy.dp_fedavg.enabled:
-        out.update({"privacy_epsilon": tags.get("privacy_epsilon", ""),
-                    "privacy_delta": f"{cfg.privacy.dp_fedavg.delta:g}"})
+        out.update(
+            {
+                "privacy_epsilon": tags.get("privacy_epsilon", ""),
+                "privacy_delta": f"{cfg.privacy.dp_fedavg.delta:g}",
+            }
+        )
     if cfg.privacy.sample_level:
-        out.update({k: tags[k] for k in ("privacy_dp_sgd_epsilon_max", "privacy_dp_sgd_delta") if k in tags})
+        out.update(
+            {
+                k: tags[k]
+                for k in ("privacy_dp_sgd_epsilon_max", "privacy_dp_sgd_delta")
+                if k in tags
+            }
+        )
     return out
 
 
@@ -102,10 +135,14 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
     ``fedmtl personalize``) unless ``tracking.bundle_personal_heads`` opts in, which the
     settings refuse under DP-FedAvg and DP-SGD (they are fitted outside ε)."""
     personal, bases = {}, {}
-    if cfg.tracking.bundle_personal_heads and (cfg.privacy.dp_fedavg.enabled or cfg.privacy.sample_level):
-        raise ValueError("tracking.bundle_personal_heads=true with DP-FedAvg or DP-SGD: personal heads "
-                         "are fitted outside the DP guarantee and would be published in the registered model; "
-                         "set tracking.bundle_personal_heads=false")
+    if cfg.tracking.bundle_personal_heads and (
+        cfg.privacy.dp_fedavg.enabled or cfg.privacy.sample_level
+    ):
+        raise ValueError(
+            "tracking.bundle_personal_heads=true with DP-FedAvg or DP-SGD: personal heads "
+            "are fitted outside the DP guarantee and would be published in the registered model; "
+            "set tracking.bundle_personal_heads=false"
+        )
     if cfg.tracking.bundle_personal_heads:
         for client in fed.manifest.client_ids:
             kept = fed.store.load(client)
@@ -118,7 +155,9 @@ def make_bundle(fed: Federation, state: ServerState, cfg: Config) -> Personalize
     return PersonalizedBundle(
         model_cfg=cfg.model.model_dump(mode="json"),
         features=list(fed.manifest.features),
-        tasks=[{"name": t.name, "kind": t.kind, "classes": list(t.classes)} for t in fed.manifest.tasks],
+        tasks=[
+            {"name": t.name, "kind": t.kind, "classes": list(t.classes)} for t in fed.manifest.tasks
+        ],
         input_shape=fed.manifest.input_shape,
         base=state.base,
         global_heads=state.global_heads,

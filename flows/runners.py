@@ -39,7 +39,11 @@ def task_runner(runner: RunnerConfig):
     if runner.kind == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=runner.workers) if runner.workers else ThreadPoolTaskRunner()
+        return (
+            ThreadPoolTaskRunner(max_workers=runner.workers)
+            if runner.workers
+            else ThreadPoolTaskRunner()
+        )
     if runner.kind == "process":
         from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -49,14 +53,20 @@ def task_runner(runner: RunnerConfig):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise RunnerError("runner.kind=dask needs prefect-dask: pip install 'fedmtl[dask]' "
-                          "(make installs it)") from None
+        raise RunnerError(
+            "runner.kind=dask needs prefect-dask: pip install 'fedmtl[dask]' (make installs it)"
+        ) from None
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": worker_env(runner)},
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "env": worker_env(runner),
+        },
     )
 
 
@@ -80,10 +90,14 @@ def _ray_task_runner(runner: RunnerConfig, workers: int):
         if runner.ray_address == "auto":  # prefect-ray reads "auto" as "start a local one"
             return RayTaskRunner(init_kwargs={**init, "address": "auto"})
         return RayTaskRunner(address=runner.ray_address, init_kwargs=init)
-    return RayTaskRunner(init_kwargs={
-        **quiet, "num_cpus": workers, "include_dashboard": False,
-        "runtime_env": {"env_vars": worker_env(runner)},
-    })
+    return RayTaskRunner(
+        init_kwargs={
+            **quiet,
+            "num_cpus": workers,
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": worker_env(runner)},
+        }
+    )
 
 
 def api_url() -> str:

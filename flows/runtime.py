@@ -24,7 +24,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import TaskRunSort
 
-_OPEN = [StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED, StateType.CANCELLING, StateType.PAUSED]
+_OPEN = [
+    StateType.PENDING,
+    StateType.RUNNING,
+    StateType.SCHEDULED,
+    StateType.CANCELLING,
+    StateType.PAUSED,
+]
 
 
 class _ShutdownNoise(logging.Filter):
@@ -36,7 +42,9 @@ class _ShutdownNoise(logging.Filter):
         return not (cancelled or "Error flushing" in record.getMessage())
 
 
-def run_and_settle(flow_fn: Callable[..., Any], *args: Any, timeout: float = 20.0, **kwargs: Any) -> Any:
+def run_and_settle(
+    flow_fn: Callable[..., Any], *args: Any, timeout: float = 20.0, **kwargs: Any
+) -> Any:
     """Run ``flow_fn``; wait for its task runs to be recorded; return its result or raise."""
     state = flow_fn(*args, return_state=True, **kwargs)
     try:
@@ -60,15 +68,21 @@ def settle(flow_run_id, timeout: float = 20.0, poll: float = 0.05) -> bool:
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             children = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+                )
             )
             runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id, *(r.id for r in children)]))
             still_open = client.read_task_runs(
                 flow_run_filter=runs,
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_OPEN))),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_OPEN))
+                ),
                 limit=1,
             )
-            newest = client.read_task_runs(flow_run_filter=runs, sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            newest = client.read_task_runs(
+                flow_run_filter=runs, sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1
+            )
             marker = (newest[0].id, newest[0].state_type) if newest else None
             if not still_open and marker == last:
                 return True

@@ -57,12 +57,20 @@ def scheduled_training(config: dict[str, Any] | None = None) -> dict[str, Any]:
         result = with_runner(federated_training, cfg)(training_config(cfg))
     summary = {k: v for k, v in result.items() if k not in SUMMARY_DROP}
     if cfg.schedule.promote and result.get("model_version"):
-        decision = promote(cfg.model_dump(mode="json"), challenger=str(result["model_version"]),
-                           actor=f"schedule:{runtime.deployment.name or cfg.schedule.deployment}")
+        decision = promote(
+            cfg.model_dump(mode="json"),
+            challenger=str(result["model_version"]),
+            actor=f"schedule:{runtime.deployment.name or cfg.schedule.deployment}",
+        )
         summary["promoted"] = decision["promote"]
         summary["promotion_reasons"] = decision["reasons"]
-        logger.info("version %s %s", result["model_version"], "promoted to champion" if decision["promote"]
-                    else "rejected: " + "; ".join(decision["reasons"]))
+        logger.info(
+            "version %s %s",
+            result["model_version"],
+            "promoted to champion"
+            if decision["promote"]
+            else "rejected: " + "; ".join(decision["reasons"]),
+        )
     if refreshed:
         summary["data_changed"] = bool(refreshed.get("changed"))
         summary["previous_data_version"] = refreshed.get("previous")

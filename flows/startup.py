@@ -40,7 +40,11 @@ from pathlib import Path
 from typing import Any
 
 #: Prefect's ephemeral launcher sets these for its server (no UI, ephemeral mode).
-SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
 
 
 def _die_with_parent() -> None:
@@ -75,9 +79,23 @@ class ApiStart:
                 return self
             self.port = _free_port()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    str(app_dir),
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
                 env={**os.environ, **SERVER_ENV},
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 # a session of its own: a terminal's Ctrl-C goes to the foreground process

@@ -13,12 +13,19 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
 from fedmtl.config import Config
-from fedmtl.server.dispatch import default_workers, shards
 from fedmtl.federation import Federation
 from fedmtl.rounds import Steps
+from fedmtl.server.dispatch import default_workers, shards
 from fedmtl.state import ClientFailure
 from flows import progress
-from tasks.round import dispatch, evaluate, global_merge, group_aggregate, local_train_shard, retry_client
+from tasks.round import (
+    dispatch,
+    evaluate,
+    global_merge,
+    group_aggregate,
+    local_train_shard,
+    retry_client,
+)
 
 
 class PrefectSteps(Steps):
@@ -36,8 +43,15 @@ class PrefectSteps(Steps):
         return dispatch(quote(fed), quote(clients), per_round, round_)
 
     def local_train(self, fed, state, chosen):
-        parts = shards(chosen, self.cfg.training.clients_per_task, shard_workers(self.cfg, fed), fed.train_rows())
-        futures = local_train_shard.map(parts, unmapped(self.shared(fed)), unmapped(self.shared(state)))
+        parts = shards(
+            chosen,
+            self.cfg.training.clients_per_task,
+            shard_workers(self.cfg, fed),
+            fed.train_rows(),
+        )
+        futures = local_train_shard.map(
+            parts, unmapped(self.shared(fed)), unmapped(self.shared(state))
+        )
         progress.current().round_started(state.round + 1, len(chosen))
         sizes = {id(f): len(p) for f, p in zip(futures, parts)}
         for done in as_completed(futures):
@@ -68,17 +82,25 @@ class PrefectSteps(Steps):
         delay = cfg.training.retry_delay
         retries = cfg.training.client_retries
         # the retry task's first run is the first retry: Prefect retries it the other retries - 1 times
-        options = {"retries": retries - 1,
-                   "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0}
-        if cfg.runner.kind != "thread":  # Prefect cannot interrupt a thread; there the client's own deadline acts
+        options = {
+            "retries": retries - 1,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0,
+        }
+        if (
+            cfg.runner.kind != "thread"
+        ):  # Prefect cannot interrupt a thread; there the client's own deadline acts
             options["timeout_seconds"] = cfg.training.client_timeout
-        futures = retry_client.with_options(**options).map(again, unmapped(self.shared(fed)),
-                                                           unmapped(self.shared(state)), retries)
+        futures = retry_client.with_options(**options).map(
+            again, unmapped(self.shared(fed)), unmapped(self.shared(state)), retries
+        )
         back = 0
         for client, future in zip(again, futures):
             future.wait()
-            result = (future.result() if future.state.is_completed()
-                      else ClientFailure.of(future.state.result(raise_on_failure=False)))
+            result = (
+                future.result()
+                if future.state.is_completed()
+                else ClientFailure.of(future.state.result(raise_on_failure=False))
+            )
             if isinstance(result, ClientFailure):
                 failed[client] = result
             else:
@@ -86,15 +108,22 @@ class PrefectSteps(Steps):
                 del failed[client]
                 back += 1
         if back:
-            updates.sort(key=lambda u: u.client)  # the same order whichever attempt an update came from
+            updates.sort(
+                key=lambda u: u.client
+            )  # the same order whichever attempt an update came from
         return back
 
     def group_aggregate(self, fed, updates, state, clients, per_round):
         return group_aggregate(quote(fed), quote(updates), quote(state), quote(clients), per_round)
 
     def global_merge(self, fed, state, groups, updates, privacy):
-        return global_merge(quote(fed), quote(state), quote(groups), quote(updates) if updates is not None else None,
-                            quote(privacy))
+        return global_merge(
+            quote(fed),
+            quote(state),
+            quote(groups),
+            quote(updates) if updates is not None else None,
+            quote(privacy),
+        )
 
     def evaluate(self, fed, state, clients):
         return evaluate(quote(fed), quote(state), quote(clients))

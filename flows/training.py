@@ -19,10 +19,17 @@ from fedmtl.config import Config, dump_config
 from fedmtl.data.manifest import Manifest, read_manifest
 from fedmtl.data.validation import bind_partitions, read_report, usable_clients
 from fedmtl.federation import Federation
-from fedmtl.lifecycle.checkpoint import CheckpointStore, RunRecord, find_resumable, record_table, restore_rng
+from fedmtl.lifecycle.checkpoint import CheckpointStore, record_table, restore_rng
 from fedmtl.lifecycle.provenance import data_version, git_commit
+from fedmtl.lifecycle.runs import RunRecord, find_resumable
 from fedmtl.lifecycle.warmstart import seed_store, state_from_bundle
-from fedmtl.privacy.plan import ClientLevelBudget, PrivacyPlanError, check_privacy, privacy_tags, run_accountant
+from fedmtl.privacy.plan import (
+    ClientLevelBudget,
+    PrivacyPlanError,
+    check_privacy,
+    privacy_tags,
+    run_accountant,
+)
 from fedmtl.privacy.randomness import SecretRandom
 from fedmtl.privacy.sample_level import EPSILON_KEY
 from fedmtl.rounds import ClientBudgetsSpent, RoundFailed
@@ -54,33 +61,51 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
     manifest = read_manifest(cfg.data.partitions_dir)
     # bound to what was validated: the manifest must be the one validated, a client whose file
     # changed since is quarantined (named), and every read of a partition checks its SHA-256
-    report, digests = bind_partitions(cfg.data.partitions_dir, manifest, read_report(cfg.data.validation_dir))
+    report, digests = bind_partitions(
+        cfg.data.partitions_dir, manifest, read_report(cfg.data.validation_dir)
+    )
     for client, why in report.changed.items():
         logger.warning("client '%s' is quarantined: %s", client, why)
     clients = usable_clients(manifest, report, cfg.training.min_clients)
     tags = run_tags(cfg, manifest, report)
     runs_root = Path(cfg.training.workdir) / "runs"
     settings = cfg.flat()
-    found = find_resumable(runs_root, settings, tags["data_version"], flow_run_id=tags.get("prefect_flow_run_id"),
-                           latest=resume)
+    found = find_resumable(
+        runs_root,
+        settings,
+        tags["data_version"],
+        flow_run_id=tags.get("prefect_flow_run_id"),
+        latest=resume,
+    )
     if found is not None:
         run_dir, record = found
     else:
         key = uuid.uuid4().hex[:8]
-        run_dir, record = runs_root / key, RunRecord(key, settings, tags["data_version"],
-                                                     tags.get("prefect_flow_run_id"))
+        run_dir, record = (
+            runs_root / key,
+            RunRecord(key, settings, tags["data_version"], tags.get("prefect_flow_run_id")),
+        )
     # the run's secret key (DP noise, Poisson sampling): kept in the run's directory, mode 0600,
     # never logged, so that a resume draws exactly the noise the uninterrupted run would have
-    fed = Federation.from_config(cfg, manifest, ClientStore(run_dir / "clients"), SecretRandom.load_or_create(run_dir),
-                                 partition_digests=digests)
+    fed = Federation.from_config(
+        cfg,
+        manifest,
+        ClientStore(run_dir / "clients"),
+        SecretRandom.load_or_create(run_dir),
+        partition_digests=digests,
+    )
     check_privacy(cfg, fed.grouping_method)
     if fed.secret.seeded:
-        logger.warning("privacy.insecure_seeded_noise is on: DP noise and sampling can be replayed from "
-                       "training.seed; this run's ε is void (tagged privacy_epsilon_void=true)")
+        logger.warning(
+            "privacy.insecure_seeded_noise is on: DP noise and sampling can be replayed from "
+            "training.seed; this run's ε is void (tagged privacy_epsilon_void=true)"
+        )
         tags["privacy_epsilon_void"] = "true"
     budget = run_accountant(cfg, len(clients))
     checkpoints = CheckpointStore(run_dir / "checkpoints")
-    tracker = RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    tracker = RunTracker(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root
+    )
     if cfg.tracking.registered_model:  # before any training: not a clash found at the very end
         check_registered_model(tracker.client, cfg.tracking.registered_model)
     checkpoint = None
@@ -90,18 +115,29 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
             logger.warning("corrupt checkpoint, not loaded: %s", problem)
         tracker.resume(record.mlflow_run_id)
         tracker.set_tags({"resumed_from_round": str(checkpoint.round if checkpoint else 0)})
-        logger.info("resuming run %s (MLflow run %s) after round %d", record.key, record.mlflow_run_id,
-                    checkpoint.round if checkpoint else 0)
-        progress.current().note(f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round "
-                                f"{checkpoint.round if checkpoint else 0} of {cfg.training.rounds}")
+        logger.info(
+            "resuming run %s (MLflow run %s) after round %d",
+            record.key,
+            record.mlflow_run_id,
+            checkpoint.round if checkpoint else 0,
+        )
+        progress.current().note(
+            f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round "
+            f"{checkpoint.round if checkpoint else 0} of {cfg.training.rounds}"
+        )
     else:
-        record.mlflow_run_id = tracker.start(f"{manifest.source}-{cfg.algorithm.method}-{record.key}",
-                                             settings, tags)
+        record.mlflow_run_id = tracker.start(
+            f"{manifest.source}-{cfg.algorithm.method}-{record.key}", settings, tags
+        )
         record.save(run_dir)
         tracker.log_text(dump_config(cfg), "config/params.yaml")
         tracker.log_artifact(cfg.data.validation_dir, "validation")
-    logger.info("MLflow run %s: %d clients (%d quarantined)", record.mlflow_run_id, len(clients),
-                len(report.quarantined))
+    logger.info(
+        "MLflow run %s: %d clients (%d quarantined)",
+        record.mlflow_run_id,
+        len(clients),
+        len(report.quarantined),
+    )
 
     records = None
     try:
@@ -116,27 +152,57 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
             state, history = starting_state(fed, cfg, tracker), []
             start_round = state.round
         if budget is not None and state.round:
-            budget.step(state.round)  # a warm start's champion rounds and the rounds before a resume count
+            budget.step(
+                state.round
+            )  # a warm start's champion rounds and the rounds before a resume count
         progress.current().start(cfg.training.rounds)
-        report_round = RoundReporting(fed, cfg, clients, tracker, tags, budget, checkpoints, history,
-                                      {"start_round": start_round, "run": record.key})
-        stop_at_budget = ([ClientLevelBudget(budget, cfg.privacy.dp_fedavg.target_epsilon, logger)]
-                          if budget is not None else [])
-        outcome = round_loop.run(fed, state, clients, cfg.training.rounds - (state.round - start_round),
-                             steps=PrefectSteps(cfg), per_round=cfg.training.clients_per_round,
-                             min_clients=cfg.training.min_clients,
-                             evaluate_every=0 if cfg.privacy.dp_fedavg.enabled else 1,  # DP: only the final model's, released once
-                             callbacks=[*stop_at_budget, report_round])
+        report_round = RoundReporting(
+            fed,
+            cfg,
+            clients,
+            tracker,
+            tags,
+            budget,
+            checkpoints,
+            history,
+            {"start_round": start_round, "run": record.key},
+        )
+        stop_at_budget = (
+            [ClientLevelBudget(budget, cfg.privacy.dp_fedavg.target_epsilon, logger)]
+            if budget is not None
+            else []
+        )
+        outcome = round_loop.run(
+            fed,
+            state,
+            clients,
+            cfg.training.rounds - (state.round - start_round),
+            steps=PrefectSteps(cfg),
+            per_round=cfg.training.clients_per_round,
+            min_clients=cfg.training.min_clients,
+            evaluate_every=0
+            if cfg.privacy.dp_fedavg.enabled
+            else 1,  # DP: only the final model's, released once
+            callbacks=[*stop_at_budget, report_round],
+        )
         state = outcome.state
         if outcome.records is not None:
             records = outcome.records
         if isinstance(outcome.stopped, ClientBudgetsSpent):
             if not history:  # not one round could train: nothing to register
                 raise outcome.stopped
-            logger.warning("privacy budget: stopping after round %d: %s", state.round, outcome.stopped)
-        interrupt.check(state.round)  # before the final evaluation and registration (a resume does them)
-        if budget is not None:  # DP: the final model's evaluation, released once, noised and accounted
-            history, records = release_final_evaluation(fed, state, clients, history, budget, tracker, checkpoints)
+            logger.warning(
+                "privacy budget: stopping after round %d: %s", state.round, outcome.stopped
+            )
+        interrupt.check(
+            state.round
+        )  # before the final evaluation and registration (a resume does them)
+        if (
+            budget is not None
+        ):  # DP: the final model's evaluation, released once, noised and accounted
+            history, records = release_final_evaluation(
+                fed, state, clients, history, budget, tracker, checkpoints
+            )
         elif records is None:  # resumed after the last round: score the final state again
             records, _, _ = evaluate(quote(fed), quote(state), quote(clients))
         if budget is not None:
@@ -146,9 +212,21 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
         checkpoints.wait()
         rounds = checkpoints.records(state.round)
         per_client = record_table(rounds, "clients")
-        if per_client is not None:  # per-client metrics of every round, as one table (above max_client_runs)
+        if (
+            per_client is not None
+        ):  # per-client metrics of every round, as one table (above max_client_runs)
             tracker.log_table(per_client, "clients/rounds.csv")
-        result = finish(fed, state, clients, records, history, record_table(rounds, "assignment"), cfg, tracker, tags)
+        result = finish(
+            fed,
+            state,
+            clients,
+            records,
+            history,
+            record_table(rounds, "assignment"),
+            cfg,
+            tracker,
+            tags,
+        )
     except BaseException as exc:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
             checkpoints.close()
@@ -178,16 +256,26 @@ def starting_state(fed: Federation, cfg: Config, tracker: RunTracker) -> ServerS
         name = cfg.tracking.registered_model
         found = champion_bundle(name, tracker.tracking_uri)
         if found is None:
-            logger.info("no '%s' alias on '%s' yet: starting from a fresh initialisation", CHAMPION, name)
+            logger.info(
+                "no '%s' alias on '%s' yet: starting from a fresh initialisation", CHAMPION, name
+            )
         else:
             version, bundle = found
             fresh, personal = state_from_bundle(
-                fed, bundle, f"{CHAMPION} version {version} of '{name}'",
-                "train with training.warm_start=none (scheduled runs: schedule.warm_start=none)", fresh)
+                fed,
+                bundle,
+                f"{CHAMPION} version {version} of '{name}'",
+                "train with training.warm_start=none (scheduled runs: schedule.warm_start=none)",
+                fresh,
+            )
             seed_store(fed.store, personal, fresh.round)
             started_from = f"models:/{name}/{version}"
-            logger.info("warm start from %s: round %d, %d clients' personal state", started_from,
-                        fresh.round, len(personal))
+            logger.info(
+                "warm start from %s: round %d, %d clients' personal state",
+                started_from,
+                fresh.round,
+                len(personal),
+            )
     tracker.set_tags({"warm_start": started_from})
     return fresh
 

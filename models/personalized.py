@@ -21,9 +21,9 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils import vector_to_parameters
 
-from fedmtl.lifecycle.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
-from fedmtl.client.training import client_seed
 from fedmtl.bundle import PersonalizedBundle  # noqa: F401 - re-exported: where the served model is read
+from fedmtl.client.training import client_seed
+from fedmtl.lifecycle.coldstart import ColdStart, ColdStartSettings, encode_support, personalize
 from fedmtl.nn import build_model
 
 CLIENT_COLUMN = "client_id"
@@ -35,7 +35,10 @@ class PersonalizedPredictor:
         self.bundle = bundle
         self.tasks = [SimpleNamespace(n_outputs=_n_outputs(t), **t) for t in bundle.tasks]
         self.model = build_model(
-            SimpleNamespace(**bundle.model_cfg), len(bundle.features), self.tasks, bundle.input_shape
+            SimpleNamespace(**bundle.model_cfg),
+            len(bundle.features),
+            self.tasks,
+            bundle.input_shape,
         )
         vector_to_parameters(bundle.base.clone(), self.model.base.parameters())
         self.model.eval()
@@ -55,8 +58,11 @@ class PersonalizedPredictor:
     def is_known(self, client: str) -> bool:
         """Whether the routing has heads of its own for ``client`` (personal or its group's)."""
         b = self.bundle
-        return client in b.personal_heads or client in b.personal_bases or (
-            b.client_groups.get(client) in b.group_heads)
+        return (
+            client in b.personal_heads
+            or client in b.personal_bases
+            or (b.client_groups.get(client) in b.group_heads)
+        )
 
     def label_columns(self, frame: pd.DataFrame) -> list[str]:
         """The tasks' label columns that ``frame`` has."""
@@ -69,14 +75,26 @@ class PersonalizedPredictor:
         b = self.bundle
         missing = [c for c in b.features if c not in frame.columns]
         if missing:
-            raise ValueError(f"input is missing feature column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise ValueError(
+                f"input is missing feature column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
         y = encode_support(frame, self.tasks, client)
         x = torch.tensor(feature_matrix(frame, b.features))
         cfg = self.coldstart_settings()
         seed = client_seed(cfg.seed, 0, client, "cold-start")
         model = copy.deepcopy(self.model)  # training writes into the module: never the shared one
-        return personalize(model, b.base, b.group_heads, b.global_heads, x, y, self.tasks, cfg,
-                           seed=seed, client=client)
+        return personalize(
+            model,
+            b.base,
+            b.group_heads,
+            b.global_heads,
+            x,
+            y,
+            self.tasks,
+            cfg,
+            seed=seed,
+            client=client,
+        )
 
     def coldstart_settings(self) -> ColdStartSettings:
         """The bundle's cold-start settings (the ``coldstart`` defaults where it names none)."""
@@ -84,7 +102,9 @@ class PersonalizedPredictor:
 
     @torch.no_grad()
     def predict(
-        self, frame: pd.DataFrame, overrides: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None
+        self,
+        frame: pd.DataFrame,
+        overrides: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
     ) -> pd.DataFrame:
         """One column per task (the predicted label or value) and ``head`` (which heads answered).
         ``overrides``: client -> (source, heads) to answer with instead of the routing (e.g. the
@@ -92,14 +112,18 @@ class PersonalizedPredictor:
         b = self.bundle
         missing = [c for c in [CLIENT_COLUMN, *b.features] if c not in frame.columns]
         if missing:
-            raise ValueError(f"input is missing column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise ValueError(
+                f"input is missing column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
         x_all = torch.tensor(feature_matrix(frame, b.features))
         clients = frame[CLIENT_COLUMN].astype(str).to_numpy()
         check_cold_start_load(frame, clients, self.label_columns(frame), self.is_known)
         out: dict[str, np.ndarray] = {}
         used = np.empty(len(frame), dtype=object)
         for task in b.tasks:
-            out[task["name"]] = np.empty(len(frame), dtype=object if task["kind"] == "classification" else float)
+            out[task["name"]] = np.empty(
+                len(frame), dtype=object if task["kind"] == "classification" else float
+            )
         z_all = self.model.base(x_all) if len(frame) else None
         labels = self.label_columns(frame)
         for client in pd.unique(clients):
@@ -152,22 +176,31 @@ def feature_matrix(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
     try:
         x = frame[features].to_numpy(dtype=np.float64, copy=True)
     except (TypeError, ValueError):
-        odd = [c for c in features if pd.to_numeric(frame[c], errors="coerce").isna().any()
-               and not frame[c].isna().all()]
-        raise ValueError(f"feature column(s) {odd[:5] or features[:5]} hold values that are not numbers") from None
+        odd = [
+            c
+            for c in features
+            if pd.to_numeric(frame[c], errors="coerce").isna().any() and not frame[c].isna().all()
+        ]
+        raise ValueError(
+            f"feature column(s) {odd[:5] or features[:5]} hold values that are not numbers"
+        ) from None
     with np.errstate(over="ignore"):
         x32 = x.astype(np.float32)
     bad = ~np.isfinite(x32)
     if bad.any():
         rows, cols = np.nonzero(bad)
         named = sorted({features[c] for c in cols})
-        raise ValueError(f"feature column(s) {named[:5]}{'...' if len(named) > 5 else ''} hold {int(bad.sum())} "
-                         f"missing, infinite or out-of-range value(s) (first at row {int(rows[0])}); "
-                         "send finite numbers")
+        raise ValueError(
+            f"feature column(s) {named[:5]}{'...' if len(named) > 5 else ''} hold {int(bad.sum())} "
+            f"missing, infinite or out-of-range value(s) (first at row {int(rows[0])}); "
+            "send finite numbers"
+        )
     return x32
 
 
-def check_cold_start_load(frame: pd.DataFrame, clients: np.ndarray, labels: list[str], is_known) -> None:
+def check_cold_start_load(
+    frame: pd.DataFrame, clients: np.ndarray, labels: list[str], is_known
+) -> None:
     """Refuse (``ValueError``) a request that asks for more cold-start fits than
     :data:`MAX_COLD_START_CLIENTS`, or more than :data:`MAX_SUPPORT_ROWS` labelled rows for one."""
     if not labels or not len(frame):
@@ -176,13 +209,17 @@ def check_cold_start_load(frame: pd.DataFrame, clients: np.ndarray, labels: list
     counts = pd.Series(clients[labelled]).value_counts()
     unknown = {c: int(n) for c, n in counts.items() if not is_known(c)}
     if len(unknown) > MAX_COLD_START_CLIENTS:
-        raise ValueError(f"the request sends labelled rows for {len(unknown)} unknown clients; one request "
-                         f"fits at most {MAX_COLD_START_CLIENTS} (send fewer, or run `fedmtl personalize`)")
+        raise ValueError(
+            f"the request sends labelled rows for {len(unknown)} unknown clients; one request "
+            f"fits at most {MAX_COLD_START_CLIENTS} (send fewer, or run `fedmtl personalize`)"
+        )
     big = {c: n for c, n in unknown.items() if n > MAX_SUPPORT_ROWS}
     if big:
         client, n = next(iter(big.items()))
-        raise ValueError(f"client '{client}': {n} labelled rows in one request; a cold start fits on at most "
-                         f"{MAX_SUPPORT_ROWS} (run `fedmtl personalize` for a larger support set)")
+        raise ValueError(
+            f"client '{client}': {n} labelled rows in one request; a cold start fits on at most "
+            f"{MAX_SUPPORT_ROWS} (run `fedmtl personalize` for a larger support set)"
+        )
 
 
 def unflatten(module: torch.nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:

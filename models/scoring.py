@@ -27,7 +27,10 @@ def score_clients(
 
     ``test_rows``: (client id, that client's held-out rows with the feature and label columns).
     Rows whose label is missing do not count for that task."""
-    tasks = [TaskSpec(name=t["name"], kind=t["kind"], classes=list(t["classes"])) for t in predictor.bundle.tasks]
+    tasks = [
+        TaskSpec(name=t["name"], kind=t["kind"], classes=list(t["classes"]))
+        for t in predictor.bundle.tasks
+    ]
     records: list[dict] = []
     for client, frame in test_rows:
         if frame.empty:
@@ -35,7 +38,9 @@ def score_clients(
         missing = [t.name for t in tasks if t.name not in frame.columns]
         if missing:
             raise ValueError(f"client '{client}': held-out rows have no label column(s) {missing}")
-        predicted = predictor.predict(frame.assign(**{CLIENT_COLUMN: client}).drop(columns=[t.name for t in tasks]))
+        predicted = predictor.predict(
+            frame.assign(**{CLIENT_COLUMN: client}).drop(columns=[t.name for t in tasks])
+        )
         head = str(predicted[HEAD_COLUMN].iloc[0])
         for task in tasks:
             labelled = frame[task.name].notna().to_numpy()
@@ -48,12 +53,21 @@ def score_clients(
                 metrics = classification_metrics(truth, pred)
             else:
                 metrics = regression_metrics(truth, values.to_numpy(dtype=np.float64))
-            records.append({"client": client, "task": task.name, "n_test": int(labelled.sum()),
-                            "head": head, **metrics})
+            records.append(
+                {
+                    "client": client,
+                    "task": task.name,
+                    "n_test": int(labelled.sum()),
+                    "head": head,
+                    **metrics,
+                }
+            )
     return pd.DataFrame.from_records(records)
 
 
-def held_out_rows(partitions_dir: str, clients: Iterable[str]) -> Iterable[tuple[str, pd.DataFrame]]:
+def held_out_rows(
+    partitions_dir: str, clients: Iterable[str]
+) -> Iterable[tuple[str, pd.DataFrame]]:
     """(client, its held-out split) for each client, read from its partition file."""
     for client in clients:
         frame = load_partition(partitions_dir, client)

@@ -28,7 +28,9 @@ class RequestError(MlflowException, ValueError):
         return self.__dict__["_sentence"]
 
     @message.setter
-    def message(self, value: str) -> None:  # the first is the sentence; the server's prefix is dropped
+    def message(
+        self, value: str
+    ) -> None:  # the first is the sentence; the server's prefix is dropped
         self.__dict__.setdefault("_sentence", value)
 
 

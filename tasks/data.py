@@ -27,5 +27,7 @@ def partition(cfg: Config) -> int:
 def validate(cfg: Config) -> dict[str, list[str]]:
     """Great Expectations suite per partition; returns the quarantined clients and reasons."""
     manifest = read_manifest(cfg.data.partitions_dir)
-    report = validate_partitions(cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir)
+    report = validate_partitions(
+        cfg.data.partitions_dir, manifest, cfg.validation, cfg.data.validation_dir
+    )
     return report.quarantined

@@ -42,7 +42,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores and ``:memory:``)."""
     if not tracking_uri.startswith(SQLITE):
         return None
-    path = tracking_uri[len(SQLITE):].split("?", 1)[0]
+    path = tracking_uri[len(SQLITE) :].split("?", 1)[0]
     if not path or path == ":memory:":
         return None
     return Path(path).resolve()
@@ -62,15 +62,21 @@ def lock_path(tracking_uri: str, key: str) -> Path:
     database = sqlite_path(tracking_uri)
     if database is not None:
         return database.parent / f".{database.name}.{safe}.lock"
-    folder = os.environ.get("FEDMTL_LOCK_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmtl" / "locks"
+    folder = (
+        os.environ.get("FEDMTL_LOCK_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmtl" / "locks"
+    )
     store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     return Path(folder) / f"{store}.{safe}.lock"
 
 
 @contextlib.contextmanager
-def store_lock(tracking_uri: str, key: str, timeout: float = 300.0,
-               on_wait: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def store_lock(
+    tracking_uri: str,
+    key: str,
+    timeout: float = 300.0,
+    on_wait: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
     """Hold the lock ``key`` of the store at ``tracking_uri``. ``on_wait(path)`` is called once
     when another process holds it (then this one waits up to ``timeout`` seconds, else raises
     :class:`LockTimeout` naming the lock file)."""
@@ -85,20 +91,33 @@ def store_lock(tracking_uri: str, key: str, timeout: float = 300.0,
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
-            raise LockTimeout(f"another process has held the lock '{path}' ({key}) for more than {timeout:.0f} s; "
-                              "if no fedmtl command is running against this store, check for a hung one") from None
+            raise LockTimeout(
+                f"another process has held the lock '{path}' ({key}) for more than {timeout:.0f} s; "
+                "if no fedmtl command is running against this store, check for a hung one"
+            ) from None
     try:
         yield path
     finally:
         lock.release()
 
 
-def registry_lock(tracking_uri: str, model: str, timeout: float = 300.0,
-                  on_wait: Callable[[Path], None] | None = None):
+def registry_lock(
+    tracking_uri: str,
+    model: str,
+    timeout: float = 300.0,
+    on_wait: Callable[[Path], None] | None = None,
+):
     """The lock on the aliases of registered model ``model`` (a context manager): held by a
     promotion or rollback while it checks and moves ``champion``, and by a training run while
     it claims ``challenger``. Each holds it for a second or two."""
     return store_lock(tracking_uri, f"registry-{model}", timeout, on_wait)
 
 
-__all__ = ["LockTimeout", "is_database_uri", "lock_path", "registry_lock", "sqlite_path", "store_lock"]
+__all__ = [
+    "LockTimeout",
+    "is_database_uri",
+    "lock_path",
+    "registry_lock",
+    "sqlite_path",
+    "store_lock",
+]

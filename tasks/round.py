@@ -55,7 +55,9 @@ def _retry_name() -> str:
 
 
 @task(name="retry_client", task_run_name=_retry_name, cache_policy=NO_CACHE)
-def retry_client(client: str, fed: Federation, state: ServerState, retries: int) -> ClientUpdate | ClientFailure:
+def retry_client(
+    client: str, fed: Federation, state: ServerState, retries: int
+) -> ClientUpdate | ClientFailure:
     """A client that failed in its shard, trained again on its own. The task raises while the
     client fails and retries are left, so that Prefect retries it (``training.client_retries``,
     with exponential backoff from ``training.retry_delay``); after the last one it returns the
@@ -63,15 +65,23 @@ def retry_client(client: str, fed: Federation, state: ServerState, retries: int)
     try:
         return fed.train_clients([client], state, attempt=task_run.run_count)[0]
     except Exception as exc:  # noqa: BLE001 - reported per client
-        if task_run.run_count < retries:  # run k of this task is retry k; Prefect runs it `retries` times
+        if (
+            task_run.run_count < retries
+        ):  # run k of this task is retry k; Prefect runs it `retries` times
             raise
-        get_run_logger().warning("client '%s' still fails after %d retries: %s", client, retries, exc)
+        get_run_logger().warning(
+            "client '%s' still fails after %d retries: %s", client, retries, exc
+        )
         return ClientFailure.of(exc, f" (tried {retries} more times, with backoff)")
 
 
 @task(name="group_aggregate", cache_policy=NO_CACHE)
 def group_aggregate(
-    fed: Federation, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float
+    fed: Federation,
+    updates: list[ClientUpdate],
+    state: ServerState,
+    clients: list[str],
+    per_round: float,
 ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
     """Per group, the mean update; with ``privacy`` on, the private releases (clipped, summed
     under SecAgg+, noised) and their report."""

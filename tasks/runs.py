@@ -25,13 +25,17 @@ def open_existing_store(tracking_uri: str) -> MlflowClient:
     """A client on an existing store; never creates an empty one for a mistyped path."""
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
-        raise RunLookupError(f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
-                             "train first, or pass --tracking-uri")
+        raise RunLookupError(
+            f"tracking store '{tracking_uri}' does not exist (no file '{db}'): "
+            "train first, or pass --tracking-uri"
+        )
     try:
         client = MlflowClient(tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - not an MLflow store, or unreachable
-        raise RunLookupError(f"cannot read tracking store '{tracking_uri}': {_first_line(exc)}") from None
+        raise RunLookupError(
+            f"cannot read tracking store '{tracking_uri}': {_first_line(exc)}"
+        ) from None
     return client
 
 
@@ -42,18 +46,31 @@ def find_run(client: MlflowClient, ref: str, tracking_uri: str):
             return client.get_run(ref)
         except MlflowException:
             pass  # not an id of this store: maybe a name
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    experiments = [
+        e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    ]
     if "'" in ref and '"' in ref:
-        raise RunLookupError(f"no run '{ref}' in {tracking_uri}: a run name cannot hold both quote characters")
+        raise RunLookupError(
+            f"no run '{ref}' in {tracking_uri}: a run name cannot hold both quote characters"
+        )
     quoted = f'"{ref}"' if "'" in ref else f"'{ref}'"
-    runs = client.search_runs(experiments, f"attributes.run_name = {quoted}", ViewType.ACTIVE_ONLY,
-                              max_results=50) if experiments else []
+    runs = (
+        client.search_runs(
+            experiments, f"attributes.run_name = {quoted}", ViewType.ACTIVE_ONLY, max_results=50
+        )
+        if experiments
+        else []
+    )
     if not runs:
-        raise RunLookupError(f"no run '{ref}' in {tracking_uri}: neither a run id nor a run name there")
+        raise RunLookupError(
+            f"no run '{ref}' in {tracking_uri}: neither a run id nor a run name there"
+        )
     if len(runs) > 1:
         ids = ", ".join(r.info.run_id for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
-        raise RunLookupError(f"run name '{ref}' matches {len(runs)} runs in {tracking_uri} ({ids}): "
-                             "pass a run id instead")
+        raise RunLookupError(
+            f"run name '{ref}' matches {len(runs)} runs in {tracking_uri} ({ids}): "
+            "pass a run id instead"
+        )
     return runs[0]
 
 
@@ -64,14 +81,16 @@ def fetch_runs(refs: list[str], tracking_uri: str) -> list[RunRecord]:
     records = []
     for ref in refs:
         run = find_run(client, ref, tracking_uri)
-        records.append(RunRecord(
-            run_id=run.info.run_id,
-            name=run.info.run_name or run.info.run_id,
-            params=dict(run.data.params),
-            metrics={k: float(v) for k, v in run.data.metrics.items()},
-            tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
-            status=run.info.status,
-        ))
+        records.append(
+            RunRecord(
+                run_id=run.info.run_id,
+                name=run.info.run_name or run.info.run_id,
+                params=dict(run.data.params),
+                metrics={k: float(v) for k, v in run.data.metrics.items()},
+                tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+                status=run.info.status,
+            )
+        )
     return records
 
 

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-import mlflow  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow  # tasks/__init__ has already quietened MLflow (fedmtl.quiet)
 from tasks.locking import is_database_uri, store_lock
 
 MAX_PARAMS_PER_BATCH = 100
@@ -34,7 +33,7 @@ def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///path`` absolute and create its folder."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
+        path = Path(uri[len(prefix) :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return uri
@@ -100,7 +99,9 @@ class RunTracker:
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
         self.run_id: str | None = None
         self.child_runs: dict[str, str] = {}
-        self._journal: list[tuple[str, Metric]] = []  # every metric logged since the last take_journal
+        self._journal: list[
+            tuple[str, Metric]
+        ] = []  # every metric logged since the last take_journal
 
     # -- runs -------------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -142,7 +143,9 @@ class RunTracker:
         target = run_id or self.run_id
         self._journal += [(target, m) for m in items]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(target, metrics=items[i : i + MAX_METRICS_PER_BATCH], synchronous=False)
+            self.client.log_batch(
+                target, metrics=items[i : i + MAX_METRICS_PER_BATCH], synchronous=False
+            )
 
     def take_journal(self) -> pd.DataFrame:
         """The metrics logged since the last call (run, key, value, timestamp, step), for the
@@ -158,8 +161,12 @@ class RunTracker:
         if journal is None or journal.empty:
             return
         for run_id, rows in journal.groupby("run_id", sort=False):
-            items = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in
-                     rows[["key", "value", "timestamp", "step"]].itertuples(index=False)]
+            items = [
+                Metric(k, float(v), int(t), int(s))
+                for k, v, t, s in rows[["key", "value", "timestamp", "step"]].itertuples(
+                    index=False
+                )
+            ]
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 self.client.log_batch(str(run_id), metrics=items[i : i + MAX_METRICS_PER_BATCH])
 
@@ -172,9 +179,15 @@ class RunTracker:
         for client, rows in records.groupby("client", sort=True):
             run_id = self.child_runs.get(client)
             if run_id is None:
-                child_tags = {"mlflow.parentRunId": self.run_id, "client": str(client),
-                              "group": str(rows["group"].iloc[0]), **tags}
-                run = self.client.create_run(self.experiment_id, run_name=f"client-{client}", tags=child_tags)
+                child_tags = {
+                    "mlflow.parentRunId": self.run_id,
+                    "client": str(client),
+                    "group": str(rows["group"].iloc[0]),
+                    **tags,
+                }
+                run = self.client.create_run(
+                    self.experiment_id, run_name=f"client-{client}", tags=child_tags
+                )
                 run_id = self.child_runs[client] = run.info.run_id
             metrics: dict[str, float] = {}
             for row in rows.itertuples(index=False):

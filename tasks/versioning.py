@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedmtl.lifecycle import datarefresh
 from fedmtl.config import Config
+from fedmtl.lifecycle import datarefresh
 from fedmtl.lifecycle.provenance import data_version, dvc_lock_hash
 
 
@@ -29,7 +29,8 @@ def refresh_data(cfg: Config) -> dict[str, str | bool | None]:
     if after["data_version_source"] != "dvc.lock":
         raise datarefresh.DataRefreshError(
             f"after `dvc repro`, '{lock}' records no version of '{cfg.data.partitions_dir}': is it the "
-            "partition stage's output in dvc.yaml (data.partitions_dir)?")
+            "partition stage's output in dvc.yaml (data.partitions_dir)?"
+        )
     changed = after["data_version"] != before
     logger.info("data version %s (%s)", after["data_version"], "new" if changed else "unchanged")
     return {"data_version": after["data_version"], "previous": before, "changed": changed}

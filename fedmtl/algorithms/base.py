@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from fedmtl.client.data import ClientData
+from fedmtl.client.training import LocalConfig, train_joint
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
-from fedmtl.client.training import LocalConfig, train_joint
 
 #: The one group of methods that do not group clients.
 ALL = "all"
@@ -102,7 +102,9 @@ class Algorithm:
     ) -> tuple[ClientUpdate, PersonalState | None]:
         """Batchable methods: what the client releases and keeps after its shared step.
         Default: Δθ and Δφ against the start, ``train_loss``; no personal state."""
-        update = self.update(data, group, base - start.base, diff(heads, start.heads), train_loss=loss)
+        update = self.update(
+            data, group, base - start.base, diff(heads, start.heads), train_loss=loss
+        )
         return update, None
 
     def shared_round(
@@ -116,7 +118,14 @@ class Algorithm:
         """The per-client shared step: the ``client_round`` of every batchable method."""
         start = self.shared_start(ctx.cfg, state, group, personal)
         base, heads, loss = train_joint(
-            ctx.model, start.base, start.heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
+            ctx.model,
+            start.base,
+            start.heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
+            ctx.cfg.epochs,
             prox_mu=start.prox_mu,
         )
         return self.shared_result(data, group, state, start, base, heads, loss, personal)

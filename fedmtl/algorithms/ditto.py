@@ -11,21 +11,34 @@ import torch
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads, diff
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
 from fedmtl.client.training import load_weights, train_joint
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
 class Ditto(Algorithm):
     name = "ditto"
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         cfg = ctx.cfg
         received = state.global_heads
-        base, heads, loss = train_joint(ctx.model, state.base, received, data, ctx.tasks, cfg,
-                                        ctx.generator, cfg.epochs, prox_mu=cfg.prox_mu)
+        base, heads, loss = train_joint(
+            ctx.model,
+            state.base,
+            received,
+            data,
+            ctx.tasks,
+            cfg,
+            ctx.generator,
+            cfg.epochs,
+            prox_mu=cfg.prox_mu,
+        )
         if personal is None or personal.base is None:
             personal = PersonalState(copy_heads(received), state.base.clone())
         anchor = _anchor(ctx, state)  # the received global model w, per parameter
@@ -38,11 +51,24 @@ class Ditto(Algorithm):
                 p.mul_(shrink).add_(w, alpha=pull)
 
         v_base, v_heads, personal_loss = train_joint(
-            ctx.model, personal.base, personal.heads, data, ctx.tasks, cfg, ctx.generator,
-            cfg.personal_epochs, after_step=proximal,
+            ctx.model,
+            personal.base,
+            personal.heads,
+            data,
+            ctx.tasks,
+            cfg,
+            ctx.generator,
+            cfg.personal_epochs,
+            after_step=proximal,
         )
-        update = self.update(data, group, base - state.base, diff(heads, received),
-                             train_loss=loss, personal_train_loss=personal_loss)
+        update = self.update(
+            data,
+            group,
+            base - state.base,
+            diff(heads, received),
+            train_loss=loss,
+            personal_train_loss=personal_loss,
+        )
         return update, PersonalState(v_heads, v_base)
 
 

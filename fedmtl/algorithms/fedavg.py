@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
 from fedmtl.client.training import LocalConfig
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
 class FedAvg(Algorithm):
@@ -23,7 +23,11 @@ class FedAvg(Algorithm):
         return SharedStart(state.base, state.global_heads, cfg.prox_mu)
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState | None]:
         return self.shared_round(ctx, state, data, group, personal)

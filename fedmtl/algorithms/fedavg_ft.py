@@ -8,19 +8,29 @@ from __future__ import annotations
 from fedmtl.algorithms.base import ClientContext
 from fedmtl.algorithms.fedavg import FedAvg
 from fedmtl.client.data import ClientData
-from fedmtl.state import Heads, PersonalState, ServerState, Vector
 from fedmtl.client.training import train_joint
+from fedmtl.state import Heads, PersonalState, ServerState, Vector
 
 
 class FedAvgFT(FedAvg):
     name = "fedavg-ft"
 
     def personalized(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[Vector, Heads, PersonalState]:
         base, heads, _ = train_joint(
-            ctx.model, state.base, state.global_heads, data, ctx.tasks, ctx.cfg, ctx.generator,
+            ctx.model,
+            state.base,
+            state.global_heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
             ctx.cfg.personal_epochs,
         )
         return base, heads, PersonalState(heads, base)

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 from fedmtl.client.personal import fit_personal_heads
 from fedmtl.client.training import LocalConfig, train_heads
+from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 
 
 class FedMTL(Algorithm):
     name = "fedmtl"
     head_scope = "group"
     uses_groups = True
-    batchable = True  # the client round is the shared step from (θ, φ_g); ψ_c is fitted in personalized
+    batchable = (
+        True  # the client round is the shared step from (θ, φ_g); ψ_c is fitted in personalized
+    )
 
     def shared_start(
         self, cfg: LocalConfig, state: ServerState, group: str, personal: PersonalState | None
@@ -35,22 +37,44 @@ class FedMTL(Algorithm):
         return SharedStart(state.base, state.heads_for(group), cfg.prox_mu)
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState | None]:
         return self.shared_round(ctx, state, data, group, personal)
 
     def personalized(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[Vector, Heads, PersonalState]:
         if ctx.cfg.personal_fit == "map":
-            psi, _, _ = fit_personal_heads(ctx.model, state.base, state.heads_for(group), data, ctx.tasks,
-                                           ctx.cfg.personal_lambda, ctx.cfg.personal_lambda_search,
-                                           ctx.cfg.personal_lambda_grid)
+            psi, _, _ = fit_personal_heads(
+                ctx.model,
+                state.base,
+                state.heads_for(group),
+                data,
+                ctx.tasks,
+                ctx.cfg.personal_lambda,
+                ctx.cfg.personal_lambda_search,
+                ctx.cfg.personal_lambda_grid,
+            )
         else:
             psi, _ = train_heads(
-                ctx.model, state.base, state.heads_for(group), data, ctx.tasks, ctx.cfg, ctx.generator,
-                ctx.cfg.personal_epochs, prox_mu=ctx.cfg.personal_lambda,
+                ctx.model,
+                state.base,
+                state.heads_for(group),
+                data,
+                ctx.tasks,
+                ctx.cfg,
+                ctx.generator,
+                ctx.cfg.personal_epochs,
+                prox_mu=ctx.cfg.personal_lambda,
             )
         return state.base, psi, PersonalState(psi)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
 from fedmtl.client.training import train_joint
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
 class FedPer(Algorithm):
@@ -16,12 +16,25 @@ class FedPer(Algorithm):
     shares_heads = False
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         heads = personal.heads if personal is not None else copy_heads(state.global_heads)
         base, heads, loss = train_joint(
-            ctx.model, state.base, heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
+            ctx.model,
+            state.base,
+            heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
+            ctx.cfg.epochs,
             prox_mu=ctx.cfg.prox_mu,
         )
-        return self.update(data, group, base - state.base, {}, train_loss=loss), PersonalState(heads)
+        return self.update(data, group, base - state.base, {}, train_loss=loss), PersonalState(
+            heads
+        )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
 from fedmtl.client.training import train_joint
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
 class IFCA(Algorithm):
@@ -21,12 +21,25 @@ class IFCA(Algorithm):
     learns_groups = True
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState | None]:
         heads = state.heads_for(group)
         base, new_heads, loss = train_joint(
-            ctx.model, state.base, heads, data, ctx.tasks, ctx.cfg, ctx.generator, ctx.cfg.epochs,
+            ctx.model,
+            state.base,
+            heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
+            ctx.cfg.epochs,
             prox_mu=ctx.cfg.prox_mu,
         )
-        return self.update(data, group, base - state.base, diff(new_heads, heads), train_loss=loss), None
+        return self.update(
+            data, group, base - state.base, diff(new_heads, heads), train_loss=loss
+        ), None

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 from fedmtl.client.training import train_joint
+from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 
 
 class LGFedAvg(Algorithm):
@@ -16,19 +16,34 @@ class LGFedAvg(Algorithm):
     shares_base = False
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         own = personal.base if personal is not None and personal.base is not None else state.base
         base, heads, loss = train_joint(
-            ctx.model, own, state.global_heads, data, ctx.tasks, ctx.cfg, ctx.generator,
-            ctx.cfg.epochs, prox_mu=ctx.cfg.prox_mu,
+            ctx.model,
+            own,
+            state.global_heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
+            ctx.cfg.epochs,
+            prox_mu=ctx.cfg.prox_mu,
         )
         update = self.update(data, group, None, diff(heads, state.global_heads), train_loss=loss)
         return update, PersonalState({}, base)
 
     def personalized(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[Vector, Heads, None]:
         base = personal.base if personal is not None and personal.base is not None else state.base

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState
 from fedmtl.client.training import train_joint
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
 class LocalOnly(Algorithm):
@@ -15,13 +15,23 @@ class LocalOnly(Algorithm):
     shares_heads = False
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         if personal is None or personal.base is None:  # round 0's common initialisation
             personal = PersonalState(copy_heads(state.global_heads), state.base.clone())
         base, heads, loss = train_joint(
-            ctx.model, personal.base, personal.heads, data, ctx.tasks, ctx.cfg, ctx.generator,
+            ctx.model,
+            personal.base,
+            personal.heads,
+            data,
+            ctx.tasks,
+            ctx.cfg,
+            ctx.generator,
             ctx.cfg.epochs,
         )
         return self.update(data, group, None, {}, train_loss=loss), PersonalState(heads, base)

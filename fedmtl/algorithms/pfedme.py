@@ -13,15 +13,19 @@ import torch
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, diff
 from fedmtl.client.data import ClientData
-from fedmtl.state import ClientUpdate, PersonalState, ServerState, flat
 from fedmtl.client.training import batches, load_weights, multitask_loss, read_heads
+from fedmtl.state import ClientUpdate, PersonalState, ServerState, flat
 
 
 class PFedMe(Algorithm):
     name = "pfedme"
 
     def client_round(
-        self, ctx: ClientContext, state: ServerState, data: ClientData, group: str,
+        self,
+        ctx: ClientContext,
+        state: ServerState,
+        data: ClientData,
+        group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         cfg, model = ctx.cfg, ctx.model
@@ -54,6 +58,11 @@ class PFedMe(Algorithm):
             for p, w in zip(params, local):
                 p.copy_(w)
         w_base, w_heads = flat(model.base), read_heads(model, state.global_heads)
-        update = self.update(data, group, w_base - state.base, diff(w_heads, state.global_heads),
-                             train_loss=total / max(count, 1))
+        update = self.update(
+            data,
+            group,
+            w_base - state.base,
+            diff(w_heads, state.global_heads),
+            train_loss=total / max(count, 1),
+        )
         return update, PersonalState(theta_heads, theta_base)

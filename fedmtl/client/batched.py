@@ -47,10 +47,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from fedmtl.client.data import ClientData
+from fedmtl.client.training import LocalConfig, multitask_loss
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector
-from fedmtl.client.training import LocalConfig, multitask_loss
-
 
 #: At most this many clients still training at a step: their gradients are taken one by one
 #: (same arithmetic, plain autograd), cheaper than vmap's fixed cost of about 4 plain steps.
@@ -93,8 +92,10 @@ def batching_blocker(model: nn.Module) -> str | None:
     """Why the batched step cannot reproduce the loop for ``model``, or None if it can."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return (f"the model has dropout ({name}, p={module.p}): its masks come from the global "
-                    "RNG in per-client order, which a batch of clients cannot reproduce")
+            return (
+                f"the model has dropout ({name}, p={module.p}): its masks come from the global "
+                "RNG in per-client order, which a batch of clients cannot reproduce"
+            )
         if isinstance(module, nn.modules.batchnorm._NormBase):
             return f"the model has batch norm ({name}): it mixes the rows of a batch and keeps running statistics"
     buffers = [n for n, _ in model.named_buffers()]
@@ -131,8 +132,11 @@ def _layout(model: nn.Module, tasks: Sequence[str]) -> _Layout:
 
 
 def _masked_loss(
-    outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], mask: torch.Tensor,
-    count: torch.Tensor, tasks: Sequence[TaskSpec],
+    outputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    count: torch.Tensor,
+    tasks: Sequence[TaskSpec],
 ) -> torch.Tensor:
     """:func:`~fedmtl.client.training.multitask_loss` over the rows where ``mask`` is set."""
     total = torch.zeros(())
@@ -179,11 +183,17 @@ def train_shared(
     def start_row(job: SharedJob) -> torch.Tensor:
         return torch.cat([job.base.reshape(-1)] + [job.heads[t].reshape(-1) for t in task_names])
 
-    active = [i for i, job in enumerate(jobs) if job.data.n_train > 0 and epochs > 0 and layout.width > 0]
+    active = [
+        i for i, job in enumerate(jobs) if job.data.n_train > 0 and epochs > 0 and layout.width > 0
+    ]
     chosen = set(active)
     for i, job in enumerate(jobs):
         if i not in chosen:  # fit's early return: nothing moves, the loss is NaN
-            results[i] = (job.base.clone(), {t: v.clone() for t, v in job.heads.items()}, float("nan"))
+            results[i] = (
+                job.base.clone(),
+                {t: v.clone() for t, v in job.heads.items()},
+                float("nan"),
+            )
     if not active:
         return results  # type: ignore[return-value]
 
@@ -211,7 +221,9 @@ def train_shared(
     mask_all[dest] = True
     mask_all = mask_all.view(slots, bs)
     count_all = mask_all.sum(1).to(x_all.dtype)
-    slot_client = (torch.arange(slots) - torch.repeat_interleave(step_start[:-1], k_t))  # the client of each slot
+    slot_client = torch.arange(slots) - torch.repeat_interleave(
+        step_start[:-1], k_t
+    )  # the client of each slot
 
     weights = torch.stack([start_row(j) for j in sel]).to(x_all.dtype).contiguous()  # [C, P]
     anchor = weights.clone()
@@ -220,7 +232,9 @@ def train_shared(
     buf = torch.zeros_like(weights) if cfg.momentum != 0 else None
 
     def objective(params, x, ys, mask, count):
-        loss = _masked_loss(functional_call(model, params, (x,), tie_weights=False), ys, mask, count, tasks)
+        loss = _masked_loss(
+            functional_call(model, params, (x,), tie_weights=False), ys, mask, count, tasks
+        )
         return loss, loss
 
     batched_grad = vmap(grad(objective, has_aux=True))
@@ -241,7 +255,9 @@ def train_shared(
                         p.copy_(w[i, s:e].view(shape))
                 m = int(count[i])  # a slot's real rows come first
                 loss = multitask_loss(solo(x[i, :m]), {t: y[i, :m] for t, y in ys.items()}, tasks)
-                grads = torch.autograd.grad(loss, solo_params, allow_unused=True, materialize_grads=True)
+                grads = torch.autograd.grad(
+                    loss, solo_params, allow_unused=True, materialize_grads=True
+                )
                 rows.append(torch.cat([g.reshape(-1) for g in grads]))
                 losses.append(loss.detach())
             return torch.stack(rows), torch.stack(losses)
@@ -265,7 +281,9 @@ def train_shared(
         for k, a, b in bounds:
             idx, mask, count = index[a:b], mask_all[a:b], count_all[a:b]
             w = weights[:k]
-            g, loss = gradients(w, x_all[idx], {name: y[idx] for name, y in y_all.items()}, mask, count)
+            g, loss = gradients(
+                w, x_all[idx], {name: y[idx] for name, y in y_all.items()}, mask, count
+            )
             if use_prox:
                 g = g + mu[:k, None] * (w - anchor[:k])
             if cfg.weight_decay != 0:
@@ -276,10 +294,11 @@ def train_shared(
             w.add_(g, alpha=-cfg.lr)
             losses[a:b] = loss.detach()
     # fit's returned loss: the last epoch's batch losses weighted by batch sizes, over the rows
-    total = torch.zeros(C, dtype=torch.float64).index_add_(0, slot_client, losses.double() * count_all.double())
+    total = torch.zeros(C, dtype=torch.float64).index_add_(
+        0, slot_client, losses.double() * count_all.double()
+    )
     last = total / n.double()
     for pos, i in enumerate(order):
         base, heads = unstack(weights[pos], jobs[i].heads)
         results[i] = (base, heads, float(last[pos]))
     return results  # type: ignore[return-value]
-

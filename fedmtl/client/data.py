@@ -28,17 +28,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmtl.data.manifest import (Manifest, PartitionDigest, TaskSpec, UnsafeManifest, partition_path,
-                                  remember_digest)
+from fedmtl.data.manifest import (
+    Manifest,
+    PartitionDigest,
+    TaskSpec,
+    UnsafeManifest,
+    partition_path,
+    remember_digest,
+)
 
 
 class PartitionError(ValueError):
     """A client's partition that cannot be trained or evaluated on; names the client and file."""
 
-    failure_kind = "partition"  # its file is what it is: not retried, it sits out like a quarantined client
+    failure_kind = (
+        "partition"  # its file is what it is: not retried, it sits out like a quarantined client
+    )
 
-    def __init__(self, message: str, client: str | None = None, path: str | Path | None = None,
-                 digest: PartitionDigest | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        client: str | None = None,
+        path: str | Path | None = None,
+        digest: PartitionDigest | None = None,
+    ) -> None:
         super().__init__(message)
         self.client = client
         self.path = None if path is None else str(path)
@@ -75,7 +88,9 @@ class ClientData:
         return int(self.x_test.shape[0])
 
 
-def encode_labels(values: pd.Series | np.ndarray, task: TaskSpec, client: str = "?") -> torch.Tensor:
+def encode_labels(
+    values: pd.Series | np.ndarray, task: TaskSpec, client: str = "?"
+) -> torch.Tensor:
     """Class labels -> indices into ``task.classes``; regression targets -> float32."""
     values = np.asarray(values)
     if task.kind == "regression":
@@ -90,7 +105,9 @@ def encode_labels(values: pd.Series | np.ndarray, task: TaskSpec, client: str = 
         ) from None
 
 
-def check_frame(frame: pd.DataFrame, manifest: Manifest, client: str, path: str | Path = "?") -> None:
+def check_frame(
+    frame: pd.DataFrame, manifest: Manifest, client: str, path: str | Path = "?"
+) -> None:
     """Raise :class:`PartitionInvalid` when ``frame`` breaks the contract in a way training
     would not notice or would crash on: a contract column missing, a feature column that is not
     numeric (strings would be parsed silently), no train rows, NaN or infinite features or
@@ -103,8 +120,9 @@ def check_frame(frame: pd.DataFrame, manifest: Manifest, client: str, path: str 
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise invalid(f"lacks the contract column(s) {missing[:10]}")
-    odd = [f"'{c}' ({frame[c].dtype})" for c in manifest.features
-           if frame[c].dtype.kind not in "iuf"]
+    odd = [
+        f"'{c}' ({frame[c].dtype})" for c in manifest.features if frame[c].dtype.kind not in "iuf"
+    ]
     if odd:
         raise invalid(f"has feature column(s) that are not numeric: {', '.join(odd[:5])}")
     if not (frame["split"] == "train").any():
@@ -113,7 +131,9 @@ def check_frame(frame: pd.DataFrame, manifest: Manifest, client: str, path: str 
     bad = ~np.isfinite(x)
     if bad.any():
         rows, cols = np.nonzero(bad)
-        where = ", ".join(f"'{manifest.features[c]}' at position {r}" for r, c in zip(rows[:3], cols[:3]))
+        where = ", ".join(
+            f"'{manifest.features[c]}' at position {r}" for r, c in zip(rows[:3], cols[:3])
+        )
         raise invalid(f"holds {int(bad.sum())} NaN or infinite feature value(s): {where}")
     for task in manifest.tasks:
         if task.kind == "regression":
@@ -130,7 +150,9 @@ def frame_to_client(frame: pd.DataFrame, manifest: Manifest, client: str) -> Cli
         x = torch.tensor(rows[manifest.features].to_numpy(dtype=np.float32, copy=True))
         y = {t.name: encode_labels(rows[t.name], t, client) for t in manifest.tasks}
         parts[split] = (x, y)
-    return ClientData(client, group, parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1])
+    return ClientData(
+        client, group, parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1]
+    )
 
 
 class ManifestKey:
@@ -155,14 +177,18 @@ class ManifestKey:
 
 
 @lru_cache(maxsize=4096)
-def _load_cached(path: str, mtime_ns: int, size: int, ino: int, ctime_ns: int, key: ManifestKey,
-                 client: str) -> tuple[ClientData, PartitionDigest]:
+def _load_cached(
+    path: str, mtime_ns: int, size: int, ino: int, ctime_ns: int, key: ManifestKey, client: str
+) -> tuple[ClientData, PartitionDigest]:
     """The client's data and the digest of the very bytes it was parsed from (one read)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise PartitionUnavailable(f"client '{client}': partition file '{path}' cannot be read: "
-                                   f"{exc.strerror or exc}", client, path) from None
+        raise PartitionUnavailable(
+            f"client '{client}': partition file '{path}' cannot be read: {exc.strerror or exc}",
+            client,
+            path,
+        ) from None
     digest = PartitionDigest.of(raw)
     if digest.size == size:
         remember_digest((path, mtime_ns, size, ino, ctime_ns), digest)
@@ -170,8 +196,12 @@ def _load_cached(path: str, mtime_ns: int, size: int, ino: int, ctime_ns: int, k
         frame = pd.read_parquet(io.BytesIO(raw))
     except Exception as exc:  # noqa: BLE001 - any parse error: the file is not a partition
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PartitionUnavailable(f"client '{client}': partition file '{path}' cannot be read as "
-                                   f"Parquet: {first}", client, path, digest) from None
+        raise PartitionUnavailable(
+            f"client '{client}': partition file '{path}' cannot be read as Parquet: {first}",
+            client,
+            path,
+            digest,
+        ) from None
     try:
         check_frame(frame, key.manifest, client, path)
         data = frame_to_client(frame, key.manifest, client)
@@ -179,13 +209,18 @@ def _load_cached(path: str, mtime_ns: int, size: int, ino: int, ctime_ns: int, k
         exc.digest = digest
         raise
     except (ValueError, TypeError, KeyError) as exc:  # e.g. a label outside the declared classes
-        raise PartitionInvalid(f"client '{client}': partition file '{path}': {exc}", client, path,
-                               digest) from None
+        raise PartitionInvalid(
+            f"client '{client}': partition file '{path}': {exc}", client, path, digest
+        ) from None
     return data, digest
 
 
-def load_client_data(partitions_dir: str | Path, manifest: Manifest | ManifestKey, client: str,
-                     expected: PartitionDigest | None = None) -> ClientData:
+def load_client_data(
+    partitions_dir: str | Path,
+    manifest: Manifest | ManifestKey,
+    client: str,
+    expected: PartitionDigest | None = None,
+) -> ClientData:
     """Read a client's partition (cached while the file is unchanged). Pass a
     :class:`ManifestKey` made once when loading many clients. ``expected``: the digest
     validation recorded; the file must hold exactly those bytes (:class:`PartitionChanged`).
@@ -200,19 +235,31 @@ def load_client_data(partitions_dir: str | Path, manifest: Manifest | ManifestKe
     except UnsafeManifest as exc:
         raise PartitionUnavailable(str(exc), client, Path(partitions_dir) / str(file)) from None
     except FileNotFoundError:
-        raise PartitionUnavailable(f"client '{client}': partition file '{Path(partitions_dir) / file}' is missing",
-                                   client, Path(partitions_dir) / file) from None
+        raise PartitionUnavailable(
+            f"client '{client}': partition file '{Path(partitions_dir) / file}' is missing",
+            client,
+            Path(partitions_dir) / file,
+        ) from None
     except OSError as exc:
-        raise PartitionUnavailable(str(exc) if "client '" in str(exc) else
-                                   f"client '{client}': partition file '{Path(partitions_dir) / file}' cannot "
-                                   f"be read: {exc.strerror or exc}", client, Path(partitions_dir) / file) from None
+        raise PartitionUnavailable(
+            str(exc)
+            if "client '" in str(exc)
+            else f"client '{client}': partition file '{Path(partitions_dir) / file}' cannot "
+            f"be read: {exc.strerror or exc}",
+            client,
+            Path(partitions_dir) / file,
+        ) from None
     if expected is not None and st.st_size != expected.size:
         raise _changed(client, path, expected, f"{st.st_size} bytes, validated {expected.size}")
     try:
-        data, digest = _load_cached(str(path), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, key, client)
+        data, digest = _load_cached(
+            str(path), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns, key, client
+        )
     except PartitionError as exc:
         if expected is not None and exc.digest is not None and exc.digest != expected:
-            raise _changed(client, path, expected, f"SHA-256 {exc.digest.sha256[:12]}…, and now: {exc}") from None
+            raise _changed(
+                client, path, expected, f"SHA-256 {exc.digest.sha256[:12]}…, and now: {exc}"
+            ) from None
         raise
     if expected is not None and digest != expected:
         raise _changed(client, path, expected, f"SHA-256 {digest.sha256[:12]}…")
@@ -222,4 +269,7 @@ def load_client_data(partitions_dir: str | Path, manifest: Manifest | ManifestKe
 def _changed(client: str, path: Path, expected: PartitionDigest, now: str) -> PartitionChanged:
     return PartitionChanged(
         f"client '{client}': partition file '{path}' changed after validation ({now}; validated SHA-256 "
-        f"{expected.sha256[:12]}…, {expected.size} bytes): re-run `fedmtl data validate`", client, path)
+        f"{expected.sha256[:12]}…, {expected.size} bytes): re-run `fedmtl data validate`",
+        client,
+        path,
+    )

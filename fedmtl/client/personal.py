@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmtl.client.data import ClientData
+from fedmtl.client.training import load_weights, multitask_loss, read_heads
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
-from fedmtl.client.training import load_weights, multitask_loss, read_heads
 
 #: the default λ grid of the search: half-decade steps from 0.01 to 30
 LAMBDA_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -40,15 +40,28 @@ def cv_folds(labels: np.ndarray, k: int = FOLDS) -> np.ndarray:
 
 
 def _map_solve(
-    heads: nn.ModuleDict, names: Sequence[str], z: torch.Tensor, y: dict[str, torch.Tensor],
-    tasks: Sequence[TaskSpec], anchor: list[torch.Tensor], lam: float, max_iter: int,
+    heads: nn.ModuleDict,
+    names: Sequence[str],
+    z: torch.Tensor,
+    y: dict[str, torch.Tensor],
+    tasks: Sequence[TaskSpec],
+    anchor: list[torch.Tensor],
+    lam: float,
+    max_iter: int,
 ) -> None:
     """In place, from the heads' current values: argmin Σ_i loss_i + λ/2·‖ψ − anchor‖² (L-BFGS,
     strong Wolfe line search; the objective is divided by the row count)."""
     params = [p for t in names for p in heads[t].parameters()]
     n = float(z.shape[0])
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -62,8 +75,13 @@ def _map_solve(
 
 
 @torch.no_grad()
-def _held_out_loss(heads: nn.ModuleDict, names: Sequence[str], z: torch.Tensor,
-                   y: dict[str, torch.Tensor], tasks: Sequence[TaskSpec]) -> float:
+def _held_out_loss(
+    heads: nn.ModuleDict,
+    names: Sequence[str],
+    z: torch.Tensor,
+    y: dict[str, torch.Tensor],
+    tasks: Sequence[TaskSpec],
+) -> float:
     """Σ over rows and tasks: cross-entropy (classification), squared error (regression)."""
     total = 0.0
     for task in tasks:
@@ -85,8 +103,14 @@ def _features(model: nn.Module, base: Vector, prior: Heads, data: ClientData) ->
 
 
 def select_lambda(
-    model: nn.Module, base: Vector, prior: Heads, data: ClientData, tasks: Sequence[TaskSpec],
-    grid: Sequence[float] = LAMBDA_GRID, folds: int = FOLDS, max_iter: int = 100,
+    model: nn.Module,
+    base: Vector,
+    prior: Heads,
+    data: ClientData,
+    tasks: Sequence[TaskSpec],
+    grid: Sequence[float] = LAMBDA_GRID,
+    folds: int = FOLDS,
+    max_iter: int = 100,
 ) -> tuple[float | None, list[float]]:
     """The λ of ``grid`` whose MAP fit on k − 1 folds of the client's train rows has the least
     log-loss on the remaining fold, summed over the k folds (ties: the larger λ), and the summed
@@ -117,8 +141,15 @@ def select_lambda(
 
 
 def fit_personal_heads(
-    model: nn.Module, base: Vector, prior: Heads, data: ClientData, tasks: Sequence[TaskSpec],
-    lam: float, search: str = "off", grid: Sequence[float] = LAMBDA_GRID, max_iter: int = 100,
+    model: nn.Module,
+    base: Vector,
+    prior: Heads,
+    data: ClientData,
+    tasks: Sequence[TaskSpec],
+    lam: float,
+    search: str = "off",
+    grid: Sequence[float] = LAMBDA_GRID,
+    max_iter: int = 100,
 ) -> tuple[Heads, float, float]:
     """ψ_c's MAP fit with a prior of precision λ at ``prior`` (φ_g) on the client's train rows;
     with ``search="cv"`` λ is chosen per client by :func:`select_lambda` (``lam`` is kept when
@@ -130,7 +161,9 @@ def fit_personal_heads(
         chosen, _ = select_lambda(model, base, prior, data, tasks, grid, max_iter=max_iter)
         lam = lam if chosen is None else chosen
     elif search != "off":
-        raise ValueError(f"personal_lambda_search '{search}' is not known; allowed values: 'off', 'cv'")
+        raise ValueError(
+            f"personal_lambda_search '{search}' is not known; allowed values: 'off', 'cv'"
+        )
     z = _features(model, base, prior, data)
     names = list(prior)
     heads = model.heads

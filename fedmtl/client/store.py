@@ -60,7 +60,9 @@ class ClientStore:
         folder = self._dir(client)
         if not folder.is_dir():
             return []
-        return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)))
+        return sorted(
+            (int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))
+        )
 
     def load(self, client: str, at_most: int | None = None) -> PersonalState | None:
         """The client's newest personal state, or the newest written in round ``at_most`` or
@@ -72,8 +74,10 @@ class ClientStore:
         try:
             return PersonalState.from_dict(torch.load(path, weights_only=True))
         except Exception as exc:  # noqa: BLE001 - damaged or tampered: never loaded, always named
-            raise CorruptState(f"client '{client}': its personal state {path} cannot be read "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise CorruptState(
+                f"client '{client}': its personal state {path} cannot be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
 
     def save(self, client: str, personal: PersonalState, round_: int) -> None:
         """Write the client's state as its version for round ``round_``."""
@@ -97,15 +101,20 @@ class ClientStore:
         """The ids of the clients holding some personal state."""
         if not self.root.exists():
             return []
-        return sorted(p.read_text() for p in self.root.glob(f"*/{ID_FILE}")
-                      if any(_VERSION.match(q.name) for q in p.parent.iterdir()))
+        return sorted(
+            p.read_text()
+            for p in self.root.glob(f"*/{ID_FILE}")
+            if any(_VERSION.match(q.name) for q in p.parent.iterdir())
+        )
 
     # other per-client records, versioned by round like the personal state -----------------
 
     @staticmethod
     def _record_pattern(name: str) -> re.Pattern:
         if not _RECORD.match(name) or name == "personal":
-            raise ValueError(f"a record name must be lower-case letters, digits and _, not 'personal'; got {name!r}")
+            raise ValueError(
+                f"a record name must be lower-case letters, digits and _, not 'personal'; got {name!r}"
+            )
         return re.compile(rf"^{name}-r(\d{{6}})\.pt$")
 
     def save_record(self, client: str, name: str, value: torch.Tensor, round_: int) -> None:
@@ -124,10 +133,14 @@ class ClientStore:
         for path in older[:-2]:
             path.unlink(missing_ok=True)
 
-    def load_record(self, client: str, name: str, at_most: int | None = None) -> torch.Tensor | None:
+    def load_record(
+        self, client: str, name: str, at_most: int | None = None
+    ) -> torch.Tensor | None:
         """The client's newest record ``name`` (written in round ``at_most`` or before), or None."""
         pattern = self._record_pattern(name)
-        versions = [(r, p) for r, p in self._versions(client, pattern) if at_most is None or r <= at_most]
+        versions = [
+            (r, p) for r, p in self._versions(client, pattern) if at_most is None or r <= at_most
+        ]
         if not versions:
             return None
         path = versions[-1][1]
@@ -137,5 +150,7 @@ class ClientStore:
                 raise TypeError(f"holds {type(value).__name__}, not a tensor")
             return value
         except Exception as exc:  # noqa: BLE001 - damaged or tampered: never loaded, always named
-            raise CorruptState(f"client '{client}': its record {path} cannot be read "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise CorruptState(
+                f"client '{client}': its record {path} cannot be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None

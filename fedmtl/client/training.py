@@ -39,7 +39,9 @@ class LocalConfig:
     prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
     personal_lambda: float = 0.3  # fedmtl: pull of ψ_c towards φ_g
     personal_fit: str = "map"  # fedmtl: "map" (exact, L-BFGS) or "sgd" (personal_epochs)
-    personal_lambda_search: str = "cv"  # fedmtl: "off" (personal_lambda) or "cv" (per client, from the grid)
+    personal_lambda_search: str = (
+        "cv"  # fedmtl: "off" (personal_lambda) or "cv" (per client, from the grid)
+    )
     personal_lambda_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     ditto_lambda: float = 0.1
     pfedme_lambda: float = 15.0
@@ -115,10 +117,25 @@ def fit(
     if x.shape[0] == 0 or epochs == 0 or not params:
         return float("nan")
     if cfg.dp_sgd is not None:
-        return cfg.dp_sgd.fit(forward, params, x, y, tasks, epochs, cfg, generator, penalty=penalty,
-                              after_step=after_step, lr=lr)
-    opt = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+        return cfg.dp_sgd.fit(
+            forward,
+            params,
+            x,
+            y,
+            tasks,
+            epochs,
+            cfg,
+            generator,
+            penalty=penalty,
+            after_step=after_step,
+            lr=lr,
+        )
+    opt = torch.optim.SGD(
+        params,
+        lr=cfg.lr if lr is None else lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
     last = 0.0
     for _ in range(epochs):
         total, count = 0.0, 0
@@ -180,8 +197,17 @@ def train_heads(
     model.train()
     heads = _HeadsOnly(model.heads)
     params = [p for h in model.heads.values() for p in h.parameters()]
-    loss = fit(heads, params, z, data.y_train, tasks, epochs, cfg, generator,
-               penalty=proximal_penalty(params, prox_mu))
+    loss = fit(
+        heads,
+        params,
+        z,
+        data.y_train,
+        tasks,
+        epochs,
+        cfg,
+        generator,
+        penalty=proximal_penalty(params, prox_mu),
+    )
     return read_heads(model, start), loss
 
 
@@ -221,8 +247,18 @@ def train_joint(
     if train_head:
         params += [p for t in heads for p in model.heads[t].parameters()]
     hook = (lambda: after_step(model)) if after_step is not None else None
-    loss = fit(model, params, data.x_train, data.y_train, tasks, epochs, cfg, generator,
-               penalty=proximal_penalty(params, prox_mu), after_step=hook)
+    loss = fit(
+        model,
+        params,
+        data.x_train,
+        data.y_train,
+        tasks,
+        epochs,
+        cfg,
+        generator,
+        penalty=proximal_penalty(params, prox_mu),
+        after_step=hook,
+    )
     return flat(model.base), read_heads(model, heads), loss
 
 
@@ -262,8 +298,15 @@ def fit_heads_map(
     params = [p for t in prior for p in heads[t].parameters()]
     anchor = [p.detach().clone() for p in params]
     n = float(data.n_train)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

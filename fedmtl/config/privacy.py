@@ -40,11 +40,17 @@ class DPFedAvgConfig(_Section):
     accounted every round (RDP, dp-accounting)."""
 
     enabled: bool = Field(False, description="client-level differential privacy (DP-FedAvg)")
-    clip_norm: float = Field(1.0, gt=0, description="C: each released update is clipped to this L2 norm")
-    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std on every released sum is z·C")
+    clip_norm: float = Field(
+        1.0, gt=0, description="C: each released update is clipped to this L2 norm"
+    )
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="z: noise std on every released sum is z·C"
+    )
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
     target_epsilon: float | None = Field(
-        None, gt=0, description="refuse to start when the planned rounds would spend more, and stop before"
+        None,
+        gt=0,
+        description="refuse to start when the planned rounds would spend more, and stop before",
     )
     adaptive_clip: bool = Field(
         False, description="C follows a quantile of the update norms (Andrew et al. 2021)"
@@ -63,28 +69,38 @@ class SecureSumConfig(_Section):
 
     enabled: bool = Field(False, description="the server sees masked updates and their sum only")
     protocol: Literal["secagg", "ckks"] = Field(
-        "secagg", description="secagg (SecAgg+ masking) or ckks (TenSEAL CKKS homomorphic encryption; "
-        "needs the 'he' extra)"
+        "secagg",
+        description="secagg (SecAgg+ masking) or ckks (TenSEAL CKKS homomorphic encryption; "
+        "needs the 'he' extra)",
     )
     range: float = Field(
         1.0, gt=0, description="without dp_fedavg: each update coordinate is clipped to ±this"
     )
     neighbours: int | None = Field(
-        None, ge=2, description="SecAgg+ graph degree k (default: sized for max_dropout, ≥ 2·⌈log2 n⌉+1)"
+        None,
+        ge=2,
+        description="SecAgg+ graph degree k (default: sized for max_dropout, ≥ 2·⌈log2 n⌉+1)",
     )
     max_dropout: float = Field(
-        0.1, ge=0, lt=0.5,
+        0.1,
+        ge=0,
+        lt=0.5,
         description="the dropout mid-protocol the default k survives (sum lost with probability ≤ 1e-4)",
     )
     dropout: float = Field(
-        0.0, ge=0, lt=1, description="simulated: this fraction of each release's clients drops mid-protocol"
+        0.0,
+        ge=0,
+        lt=1,
+        description="simulated: this fraction of each release's clients drops mid-protocol",
     )
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "SecureSumConfig":
         if self.enabled and self.protocol == "ckks" and not tenseal_installed():
-            raise ValueError("privacy.secure_sum.protocol=ckks needs the optional 'tenseal' package, "
-                             "which is not installed: pip install -e '.[he]'")
+            raise ValueError(
+                "privacy.secure_sum.protocol=ckks needs the optional 'tenseal' package, "
+                "which is not installed: pip install -e '.[he]'"
+            )
         return self
 
 
@@ -96,17 +112,25 @@ class DPSGDConfig(_Section):
     noise_multiplier: float = Field(
         1.0, gt=0, description="σ: noise std on each step's summed row gradients is σ·max_grad_norm"
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="each row's gradient is clipped to this L2 norm")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="each row's gradient is clipped to this L2 norm"
+    )
     delta: float | None = Field(
-        None, gt=0, lt=1, description="δ of each client's sample-level (ε, δ) (default: dp_fedavg.delta)"
+        None,
+        gt=0,
+        lt=1,
+        description="δ of each client's sample-level (ε, δ) (default: dp_fedavg.delta)",
     )
     target_epsilon: float | None = Field(
-        None, gt=0, description="a client whose next round would take its sample-level ε above this sits "
-        "the round out (named in the round report) instead"
+        None,
+        gt=0,
+        description="a client whose next round would take its sample-level ε above this sits "
+        "the round out (named in the round report) instead",
     )
     accountant: Literal["rdp", "prv"] = Field(
-        "rdp", description="Opacus accountant of each client's ε: rdp (Rényi DP) or prv (privacy loss "
-        "random variables, tighter)"
+        "rdp",
+        description="Opacus accountant of each client's ε: rdp (Rényi DP) or prv (privacy loss "
+        "random variables, tighter)",
     )
 
 
@@ -114,17 +138,22 @@ class EvaluationPrivacyConfig(_Section):
     """What the evaluation releases."""
 
     client_metrics: bool | None = Field(
-        None, description="report each client's own metrics (default: only when privacy is off); "
-        "off: metrics pooled from the clients' summed confusion counts and error sums"
+        None,
+        description="report each client's own metrics (default: only when privacy is off); "
+        "off: metrics pooled from the clients' summed confusion counts and error sums",
     )
     noise: float = Field(
-        0.0, ge=0, description="without dp_fedavg: std of Gaussian noise on every summed evaluation count "
-        "(no ε is claimed for it); under dp_fedavg use noise_multiplier"
+        0.0,
+        ge=0,
+        description="without dp_fedavg: std of Gaussian noise on every summed evaluation count "
+        "(no ε is claimed for it); under dp_fedavg use noise_multiplier",
     )
     noise_multiplier: float = Field(
-        10.0, gt=0, description="dp_fedavg: the pooled evaluation of the final model is released once, each "
+        10.0,
+        gt=0,
+        description="dp_fedavg: the pooled evaluation of the final model is released once, each "
         "client's statistics clipped to their public bound Δ and N(0, (zΔ)²) added, and the accountant "
-        "counts it in ε (rounds before the last release no evaluation)"
+        "counts it in ε (rounds before the last release no evaluation)",
     )
 
 
@@ -180,16 +209,21 @@ def upgrade_privacy(tree: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(node, dict):
             raise ValueError(f"privacy.{section} must be a section (a mapping), got {node!r}")
         if key in node:
-            raise ValueError(f"privacy.{old} and privacy.{new} are both set: privacy.{old} is the old name "
-                             f"of privacy.{new}; keep only privacy.{new}")
+            raise ValueError(
+                f"privacy.{old} and privacy.{new} are both set: privacy.{old} is the old name "
+                f"of privacy.{new}; keep only privacy.{new}"
+            )
         node[key] = value
         _warn(old, new)
     return out
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(f"privacy.{old} is now privacy.{new}; the old key still works but will be removed",
-                  FutureWarning, stacklevel=3)
+    warnings.warn(
+        f"privacy.{old} is now privacy.{new}; the old key still works but will be removed",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 class PrivacyConfig(_Section):
@@ -204,8 +238,9 @@ class PrivacyConfig(_Section):
     evaluation: EvaluationPrivacyConfig = Field(default_factory=EvaluationPrivacyConfig)
     min_group_size: int = Field(3, ge=2, description="fewest clients in a released sum")
     insecure_seeded_noise: bool = Field(
-        False, description="TESTS ONLY: draw DP noise and sampling from training.seed, which anyone can "
-        "replay; the run's ε is void (tagged privacy_epsilon_void=true on the run and its model versions)"
+        False,
+        description="TESTS ONLY: draw DP noise and sampling from training.seed, which anyone can "
+        "replay; the run's ε is void (tagged privacy_epsilon_void=true on the run and its model versions)",
     )
 
     @model_validator(mode="before")
@@ -216,13 +251,17 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _check_releases(self) -> "PrivacyConfig":
         if self.dp and self.evaluation.client_metrics:
-            raise ValueError("privacy.evaluation.client_metrics=true with privacy.dp_fedavg: each client's own "
-                             "metrics would be released outside ε; leave privacy.evaluation.client_metrics unset "
-                             "(pooled, noised and accounted evaluation) or turn privacy.dp_fedavg off")
+            raise ValueError(
+                "privacy.evaluation.client_metrics=true with privacy.dp_fedavg: each client's own "
+                "metrics would be released outside ε; leave privacy.evaluation.client_metrics unset "
+                "(pooled, noised and accounted evaluation) or turn privacy.dp_fedavg off"
+            )
         if self.dp and self.evaluation.noise:
-            raise ValueError("privacy.evaluation.noise with privacy.dp_fedavg: under DP the evaluation's noise "
-                             "is privacy.evaluation.noise_multiplier (relative to its sensitivity, and "
-                             "accounted)")
+            raise ValueError(
+                "privacy.evaluation.noise with privacy.dp_fedavg: under DP the evaluation's noise "
+                "is privacy.evaluation.noise_multiplier (relative to its sensitivity, and "
+                "accounted)"
+            )
         return self
 
     @property
@@ -254,8 +293,11 @@ class PrivacyConfig(_Section):
     def mechanism(self) -> str:
         """The run's ``privacy`` tag: none, or the mechanisms joined by +: dp-fedavg, dp-sgd, secagg
         or ckks (the secure sum in use) (e.g. dp-fedavg+secagg, dp-sgd)."""
-        parts = ((["dp-fedavg"] if self.dp else []) + (["dp-sgd"] if self.sample_level else [])
-                 + ([self.secure_sum.protocol] if self.secure else []))
+        parts = (
+            (["dp-fedavg"] if self.dp else [])
+            + (["dp-sgd"] if self.sample_level else [])
+            + ([self.secure_sum.protocol] if self.secure else [])
+        )
         return "+".join(parts) or "none"
 
     @property

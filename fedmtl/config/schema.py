@@ -12,10 +12,25 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from fedmtl.config.data import DataConfig
+from fedmtl.config.operations import (
+    ColdStartConfig,
+    PromotionConfig,
+    ScheduleConfig,
+    TrackingConfig,
+)
 from fedmtl.config.privacy import PrivacyConfig, renamed
-from fedmtl.config.sections import (AlgorithmConfig, ColdStartConfig, DataConfig, FaultsConfig, GroupingConfig,
-                                    ModelConfig, PromotionConfig, RunnerConfig, ScheduleConfig, ServerConfig,
-                                    TrackingConfig, TrainingConfig, ValidationConfig, _Section)
+from fedmtl.config.sections import (
+    AlgorithmConfig,
+    FaultsConfig,
+    GroupingConfig,
+    ModelConfig,
+    RunnerConfig,
+    ServerConfig,
+    TrainingConfig,
+    ValidationConfig,
+    _Section,
+)
 
 
 class Config(_Section):
@@ -40,23 +55,32 @@ class Config(_Section):
             return self
         problem = dp_sgd_blocker(self.algorithm.method, self.grouping.method)
         if problem is None and self.training.batched == "on":
-            problem = ("training.batched=on with privacy.dp_sgd.enabled: DP-SGD clips each row's gradient "
-                       "(Opacus per-sample gradients), which the batched step (torch.func over clients) does "
-                       "not compute; use training.batched=auto or off")
+            problem = (
+                "training.batched=on with privacy.dp_sgd.enabled: DP-SGD clips each row's gradient "
+                "(Opacus per-sample gradients), which the batched step (torch.func over clients) does "
+                "not compute; use training.batched=auto or off"
+            )
         if problem is not None:
             raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
     def _check_bundled_personal_heads(self) -> "Config":
-        on = [k for k, v in (("privacy.dp_fedavg.enabled", self.privacy.dp_fedavg.enabled),
-                             ("privacy.dp_sgd.enabled", self.privacy.sample_level)) if v]
+        on = [
+            k
+            for k, v in (
+                ("privacy.dp_fedavg.enabled", self.privacy.dp_fedavg.enabled),
+                ("privacy.dp_sgd.enabled", self.privacy.sample_level),
+            )
+            if v
+        ]
         if self.tracking.bundle_personal_heads and on:
             raise ValueError(
                 f"tracking.bundle_personal_heads=true with {' and '.join(on)}=true: every client's personal heads "
                 "(and personal bases) are fitted on its own rows outside the DP guarantee (ε) and would be "
                 "published in the registered model; set tracking.bundle_personal_heads=false (clients fit and "
-                "keep their own heads: `fedmtl personalize`), or turn DP-FedAvg and DP-SGD off")
+                "keep their own heads: `fedmtl personalize`), or turn DP-FedAvg and DP-SGD off"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -68,12 +92,16 @@ def dp_sgd_blocker(method: str, grouping: str) -> str | None:
     """Why ``privacy.dp_sgd.enabled`` cannot give its guarantee with this method and grouping, or None.
     (Methods that group clients: fedmtl, which groups by ``grouping.method``, and IFCA.)"""
     if method == "pfedme":
-        return ("algorithm.method=pfedme with privacy.dp_sgd.enabled: pFedMe's client loop (K inner steps per "
-                "batch on a personal model) is its own and is not made private; use another method")
+        return (
+            "algorithm.method=pfedme with privacy.dp_sgd.enabled: pFedMe's client loop (K inner steps per "
+            "batch on a personal model) is its own and is not made private; use another method"
+        )
     if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
         how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"
-        return (f"{how} with privacy.dp_sgd.enabled: a client would pick its group from the loss of every one of "
-                "its rows, a choice released outside the sample-level ε; use grouping.method=column")
+        return (
+            f"{how} with privacy.dp_sgd.enabled: a client would pick its group from the loss of every one of "
+            "its rows, a choice released outside the sample-level ε; use grouping.method=column"
+        )
     return None
 
 
@@ -128,8 +156,11 @@ def _set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if len(parts) == 2 and parts[0] == "privacy":
         moved = renamed(parts[1], value)
         if moved is not None:  # an old flat key: set its new place, with the warning
-            warnings.warn(f"{dotted} is now privacy.{moved}; the old key still works but will be removed",
-                          FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"{dotted} is now privacy.{moved}; the old key still works but will be removed",
+                FutureWarning,
+                stacklevel=3,
+            )
             dotted, parts = f"privacy.{moved}", ["privacy", *moved.split(".")]
     model: type[BaseModel] | None = Config
     node = tree
@@ -141,7 +172,11 @@ def _set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node[part] = value
             return
         annotation = model.model_fields[part].annotation if model is not None else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
         if model is None:
             raise ConfigError(f"setting '{here}' is a value, not a section: cannot set '{dotted}'")
         child = node.get(part)
@@ -171,7 +206,9 @@ def _describe(error: dict[str, Any]) -> str:
         return _unknown(loc, _section([str(p) for p in error["loc"][:-1]]))
     if error.get("type") == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        return f"setting '{loc}' = {error.get('input')!r} is not allowed; allowed values: {expected}"
+        return (
+            f"setting '{loc}' = {error.get('input')!r} is not allowed; allowed values: {expected}"
+        )
     if not loc:
         return msg.removeprefix("Value error, ")
     return f"setting '{loc}' = {error.get('input')!r}: {msg}"

@@ -1,7 +1,7 @@
-"""The settings sections other than ``privacy`` (:mod:`fedmtl.config.privacy`): ``data``,
-``model``, ``training``, ``algorithm``, ``server``, ``grouping``, ``validation``, ``tracking``,
-``coldstart``, ``promotion``, ``schedule``, ``faults`` and ``runner``. Every section is frozen:
-it is validated once and handed as it is to the part of fedmtl it configures."""
+"""The training sections: ``model``, ``training``, ``algorithm``, ``server``, ``grouping``,
+``validation``, ``faults`` and ``runner`` (the data's are :mod:`fedmtl.config.data`, the model
+lifecycle's :mod:`fedmtl.config.operations`, privacy's :mod:`fedmtl.config.privacy`). Every
+section is frozen: it is validated once and handed as it is to the part of fedmtl it configures."""
 
 from __future__ import annotations
 
@@ -9,101 +9,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Source = Literal["digits", "synthetic", "table", "har"]
-Scheme = Literal["iid", "dirichlet", "shards", "label-permutation", "rotation"]
 Base = Literal["mlp", "cnn"]
 GroupWeighting = Literal["samples", "uniform", "sqrt"]
 Grouping = Literal["column", "ifca", "cluster"]
 Method = Literal[
-    "fedmtl", "local", "fedavg", "fedavg-ft", "fedper", "fedrep", "lg-fedavg", "ditto", "pfedme", "ifca"
+    "fedmtl",
+    "local",
+    "fedavg",
+    "fedavg-ft",
+    "fedper",
+    "fedrep",
+    "lg-fedavg",
+    "ditto",
+    "pfedme",
+    "ifca",
 ]
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
-TaskKind = Literal["classification", "regression"]
 PersonalFit = Literal["sgd", "map"]
 PersonalLambdaSearch = Literal["off", "cv"]
-HarWindows = Literal["segment", "session"]
 RunnerKind = Literal["thread", "process", "dask", "ray"]
-PromotionMetric = Literal["f1", "accuracy", "precision", "recall", "mae", "rmse"]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PartitionConfig(_Section):
-    """How the prepared data set is split into clients (only for the built-in sources)."""
-
-    scheme: Scheme = "label-permutation"
-    n_clients: int = Field(20, ge=1)
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (scheme=dirichlet)")
-    shards_per_client: int = Field(2, ge=1, description="classes per client (scheme=shards)")
-    n_groups: int = Field(
-        4, ge=1, description="groups (scheme=label-permutation: any; rotation: 1..4)"
-    )
-
-
-class SyntheticConfig(_Section):
-    """FedProx's Synthetic(alpha, beta) generator (Li et al. 2020)."""
-
-    alpha: float = Field(0.5, ge=0)
-    beta: float = Field(0.5, ge=0)
-    n_clients: int = Field(30, ge=1)
-    n_features: int = Field(60, ge=1)
-    n_classes: int = Field(10, ge=2)
-    size_scale: float = Field(1.0, gt=0, description="multiplies each client's lognormal size")
-    n_tasks: int = Field(
-        1, ge=1, le=4, description="label columns: label, then label_1 (binary), label_2, ..."
-    )
-
-
-class TableConfig(_Section):
-    """The user's own CSV or Parquet file: one row per example, a column naming its client."""
-
-    path: str | None = None
-    client_column: str = "client"
-    label_columns: list[str] = Field(default_factory=lambda: ["label"], min_length=1)
-    group_column: str | None = None
-    feature_columns: list[str] | None = Field(
-        None, description="default: every other numeric column"
-    )
-    task_kinds: dict[str, TaskKind] = Field(
-        default_factory=dict, description="per label column; default classification"
-    )
-
-
-class HarConfig(_Section):
-    """UCI HAPT smartphone recordings (``pip install 'fedmtl[har]'``): one client per user."""
-
-    window: int = Field(128, ge=8, description="samples per window (50 Hz: 128 = 2.56 s)")
-    overlap: float = Field(0.5, ge=0, lt=1, description="overlap of consecutive windows")
-    windows: HarWindows = Field(
-        "segment",
-        description="segment: inside each labelled activity segment (HAPT's own windows); "
-        "session: across the whole session, labelled by majority",
-    )
-    transition_task: bool = Field(True, description="add the is_transition task")
-    max_users: int | None = Field(None, ge=1, description="keep only the first N users")
-
-
-class DataConfig(_Section):
-    source: Source = "digits"
-    seed: int = 0
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    raw_dir: str = "data/raw"
-    partitions_dir: str = "data/partitions"
-    validation_dir: str = "data/validation"
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    table: TableConfig = Field(default_factory=TableConfig)
-    har: HarConfig = Field(default_factory=HarConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
-        if self.source == "table" and not self.table.path:
-            raise ValueError("data.table.path must be set when data.source is 'table'")
-        if self.partition.scheme == "rotation" and self.partition.n_groups > 4:
-            raise ValueError("data.partition.n_groups must be 1..4 for scheme 'rotation'")
-        return self
 
 
 class ModelConfig(_Section):
@@ -131,40 +59,54 @@ class TrainingConfig(_Section):
     )
     local_epochs: int = Field(5, ge=1)
     personal_epochs: int = Field(
-        5, ge=0, description="epochs of training the personal part (fedmtl/FedRep heads, Ditto's "
-        "personal model, FedAvg-FT's fine-tuning)"
+        5,
+        ge=0,
+        description="epochs of training the personal part (fedmtl/FedRep heads, Ditto's "
+        "personal model, FedAvg-FT's fine-tuning)",
     )
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     min_clients: int = Field(
-        2, ge=1, description="fewest valid clients a run may start with, and fewest updates a round needs"
+        2,
+        ge=1,
+        description="fewest valid clients a run may start with, and fewest updates a round needs",
     )
     client_retries: int = Field(
-        2, ge=0, description="a client whose training raised is retried by Prefect this many times, with "
-        "exponential backoff; one that keeps failing is left out of the round and named"
+        2,
+        ge=0,
+        description="a client whose training raised is retried by Prefect this many times, with "
+        "exponential backoff; one that keeps failing is left out of the round and named",
     )
-    retry_delay: float = Field(0.5, ge=0, description="seconds before the first retry (doubling after)")
+    retry_delay: float = Field(
+        0.5, ge=0, description="seconds before the first retry (doubling after)"
+    )
     client_timeout: float | None = Field(
-        None, gt=0, description="seconds a client may take before it is cut off for the round (no retry)"
+        None,
+        gt=0,
+        description="seconds a client may take before it is cut off for the round (no retry)",
     )
     seed: int = 0
     workdir: str = Field(".fedmtl", description="run state: per-client stores, checkpoints")
     warm_start: Literal["none", "champion"] = Field(
-        "none", description="champion: start from the registry's champion (its base, heads, personal "
-        "heads and round count) when one exists; none: from a fresh initialisation"
+        "none",
+        description="champion: start from the registry's champion (its base, heads, personal "
+        "heads and round count) when one exists; none: from a fresh initialisation",
     )
     batched: Literal["auto", "on", "off"] = Field(
-        "auto", description="train a task's clients together (torch.func, fedmtl/client/batched.py): auto: "
+        "auto",
+        description="train a task's clients together (torch.func, fedmtl/client/batched.py): auto: "
         "whenever the method's client round is the shared step (fedmtl, fedavg, fedavg-ft, FedProx) and "
         "the model has no dropout or batch norm; on: the same, else an error naming why; off: one client "
-        "at a time"
+        "at a time",
     )
     clients_per_task: int | None = Field(
-        None, ge=1, description="clients trained by one Prefect task; null: one task per worker "
+        None,
+        ge=1,
+        description="clients trained by one Prefect task; null: one task per worker "
         "(runner.workers; else the CPU count, or 1 for batched training on threads), at least 8 "
-        "clients each on average, balanced by training rows (fedmtl.server.dispatch.shards)"
+        "clients each on average, balanced by training rows (fedmtl.server.dispatch.shards)",
     )
 
     @field_validator("batched", mode="before")
@@ -180,21 +122,24 @@ class AlgorithmConfig(_Section):
     method: Method = "fedmtl"
     prox_mu: float = Field(0.0, ge=0, description="FedProx μ on the shared local objective")
     personal_fit: PersonalFit = Field(
-        "map", description="fedmtl: fit ψ_c exactly (map: L-BFGS, prior at φ_g) or by personal_epochs of SGD"
+        "map",
+        description="fedmtl: fit ψ_c exactly (map: L-BFGS, prior at φ_g) or by personal_epochs of SGD",
     )
     personal_lambda: float = Field(
         0.3, ge=0, description="fedmtl: precision of the prior pulling ψ_c towards φ_g"
     )
     personal_lambda_search: PersonalLambdaSearch = Field(
-        "off", description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
+        "off",
+        description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
         "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train rows "
         "(least log-loss on the left-out folds), then refits on all of them (fedmtl/client/personal.py; personal_lambda "
         "for clients with fewer than 10 train rows). cv gains up to 1.4 points (docs/quality.md) for 41 fits "
-        "per client and evaluation instead of 1: opt in where the evaluation cost is small"
+        "per client and evaluation instead of 1: opt in where the evaluation cost is small",
     )
     personal_lambda_grid: list[float] = Field(
-        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], min_length=2,
-        description="fedmtl: the λ values personal_lambda_search: cv chooses from (each > 0)"
+        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
+        min_length=2,
+        description="fedmtl: the λ values personal_lambda_search: cv chooses from (each > 0)",
     )
     ditto_lambda: float = Field(0.1, ge=0, description="Ditto: λ of λ/2·‖v − w‖²")
     pfedme_lambda: float = Field(15.0, gt=0, description="pFedMe: λ of the Moreau envelope")
@@ -222,21 +167,32 @@ class ServerConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="adaptivity τ of FedAdam/FedYogi")
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"] = Field(
-        "mean", description="how updates are combined within a group and groups across: the weighted "
-        "mean, or a Byzantine-robust rule"
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"] = (
+        Field(
+            "mean",
+            description="how updates are combined within a group and groups across: the weighted "
+            "mean, or a Byzantine-robust rule",
+        )
     )
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share cut at each end")
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: share cut at each end"
+    )
     byzantine_clients: int | None = Field(
-        None, ge=0, description="krum/multi_krum: f, the Byzantine clients tolerated (null: ⌈20 %⌉ within Krum's n > 2f + 2)"
+        None,
+        ge=0,
+        description="krum/multi_krum: f, the Byzantine clients tolerated (null: ⌈20 %⌉ within Krum's n > 2f + 2)",
     )
     max_update_norm: float | None = Field(
-        None, gt=0, description="norm_bound: each update is scaled to at most this norm (null: the median norm)"
+        None,
+        gt=0,
+        description="norm_bound: each update is scaled to at most this norm (null: the median norm)",
     )
     max_norm_ratio: float | None = Field(
-        10.0, gt=1, description="bounded influence under every aggregator: an update whose L2 norm exceeds this "
+        10.0,
+        gt=1,
+        description="bounded influence under every aggregator: an update whose L2 norm exceeds this "
         "multiple of the round's (lower) median update norm is refused, the client named in the round report "
-        "(null: off; with privacy on, clipping or secure aggregation's range bounds updates instead)"
+        "(null: off; with privacy on, clipping or secure aggregation's range bounds updates instead)",
     )
 
 
@@ -245,7 +201,9 @@ class GroupingConfig(_Section):
     column: str = "group"
     weighting: GroupWeighting = "samples"
     n_groups: int = Field(4, ge=1, description="ifca: k heads; cluster: the most groups tried")
-    warmup_rounds: int = Field(3, ge=1, description="cluster: rounds in one group before clustering")
+    warmup_rounds: int = Field(
+        3, ge=1, description="cluster: rounds in one group before clustering"
+    )
     min_silhouette: float = Field(
         0.1, ge=-1, le=1, description="cluster: below this best silhouette, keep one group"
     )
@@ -256,108 +214,34 @@ class ValidationConfig(_Section):
     min_test_rows: int = Field(2, ge=1)
 
 
-class TrackingConfig(_Section):
-    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
-    artifact_root: str = "mlflow/artifacts"
-    experiment: str = "fedmtl"
-    registered_model: str = "fedmtl-personalized"
-    register_model: bool = True
-    client_runs: bool = Field(True, description="a child run per client with its metrics")
-    max_client_runs: int = Field(
-        50, ge=0, description="above this many clients, per-client metrics go to the table artifact "
-        "clients/rounds.csv instead of child runs"
-    )
-    bundle_personal_heads: bool = Field(
-        False, description="opt-in: publish every client's personal heads (and personal bases) inside the "
-        "registered model; off: they stay on the clients (each fits its own, `fedmtl personalize`) and the "
-        "model answers a known client with its group's heads, else the global heads. Refused with privacy.dp_fedavg.enabled "
-        "or privacy.dp_sgd.enabled (the personal parts are fitted outside ε)"
-    )
-    metrics_file: str = "metrics.json"
-
-
-class ColdStartConfig(_Section):
-    """A client that took no part in training (``fedmtl personalize``, the pyfunc given labels):
-    it picks the group head with the lowest loss on its k labelled rows, then fine-tunes its
-    own head from it on those rows, the base frozen (fedmtl/lifecycle/coldstart.py). The defaults, a gentle
-    fine-tune (10 full-batch steps at k <= 32, lr 0.02, pulled back to the group head by μ = 1),
-    did as well as any setting tried by benchmarks/coldstart.py at k = 5..20; longer or faster
-    fine-tunes without the pull overfit the k rows and lost up to 1.6 points."""
-
-    epochs: int = Field(10, ge=0, description="passes over the labelled rows (0 = the chosen group head as is)")
-    lr: float = Field(0.02, gt=0, description="learning rate of the head fine-tune")
-    batch_size: int = Field(32, ge=1, description="rows per step (k <= batch_size: one full-batch step per epoch)")
-    prox_mu: float = Field(1.0, ge=0, description="pull of the fine-tuned head towards the group head")
-    seed: int = Field(0, description="seeds the fine-tune's draws (with the client id)")
-
-    @model_validator(mode="after")
-    def _check(self) -> "ColdStartConfig":
-        if self.lr * self.prox_mu >= 1:
-            raise ValueError(
-                f"coldstart.lr × coldstart.prox_mu must be below 1 (got {self.lr} × {self.prox_mu}): "
-                "a larger pull towards the group head overshoots it at every step and diverges"
-            )
-        return self
-
-
-class PromotionConfig(_Section):
-    """The gates a challenger must pass to become the registry's ``champion`` (``fedmtl
-    promote``). Both models answer every client's held-out rows through their own routing;
-    ``metric`` is the client's personalised score on ``task`` (default: the first task)."""
-
-    metric: PromotionMetric = Field("f1", description="per-client score compared: macro-F1, accuracy (or mae/rmse)")
-    task: str | None = Field(None, description="the task whose metric is compared (default: the first)")
-    min_gain: float = Field(0.0, description="the challenger's client mean must beat the champion's by this much")
-    max_client_regression: float = Field(
-        0.05, ge=0, description="no client may score worse than under the champion by more than this"
-    )
-    worst_fraction: float = Field(
-        0.1, gt=0, le=1, description="the worst clients' mean (this fraction of them) must not drop"
-    )
-    min_metric: float | None = Field(
-        0.5, description="absolute gate: the challenger's client mean must reach this (also for the first champion)"
-    )
-    max_quarantined_fraction: float = Field(
-        0.25, ge=0, le=1, description="absolute gate: at most this fraction of clients failed validation"
-    )
-    max_epsilon: float = Field(
-        10.0, gt=0, description="absolute gate when privacy is on: the run's spent ε must not exceed this"
-    )
-
-
-class ScheduleConfig(_Section):
-    """Scheduled recurring training (``fedmtl schedule``, ``prefect.yaml``): each run brings the
-    data to its latest DVC version, then trains, continuing from the champion."""
-
-    deployment: str = Field("nightly", description="the Prefect deployment's name (fedmtl-scheduled/<name>)")
-    warm_start: Literal["none", "champion"] = Field(
-        "champion", description="training.warm_start of scheduled runs: continue from the registry's champion"
-    )
-    refresh_data: bool = Field(
-        True, description="re-run the DVC data stages (prepare, partition, validate) before training"
-    )
-    push_data: bool = Field(True, description="dvc push the new data version when a DVC remote is configured")
-    promote: bool = Field(
-        True, description="after training, judge the new version with the promotion gates (fedmtl promote)"
-    )
-
-
 class FaultsConfig(_Section):
     """Fault injection, for tests and the reliability benchmark (never needed in production)."""
 
     client_failure_rate: float = Field(
-        0.0, ge=0, lt=1, description="each client training attempt raises with this probability (seeded)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="each client training attempt raises with this probability (seeded)",
     )
-    straggler_rate: float = Field(0.0, ge=0, le=1, description="share of a round's clients that are slow")
-    straggler_delay: float = Field(0.0, ge=0, description="seconds a slow client takes before it trains")
-    byzantine_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of the clients that are Byzantine")
+    straggler_rate: float = Field(
+        0.0, ge=0, le=1, description="share of a round's clients that are slow"
+    )
+    straggler_delay: float = Field(
+        0.0, ge=0, description="seconds a slow client takes before it trains"
+    )
+    byzantine_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="share of the clients that are Byzantine"
+    )
     byzantine_attack: Literal["sign_flip", "gaussian", "label_flip"] = Field(
-        "sign_flip", description="what they do: send −10×Δ, send noise 10× as long as Δ, or train on flipped labels"
+        "sign_flip",
+        description="what they do: send −10×Δ, send noise 10× as long as Δ, or train on flipped labels",
     )
 
     crash_at_round: int | None = Field(
-        None, ge=1, description="kill the training process (SIGKILL) in the middle of this round (clients "
-        "trained and evaluated, nothing logged or checkpointed): what `fedmtl train --resume` recovers from"
+        None,
+        ge=1,
+        description="kill the training process (SIGKILL) in the middle of this round (clients "
+        "trained and evaluated, nothing logged or checkpointed): what `fedmtl train --resume` recovers from",
     )
 
 
@@ -373,19 +257,27 @@ class RunnerConfig(_Section):
     workers: int | None = Field(
         None, ge=1, description="threads/processes/Dask workers/Ray CPUs (default: the CPU count)"
     )
-    dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    dask_address: str | None = Field(
+        None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786"
+    )
     ray_address: str | None = Field(
-        None, description="an existing Ray cluster, e.g. ray://10.0.0.5:10001, 10.0.0.5:6379 or auto"
+        None,
+        description="an existing Ray cluster, e.g. ray://10.0.0.5:10001, 10.0.0.5:6379 or auto",
     )
     torch_threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="torch threads per worker process (default: 1 for process/dask/ray, torch's own for thread)",
     )
 
     @model_validator(mode="after")
     def _check(self) -> "RunnerConfig":
         if self.dask_address and self.kind != "dask":
-            raise ValueError(f"runner.dask_address is set but runner.kind is '{self.kind}': set runner.kind=dask")
+            raise ValueError(
+                f"runner.dask_address is set but runner.kind is '{self.kind}': set runner.kind=dask"
+            )
         if self.ray_address and self.kind != "ray":
-            raise ValueError(f"runner.ray_address is set but runner.kind is '{self.kind}': set runner.kind=ray")
+            raise ValueError(
+                f"runner.ray_address is set but runner.kind is '{self.kind}': set runner.kind=ray"
+            )
         return self

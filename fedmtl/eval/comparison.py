@@ -14,10 +14,25 @@ HIGHER, LOWER, NEUTRAL = 1, -1, 0
 HIGHER_TOKENS = frozenset({"accuracy", "precision", "recall", "f1", "gain", "ari", "r2"})
 LOWER_TOKENS = frozenset({"loss", "mae", "rmse", "mse", "error"})
 # tags worth a row when they differ between runs (the settings are params, these are not)
-COMPARED_TAGS = ("dataset", "partition_scheme", "privacy", "data_version", "git_commit", "quarantined_clients")
+COMPARED_TAGS = (
+    "dataset",
+    "partition_scheme",
+    "privacy",
+    "data_version",
+    "git_commit",
+    "quarantined_clients",
+)
 # the order of metric groups in the table; anything else (e.g. further tasks' metrics) follows
-METRIC_ORDER = ("personal/", "group/", "global/", "personalisation_gain/", "grouping/", "train/",
-                "clients/", "time/")
+METRIC_ORDER = (
+    "personal/",
+    "group/",
+    "global/",
+    "personalisation_gain/",
+    "grouping/",
+    "train/",
+    "clients/",
+    "time/",
+)
 BEST_MARK = "✓"
 MISSING = "—"
 
@@ -44,7 +59,10 @@ class Row:
     direction: int = NEUTRAL
 
     def cells(self) -> list[str]:
-        return [format_value(v) + (f" {BEST_MARK}" if i in self.best else "") for i, v in enumerate(self.values)]
+        return [
+            format_value(v) + (f" {BEST_MARK}" if i in self.best else "")
+            for i, v in enumerate(self.values)
+        ]
 
 
 @dataclass(frozen=True)
@@ -96,7 +114,9 @@ def param_rows(runs: Sequence[RunRecord], all_params: bool = False) -> list[Row]
     return rows
 
 
-def tag_rows(runs: Sequence[RunRecord], keys: Sequence[str] = COMPARED_TAGS, all_tags: bool = False) -> list[Row]:
+def tag_rows(
+    runs: Sequence[RunRecord], keys: Sequence[str] = COMPARED_TAGS, all_tags: bool = False
+) -> list[Row]:
     """Rows ``tags.<key>`` for the provenance tags that differ (or all of ``keys``)."""
     rows = []
     for key in keys:
@@ -140,10 +160,15 @@ def metric_rows(runs: Sequence[RunRecord], patterns: Sequence[str] | None = None
     return rows
 
 
-def compare(runs: Sequence[RunRecord], all_params: bool = False,
-            patterns: Sequence[str] | None = None) -> Comparison:
-    return Comparison(tuple(runs), tuple(param_rows(runs, all_params)), tuple(tag_rows(runs, all_tags=all_params)),
-                      tuple(metric_rows(runs, patterns)))
+def compare(
+    runs: Sequence[RunRecord], all_params: bool = False, patterns: Sequence[str] | None = None
+) -> Comparison:
+    return Comparison(
+        tuple(runs),
+        tuple(param_rows(runs, all_params)),
+        tuple(tag_rows(runs, all_tags=all_params)),
+        tuple(metric_rows(runs, patterns)),
+    )
 
 
 def format_value(value) -> str:

@@ -23,7 +23,14 @@ from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
 
 VARIANTS = ("global", "group", "personal")
-HIGHER_IS_BETTER = {"accuracy": True, "precision": True, "recall": True, "f1": True, "mae": False, "rmse": False}
+HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "precision": True,
+    "recall": True,
+    "f1": True,
+    "mae": False,
+    "rmse": False,
+}
 
 
 def task_metrics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, float]:
@@ -56,8 +63,12 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
-    return {"accuracy": float(tp.sum() / y_true.size), "precision": float(precision.mean()),
-            "recall": float(recall.mean()), "f1": float(f1.mean())}
+    return {
+        "accuracy": float(tp.sum() / y_true.size),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
 
 
 def classification_metrics_sklearn(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -68,15 +79,21 @@ def classification_metrics_sklearn(y_true: np.ndarray, y_pred: np.ndarray) -> di
     p, r, f, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=present, average="macro", zero_division=0
     )
-    return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
-            "recall": float(r), "f1": float(f)}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(p),
+        "recall": float(r),
+        "f1": float(f),
+    }
 
 
 def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import mean_absolute_error, mean_squared_error  # ~1 s import, when needed
 
-    return {"mae": float(mean_absolute_error(y_true, pred)),
-            "rmse": float(math.sqrt(mean_squared_error(y_true, pred)))}
+    return {
+        "mae": float(mean_absolute_error(y_true, pred)),
+        "rmse": float(math.sqrt(mean_squared_error(y_true, pred))),
+    }
 
 
 @torch.no_grad()
@@ -127,8 +144,10 @@ def evaluate_clients(
             assign(model.heads[task.name], heads[task.name])
             outputs[task.name] = torch.split(model.heads[task.name](z), sizes)
         scored[key] = {
-            i: {t.name: score(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
-                for t in tasks}
+            i: {
+                t.name: score(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
+                for t in tasks
+            }
             for j, i in enumerate(members)
         }
 
@@ -137,8 +156,16 @@ def evaluate_clients(
         for variant, (base, heads) in variants.items():
             key = _weights_key(base, heads)
             for task in tasks:
-                records.append({"client": data.client, "group": data.group, "n_test": data.n_test,
-                                "variant": variant, "task": task.name, **scored[key][i][task.name]})
+                records.append(
+                    {
+                        "client": data.client,
+                        "group": data.group,
+                        "n_test": data.n_test,
+                        "variant": variant,
+                        "task": task.name,
+                        **scored[key][i][task.name],
+                    }
+                )
     return records
 
 
@@ -169,7 +196,9 @@ def summarize(records: pd.DataFrame) -> dict[str, float]:
                 values = part[m]
                 out[f"{prefix}{variant}/{m}/mean"] = float(values.mean())
                 out[f"{prefix}{variant}/{m}/weighted_mean"] = float(np.average(values, weights=w))
-                out[f"{prefix}{variant}/{m}/worst10"] = worst_fraction_mean(values, HIGHER_IS_BETTER[m])
+                out[f"{prefix}{variant}/{m}/worst10"] = worst_fraction_mean(
+                    values, HIGHER_IS_BETTER[m]
+                )
         pivot = rows.pivot_table(index="client", columns="variant", values=metrics)
         for m in metrics:
             if ("personal" in pivot[m]) and ("global" in pivot[m]):

@@ -7,10 +7,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedmtl.eval.metrics import HIGHER_IS_BETTER, VARIANTS  # noqa: E402
 
@@ -35,7 +35,9 @@ def convergence(history: list[dict[str, float]], metric: str = "accuracy"):
 
 def clients_global_vs_personal(records: pd.DataFrame, metric: str = "accuracy"):
     task = records["task"].iloc[0]
-    pivot = records[records["task"] == task].pivot_table(index="client", columns="variant", values=metric)
+    pivot = records[records["task"] == task].pivot_table(
+        index="client", columns="variant", values=metric
+    )
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(pivot["global"], pivot["personal"], s=18)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
@@ -54,7 +56,9 @@ def personalisation_gain_histogram(records: pd.DataFrame, metric: str | None = N
     task = records["task"].iloc[0]
     rows = records[records["task"] == task]
     if metric is None:
-        metric = next((m for m in HIGHER_IS_BETTER if m in rows.columns and rows[m].notna().any()), "accuracy")
+        metric = next(
+            (m for m in HIGHER_IS_BETTER if m in rows.columns and rows[m].notna().any()), "accuracy"
+        )
     pivot = rows.pivot_table(index="client", columns="variant", values=metric)
     fig, ax = plt.subplots(figsize=(6, 4))
     if {"personal", "global"} <= set(pivot.columns):
@@ -66,7 +70,10 @@ def personalisation_gain_histogram(records: pd.DataFrame, metric: str | None = N
         if len(gain):
             ax.axvline(float(gain.mean()), color="black", lw=1.2, label=f"mean {gain.mean():+.3f}")
             ax.legend()
-    ax.set_xlabel(f"personalised − global {metric}" + ("" if HIGHER_IS_BETTER.get(metric, True) else " (negated)"))
+    ax.set_xlabel(
+        f"personalised − global {metric}"
+        + ("" if HIGHER_IS_BETTER.get(metric, True) else " (negated)")
+    )
     ax.set_ylabel("clients")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Personalisation gain per client")
@@ -78,13 +85,19 @@ def personalisation_gain_histogram(records: pd.DataFrame, metric: str | None = N
 def group_assignment(assignments: pd.DataFrame):
     """Each client's group: a client × round heat map when there are several rounds, else a bar
     chart of the number of clients per group. ``assignments``: columns round, client, group."""
-    table = assignments.assign(group=assignments["group"].map(lambda g: "none" if g is None or g != g else str(g)))
+    table = assignments.assign(
+        group=assignments["group"].map(lambda g: "none" if g is None or g != g else str(g))
+    )
     groups = sorted(table["group"].unique())
     rounds = sorted(table["round"].unique())
     if len(rounds) <= 1:
         counts = table.groupby("group")["client"].nunique().reindex(groups)
         fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(groups) + 2), 4))
-        ax.bar(range(len(groups)), counts.to_numpy(), color=plt.get_cmap("tab10")(np.arange(len(groups)) % 10))
+        ax.bar(
+            range(len(groups)),
+            counts.to_numpy(),
+            color=plt.get_cmap("tab10")(np.arange(len(groups)) % 10),
+        )
         ax.set_xticks(range(len(groups)), groups)
         ax.set_xlabel("group")
         ax.set_ylabel("clients")
@@ -95,16 +108,27 @@ def group_assignment(assignments: pd.DataFrame):
         return fig
     code = {g: i for i, g in enumerate(groups)}
     grid = table.assign(code=table["group"].map(code)).pivot_table(
-        index="client", columns="round", values="code", aggfunc="first")
+        index="client", columns="round", values="code", aggfunc="first"
+    )
     grid = grid.reindex(columns=rounds)
     palette = "tab10" if len(groups) <= 10 else "tab20"
     cmap = ListedColormap(plt.get_cmap(palette)(np.arange(len(groups)) % 20))
-    fig, ax = plt.subplots(figsize=(min(12, 3 + 0.25 * len(rounds)), min(12, 1.5 + 0.25 * len(grid))))
-    image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap,
-                      vmin=-0.5, vmax=len(groups) - 0.5, interpolation="nearest")
+    fig, ax = plt.subplots(
+        figsize=(min(12, 3 + 0.25 * len(rounds)), min(12, 1.5 + 0.25 * len(grid)))
+    )
+    image = ax.imshow(
+        np.ma.masked_invalid(grid.to_numpy(dtype=float)),
+        aspect="auto",
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(groups) - 0.5,
+        interpolation="nearest",
+    )
     step = max(1, len(rounds) // 15)
     ax.set_xticks(range(0, len(rounds), step), [str(r) for r in rounds[::step]])
-    ax.set_yticks(range(len(grid)), [str(c) for c in grid.index], fontsize=7 if len(grid) > 30 else 9)
+    ax.set_yticks(
+        range(len(grid)), [str(c) for c in grid.index], fontsize=7 if len(grid) > 30 else 9
+    )
     ax.set_xlabel("round")
     ax.set_ylabel("client")
     ax.set_title("Group assignment per round")

@@ -38,8 +38,11 @@ class ClientSteps:
         if self.partition_digests is not None:
             expected = self.partition_digests.get(client)
             if expected is None:
-                raise PartitionChanged(f"client '{client}': its partition did not pass validation (no "
-                                       "validated SHA-256 of it): it sits out", client)
+                raise PartitionChanged(
+                    f"client '{client}': its partition did not pass validation (no "
+                    "validated SHA-256 of it): it sits out",
+                    client,
+                )
         return load_client_data(self.partitions_dir, self._manifest_key, client, expected)
 
     def _generator(self, client: str, round_: int, purpose: str = "") -> torch.Generator:
@@ -47,9 +50,13 @@ class ClientSteps:
 
     def context(self, client: str, round_: int, purpose: str = "") -> ClientContext:
         generator = self._generator(client, round_, purpose)
-        return ClientContext(self.new_model(), list(self.manifest.tasks), self.local, generator, round_)
+        return ClientContext(
+            self.new_model(), list(self.manifest.tasks), self.local, generator, round_
+        )
 
-    def group_of(self, client: str, state: ServerState, data: ClientData, ctx: ClientContext) -> str:
+    def group_of(
+        self, client: str, state: ServerState, data: ClientData, ctx: ClientContext
+    ) -> str:
         """The group ``client`` trains and is evaluated in, under the grouping in force."""
         method = self.grouping_method
         if method is None:
@@ -90,8 +97,9 @@ class ClientSteps:
         group = self.group_of(client, state, data, ctx)
         if private is not None:
             ctx.cfg = dataclasses.replace(ctx.cfg, dp_sgd=session)
-        update, personal = self.algorithm.client_round(ctx, state, data, group,
-                                                       self.store.load(client, at_most=state.round))
+        update, personal = self.algorithm.client_round(
+            ctx, state, data, group, self.store.load(client, at_most=state.round)
+        )
         update = self.faults.poison_update(update, state.round + 1, self.byzantine)
         check_update(update, state)
         if private is not None:
@@ -105,11 +113,15 @@ class ClientSteps:
     def batching_blocker(self, model: torch.nn.Module | None = None) -> str | None:
         """Why this federation's clients cannot be trained in a batch, or None if they can."""
         if self.sample_level is not None:
-            return ("privacy.dp_sgd.enabled: DP-SGD clips each row's gradient (Opacus per-sample gradients), "
-                    "which the batched step (torch.func over clients) does not compute")
+            return (
+                "privacy.dp_sgd.enabled: DP-SGD clips each row's gradient (Opacus per-sample gradients), "
+                "which the batched step (torch.func over clients) does not compute"
+            )
         if not self.algorithm.batchable:
-            return (f"algorithm.method '{self.algorithm.name}' has its own client procedure, not the "
-                    "standard shared step (batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)")
+            return (
+                f"algorithm.method '{self.algorithm.name}' has its own client procedure, not the "
+                "standard shared step (batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)"
+            )
         return batching_blocker(model if model is not None else self.new_model())
 
     def train_rows(self) -> dict[str, int]:
@@ -120,16 +132,24 @@ class ClientSteps:
         """Whether :meth:`train_clients` trains in batches; ``batched: on`` with a method or
         model that does not allow it raises :class:`BatchingUnsupported` naming the reason."""
         if self.batched not in ("auto", "on", "off"):
-            raise ValueError(f"training.batched = {self.batched!r} is not allowed; allowed values: auto, on, off")
+            raise ValueError(
+                f"training.batched = {self.batched!r} is not allowed; allowed values: auto, on, off"
+            )
         if self.batched == "off":
             return False
         reason = self.batching_blocker(model)
         if reason is not None and self.batched == "on":
-            raise BatchingUnsupported(f"training.batched is 'on' but {reason}; use training.batched=auto or off")
+            raise BatchingUnsupported(
+                f"training.batched is 'on' but {reason}; use training.batched=auto or off"
+            )
         return reason is None
 
     def train_clients(
-        self, clients: list[str], state: ServerState, failed: dict[str, ClientFailure] | None = None, attempt: int = 0,
+        self,
+        clients: list[str],
+        state: ServerState,
+        failed: dict[str, ClientFailure] | None = None,
+        attempt: int = 0,
     ) -> list[ClientUpdate]:
         """Local training of a shard of clients, in order: batched when the method and model
         allow it and ``training.batched`` is not off, else :meth:`client_round` per client.
@@ -156,7 +176,9 @@ class ClientSteps:
             try:
                 self.faults.before_training(client, state.round + 1, attempt)
                 data = self.train_data(client)
-                ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round), state.round)
+                ctx = ClientContext(
+                    model, tasks, self.local, self._generator(client, state.round), state.round
+                )
                 group = self.group_of(client, state, data, ctx)
                 personal = self.store.load(client, at_most=state.round)
                 start = self.algorithm.shared_start(self.local, state, group, personal)
@@ -166,12 +188,18 @@ class ClientSteps:
                 failed[client] = ClientFailure.of(exc)
                 continue
             prepared.append((client, data, group, personal, start, ctx.generator))
-        jobs = [SharedJob(data, start.base, start.heads, gen, start.prox_mu)
-                for _, data, _, _, start, gen in prepared]
+        jobs = [
+            SharedJob(data, start.base, start.heads, gen, start.prox_mu)
+            for _, data, _, _, start, gen in prepared
+        ]
         trained = train_shared(model, tasks, self.local, jobs)
         updates = []
-        for (client, data, group, personal, start, _), (base, heads, loss) in zip(prepared, trained):
-            update, keep = self.algorithm.shared_result(data, group, state, start, base, heads, loss, personal)
+        for (client, data, group, personal, start, _), (base, heads, loss) in zip(
+            prepared, trained
+        ):
+            update, keep = self.algorithm.shared_result(
+                data, group, state, start, base, heads, loss, personal
+            )
             update = self.faults.poison_update(update, state.round + 1, self.byzantine)
             try:
                 check_update(update, state)
@@ -185,8 +213,12 @@ class ClientSteps:
             updates.append(update)
         return updates
 
-    def evaluate_clients(self, clients: list[str], state: ServerState,
-                         skipped: dict[str, ClientFailure] | None = None) -> list[dict]:
+    def evaluate_clients(
+        self,
+        clients: list[str],
+        state: ServerState,
+        skipped: dict[str, ClientFailure] | None = None,
+    ) -> list[dict]:
         """Each client scores the global, group and personalised models on its own held-out
         split (records in client order). Personalisation runs per client (it may fit a
         personal head and keep it in the client's store); the scoring is batched over the
@@ -201,8 +233,12 @@ class ClientSteps:
             r["assigned_group"] = groups[r["client"]]
         return records
 
-    def evaluate_pooled(self, clients: list[str], state: ServerState,
-                        skipped: dict[str, ClientFailure] | None = None) -> dict[str, float]:
+    def evaluate_pooled(
+        self,
+        clients: list[str],
+        state: ServerState,
+        skipped: dict[str, ClientFailure] | None = None,
+    ) -> dict[str, float]:
         """Private evaluation (``privacy.evaluation.client_metrics`` off): the same scoring, but
         each client reduces its scores to sufficient statistics (confusion counts, error sums) and
         only their sum over the clients comes out, through the secure sum when
@@ -214,14 +250,25 @@ class ClientSteps:
         records = evaluate_clients(model, jobs, tasks, score=statistics_score)
         spec, secure = self.privacy, self.privacy.secure_sum
         return pooled_evaluation(
-            StatLayout.build(VARIANTS, tasks), records, secure=spec.secure,
+            StatLayout.build(VARIANTS, tasks),
+            records,
+            secure=spec.secure,
             max_rows=max((c.n_test for c in self.manifest.clients), default=1),
-            min_clients=spec.min_group_size, noise_std=spec.evaluation.noise,
+            min_clients=spec.min_group_size,
+            noise_std=spec.evaluation.noise,
             noise_multiplier=spec.evaluation.noise_multiplier if spec.dp else None,
             generator=self.secret.stream("server", state.round, "evaluation-noise"),
-            neighbours=secure.neighbours, max_dropout=secure.max_dropout, protocol=secure.protocol)
+            neighbours=secure.neighbours,
+            max_dropout=secure.max_dropout,
+            protocol=secure.protocol,
+        )
 
-    def _evaluation_jobs(self, clients: list[str], state: ServerState, skipped: dict[str, ClientFailure] | None = None):
+    def _evaluation_jobs(
+        self,
+        clients: list[str],
+        state: ServerState,
+        skipped: dict[str, ClientFailure] | None = None,
+    ):
         """The model, each client's (data, {variant: (base, heads)}) and each client's group.
         A client whose partition cannot be used (:class:`fedmtl.client.data.PartitionError`) raises,
         or, with ``skipped`` a dict, is left out and recorded there."""
@@ -236,14 +283,28 @@ class ClientSteps:
                     raise
                 skipped[client] = ClientFailure.of(exc)
                 continue
-            ctx = ClientContext(model, tasks, self.local, self._generator(client, state.round, "evaluate"),
-                                state.round)
+            ctx = ClientContext(
+                model,
+                tasks,
+                self.local,
+                self._generator(client, state.round, "evaluate"),
+                state.round,
+            )
             group = self.group_of(client, state, data, ctx)
-            base, heads, keep = self.algorithm.personalized(ctx, state, data, group,
-                                                            self.store.load(client, at_most=state.round))
+            base, heads, keep = self.algorithm.personalized(
+                ctx, state, data, group, self.store.load(client, at_most=state.round)
+            )
             if keep is not None:
                 self.store.save(client, keep, state.round)
-            jobs.append((data, {"global": (state.base, state.global_heads),
-                                "group": (state.base, state.heads_for(group)), "personal": (base, heads)}))
+            jobs.append(
+                (
+                    data,
+                    {
+                        "global": (state.base, state.global_heads),
+                        "group": (state.base, state.heads_for(group)),
+                        "personal": (base, heads),
+                    },
+                )
+            )
             groups[client] = group
         return model, jobs, groups

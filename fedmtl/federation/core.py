@@ -63,7 +63,9 @@ class Federation(ClientSteps, ServerSteps):
     #: client -> the digest of its partition as validated (fedmtl.data.validation.bind_partitions): every
     #: read checks it (PartitionChanged), a client without one is refused. None: no check (a
     #: federation built without a validation report, e.g. tests and benchmarks)
-    partition_digests: dict[str, PartitionDigest] | None = field(default=None, repr=False, compare=False)
+    partition_digests: dict[str, PartitionDigest] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.privacy.sample_level:
@@ -87,9 +89,15 @@ class Federation(ClientSteps, ServerSteps):
         return SampleLevelDP(self.privacy.dp_sgd, self.privacy.dp_sgd_delta, self.secret)
 
     @classmethod
-    def from_config(cls, cfg, manifest: Manifest, store: ClientStore,
-                    secret: SecretRandom | None = None, *,
-                    partition_digests: dict[str, PartitionDigest] | None = None) -> "Federation":
+    def from_config(
+        cls,
+        cfg,
+        manifest: Manifest,
+        store: ClientStore,
+        secret: SecretRandom | None = None,
+        *,
+        partition_digests: dict[str, PartitionDigest] | None = None,
+    ) -> "Federation":
         """``secret``: the run's key (the flow keeps it in the run's directory so that a resume
         draws the same noise); None: a fresh one. ``privacy.insecure_seeded_noise`` (tests
         only) replaces it with one derived from ``training.seed``."""
@@ -113,8 +121,12 @@ class Federation(ClientSteps, ServerSteps):
             batched=cfg.training.batched,
             clients_per_task=cfg.training.clients_per_task,
             privacy=cfg.privacy,
-            robust=RobustSpec(cfg.server.aggregator, cfg.server.trim_fraction, cfg.server.byzantine_clients,
-                              cfg.server.max_update_norm),
+            robust=RobustSpec(
+                cfg.server.aggregator,
+                cfg.server.trim_fraction,
+                cfg.server.byzantine_clients,
+                cfg.server.max_update_norm,
+            ),
             faults=FaultSpec.from_config(cfg),
             secret=secret if secret is not None else SecretRandom.fresh(),
             max_norm_ratio=cfg.server.max_norm_ratio,
@@ -130,7 +142,10 @@ class Federation(ClientSteps, ServerSteps):
 
     def new_model(self) -> torch.nn.Module:
         return build_model(
-            self.model_cfg, len(self.manifest.features), self.manifest.tasks, self.manifest.input_shape
+            self.model_cfg,
+            len(self.manifest.features),
+            self.manifest.tasks,
+            self.manifest.input_shape,
         )
 
     @functools.cached_property

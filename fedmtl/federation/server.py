@@ -18,7 +18,14 @@ from fedmtl.privacy.sample_level import EPSILON_KEY, client_epsilons
 from fedmtl.server.aggregation import global_merge
 from fedmtl.server.grouping import WARMUP_GROUP, regroup
 from fedmtl.server.screening import screen_norms
-from fedmtl.state import ClientFailure, ClientUpdate, GroupAggregate, ServerState, flat, initial_state
+from fedmtl.state import (
+    ClientFailure,
+    ClientUpdate,
+    GroupAggregate,
+    ServerState,
+    flat,
+    initial_state,
+)
 
 
 class ServerSteps:
@@ -45,14 +52,26 @@ class ServerSteps:
         return self.release.participants(clients, per_round, round_)
 
     def aggregate(
-        self, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float = 1.0
+        self,
+        updates: list[ClientUpdate],
+        state: ServerState,
+        clients: list[str],
+        per_round: float = 1.0,
     ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
         """The group_aggregate step, as :attr:`release` does it: plain per-group means, or the
         private releases of :mod:`fedmtl.privacy.aggregation` and their report."""
-        return self.release.aggregate(updates, state, clients, per_round,
-                                      lambda c: self.release_group(c, state), self.manifest_rows)
+        return self.release.aggregate(
+            updates,
+            state,
+            clients,
+            per_round,
+            lambda c: self.release_group(c, state),
+            self.manifest_rows,
+        )
 
-    def screen(self, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
+    def screen(
+        self, updates: list[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
         """Bounded influence, before any aggregation: each update's weight is its client's train
         rows *as the manifest records them* (never the count a client reports), and, with
         ``server.max_norm_ratio`` and no privacy mechanism (under DP every update is clipped to
@@ -82,26 +101,45 @@ class ServerSteps:
     def needs_updates_to_merge(self, state: ServerState) -> bool:
         """Whether :meth:`merge` needs the round's client updates, not only the group aggregates:
         to learn groups, to record DP-SGD's ε, or to step the base by a robust rule over clients."""
-        return self.regroup_due(state) or self.sample_level is not None or self.robust.rule != "mean"
+        return (
+            self.regroup_due(state) or self.sample_level is not None or self.robust.rule != "mean"
+        )
 
     def merge(
-        self, state: ServerState, groups: dict[str, GroupAggregate], updates: list[ClientUpdate] | None = None,
+        self,
+        state: ServerState,
+        groups: dict[str, GroupAggregate],
+        updates: list[ClientUpdate] | None = None,
         privacy: RoundPrivacy | None = None,
     ) -> ServerState:
         """The server step: merge the group aggregates; at the end of the warm-up of
         ``grouping: cluster``, split the clients into learned groups; then the privacy stages'
         own state: adaptive clipping's C (:attr:`release`), every client's DP-SGD ε
         (:attr:`sample_level`)."""
-        robust_base = updates if self.robust.rule != "mean" else None  # the base outvoted over clients
-        merged = global_merge(state, groups, self.weighting, self.optimizer, self.algorithm.head_scope, self.robust,
-                              robust_base)
+        robust_base = (
+            updates if self.robust.rule != "mean" else None
+        )  # the base outvoted over clients
+        merged = global_merge(
+            state,
+            groups,
+            self.weighting,
+            self.optimizer,
+            self.algorithm.head_scope,
+            self.robust,
+            robust_base,
+        )
         self.release.after_merge(state, merged, privacy)
         if self.regroup_due(state) and updates:
             merged, _ = regroup(state, merged, updates, self.grouping)
         if self.sample_level is not None and updates:
-            reports = {u.client: u.metrics["dp_sgd_epsilon"] for u in updates if "dp_sgd_epsilon" in u.metrics}
-            merged.privacy[EPSILON_KEY] = self.sample_level.record(state.privacy.get(EPSILON_KEY),
-                                                                   self.manifest.client_ids, reports)
+            reports = {
+                u.client: u.metrics["dp_sgd_epsilon"]
+                for u in updates
+                if "dp_sgd_epsilon" in u.metrics
+            }
+            merged.privacy[EPSILON_KEY] = self.sample_level.record(
+                state.privacy.get(EPSILON_KEY), self.manifest.client_ids, reports
+            )
         return merged
 
     def dp_sgd_metrics(self, state: ServerState) -> dict[str, float]:

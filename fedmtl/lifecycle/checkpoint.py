@@ -79,8 +79,13 @@ def capture_rng() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
     }
 
@@ -91,8 +96,9 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.set_rng_state(rng["torch"])
     if "numpy" in rng:
         n = rng["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+        )
     if "python" in rng:
         p = rng["python"]
         random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
@@ -112,7 +118,11 @@ class CheckpointStore:
 
     def _paths(self, round_: int) -> tuple[Path, Path, Path]:
         name = f"round-{round_:06d}"
-        return self.root / f"{name}.pt", self.root / f"{name}.json", self.root / "rounds" / f"{name}.pt"
+        return (
+            self.root / f"{name}.pt",
+            self.root / f"{name}.json",
+            self.root / "rounds" / f"{name}.pt",
+        )
 
     def rounds(self) -> list[int]:
         """The rounds with a committed record (their JSON exists), oldest first."""
@@ -124,7 +134,9 @@ class CheckpointStore:
         """Commit ``checkpoint``: its round record and state, then the JSON record naming their
         checksums; then drop all but the newest ``keep`` states (round records stay).
         ``background``: serialise now, write on the store's thread (see :meth:`wait`)."""
-        state = _serialise({"format": FORMAT, "state": checkpoint.state.to_dict(), "rng": checkpoint.rng})
+        state = _serialise(
+            {"format": FORMAT, "state": checkpoint.state.to_dict(), "rng": checkpoint.rng}
+        )
         as_saved = {"format": FORMAT, "round": checkpoint.round, **checkpoint.record}
         record = _serialise(as_saved)
         extra = json.loads(json.dumps(checkpoint.extra, default=_jsonable))  # a copy, checked now
@@ -153,13 +165,25 @@ class CheckpointStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
 
-    def _write(self, round_: int, state: bytes, record: bytes, extra: dict[str, Any],
-               as_saved: dict[str, Any]) -> None:
+    def _write(
+        self,
+        round_: int,
+        state: bytes,
+        record: bytes,
+        extra: dict[str, Any],
+        as_saved: dict[str, Any],
+    ) -> None:
         pt, meta_path, record_path = self._paths(round_)
         atomic_write_bytes(record_path, record)
         atomic_write_bytes(pt, state)
-        meta = {"format": FORMAT, "round": round_, "sha256": hashlib.sha256(state).hexdigest(), "bytes": len(state),
-                "record_sha256": hashlib.sha256(record).hexdigest(), "extra": extra}
+        meta = {
+            "format": FORMAT,
+            "round": round_,
+            "sha256": hashlib.sha256(state).hexdigest(),
+            "bytes": len(state),
+            "record_sha256": hashlib.sha256(record).hexdigest(),
+            "extra": extra,
+        }
         atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
         self._committed[round_] = as_saved
         for old in self.rounds()[: -self.keep]:
@@ -177,7 +201,9 @@ class CheckpointStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save_released_evaluation(self, round_: int, metrics: dict[str, float]) -> None:
-        atomic_write_bytes(self._released_path(round_), json.dumps(metrics, default=_jsonable).encode())
+        atomic_write_bytes(
+            self._released_path(round_), json.dumps(metrics, default=_jsonable).encode()
+        )
 
     def load(self, round_: int) -> Checkpoint:
         """The checkpoint of ``round_``, verified (raises :class:`CorruptCheckpoint`)."""
@@ -187,15 +213,25 @@ class CheckpointStore:
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {meta_path}: no such record") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpoint(f"checkpoint {meta_path}: the record is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("round") != round_:
-            raise CorruptCheckpoint(f"checkpoint {meta_path}: unexpected record (format {FORMAT}, round {round_} "
-                                    "expected)")
+            raise CorruptCheckpoint(
+                f"checkpoint {meta_path}: the record is not valid JSON ({exc})"
+            ) from None
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != FORMAT
+            or meta.get("round") != round_
+        ):
+            raise CorruptCheckpoint(
+                f"checkpoint {meta_path}: unexpected record (format {FORMAT}, round {round_} "
+                "expected)"
+            )
         raw = _verified(pt, meta.get("sha256"), meta.get("bytes"))
         try:
             state = ServerState.from_dict(raw["state"])
         except Exception as exc:  # noqa: BLE001 - any failure to decode is corruption
-            raise CorruptCheckpoint(f"checkpoint {pt}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+            raise CorruptCheckpoint(
+                f"checkpoint {pt}: cannot be decoded ({type(exc).__name__}: {exc})"
+            ) from None
         if state.round != round_:
             raise CorruptCheckpoint(f"checkpoint {pt}: holds round {state.round}, not {round_}")
         record = _verified(record_path, meta.get("record_sha256"))
@@ -217,7 +253,9 @@ class CheckpointStore:
             try:
                 raw = torch.load(path, weights_only=True)
             except Exception as exc:  # noqa: BLE001
-                raise CorruptCheckpoint(f"round record {path}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+                raise CorruptCheckpoint(
+                    f"round record {path}: cannot be decoded ({type(exc).__name__}: {exc})"
+                ) from None
             if not isinstance(raw, dict) or raw.get("round") != r:
                 raise CorruptCheckpoint(f"round record {path}: does not hold round {r}")
             out.append(raw)
@@ -249,16 +287,22 @@ def _verified(path: Path, sha256: Any, size: Any = None) -> Any:
     except FileNotFoundError:
         raise CorruptCheckpoint(f"checkpoint {path}: the file is missing") from None
     if size is not None and len(payload) != size:
-        raise CorruptCheckpoint(f"checkpoint {path}: {len(payload)} bytes, the record says {size} "
-                                "(truncated or overwritten)")
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: {len(payload)} bytes, the record says {size} "
+            "(truncated or overwritten)"
+        )
     digest = hashlib.sha256(payload).hexdigest()
     if digest != sha256:
-        raise CorruptCheckpoint(f"checkpoint {path}: SHA-256 {digest[:12]}… does not match the record's "
-                                f"{str(sha256)[:12]}… (the file was changed or damaged)")
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: SHA-256 {digest[:12]}… does not match the record's "
+            f"{str(sha256)[:12]}… (the file was changed or damaged)"
+        )
     try:
         return torch.load(io.BytesIO(payload), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to decode is corruption
-        raise CorruptCheckpoint(f"checkpoint {path}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def table_record(frame: pd.DataFrame) -> dict[str, list]:
@@ -281,94 +325,3 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- resumable runs
-
-RUN_RECORD = "run.json"
-#: Settings that may differ between an interrupted run and its resumption: they change how the
-#: work is scheduled or simulated, not its result.
-RESUME_FREE = ("faults.", "runner.")
-
-
-class ResumeError(ValueError):
-    """No interrupted run that may be resumed with these settings (the message says why)."""
-
-
-def fingerprint(settings: dict[str, Any]) -> str:
-    """A hash of the settings that decide a run's result (all but :data:`RESUME_FREE`)."""
-    decisive = {k: v for k, v in settings.items() if not k.startswith(RESUME_FREE)}
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class RunRecord:
-    """What a run directory says about its run: written when the run starts, marked finished
-    when it ends; an unfinished record is a run that can be resumed."""
-
-    key: str
-    settings: dict[str, Any]
-    data_version: str
-    flow_run_id: str | None = None
-    mlflow_run_id: str | None = None
-    finished: bool = False
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.settings)
-
-    def save(self, directory: str | Path) -> None:
-        body = {"key": self.key, "settings": self.settings, "data_version": self.data_version,
-                "flow_run_id": self.flow_run_id, "mlflow_run_id": self.mlflow_run_id, "finished": self.finished}
-        atomic_write_bytes(Path(directory) / RUN_RECORD, (json.dumps(body, indent=1, default=str) + "\n").encode())
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "RunRecord":
-        raw = json.loads((Path(directory) / RUN_RECORD).read_text())
-        return cls(raw["key"], dict(raw["settings"]), str(raw["data_version"]), raw.get("flow_run_id"),
-                   raw.get("mlflow_run_id"), bool(raw.get("finished")))
-
-
-def unfinished_runs(runs_root: str | Path) -> list[tuple[Path, RunRecord]]:
-    """Run directories under ``runs_root`` whose record is not finished, the newest first."""
-    root = Path(runs_root)
-    found = []
-    for record in root.glob(f"*/{RUN_RECORD}") if root.is_dir() else []:
-        try:
-            run = RunRecord.load(record.parent)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a run record we wrote; never resumed
-        if not run.finished:
-            found.append((record.stat().st_mtime, record.parent, run))
-    return [(path, run) for _, path, run in sorted(found, key=lambda item: item[0], reverse=True)]
-
-
-def find_resumable(
-    runs_root: str | Path, settings: dict[str, Any], data_version: str, *, flow_run_id: str | None = None,
-    latest: bool = False,
-) -> tuple[Path, RunRecord] | None:
-    """The interrupted run to continue: the one started by the same Prefect flow run (a retry of
-    the flow run resumes by itself), else, with ``latest``, the newest unfinished run with the same
-    settings (all but :data:`RESUME_FREE`) and data version. ``latest`` with none to resume
-    raises :class:`ResumeError` saying what differs from the newest unfinished run."""
-    candidates = unfinished_runs(runs_root)
-    if flow_run_id:
-        for path, run in candidates:
-            if run.flow_run_id == flow_run_id:
-                return path, run
-    if not latest:
-        return None
-    wanted = fingerprint(settings)
-    for path, run in candidates:
-        if run.fingerprint == wanted and run.data_version == data_version:
-            return path, run
-    if not candidates:
-        raise ResumeError(f"nothing to resume: no unfinished run in {runs_root}")
-    path, newest = candidates[0]
-    if newest.data_version != data_version:
-        why = f"the data version is {data_version}, the run trained on {newest.data_version}"
-    else:
-        diff = sorted(k for k in set(settings) | set(newest.settings)
-                      if not k.startswith(RESUME_FREE) and settings.get(k) != newest.settings.get(k))
-        why = "settings differ: " + "; ".join(f"{k}: {newest.settings.get(k)!r} then, {settings.get(k)!r} now"
-                                               for k in diff[:8]) + (" …" if len(diff) > 8 else "")
-    raise ResumeError(f"cannot resume the unfinished run {newest.key} ({path}): {why}. Resume with the "
-                      "same settings and data, or train without --resume to start a new run")
-

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from fedmtl.client.data import ClientData, encode_labels
+from fedmtl.client.training import LocalConfig, train_heads, train_loss
 from fedmtl.config import ColdStartConfig
 from fedmtl.server.grouping import lowest_loss
 from fedmtl.state import Heads, Vector
-from fedmtl.client.training import LocalConfig, train_heads, train_loss
 
 COLD_START = "cold-start"
 GLOBAL = "global"
@@ -100,7 +100,9 @@ def labelled_rows(y: dict[str, torch.Tensor], n: int) -> torch.Tensor:
     return mask
 
 
-def encode_support(frame: pd.DataFrame, tasks: Sequence[Any], client: str = "?") -> dict[str, torch.Tensor]:
+def encode_support(
+    frame: pd.DataFrame, tasks: Sequence[Any], client: str = "?"
+) -> dict[str, torch.Tensor]:
     """The label columns of ``frame`` as tensors: class indices into the task's declared classes
     (missing → -1) or float targets (missing → NaN). A task whose column is absent is missing on
     every row. ``tasks``: TaskSpec-like objects (name, kind, classes). Raises ``ValueError``
@@ -119,7 +121,9 @@ def encode_support(frame: pd.DataFrame, tasks: Sequence[Any], client: str = "?")
             if mask.any():
                 kept = values[mask].to_numpy()
                 if task.kind == "classification":
-                    kept = np.array([_as_declared(v, task.classes) for v in kept.tolist()], dtype=object)
+                    kept = np.array(
+                        [_as_declared(v, task.classes) for v in kept.tolist()], dtype=object
+                    )
                 else:
                     try:
                         kept = kept.astype(np.float32)
@@ -138,8 +142,11 @@ def _as_declared(value: Any, classes: Sequence[Any]) -> Any:
     matched to the declared class it stands for; anything else is returned as is."""
     if value in classes:
         return value
-    if isinstance(value, float) and value.is_integer() and (
-            int(value) in classes or all(isinstance(c, int) for c in classes)):
+    if (
+        isinstance(value, float)
+        and value.is_integer()
+        and (int(value) in classes or all(isinstance(c, int) for c in classes))
+    ):
         return int(value)  # so that an undeclared 42.0 is reported as the 42 it stands for
     text = str(value)
     for c in classes:
@@ -152,25 +159,32 @@ def _task_data(x: torch.Tensor, y: dict[str, torch.Tensor], task: Any, client: s
     """The rows of the support set that carry ``task``'s label, as a ClientData to train on."""
     mask = present(y[task.name])
     empty_x = x[:0]
-    return ClientData(client, "", x[mask], {task.name: y[task.name][mask]}, empty_x,
-                      {task.name: y[task.name][:0]})
+    return ClientData(
+        client, "", x[mask], {task.name: y[task.name][mask]}, empty_x, {task.name: y[task.name][:0]}
+    )
 
 
 def _check(x: torch.Tensor, y: dict[str, torch.Tensor], tasks: Sequence[Any], client: str) -> None:
     names = [t.name for t in tasks]
     unknown = sorted(set(y) - set(names))
     if unknown:
-        raise ValueError(f"client '{client}': labels for unknown task(s) {unknown}; the model's tasks are {names}")
+        raise ValueError(
+            f"client '{client}': labels for unknown task(s) {unknown}; the model's tasks are {names}"
+        )
     for task in tasks:
         if task.name not in y:
             continue
         values = y[task.name]
         if values.shape[0] != x.shape[0]:
-            raise ValueError(f"client '{client}': task '{task.name}' has {values.shape[0]} labels "
-                             f"for {x.shape[0]} rows")
+            raise ValueError(
+                f"client '{client}': task '{task.name}' has {values.shape[0]} labels "
+                f"for {x.shape[0]} rows"
+            )
         if task.kind == "classification":
             if values.is_floating_point():
-                raise ValueError(f"client '{client}': task '{task.name}' needs class indices (int64)")
+                raise ValueError(
+                    f"client '{client}': task '{task.name}' needs class indices (int64)"
+                )
             bad = values[(values >= len(task.classes))]
             if bad.numel():
                 raise ValueError(
@@ -180,8 +194,13 @@ def _check(x: torch.Tensor, y: dict[str, torch.Tensor], tasks: Sequence[Any], cl
 
 
 def support_loss(
-    model: nn.Module, base: Vector, heads: Heads, x: torch.Tensor, y: dict[str, torch.Tensor],
-    tasks: Sequence[Any], client: str = "?",
+    model: nn.Module,
+    base: Vector,
+    heads: Heads,
+    x: torch.Tensor,
+    y: dict[str, torch.Tensor],
+    tasks: Sequence[Any],
+    client: str = "?",
 ) -> float:
     """The multi-task loss of (base, heads) on the labels that exist: the sum over tasks of the
     task's mean loss on the rows that carry its label (:func:`fedmtl.client.training.train_loss`; with
@@ -226,7 +245,10 @@ def personalize(
     was_training = model.training
     losses: dict[str, float] = {}
     if group_heads:
-        losses = {g: support_loss(model, base, group_heads[g], x, y, tasks, client) for g in sorted(group_heads)}
+        losses = {
+            g: support_loss(model, base, group_heads[g], x, y, tasks, client)
+            for g in sorted(group_heads)
+        }
         group: str | None = lowest_loss(losses)
         start = group_heads[group]
     else:  # a method without groups: the global heads are everyone's group
@@ -242,8 +264,17 @@ def personalize(
             data = _task_data(x, y, task, client)
             if data.n_train == 0:
                 continue
-            tuned, _ = train_heads(model, base, heads, data, [task], local, generator, settings.epochs,
-                                   prox_mu=settings.prox_mu)
+            tuned, _ = train_heads(
+                model,
+                base,
+                heads,
+                data,
+                [task],
+                local,
+                generator,
+                settings.epochs,
+                prox_mu=settings.prox_mu,
+            )
             heads[task.name] = tuned[task.name]
     model.train(was_training)
     return ColdStart(group, heads, COLD_START, losses, n_labelled)

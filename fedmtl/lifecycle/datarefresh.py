@@ -42,8 +42,10 @@ def dvc_executable() -> str:
         return str(here)
     found = shutil.which("dvc")
     if found is None:
-        raise DataRefreshError("the dvc executable was not found next to this Python or on PATH: "
-                               "install the project (pip install -e .) or set schedule.refresh_data=false")
+        raise DataRefreshError(
+            "the dvc executable was not found next to this Python or on PATH: "
+            "install the project (pip install -e .) or set schedule.refresh_data=false"
+        )
     return found
 
 
@@ -54,16 +56,20 @@ def require_project(root: str | Path) -> Path:
     if not (root / "dvc.yaml").is_file():
         raise DataRefreshError(f"'{root}' is not a DVC project (no dvc.yaml there): {hint}")
     if not (root / ".dvc").is_dir():
-        raise DataRefreshError(f"'{root}' has a dvc.yaml but DVC is not initialised (no .dvc/): "
-                               f"run `dvc init` there, or set schedule.refresh_data=false")
+        raise DataRefreshError(
+            f"'{root}' has a dvc.yaml but DVC is not initialised (no .dvc/): "
+            f"run `dvc init` there, or set schedule.refresh_data=false"
+        )
     try:
         stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
     except yaml.YAMLError as exc:
         raise DataRefreshError(f"'{root / 'dvc.yaml'}' is not valid YAML: {exc}") from None
     missing = [s for s in DATA_STAGES if s not in stages]
     if missing:
-        raise DataRefreshError(f"'{root / 'dvc.yaml'}' has no stage(s) {', '.join(missing)}: "
-                               f"a scheduled run reproduces {' → '.join(DATA_STAGES)}")
+        raise DataRefreshError(
+            f"'{root / 'dvc.yaml'}' has no stage(s) {', '.join(missing)}: "
+            f"a scheduled run reproduces {' → '.join(DATA_STAGES)}"
+        )
     return root
 
 
@@ -71,17 +77,23 @@ def check_params(cfg: Config, root: str | Path) -> None:
     """The data stages read ``<root>/params.yaml``: refuse settings for the data that differ."""
     path = Path(root) / "params.yaml"
     if not path.exists():
-        raise DataRefreshError(f"'{path}' does not exist: DVC's data stages read their settings from it")
+        raise DataRefreshError(
+            f"'{path}' does not exist: DVC's data stages read their settings from it"
+        )
     try:
         project = load_config(path)
     except ConfigError as exc:
         raise DataRefreshError(f"'{path}': {exc}") from None
     ours = flatten({k: v for k, v in cfg.model_dump(mode="json").items() if k in DATA_SECTIONS})
-    theirs = flatten({k: v for k, v in project.model_dump(mode="json").items() if k in DATA_SECTIONS})
+    theirs = flatten(
+        {k: v for k, v in project.model_dump(mode="json").items() if k in DATA_SECTIONS}
+    )
     differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if differ:
-        listed = "; ".join(f"{k} = {ours.get(k)!r} in this run's settings, {theirs.get(k)!r} in params.yaml"
-                           for k in differ[:5])
+        listed = "; ".join(
+            f"{k} = {ours.get(k)!r} in this run's settings, {theirs.get(k)!r} in params.yaml"
+            for k in differ[:5]
+        )
         raise DataRefreshError(
             f"the data settings differ from '{path}', which DVC's data stages read: {listed}"
             f"{' ...' if len(differ) > 5 else ''}. Change params.yaml (and re-create the deployment), "
@@ -97,10 +109,18 @@ def _env() -> dict[str, str]:
 
 def _dvc(root: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([dvc_executable(), *args], cwd=root, env=_env(), capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [dvc_executable(), *args],
+            cwd=root,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
-        raise DataRefreshError(f"`dvc {' '.join(args)}` in '{root}' did not finish within {timeout:.0f} s") from None
+        raise DataRefreshError(
+            f"`dvc {' '.join(args)}` in '{root}' did not finish within {timeout:.0f} s"
+        ) from None
 
 
 def _cause(output: str) -> str:
@@ -124,7 +144,9 @@ def reproduce(root: str | Path) -> str:
             text = done.stdout + "\n" + done.stderr
             stage = re.search(r"failed to reproduce '([^']+)'", text)
             where = f"DVC stage '{stage.group(1)}'" if stage else f"`dvc {' '.join(args)}`"
-            raise DataRefreshError(f"{where} failed in '{root}' (exit {done.returncode}): {_cause(text)}")
+            raise DataRefreshError(
+                f"{where} failed in '{root}' (exit {done.returncode}): {_cause(text)}"
+            )
     return "\n".join(output)
 
 
@@ -145,7 +167,9 @@ def push(root: str | Path) -> str | None:
         return None
     done = _dvc(root, "push")
     if done.returncode != 0:
-        raise DataRefreshError(f"`dvc push` to remote '{name}' failed in '{root}' (exit {done.returncode}): "
-                               f"{_cause(done.stdout + chr(10) + done.stderr)}; set schedule.push_data=false "
-                               "to train without pushing")
+        raise DataRefreshError(
+            f"`dvc push` to remote '{name}' failed in '{root}' (exit {done.returncode}): "
+            f"{_cause(done.stdout + chr(10) + done.stderr)}; set schedule.push_data=false "
+            "to train without pushing"
+        )
     return name

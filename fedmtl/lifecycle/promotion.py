@@ -84,9 +84,13 @@ class Decision:
     def summary(self) -> dict[str, Any]:
         """The decision as plain values (for the registry's tags and the decision record)."""
         return {
-            "promote": self.promote, "metric": self.metric, "task": self.task,
-            "challenger_mean": self.challenger_mean, "champion_mean": self.champion_mean,
-            "challenger_worst": self.challenger_worst, "champion_worst": self.champion_worst,
+            "promote": self.promote,
+            "metric": self.metric,
+            "task": self.task,
+            "challenger_mean": self.challenger_mean,
+            "champion_mean": self.champion_mean,
+            "challenger_worst": self.challenger_worst,
+            "champion_worst": self.champion_worst,
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -98,12 +102,16 @@ def client_scores(scores: pd.DataFrame, metric: str, task: str | None) -> tuple[
     tasks = list(dict.fromkeys(scores["task"]))
     task = task or tasks[0]
     if task not in tasks:
-        raise ValueError(f"promotion.task '{task}' is not a task of the model (tasks: {', '.join(tasks)})")
+        raise ValueError(
+            f"promotion.task '{task}' is not a task of the model (tasks: {', '.join(tasks)})"
+        )
     rows = scores[scores["task"] == task]
     if metric not in rows.columns or rows[metric].isna().all():
         kinds = [m for m in HIGHER_IS_BETTER if m in rows.columns and rows[m].notna().any()]
-        raise ValueError(f"promotion.metric '{metric}' does not apply to task '{task}' "
-                         f"(its metrics: {', '.join(kinds)})")
+        raise ValueError(
+            f"promotion.metric '{metric}' does not apply to task '{task}' "
+            f"(its metrics: {', '.join(kinds)})"
+        )
     return task, rows.set_index("client")[metric].astype(float)
 
 
@@ -125,22 +133,49 @@ def decide(
 
     if policy.min_metric is not None:
         ok = new_mean >= policy.min_metric if higher else new_mean <= policy.min_metric
-        checks.append(Check("min_metric", ok, f"client mean {metric} {new_mean:.4f} "
-                            f"{'reaches' if ok else 'misses'} promotion.min_metric {policy.min_metric}",
-                            new_mean, policy.min_metric))
+        checks.append(
+            Check(
+                "min_metric",
+                ok,
+                f"client mean {metric} {new_mean:.4f} "
+                f"{'reaches' if ok else 'misses'} promotion.min_metric {policy.min_metric}",
+                new_mean,
+                policy.min_metric,
+            )
+        )
     total = facts.clients + facts.quarantined
     fraction = facts.quarantined / total if total else 1.0
     ok = total > 0 and fraction <= policy.max_quarantined_fraction
-    checks.append(Check("validation", ok, f"{facts.quarantined} of {total} clients quarantined by validation "
-                        f"({fraction:.0%}; promotion.max_quarantined_fraction "
-                        f"{policy.max_quarantined_fraction:.0%})", fraction, policy.max_quarantined_fraction))
+    checks.append(
+        Check(
+            "validation",
+            ok,
+            f"{facts.quarantined} of {total} clients quarantined by validation "
+            f"({fraction:.0%}; promotion.max_quarantined_fraction "
+            f"{policy.max_quarantined_fraction:.0%})",
+            fraction,
+            policy.max_quarantined_fraction,
+        )
+    )
     spent = facts.spent()
     if spent:
-        ok = all(e is not None and math.isfinite(e) and e <= policy.max_epsilon for e in spent.values())
-        what = "; ".join(f"{name} {'no ε recorded' if e is None else f'ε = {e:.3g}'}" for name, e in spent.items())
+        ok = all(
+            e is not None and math.isfinite(e) and e <= policy.max_epsilon for e in spent.values()
+        )
+        what = "; ".join(
+            f"{name} {'no ε recorded' if e is None else f'ε = {e:.3g}'}"
+            for name, e in spent.items()
+        )
         worst = max((e for e in spent.values() if e is not None), default=None)
-        checks.append(Check("privacy", ok, f"privacy '{facts.privacy}': {what} "
-                            f"(promotion.max_epsilon {policy.max_epsilon})", worst, policy.max_epsilon))
+        checks.append(
+            Check(
+                "privacy",
+                ok,
+                f"privacy '{facts.privacy}': {what} (promotion.max_epsilon {policy.max_epsilon})",
+                worst,
+                policy.max_epsilon,
+            )
+        )
 
     old_mean = old_worst = None
     per_client = pd.DataFrame({"client": new.index, "challenger": new.to_numpy()})
@@ -150,28 +185,63 @@ def decide(
         old_worst = worst_fraction_mean(old, higher, policy.worst_fraction)
         gain = sign * (new_mean - old_mean)
         ok = gain >= policy.min_gain
-        checks.append(Check("metric", ok, f"client mean {metric} {new_mean:.4f} vs champion {old_mean:.4f} "
-                            f"(gain {gain:+.4f}; promotion.min_gain {policy.min_gain})", gain, policy.min_gain))
+        checks.append(
+            Check(
+                "metric",
+                ok,
+                f"client mean {metric} {new_mean:.4f} vs champion {old_mean:.4f} "
+                f"(gain {gain:+.4f}; promotion.min_gain {policy.min_gain})",
+                gain,
+                policy.min_gain,
+            )
+        )
         both = new.index.intersection(old.index)
         delta = sign * (new[both] - old[both])
-        per_client = pd.DataFrame({"client": both, "challenger": new[both].to_numpy(),
-                                   "champion": old[both].to_numpy(), "delta": delta.to_numpy()})
+        per_client = pd.DataFrame(
+            {
+                "client": both,
+                "challenger": new[both].to_numpy(),
+                "champion": old[both].to_numpy(),
+                "delta": delta.to_numpy(),
+            }
+        )
         worse = delta[delta < -policy.max_client_regression].sort_values()
         if len(worse):
             named = ", ".join(f"'{c}' {d:+.3f}" for c, d in worse.head(5).items())
             more = f" and {len(worse) - 5} more" if len(worse) > 5 else ""
-            detail = (f"{len(worse)} client(s) worse by more than promotion.max_client_regression "
-                      f"{policy.max_client_regression}: {named}{more}")
+            detail = (
+                f"{len(worse)} client(s) worse by more than promotion.max_client_regression "
+                f"{policy.max_client_regression}: {named}{more}"
+            )
         elif len(delta) and float(delta.min()) < 0:
-            detail = (f"no client worse by more than {policy.max_client_regression} "
-                      f"(largest drop {float(delta.min()):+.3f}, client '{delta.idxmin()}')")
+            detail = (
+                f"no client worse by more than {policy.max_client_regression} "
+                f"(largest drop {float(delta.min()):+.3f}, client '{delta.idxmin()}')"
+            )
         else:
             detail = "no client scores worse than under the champion"
-        checks.append(Check("client_regression", not len(worse), detail,
-                            float(delta.min()) if len(delta) else None, -policy.max_client_regression))
+        checks.append(
+            Check(
+                "client_regression",
+                not len(worse),
+                detail,
+                float(delta.min()) if len(delta) else None,
+                -policy.max_client_regression,
+            )
+        )
         drop = sign * (new_worst - old_worst)
         ok = drop >= -1e-12
-        checks.append(Check("worst_clients", ok, f"worst {policy.worst_fraction:.0%} of clients: {metric} "
-                            f"{new_worst:.4f} vs champion {old_worst:.4f}", new_worst, old_worst))
+        checks.append(
+            Check(
+                "worst_clients",
+                ok,
+                f"worst {policy.worst_fraction:.0%} of clients: {metric} "
+                f"{new_worst:.4f} vs champion {old_worst:.4f}",
+                new_worst,
+                old_worst,
+            )
+        )
     promote = all(c.passed for c in checks)
-    return Decision(promote, checks, metric, task, new_mean, old_mean, new_worst, old_worst, per_client)
+    return Decision(
+        promote, checks, metric, task, new_mean, old_mean, new_worst, old_worst, per_client
+    )

@@ -68,4 +68,7 @@ def git_commit(cwd: str | Path = ".") -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower() if dirty is not None else "unknown"}
+    return {
+        "git_commit": commit,
+        "git_dirty": str(bool(dirty)).lower() if dirty is not None else "unknown",
+    }

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedmtl.state import Heads, PersonalState, ServerState
 from fedmtl.client.store import ClientStore
+from fedmtl.state import Heads, PersonalState, ServerState
 
 if TYPE_CHECKING:
     from fedmtl.bundle import PersonalizedBundle
@@ -62,8 +62,10 @@ def state_from_bundle(
     check_compatible(fed, bundle, fail)
     base = _checked(bundle.base, fresh.base, "the shared base", fail)
     global_heads = _checked_heads(bundle.global_heads, fresh.global_heads, "global head", fail)
-    known = {g: _checked_heads(h, fresh.global_heads, f"group '{g}' head", fail)
-             for g, h in bundle.group_heads.items()}
+    known = {
+        g: _checked_heads(h, fresh.global_heads, f"group '{g}' head", fail)
+        for g, h in bundle.group_heads.items()
+    }
 
     method = fed.grouping_method
     if method is None:
@@ -82,7 +84,9 @@ def state_from_bundle(
     for client in sorted(clients & (set(bundle.personal_heads) | set(bundle.personal_bases))):
         heads = bundle.personal_heads.get(client) or {}
         if heads:
-            heads = _checked_heads(heads, fresh.global_heads, f"personal head of client '{client}'", fail)
+            heads = _checked_heads(
+                heads, fresh.global_heads, f"personal head of client '{client}'", fail
+            )
         own_base = bundle.personal_bases.get(client)
         if own_base is not None:
             own_base = _checked(own_base, fresh.base, f"personal base of client '{client}'", fail)
@@ -99,7 +103,9 @@ def check_compatible(fed: "Federation", bundle: "PersonalizedBundle", fail) -> N
         raise fail(f"it has {len(bundle.features)} features, the data has {len(features)}")
     if list(bundle.features) != features:
         diff = next(i for i, (a, b) in enumerate(zip(bundle.features, features)) if a != b)
-        raise fail(f"feature {diff} is '{bundle.features[diff]}' in the model, '{features[diff]}' in the data")
+        raise fail(
+            f"feature {diff} is '{bundle.features[diff]}' in the model, '{features[diff]}' in the data"
+        )
     shape = list(fed.manifest.input_shape) if fed.manifest.input_shape else None
     theirs = list(bundle.input_shape) if bundle.input_shape else None
     if shape != theirs:
@@ -113,11 +119,19 @@ def check_compatible(fed: "Federation", bundle: "PersonalizedBundle", fail) -> N
         if kind != their_kind:
             raise fail(f"task '{name}' is {their_kind} in the model, {kind} in the data")
         if kind == "classification" and classes != their_classes:
-            raise fail(f"task '{name}' has classes {their_classes} in the model, {classes} in the data")
-    wanted = fed.model_cfg.model_dump(mode="json") if hasattr(fed.model_cfg, "model_dump") else dict(fed.model_cfg)
+            raise fail(
+                f"task '{name}' has classes {their_classes} in the model, {classes} in the data"
+            )
+    wanted = (
+        fed.model_cfg.model_dump(mode="json")
+        if hasattr(fed.model_cfg, "model_dump")
+        else dict(fed.model_cfg)
+    )
     for key in ARCHITECTURE_KEYS:
         if key in bundle.model_cfg and key in wanted and bundle.model_cfg[key] != wanted[key]:
-            raise fail(f"model.{key} is {bundle.model_cfg[key]} in the model, {wanted[key]} in the settings")
+            raise fail(
+                f"model.{key} is {bundle.model_cfg[key]} in the model, {wanted[key]} in the settings"
+            )
 
 
 def seed_store(store: ClientStore, personal: dict[str, PersonalState], round_: int) -> None:
@@ -131,7 +145,9 @@ def _checked(vector: Any, reference: torch.Tensor, what: str, fail) -> torch.Ten
     if not isinstance(vector, torch.Tensor):
         raise fail(f"{what} is not a tensor")
     if vector.shape != reference.shape:
-        raise fail(f"{what} has {vector.numel()} parameters, the current settings need {reference.numel()}")
+        raise fail(
+            f"{what} has {vector.numel()} parameters, the current settings need {reference.numel()}"
+        )
     if not torch.isfinite(vector).all():
         raise fail(f"{what} holds NaN or inf")
     return vector.detach().to(reference.dtype).clone()
@@ -140,7 +156,9 @@ def _checked(vector: Any, reference: torch.Tensor, what: str, fail) -> torch.Ten
 def _checked_heads(heads: dict[str, Any], reference: Heads, what: str, fail) -> Heads:
     if set(heads) != set(reference):
         raise fail(f"the {what} covers tasks {sorted(heads)}, the data has {sorted(reference)}")
-    return {t: _checked(heads[t], reference[t], f"the {what} for task '{t}'", fail) for t in reference}
+    return {
+        t: _checked(heads[t], reference[t], f"the {what} for task '{t}'", fail) for t in reference
+    }
 
 
 def _copy(heads: Heads) -> Heads:

@@ -35,7 +35,9 @@ class SmallCNNBase(nn.Module):
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
-            raise ValueError(f"model.base 'cnn' needs an image input shape (C, H, W), got {input_shape}")
+            raise ValueError(
+                f"model.base 'cnn' needs an image input shape (C, H, W), got {input_shape}"
+            )
         self.input_shape = tuple(int(s) for s in input_shape)
         c_in, h, w = self.input_shape
         convs: list[nn.Module] = []

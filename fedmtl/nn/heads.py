@@ -13,4 +13,6 @@ def build_head(in_features: int, kind: str, n_outputs: int) -> nn.Module:
         return nn.Linear(in_features, n_outputs)
     if kind == "regression":
         return nn.Linear(in_features, 1)
-    raise ValueError(f"task kind '{kind}' is not known; allowed values: 'classification', 'regression'")
+    raise ValueError(
+        f"task kind '{kind}' is not known; allowed values: 'classification', 'regression'"
+    )

@@ -75,6 +75,7 @@ from dp_accounting.rdp import RdpAccountant
 Sampling = Literal["poisson", "fixed"]
 SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
 
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """How the clients of a round are sampled, validated. ``rate`` is q (m/N when fixed)."""
@@ -101,17 +102,27 @@ def sampling_plan(
     ``sample_size`` m with 1 ≤ m ≤ N (``sample_rate``, if given, must equal m/N)."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"privacy.sampling '{sampling}' is not known; allowed values: {SAMPLINGS}")
-    if population is not None and (isinstance(population, bool) or int(population) != population or population < 1):
-        raise ValueError(f"population (number of clients) must be an integer >= 1, got {population}")
-    if sample_size is not None and (isinstance(sample_size, bool) or int(sample_size) != sample_size or sample_size < 1):
-        raise ValueError(f"sample size (training.clients_per_round) must be an integer >= 1, got {sample_size}")
+    if population is not None and (
+        isinstance(population, bool) or int(population) != population or population < 1
+    ):
+        raise ValueError(
+            f"population (number of clients) must be an integer >= 1, got {population}"
+        )
+    if sample_size is not None and (
+        isinstance(sample_size, bool) or int(sample_size) != sample_size or sample_size < 1
+    ):
+        raise ValueError(
+            f"sample size (training.clients_per_round) must be an integer >= 1, got {sample_size}"
+        )
     if population is not None and sample_size is not None and sample_size > population:
         raise ValueError(
             f"sample size (training.clients_per_round) {sample_size} exceeds the population of {population} clients"
         )
     if sampling == "fixed":
         if population is None or sample_size is None:
-            raise ValueError("fixed-size sampling needs population and sample_size (training.clients_per_round)")
+            raise ValueError(
+                "fixed-size sampling needs population and sample_size (training.clients_per_round)"
+            )
         rate = sample_size / population
         if sample_rate is not None and not math.isclose(float(sample_rate), rate, rel_tol=1e-9):
             raise ValueError(
@@ -126,17 +137,23 @@ def sampling_plan(
             )
         sample_rate = expected
     if sample_rate is None:
-        raise ValueError("Poisson sampling needs sample_rate (training.clients_per_round as a fraction)")
+        raise ValueError(
+            "Poisson sampling needs sample_rate (training.clients_per_round as a fraction)"
+        )
     rate = float(sample_rate)
     if not (math.isfinite(rate) and 0 < rate <= 1):
-        raise ValueError(f"sample rate (training.clients_per_round as a fraction) must be in (0, 1], got {sample_rate}")
+        raise ValueError(
+            f"sample rate (training.clients_per_round as a fraction) must be in (0, 1], got {sample_rate}"
+        )
     return SamplingPlan("poisson", rate, population, sample_size)
 
 
 def _check_noise(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z > 0):
-        raise ValueError(f"privacy.dp_fedavg.noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+        raise ValueError(
+            f"privacy.dp_fedavg.noise_multiplier must be a finite number > 0, got {noise_multiplier}"
+        )
     return z
 
 
@@ -150,7 +167,9 @@ def _check_delta(delta: float) -> float:
 def _check_target(target_epsilon: float) -> float:
     eps = float(target_epsilon)
     if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"privacy.dp_fedavg.target_epsilon must be a finite number > 0, got {target_epsilon}")
+        raise ValueError(
+            f"privacy.dp_fedavg.target_epsilon must be a finite number > 0, got {target_epsilon}"
+        )
     return eps
 
 
@@ -161,23 +180,33 @@ def _check_rounds(rounds: int, name: str = "training.rounds") -> int:
 
 
 def _check_releases(releases_per_round: int) -> int:
-    if isinstance(releases_per_round, bool) or int(releases_per_round) != releases_per_round or releases_per_round < 1:
+    if (
+        isinstance(releases_per_round, bool)
+        or int(releases_per_round) != releases_per_round
+        or releases_per_round < 1
+    ):
         raise ValueError(f"releases_per_round must be an integer >= 1, got {releases_per_round}")
     return int(releases_per_round)
 
 
-def round_event(noise_multiplier: float, plan: SamplingPlan, releases_per_round: int = 1) -> dp_accounting.DpEvent:
+def round_event(
+    noise_multiplier: float, plan: SamplingPlan, releases_per_round: int = 1
+) -> dp_accounting.DpEvent:
     """The ``DpEvent`` of one round: the sampling event around ``releases_per_round`` Gaussians."""
     z = _check_noise(noise_multiplier)
     releases = _check_releases(releases_per_round)
     # replace-one doubles the sensitivity of a clipped sum: the multiplier relative to it is z/2
-    sigma = float(z / 2.0 if plan.sampling == "fixed" else z)  # float: dp_accounting tests isinstance(float)
+    sigma = float(
+        z / 2.0 if plan.sampling == "fixed" else z
+    )  # float: dp_accounting tests isinstance(float)
     gaussian: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(sigma)
     if releases > 1:
         gaussian = dp_accounting.SelfComposedDpEvent(gaussian, releases)
     if plan.sampling == "fixed":
         assert plan.population is not None and plan.sample_size is not None
-        return dp_accounting.SampledWithoutReplacementDpEvent(plan.population, plan.sample_size, gaussian)
+        return dp_accounting.SampledWithoutReplacementDpEvent(
+            plan.population, plan.sample_size, gaussian
+        )
     return dp_accounting.PoissonSampledDpEvent(plan.rate, gaussian)
 
 
@@ -212,8 +241,14 @@ def release_event(noise_multiplier: float, plan: SamplingPlan) -> dp_accounting.
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(z: float, plan: SamplingPlan, releases: int, rounds: int, delta: float,
-             extra: tuple[float, ...] = ()) -> float:
+def _epsilon(
+    z: float,
+    plan: SamplingPlan,
+    releases: int,
+    rounds: int,
+    delta: float,
+    extra: tuple[float, ...] = (),
+) -> float:
     if rounds == 0 and not extra:
         return 0.0
     accountant = RdpAccountant(neighboring_relation=neighboring_relation(plan))
@@ -241,8 +276,12 @@ def epsilon_after(
     multipliers of Gaussian releases over all the clients besides the rounds (the evaluation)."""
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     return _epsilon(
-        _check_noise(noise_multiplier), plan, _check_releases(releases_per_round), _check_rounds(rounds),
-        _check_delta(delta), tuple(float(e) for e in extra_releases),
+        _check_noise(noise_multiplier),
+        plan,
+        _check_releases(releases_per_round),
+        _check_rounds(rounds),
+        _check_delta(delta),
+        tuple(float(e) for e in extra_releases),
     )
 
 
@@ -305,13 +344,25 @@ class PrivacyAccountant:
 
     def epsilon(self) -> float:
         """ε at ``delta`` after the rounds and releases accounted so far (0 before the first)."""
-        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds, self.delta,
-                        self._extra)
+        return _epsilon(
+            self.noise_multiplier,
+            self.plan,
+            self.releases_per_round,
+            self._rounds,
+            self.delta,
+            self._extra,
+        )
 
     def epsilon_after_next(self) -> float:
         """ε after one more round and the planned releases (what training must not exceed)."""
-        return _epsilon(self.noise_multiplier, self.plan, self.releases_per_round, self._rounds + 1, self.delta,
-                        self._extra + self.planned)
+        return _epsilon(
+            self.noise_multiplier,
+            self.plan,
+            self.releases_per_round,
+            self._rounds + 1,
+            self.delta,
+            self._extra + self.planned,
+        )
 
     def __repr__(self) -> str:
         return (

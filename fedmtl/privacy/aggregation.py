@@ -88,15 +88,20 @@ class RoundPrivacy:
         covered by ε: the clip norm (adaptive clipping moves it by the noised count,
         post-processing), the noise std and the planned releases; the counts of released,
         held-back and dropped clients depend on who was sampled and are not released."""
-        out = {"privacy/clip": self.clip, "privacy/noise_std": self.noise_std,
-               "privacy/releases": float(len(self.releases))}
+        out = {
+            "privacy/clip": self.clip,
+            "privacy/noise_std": self.noise_std,
+            "privacy/releases": float(len(self.releases)),
+        }
         if not dp:
-            out.update({
-                "privacy/released_clients": float(self.released_clients),
-                "privacy/held_back": float(len(self.held_back)),
-                "privacy/dropped_mid_protocol": float(len(self.dropped_mid_protocol)),
-                "time/secagg_s": self.secagg_seconds,
-            })
+            out.update(
+                {
+                    "privacy/released_clients": float(self.released_clients),
+                    "privacy/held_back": float(len(self.held_back)),
+                    "privacy/dropped_mid_protocol": float(len(self.dropped_mid_protocol)),
+                    "time/secagg_s": self.secagg_seconds,
+                }
+            )
         return out
 
 
@@ -126,12 +131,16 @@ def plan_releases(
         size = pool_expected if spec.dp else len(members)
         shares_base = any(u.delta_base is not None for u in members) or (spec.dp and not members)
         if size >= m and shares_base:
-            releases.append(Release(POOLED, members, pool_expected or float(len(members)), heads=False))
+            releases.append(
+                Release(POOLED, members, pool_expected or float(len(members)), heads=False)
+            )
             pooled_groups = small
         else:
             for u in members:
-                held[u.client] = (f"group '{u.group}' is smaller than privacy.min_group_size={m} "
-                                  f"and so is the pool of small groups ({size:g})")
+                held[u.client] = (
+                    f"group '{u.group}' is smaller than privacy.min_group_size={m} "
+                    f"and so is the pool of small groups ({size:g})"
+                )
     return releases, held, pooled_groups
 
 
@@ -143,19 +152,22 @@ def _layout(updates: Sequence[ClientUpdate], heads: bool) -> tuple[int, dict[str
 
 
 def _vector(u: ClientUpdate, tasks: list[str]) -> Vector:
-    parts = ([u.delta_base.reshape(-1)] if u.delta_base is not None else []) + \
-            [u.delta_heads[t].reshape(-1) for t in tasks]
+    parts = ([u.delta_base.reshape(-1)] if u.delta_base is not None else []) + [
+        u.delta_heads[t].reshape(-1) for t in tasks
+    ]
     return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
 
 
-def _split(total: Vector, base: int, sizes: dict[str, int], tasks: list[str]) -> tuple[Vector | None, Heads]:
+def _split(
+    total: Vector, base: int, sizes: dict[str, int], tasks: list[str]
+) -> tuple[Vector | None, Heads]:
     offset = 0
     delta_base = None
     if base >= 0:
         delta_base, offset = total[:base].clone(), base
     heads = {}
     for t in tasks:
-        heads[t] = total[offset:offset + sizes[t]].clone()
+        heads[t] = total[offset : offset + sizes[t]].clone()
         offset += sizes[t]
     return delta_base, heads
 
@@ -190,8 +202,10 @@ def private_aggregate(
             # DP plans releases by expected size; a round that sampled too few members for a
             # secure sum keeps them out (under DP the release is then pure noise)
             for u in members:
-                held[u.client] = (f"release '{release.name}' sampled {len(members)} client(s) this round, "
-                                  f"fewer than a secure sum needs (privacy.min_group_size={spec.min_group_size})")
+                held[u.client] = (
+                    f"release '{release.name}' sampled {len(members)} client(s) this round, "
+                    f"fewer than a secure sum needs (privacy.min_group_size={spec.min_group_size})"
+                )
             template, members = members[:1], []
             if not spec.dp:
                 continue
@@ -207,15 +221,22 @@ def private_aggregate(
             v = _vector(u, tasks)
             if spec.dp:
                 v, norm = dp.clip_update(v, clip)
-                scalars[u.client] = 1.0 if norm <= clip else 0.0  # the client's bit for adaptive clipping
+                scalars[u.client] = (
+                    1.0 if norm <= clip else 0.0
+                )  # the client's bit for adaptive clipping
             else:
                 w = max(u.n_samples, 0) / weight_scale
                 v = (v * w).clamp(-spec.secure_sum.range, spec.secure_sum.range)
                 scalars[u.client] = w
             vectors[u.client] = v
         try:
-            total, weight_sum, dropped, seconds = _sum(vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys)
-        except (SecAggError, HEError) as exc:  # e.g. too many dropped out: the release's clients count for nothing
+            total, weight_sum, dropped, seconds = _sum(
+                vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys
+            )
+        except (
+            SecAggError,
+            HEError,
+        ) as exc:  # e.g. too many dropped out: the release's clients count for nothing
             for u in members:
                 held[u.client] = f"secure aggregation of release '{release.name}' failed: {exc}"
             if not spec.dp:
@@ -231,14 +252,25 @@ def private_aggregate(
             mean = (total.to(torch.float64) + noise.to(torch.float64)) / release.expected
             weight = release.expected
         else:
-            mean = total.to(torch.float64) / weight_sum if weight_sum > 0 else total.to(torch.float64) * 0
+            mean = (
+                total.to(torch.float64) / weight_sum
+                if weight_sum > 0
+                else total.to(torch.float64) * 0
+            )
             weight = None
         delta_base, heads = _split(mean.to(torch.float32), base, sizes, tasks)
-        n_samples = int(round(weight_sum * weight_scale)) if not spec.dp else int(round(release.expected))
+        n_samples = (
+            int(round(weight_sum * weight_scale)) if not spec.dp else int(round(release.expected))
+        )
         out[release.name] = GroupAggregate(
-            group=release.name, n_clients=len(members), n_samples=max(n_samples, 1),
-            delta_base=delta_base, delta_heads=heads, clients=[u.client for u in members],
-            weight=weight, pooled=not release.heads,
+            group=release.name,
+            n_clients=len(members),
+            n_samples=max(n_samples, 1),
+            delta_base=delta_base,
+            delta_heads=heads,
+            clients=[u.client for u in members],
+            weight=weight,
+            pooled=not release.heads,
         )
     report.releases = sorted(out)
     report.under_clip = under if spec.dp else None
@@ -246,7 +278,12 @@ def private_aggregate(
 
 
 def _sum(
-    vectors: dict[str, Vector], scalars: dict[str, float], spec: PrivacyConfig, clip: float, dim: int, seed: int,
+    vectors: dict[str, Vector],
+    scalars: dict[str, float],
+    spec: PrivacyConfig,
+    clip: float,
+    dim: int,
+    seed: int,
     keys: list[KeyHolder] | None = None,
 ) -> tuple[Vector, float, list[str], float]:
     """Σ vectors (and Σ scalars): SecAgg+ or CKKS when on, else plainly. Returns (sum, scalar
@@ -263,20 +300,35 @@ def _sum(
             keys.append(KeyHolder())
         keygen = time.perf_counter() - keygen
         result = encrypted_sum(
-            {u: v.numpy() for u, v in vectors.items()}, bound=clip if spec.dp else spec.secure_sum.range,
-            scalars=scalars, scalar_bound=1.0,  # weights n_c / weight_scale ≤ 1, or DP's 0/1 bits
-            key_holder=keys[0])
-        return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
-                float(result.scalar_sum or 0.0), [], keygen + float(result.seconds["total"]))
+            {u: v.numpy() for u, v in vectors.items()},
+            bound=clip if spec.dp else spec.secure_sum.range,
+            scalars=scalars,
+            scalar_bound=1.0,  # weights n_c / weight_scale ≤ 1, or DP's 0/1 bits
+            key_holder=keys[0],
+        )
+        return (
+            torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
+            float(result.scalar_sum or 0.0),
+            [],
+            keygen + float(result.seconds["total"]),
+        )
     ids = sorted(vectors)
     rng = np.random.default_rng(seed)
     n_drop = int(math.floor(spec.secure_sum.dropout * len(ids)))
     dropped = sorted(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else []
     bound = clip if spec.dp else spec.secure_sum.range
     result = secure_sum(
-        {u: vectors[u].numpy() for u in ids}, clip=bound, neighbours=spec.secure_sum.neighbours,
-        max_dropout=spec.secure_sum.max_dropout, drop_after_masking=dropped, scalars=scalars,
+        {u: vectors[u].numpy() for u in ids},
+        clip=bound,
+        neighbours=spec.secure_sum.neighbours,
+        max_dropout=spec.secure_sum.max_dropout,
+        drop_after_masking=dropped,
+        scalars=scalars,
         scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
     )
-    return (torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
-            float(result.scalar_sum or 0.0), dropped, float(result.seconds["total"]))
+    return (
+        torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),
+        float(result.scalar_sum or 0.0),
+        dropped,
+        float(result.seconds["total"]),
+    )

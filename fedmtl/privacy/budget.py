@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import math
 
-from fedmtl.privacy.accounting import (Sampling, SamplingPlan, _check_delta, _check_noise, _check_releases,
-                                       _check_rounds, _check_target, _epsilon, sampling_plan)
+from fedmtl.privacy.accounting import (
+    Sampling,
+    SamplingPlan,
+    _check_delta,
+    _check_noise,
+    _check_releases,
+    _check_rounds,
+    _check_target,
+    _epsilon,
+    sampling_plan,
+)
 
 #: noise multipliers searched by :func:`noise_for`
 _MAX_NOISE = 1e4
@@ -32,13 +41,24 @@ def max_rounds(
     ``limit`` if that many still fit). ε grows with the rounds, so a doubling then a binary search."""
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     return _max_rounds(
-        _check_target(target_epsilon), _check_noise(noise_multiplier), plan,
-        _check_releases(releases_per_round), _check_delta(delta), _check_rounds(limit, "limit"),
+        _check_target(target_epsilon),
+        _check_noise(noise_multiplier),
+        plan,
+        _check_releases(releases_per_round),
+        _check_delta(delta),
+        _check_rounds(limit, "limit"),
     )
 
 
-def _max_rounds(target: float, z: float, plan: SamplingPlan, releases: int, delta: float, limit: int,
-                extra: tuple[float, ...] = ()) -> int:
+def _max_rounds(
+    target: float,
+    z: float,
+    plan: SamplingPlan,
+    releases: int,
+    delta: float,
+    limit: int,
+    extra: tuple[float, ...] = (),
+) -> int:
     def fits(n: int) -> bool:
         return _epsilon(z, plan, releases, n, delta, extra) <= target
 
@@ -75,13 +95,24 @@ def noise_for(
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     return _noise_for(
-        _check_target(target_epsilon), _check_rounds(rounds), plan,
-        _check_releases(releases_per_round), _check_delta(delta), float(tolerance),
+        _check_target(target_epsilon),
+        _check_rounds(rounds),
+        plan,
+        _check_releases(releases_per_round),
+        _check_delta(delta),
+        float(tolerance),
     )
 
 
-def _noise_for(target: float, rounds: int, plan: SamplingPlan, releases: int, delta: float, tolerance: float,
-               extra: tuple[float, ...] = ()) -> float:
+def _noise_for(
+    target: float,
+    rounds: int,
+    plan: SamplingPlan,
+    releases: int,
+    delta: float,
+    tolerance: float,
+    extra: tuple[float, ...] = (),
+) -> float:
     def fits(z: float) -> bool:
         return _epsilon(z, plan, releases, rounds, delta, extra) <= target
 
@@ -151,7 +182,10 @@ def check_plan(
     target = _check_target(target_epsilon)
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     z, n, releases, d = (
-        _check_noise(noise_multiplier), _check_rounds(rounds), _check_releases(releases_per_round), _check_delta(delta)
+        _check_noise(noise_multiplier),
+        _check_rounds(rounds),
+        _check_releases(releases_per_round),
+        _check_delta(delta),
     )
     extra = tuple(float(e) for e in extra_releases)
     eps = _epsilon(z, plan, releases, n, d, extra)
@@ -160,14 +194,27 @@ def check_plan(
     allowed = _max_rounds(target, z, plan, releases, d, limit=n, extra=extra)
     if _epsilon(1e4, plan, releases, n, d, extra) > target:  # the extra releases alone exceed it
         raise BudgetExceeded(
-            target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
-            noise_multiplier=z, required_noise_multiplier=math.inf, sampling=plan.sampling,
+            target_epsilon=target,
+            delta=d,
+            rounds=n,
+            epsilon=eps,
+            allowed_rounds=allowed,
+            noise_multiplier=z,
+            required_noise_multiplier=math.inf,
+            sampling=plan.sampling,
             sampling_text=plan.describe() + " (the evaluation's release alone spends more: raise "
-            "privacy.evaluation.noise_multiplier)")
+            "privacy.evaluation.noise_multiplier)",
+        )
     needed = _noise_for(target, n, plan, releases, d, tolerance=1e-3, extra=extra)
     needed = math.ceil(needed * 100) / 100  # rounded up, so the number shown still fits
     raise BudgetExceeded(
-        target_epsilon=target, delta=d, rounds=n, epsilon=eps, allowed_rounds=allowed,
-        noise_multiplier=z, required_noise_multiplier=needed, sampling=plan.sampling,
+        target_epsilon=target,
+        delta=d,
+        rounds=n,
+        epsilon=eps,
+        allowed_rounds=allowed,
+        noise_multiplier=z,
+        required_noise_multiplier=needed,
+        sampling=plan.sampling,
         sampling_text=plan.describe(),
     )

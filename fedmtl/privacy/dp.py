@@ -68,7 +68,9 @@ def _check_clip(clip: float) -> float:
 def _check_noise_multiplier(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z >= 0):
-        raise ValueError(f"privacy.dp_fedavg.noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        raise ValueError(
+            f"privacy.dp_fedavg.noise_multiplier must be a finite number >= 0, got {noise_multiplier}"
+        )
     return z
 
 
@@ -87,7 +89,9 @@ def clip_update(delta: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
 
 
 def gaussian_noise(
-    like: torch.Tensor | torch.Size | Sequence[int], std: float, generator: torch.Generator | SecretStream
+    like: torch.Tensor | torch.Size | Sequence[int],
+    std: float,
+    generator: torch.Generator | SecretStream,
 ) -> torch.Tensor:
     """N(0, std² I) shaped like ``like`` (a tensor: also its dtype and device; a shape: float32),
     from a :class:`~fedmtl.privacy.randomness.SecretStream` (what every release uses) or a seeded
@@ -101,7 +105,9 @@ def gaussian_noise(
         shape, dtype, device = torch.Size(like), torch.float32, torch.device("cpu")
     if not dtype.is_floating_point:
         dtype = torch.float32
-    if isinstance(generator, SecretStream):  # the secret source every release uses (fedmtl.privacy.randomness)
+    if isinstance(
+        generator, SecretStream
+    ):  # the secret source every release uses (fedmtl.privacy.randomness)
         return (generator.standard_normal(shape) * std).to(dtype=dtype, device=device)
     noise = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
     return (noise * std).to(device)
@@ -133,10 +139,14 @@ def noised_sum(
         total = torch.zeros(shape, dtype=torch.float64, device=clipped[0].device)
         for i, update in enumerate(clipped):
             if update.shape != shape:
-                raise ValueError(f"update {i} has shape {tuple(update.shape)}, expected {tuple(shape)}")
+                raise ValueError(
+                    f"update {i} has shape {tuple(update.shape)}, expected {tuple(shape)}"
+                )
             norm = float(torch.linalg.vector_norm(update.detach().to(torch.float64)))
             if not norm <= clip * (1 + _CLIP_SLACK):
-                raise ValueError(f"update {i} has norm {norm:.6g} > privacy.dp_fedavg.clip_norm={clip}; clip it first")
+                raise ValueError(
+                    f"update {i} has norm {norm:.6g} > privacy.dp_fedavg.clip_norm={clip}; clip it first"
+                )
             total += update.detach().to(torch.float64)
         out_dtype = clipped[0].dtype
     noise = gaussian_noise(total, z * clip, generator)
@@ -198,13 +208,19 @@ class AdaptiveClip:
         if not (math.isfinite(self.expected_clients) and self.expected_clients > 0):
             raise ValueError(f"expected clients per round must be > 0, got {self.expected_clients}")
         if not 0 <= self.target_quantile <= 1:
-            raise ValueError(f"privacy.dp_fedavg.target_quantile must be in [0, 1], got {self.target_quantile}")
+            raise ValueError(
+                f"privacy.dp_fedavg.target_quantile must be in [0, 1], got {self.target_quantile}"
+            )
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"privacy.dp_fedavg.clip_learning_rate must be > 0, got {self.learning_rate}")
+            raise ValueError(
+                f"privacy.dp_fedavg.clip_learning_rate must be > 0, got {self.learning_rate}"
+            )
         if self.count_noise is None:
             object.__setattr__(self, "count_noise", default_count_noise(self.expected_clients))
         elif not (math.isfinite(self.count_noise) and self.count_noise >= 0):
-            raise ValueError(f"privacy.count_noise must be a finite number >= 0, got {self.count_noise}")
+            raise ValueError(
+                f"privacy.count_noise must be a finite number >= 0, got {self.count_noise}"
+            )
 
     def noised_fraction(self, norms: Sequence[float], generator: torch.Generator) -> float:
         """b̄ = (Σ_i (b_i − ½) + N(0, σ_b²)) / m + ½ with b_i = [‖Δ_i‖ ≤ C] (sensitivity ½)."""

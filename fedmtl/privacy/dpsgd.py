@@ -70,22 +70,30 @@ ACCOUNTANTS = ("rdp", "prv")
 
 
 # Opacus's backward hook on a model's first layer, whose input needs no gradient: expected, harmless
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                        "respect to module outputs since no inputs require gradients", category=UserWarning)
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with "
+    "respect to module outputs since no inputs require gradients",
+    category=UserWarning,
+)
 
 
 def require_opacus() -> None:
     try:
         import opacus  # noqa: F401
     except ImportError:
-        raise ImportError("privacy.dp_sgd.enabled needs Opacus: pip install 'fedmtl[dp-sgd]' (opacus>=1.5)") from None
+        raise ImportError(
+            "privacy.dp_sgd.enabled needs Opacus: pip install 'fedmtl[dp-sgd]' (opacus>=1.5)"
+        ) from None
 
 
 def poisson_plan(n: int, batch_size: int) -> tuple[float, int, int]:
     """Opacus's plan for n rows at batch size B (``DPDataLoader``/``make_private``): the sample
     rate q = 1/⌈n/B⌉, the steps per epoch ⌈n/B⌉ and the expected batch size ⌊nq⌋ (at least 1)."""
     if n < 1 or batch_size < 1:
-        raise ValueError(f"DP-SGD needs at least one row and batch size >= 1, got n={n}, batch_size={batch_size}")
+        raise ValueError(
+            f"DP-SGD needs at least one row and batch size >= 1, got n={n}, batch_size={batch_size}"
+        )
     steps = math.ceil(n / batch_size)
     rate = 1 / steps
     return rate, steps, max(int(n * rate), 1)
@@ -100,7 +108,9 @@ def compact(history: Sequence[tuple[float, float, int]]) -> list[tuple[float, fl
     return [(noise, rate, steps) for (noise, rate), steps in out.items() if steps > 0]
 
 
-def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+def epsilon(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
+) -> float:
     """ε at ``delta`` of the sampled Gaussian steps in ``history`` ((σ, q, steps) each), by
     Opacus's own accountant (``rdp``: ``RDPAccountant``; ``prv``: ``PRVAccountant``).
 
@@ -123,7 +133,9 @@ def _epsilon(steps: tuple[tuple[float, float, int], ...], delta: float, accounta
         from opacus.accountants.analysis import rdp as analysis
 
         rdp = sum([_rdp_per_step(noise, rate) * count for noise, rate, count in steps])
-        eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        eps, _ = analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
         return float(eps)
     from opacus.accountants import create_accountant
 
@@ -138,7 +150,9 @@ def _rdp_per_step(noise: float, rate: float):
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis
 
-    out = analysis.compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    out = analysis.compute_rdp(
+        q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
     out.setflags(write=False)
     return out
 
@@ -152,13 +166,35 @@ class DPSGDSession:
     noise: Any = None
     steps: list[tuple[float, float, int]] = field(default_factory=list)
 
-    def fit(self, module: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: dict[str, torch.Tensor],
-            tasks: Sequence, epochs: int, cfg, generator: torch.Generator, **options) -> float:
+    def fit(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        x: torch.Tensor,
+        y: dict[str, torch.Tensor],
+        tasks: Sequence,
+        epochs: int,
+        cfg,
+        generator: torch.Generator,
+        **options,
+    ) -> float:
         """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.client.training.fit`; ``options``:
         :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of the last
         epoch's sampled rows."""
-        return dp_fit(module, params, x, y, tasks, epochs, cfg, generator, self.spec, self.steps,
-                      noise=self.noise, **options)
+        return dp_fit(
+            module,
+            params,
+            x,
+            y,
+            tasks,
+            epochs,
+            cfg,
+            generator,
+            self.spec,
+            self.steps,
+            noise=self.noise,
+            **options,
+        )
 
 
 def dp_fit(
@@ -192,7 +228,9 @@ def dp_fit(
     if n == 0 or epochs == 0 or not params:
         return float("nan")
     if not isinstance(module, nn.Module):
-        raise TypeError("DP-SGD trains an nn.Module (its per-row gradients come from the module's layers)")
+        raise TypeError(
+            "DP-SGD trains an nn.Module (its per-row gradients come from the module's layers)"
+        )
     rate, per_epoch, expected = poisson_plan(n, cfg.batch_size)
     trained = {id(p) for p in params}
     frozen = [p for p in module.parameters() if id(p) not in trained and p.requires_grad]
@@ -205,19 +243,33 @@ def dp_fit(
             p.requires_grad_(True)
         raise
     try:
-        inner = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+        inner = torch.optim.SGD(
+            params,
+            lr=cfg.lr if lr is None else lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
         optimizer = DPOptimizer if noise is None else _secret_optimizer()
-        opt = optimizer(inner, noise_multiplier=spec.noise_multiplier, max_grad_norm=spec.max_grad_norm,
-                        expected_batch_size=expected, loss_reduction="mean", generator=generator)
+        opt = optimizer(
+            inner,
+            noise_multiplier=spec.noise_multiplier,
+            max_grad_norm=spec.max_grad_norm,
+            expected_batch_size=expected,
+            loss_reduction="mean",
+            generator=generator,
+        )
         if noise is not None:
             opt.secret_stream = noise
         last = float("nan")
         for _ in range(epochs):
             total, count = 0.0, 0
-            sampler = (UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=generator,
-                                                     steps=per_epoch)
-                       if noise is None else _poisson_batches(n, rate, per_epoch, noise))
+            sampler = (
+                UniformWithReplacementSampler(
+                    num_samples=n, sample_rate=rate, generator=generator, steps=per_epoch
+                )
+                if noise is None
+                else _poisson_batches(n, rate, per_epoch, noise)
+            )
             for indices in sampler:
                 opt.zero_grad(set_to_none=True)
                 if indices:
@@ -231,7 +283,9 @@ def dp_fit(
                         p.grad_sample = p.new_zeros((0, *p.shape))
                 if opt.pre_step():  # clip each row, sum, noise, divide by the expected batch
                     if penalty is not None:  # data-independent: added after privatisation
-                        for p, g in zip(params, torch.autograd.grad(penalty(), params, allow_unused=True)):
+                        for p, g in zip(
+                            params, torch.autograd.grad(penalty(), params, allow_unused=True)
+                        ):
                             if g is not None:
                                 p.grad.add_(g)
                     inner.step()
@@ -276,7 +330,9 @@ def _secret_optimizer():
         def add_noise(self) -> None:
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                noise = gaussian_noise(p.summed_grad, self.noise_multiplier * self.max_grad_norm, self.secret_stream)
+                noise = gaussian_noise(
+                    p.summed_grad, self.noise_multiplier * self.max_grad_norm, self.secret_stream
+                )
                 p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 

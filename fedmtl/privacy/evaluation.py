@@ -47,7 +47,7 @@ class StatLayout:
         for variant in variants:
             for task in tasks:
                 keys.append((variant, task.name))
-                sizes.append(task.n_outputs ** 2 if task.kind == "classification" else 3)
+                sizes.append(task.n_outputs**2 if task.kind == "classification" else 3)
         return cls(tuple(keys), tuple(sizes), {t.name: t for t in tasks})
 
     @property
@@ -63,7 +63,7 @@ class StatLayout:
             if self.tasks[task].kind == "classification":
                 parts.append(np.full(size, float(max_rows)))
             else:
-                parts.append(max_rows * np.array([1.0, ERROR_CLIP, ERROR_CLIP ** 2]))
+                parts.append(max_rows * np.array([1.0, ERROR_CLIP, ERROR_CLIP**2]))
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def sensitivity(self, max_rows: int) -> float:
@@ -74,9 +74,13 @@ class StatLayout:
         bounds = self.bounds(max_rows)
         total, offset = 0.0, 0
         for (_, task), size in zip(self.keys, self.sizes):
-            block = bounds[offset:offset + size]
+            block = bounds[offset : offset + size]
             offset += size
-            total += float(max_rows) ** 2 if self.tasks[task].kind == "classification" else float(block @ block)
+            total += (
+                float(max_rows) ** 2
+                if self.tasks[task].kind == "classification"
+                else float(block @ block)
+            )
         return math.sqrt(total)
 
 
@@ -87,28 +91,45 @@ def task_statistics(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> n
         k = task.n_outputs
         pred = np.asarray(output).argmax(axis=1)
         return np.bincount(y_true.astype(np.int64) * k + pred, minlength=k * k).astype(np.float64)
-    error = np.clip(np.asarray(output).reshape(-1) - y_true.astype(np.float64), -ERROR_CLIP, ERROR_CLIP)
-    return np.array([error.size, np.abs(error).sum(), (error ** 2).sum()], dtype=np.float64)
+    error = np.clip(
+        np.asarray(output).reshape(-1) - y_true.astype(np.float64), -ERROR_CLIP, ERROR_CLIP
+    )
+    return np.array([error.size, np.abs(error).sum(), (error**2).sum()], dtype=np.float64)
 
 
 def client_statistics(
-    layout: StatLayout, outputs: Mapping[tuple[str, str], np.ndarray], y_test: Mapping[str, np.ndarray]
+    layout: StatLayout,
+    outputs: Mapping[tuple[str, str], np.ndarray],
+    y_test: Mapping[str, np.ndarray],
 ) -> np.ndarray:
     """A client's whole statistics vector: ``outputs[(variant, task)]`` scored against its labels."""
-    parts = [task_statistics(layout.tasks[task], y_test[task], outputs[(variant, task)])
-             for variant, task in layout.keys]
+    parts = [
+        task_statistics(layout.tasks[task], y_test[task], outputs[(variant, task)])
+        for variant, task in layout.keys
+    ]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def statistics_score(task: TaskSpec, y_true: np.ndarray, output: np.ndarray) -> dict[str, np.ndarray]:
+def statistics_score(
+    task: TaskSpec, y_true: np.ndarray, output: np.ndarray
+) -> dict[str, np.ndarray]:
     """A scorer for :func:`fedmtl.eval.metrics.evaluate_clients` that keeps the statistics."""
     return {"statistics": task_statistics(task, y_true, output)}
 
 
 def pooled_evaluation(
-    layout: StatLayout, records: Sequence[Mapping], *, secure: bool, max_rows: int, min_clients: int = 2,
-    noise_std: float = 0.0, generator: torch.Generator | SecretStream | None = None, neighbours: int | None = None,
-    max_dropout: float | None = None, protocol: str = "secagg", noise_multiplier: float | None = None,
+    layout: StatLayout,
+    records: Sequence[Mapping],
+    *,
+    secure: bool,
+    max_rows: int,
+    min_clients: int = 2,
+    noise_std: float = 0.0,
+    generator: torch.Generator | SecretStream | None = None,
+    neighbours: int | None = None,
+    max_dropout: float | None = None,
+    protocol: str = "secagg",
+    noise_multiplier: float | None = None,
 ) -> dict[str, float]:
     """The round's metrics from the clients' statistics records (``client``, ``variant``,
     ``task``, ``statistics``): each client's vector is summed (:func:`secure_total`) and only
@@ -135,15 +156,29 @@ def pooled_evaluation(
             if norm > delta:
                 vectors[c] = v * (delta / norm)
         noise_std = float(noise_multiplier) * delta
-    total = secure_total(vectors, secure, layout.bounds(max_rows), noise_std, generator, neighbours, max_dropout,
-                         protocol)
+    total = secure_total(
+        vectors,
+        secure,
+        layout.bounds(max_rows),
+        noise_std,
+        generator,
+        neighbours,
+        max_dropout,
+        protocol,
+    )
     out.update(pooled_metrics(layout, total))
     for key in list(out):
         head, _, rest = key.partition("personal/")
-        if key.startswith(f"{head}personal/") and key.endswith("/pooled") and f"{head}global/{rest}" in out:
+        if (
+            key.startswith(f"{head}personal/")
+            and key.endswith("/pooled")
+            and f"{head}global/{rest}" in out
+        ):
             metric = rest.split("/")[0]
             gain = out[key] - out[f"{head}global/{rest}"]
-            out[f"{head}personalisation_gain/{metric}/pooled"] = gain if metric not in ("mae", "rmse") else -gain
+            out[f"{head}personalisation_gain/{metric}/pooled"] = (
+                gain if metric not in ("mae", "rmse") else -gain
+            )
     return out
 
 
@@ -154,12 +189,15 @@ def pooled_metrics(layout: StatLayout, total: np.ndarray) -> dict[str, float]:
     first = next(iter(layout.tasks), None)
     offset = 0
     for (variant, task), size in zip(layout.keys, layout.sizes):
-        block = np.clip(np.asarray(total[offset:offset + size], dtype=np.float64), 0, None)
+        block = np.clip(np.asarray(total[offset : offset + size], dtype=np.float64), 0, None)
         offset += size
         prefix = "" if task == first else f"{task}/"
         spec = layout.tasks[task]
-        metrics = (confusion_metrics(block.reshape(spec.n_outputs, spec.n_outputs))
-                   if spec.kind == "classification" else error_metrics(block))
+        metrics = (
+            confusion_metrics(block.reshape(spec.n_outputs, spec.n_outputs))
+            if spec.kind == "classification"
+            else error_metrics(block)
+        )
         out.update({f"{prefix}{variant}/{m}/pooled": v for m, v in metrics.items()})
     return out
 
@@ -177,8 +215,12 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
     recall = np.divide(tp, s, out=np.zeros_like(tp), where=s > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": float(np.diag(confusion).sum() / n), "precision": float(precision.mean()),
-            "recall": float(recall.mean()), "f1": float(f1.mean())}
+    return {
+        "accuracy": float(np.diag(confusion).sum() / n),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
 
 
 def error_metrics(block: np.ndarray) -> dict[str, float]:
@@ -189,8 +231,13 @@ def error_metrics(block: np.ndarray) -> dict[str, float]:
 
 
 def secure_total(
-    statistics: Mapping[str, np.ndarray], secure: bool, bound: float | np.ndarray, noise_std: float = 0.0,
-    generator: torch.Generator | SecretStream | None = None, neighbours: int | None = None, max_dropout: float | None = None,
+    statistics: Mapping[str, np.ndarray],
+    secure: bool,
+    bound: float | np.ndarray,
+    noise_std: float = 0.0,
+    generator: torch.Generator | SecretStream | None = None,
+    neighbours: int | None = None,
+    max_dropout: float | None = None,
     protocol: str = "secagg",
 ) -> np.ndarray:
     """Σ of the clients' statistics vectors: through SecAgg+ (``protocol`` "secagg") or CKKS
@@ -215,13 +262,24 @@ def secure_total(
         from fedmtl.privacy.secagg import DEFAULT_MAX_DROPOUT, secure_sum
 
         scaled = {c: v / scale for c, v in vectors.items()}
-        result = secure_sum(scaled, clip=1.0, neighbours=neighbours,
-                            max_dropout=DEFAULT_MAX_DROPOUT if max_dropout is None else max_dropout)
+        result = secure_sum(
+            scaled,
+            clip=1.0,
+            neighbours=neighbours,
+            max_dropout=DEFAULT_MAX_DROPOUT if max_dropout is None else max_dropout,
+        )
         total = np.asarray(result.sum, dtype=np.float64) * scale
     else:
         total = np.sum([np.clip(v, -scale, scale) for v in vectors.values()], axis=0)
     if noise_std > 0:
         if generator is None:
-            raise ValueError("evaluation noise needs its random source (the run's SecretRandom stream)")
-        total = total + gaussian_noise(torch.zeros(total.shape, dtype=torch.float64), noise_std, generator).numpy()
+            raise ValueError(
+                "evaluation noise needs its random source (the run's SecretRandom stream)"
+            )
+        total = (
+            total
+            + gaussian_noise(
+                torch.zeros(total.shape, dtype=torch.float64), noise_std, generator
+            ).numpy()
+        )
     return total

@@ -91,7 +91,8 @@ def tenseal() -> Any:
         import tenseal as ts
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise HEUnavailable(
-            f"homomorphic aggregation needs the optional 'tenseal' package: {INSTALL_HINT}") from exc
+            f"homomorphic aggregation needs the optional 'tenseal' package: {INSTALL_HINT}"
+        ) from exc
     return ts
 
 
@@ -155,16 +156,26 @@ class KeyHolder:
 
     def __init__(self, n_threads: int = 1) -> None:
         ts = tenseal()
-        self._context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=POLY_MODULUS_DEGREE,
-                                   coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES), n_threads=n_threads)
-        self._context.global_scale = 2.0 ** SCALE_BITS
+        self._context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=POLY_MODULUS_DEGREE,
+            coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES),
+            n_threads=n_threads,
+        )
+        self._context.global_scale = 2.0**SCALE_BITS
         self.public_context: bytes = self._context.serialize(
-            save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=False,
+            save_relin_keys=False,
+        )
 
     def decrypt(self, total: EncryptedSum) -> np.ndarray:
         """The float64 sum from the server's :class:`EncryptedSum` (and nothing else)."""
         if not isinstance(total, EncryptedSum):
-            raise TypeError(f"the key holder decrypts only an EncryptedSum, got {type(total).__name__}")
+            raise TypeError(
+                f"the key holder decrypts only an EncryptedSum, got {type(total).__name__}"
+            )
         ts = tenseal()
         lengths = _chunk_lengths(total.dim)
         if len(total.chunks) != len(lengths):
@@ -191,8 +202,10 @@ class HEClient:
         x = np.asarray(vector, dtype=np.float64).reshape(-1)
         if not np.all(np.isfinite(x)):
             raise HEError(f"client {self.client!r}: the vector has non-finite values")
-        chunks = tuple(ts.ckks_vector(self._context, x[i * SLOTS:(i + 1) * SLOTS].tolist()).serialize()
-                       for i in range(n_chunks(len(x))))
+        chunks = tuple(
+            ts.ckks_vector(self._context, x[i * SLOTS : (i + 1) * SLOTS].tolist()).serialize()
+            for i in range(n_chunks(len(x)))
+        )
         return EncryptedInput(self.client, chunks, len(x), _MINT)
 
 
@@ -216,15 +229,20 @@ class HEServer:
         if not isinstance(encrypted, EncryptedInput):
             raise TypeError(
                 "HEServer.receive accepts only EncryptedInput objects made by HEClient.encrypt, got "
-                f"{type(encrypted).__module__}.{type(encrypted).__name__}")
+                f"{type(encrypted).__module__}.{type(encrypted).__name__}"
+            )
         if encrypted.client not in self.members or encrypted.client in self._received:
             raise HEError(f"unexpected encrypted input from {encrypted.client!r}")
         if encrypted.dim != self.dim or len(encrypted.chunks) != len(self._lengths):
-            raise HEError(f"encrypted input of {encrypted.client!r} has {encrypted.dim} values in "
-                          f"{len(encrypted.chunks)} chunks, expected {self.dim} in {len(self._lengths)}")
+            raise HEError(
+                f"encrypted input of {encrypted.client!r} has {encrypted.dim} values in "
+                f"{len(encrypted.chunks)} chunks, expected {self.dim} in {len(self._lengths)}"
+            )
         ts = tenseal()
-        parsed = [_parse(ts, self._context, blob, length, f"encrypted input of {encrypted.client!r}")
-                  for blob, length in zip(encrypted.chunks, self._lengths)]
+        parsed = [
+            _parse(ts, self._context, blob, length, f"encrypted input of {encrypted.client!r}")
+            for blob, length in zip(encrypted.chunks, self._lengths)
+        ]
         if self._sum is None:
             self._sum = parsed
         else:
@@ -235,7 +253,9 @@ class HEServer:
     def aggregate(self) -> EncryptedSum:
         if self._sum is None:
             raise HEError("no encrypted input arrived")
-        return EncryptedSum(tuple(v.serialize() for v in self._sum), self.dim, tuple(sorted(self._received)))
+        return EncryptedSum(
+            tuple(v.serialize() for v in self._sum), self.dim, tuple(sorted(self._received))
+        )
 
 
 def _parse(ts: Any, context: Any, blob: Any, length: int, what: str) -> Any:
@@ -298,8 +318,10 @@ def encrypted_sum(
     scalar_bound = bound if scalar_bound is None else scalar_bound
     largest = max(bound, scalar_bound if scalars is not None else 0.0)
     if len(ids) * largest >= MAX_ABS_SUM:
-        raise HEError(f"{len(ids)} clients × bound {largest:g} could exceed CKKS's plaintext range "
-                      f"({MAX_ABS_SUM:g}); scale the inputs down")
+        raise HEError(
+            f"{len(ids)} clients × bound {largest:g} could exceed CKKS's plaintext range "
+            f"({MAX_ABS_SUM:g}); scale the inputs down"
+        )
     if scalars is not None:
         big = sorted(u for u, s in scalars.items() if not abs(s) <= scalar_bound)
         if big:
@@ -330,10 +352,13 @@ def encrypted_sum(
     _lap(seconds, "decrypt", clock)
     seconds["total"] = sum(seconds.values())
     return HESumResult(
-        sum=plain[:dim], scalar_sum=float(plain[dim]) if scalars is not None else None,
-        included=total.included, dropped=tuple(u for u in ids if u not in total.included),
+        sum=plain[:dim],
+        scalar_sum=float(plain[dim]) if scalars is not None else None,
+        included=total.included,
+        dropped=tuple(u for u in ids if u not in total.included),
         error_bound=len(total.included) * ERROR_PER_SUMMAND,
-        seconds=MappingProxyType(seconds), bytes_sent=MappingProxyType(sent),
+        seconds=MappingProxyType(seconds),
+        bytes_sent=MappingProxyType(sent),
         server_bytes_sent=len(public) * len(senders) + total.nbytes,
     )
 
@@ -345,7 +370,21 @@ def _lap(seconds: dict[str, float], phase: str, since: float) -> float:
 
 
 __all__ = [
-    "COEFF_MOD_BIT_SIZES", "ERROR_PER_SUMMAND", "EncryptedInput", "EncryptedSum", "HEClient", "HEError",
-    "HEServer", "HESumResult", "HEUnavailable", "KeyHolder", "MAX_ABS_SUM", "POLY_MODULUS_DEGREE",
-    "SCALE_BITS", "SLOTS", "available", "encrypted_sum", "tenseal",
+    "COEFF_MOD_BIT_SIZES",
+    "ERROR_PER_SUMMAND",
+    "EncryptedInput",
+    "EncryptedSum",
+    "HEClient",
+    "HEError",
+    "HEServer",
+    "HESumResult",
+    "HEUnavailable",
+    "KeyHolder",
+    "MAX_ABS_SUM",
+    "POLY_MODULUS_DEGREE",
+    "SCALE_BITS",
+    "SLOTS",
+    "available",
+    "encrypted_sum",
+    "tenseal",
 ]

@@ -32,17 +32,20 @@ def check_privacy(cfg: Config, grouping_method: str | None) -> None:
         raise PrivacyPlanError(
             f"privacy.dp_fedavg with grouping '{grouping_method}' (algorithm.method={cfg.algorithm.method}, "
             f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum it "
-            "joins from its own data, a choice released outside ε; use grouping.method=column")
+            "joins from its own data, a choice released outside ε; use grouping.method=column"
+        )
     if p.enabled and cfg.server.aggregator != "mean":
         raise PrivacyPlanError(
             f"server.aggregator={cfg.server.aggregator} with privacy ({p.mechanism}): a robust rule needs each "
             "client's own update, which secure aggregation hides and DP's guarantee does not cover; use "
-            "server.aggregator=mean (DP's clipping already bounds any one client's influence)")
+            "server.aggregator=mean (DP's clipping already bounds any one client's influence)"
+        )
     if p.secure and grouping_method == "cluster":
         raise PrivacyPlanError(
             "privacy.secure_sum with grouping.method=cluster: the server would cluster the "
             "clients' own head updates, which secure aggregation exists to hide; use "
-            "grouping.method=column or ifca")
+            "grouping.method=column or ifca"
+        )
 
 
 def run_accountant(cfg: Config, n_clients: int) -> PrivacyAccountant | None:
@@ -61,30 +64,50 @@ def run_accountant(cfg: Config, n_clients: int) -> PrivacyAccountant | None:
             raise PrivacyPlanError(
                 f"privacy.dp_fedavg.adaptive_clip with {rate * n_clients:g} expected clients per round: {exc}"
             ) from None
-    evaluation = (p.evaluation.noise_multiplier,)  # the final model's pooled evaluation, released once
+    evaluation = (
+        p.evaluation.noise_multiplier,
+    )  # the final model's pooled evaluation, released once
     if dp.target_epsilon is not None:
         try:
-            check_plan(dp.target_epsilon, cfg.training.rounds, dp.noise_multiplier, "poisson",
-                       sample_rate=rate, delta=dp.delta, extra_releases=evaluation)
+            check_plan(
+                dp.target_epsilon,
+                cfg.training.rounds,
+                dp.noise_multiplier,
+                "poisson",
+                sample_rate=rate,
+                delta=dp.delta,
+                extra_releases=evaluation,
+            )
         except BudgetExceeded as exc:
             raise PrivacyPlanError(str(exc)) from None
-    return PrivacyAccountant(dp.noise_multiplier, "poisson", sample_rate=rate, delta=dp.delta, planned=evaluation)
+    return PrivacyAccountant(
+        dp.noise_multiplier, "poisson", sample_rate=rate, delta=dp.delta, planned=evaluation
+    )
 
 
 class ClientLevelBudget:
     """A callback of the round loop: accounts every round, and stops training before a round
     (and the final evaluation after it) would spend more than ``target_epsilon``."""
 
-    def __init__(self, accountant: PrivacyAccountant, target_epsilon: float | None,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+    def __init__(
+        self,
+        accountant: PrivacyAccountant,
+        target_epsilon: float | None,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:
         self.accountant, self.target, self.log = accountant, target_epsilon, logger or log
 
     def before_round(self, state: ServerState) -> bool:
         if within_budget(self.accountant, self.target):
             return True
-        self.log.warning("privacy budget: stopping after round %d: one more round would spend ε=%.3g > "
-                    "privacy.dp_fedavg.target_epsilon=%g at δ=%g", state.round,
-                    self.accountant.epsilon_after_next(), self.target, self.accountant.delta)
+        self.log.warning(
+            "privacy budget: stopping after round %d: one more round would spend ε=%.3g > "
+            "privacy.dp_fedavg.target_epsilon=%g at δ=%g",
+            state.round,
+            self.accountant.epsilon_after_next(),
+            self.target,
+            self.accountant.delta,
+        )
         return False
 
     def after_round(self, state: ServerState, report) -> None:
@@ -96,11 +119,19 @@ def privacy_tags(cfg: Config) -> dict[str, str]:
     p = cfg.privacy
     tags = {"privacy": p.mechanism}
     if p.dp:
-        tags.update({"privacy_delta": f"{p.dp_fedavg.delta:g}",
-                     "privacy_noise_multiplier": f"{p.dp_fedavg.noise_multiplier:g}"})
+        tags.update(
+            {
+                "privacy_delta": f"{p.dp_fedavg.delta:g}",
+                "privacy_noise_multiplier": f"{p.dp_fedavg.noise_multiplier:g}",
+            }
+        )
     if p.sample_level:
-        tags.update({"privacy_dp_sgd_noise_multiplier": f"{p.dp_sgd.noise_multiplier:g}",
-                     "privacy_dp_sgd_max_grad_norm": f"{p.dp_sgd.max_grad_norm:g}"})
+        tags.update(
+            {
+                "privacy_dp_sgd_noise_multiplier": f"{p.dp_sgd.noise_multiplier:g}",
+                "privacy_dp_sgd_max_grad_norm": f"{p.dp_sgd.max_grad_norm:g}",
+            }
+        )
     if p.insecure_seeded_noise:  # noise replayable from training.seed: no ε holds
         tags["privacy_epsilon_void"] = "true"
     return tags

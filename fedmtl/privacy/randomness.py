@@ -103,7 +103,10 @@ class SecretRandom:
     @classmethod
     def insecure_from_seed(cls, seed: int) -> "SecretRandom":
         """A key anyone who knows ``seed`` can rebuild: for tests that compare two runs only."""
-        return cls(hashlib.sha256(f"fedmtl/insecure-seeded-noise/{int(seed)}".encode()).digest(), seeded=True)
+        return cls(
+            hashlib.sha256(f"fedmtl/insecure-seeded-noise/{int(seed)}".encode()).digest(),
+            seeded=True,
+        )
 
     def stream(self, *purpose: object) -> SecretStream:
         """The stream of one purpose, e.g. ``stream("server", round, "dp-noise")``: the same
@@ -118,12 +121,16 @@ class SecretRandom:
         The directory is made owner-only (0700)."""
         path = Path(directory) / KEY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)  # the run's directory: its key, checkpoints and client stores, owner only
+        os.chmod(
+            path.parent, 0o700
+        )  # the run's directory: its key, checkpoints and client stores, owner only
         if path.exists():
             key = path.read_bytes()
             if len(key) != KEY_BYTES:
-                raise ValueError(f"{path}: a run's secret key is {KEY_BYTES} bytes, found {len(key)}; "
-                                 "the file is damaged (a new run makes a new one)")
+                raise ValueError(
+                    f"{path}: a run's secret key is {KEY_BYTES} bytes, found {len(key)}; "
+                    "the file is damaged (a new run makes a new one)"
+                )
             return cls(key)
         fresh = cls.fresh()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -41,19 +41,32 @@ class PrivateRelease:
         """Under DP a Poisson sample at the rate of ``per_round`` (who takes part is secret);
         else the same fixed-size sample as the plain release."""
         if self.config.dp:
-            return poisson_sample(clients, sample_rate(per_round, len(clients)),
-                                  self.secret.stream("round", round_, "participation"))
+            return poisson_sample(
+                clients,
+                sample_rate(per_round, len(clients)),
+                self.secret.stream("round", round_, "participation"),
+            )
         return clients_for_round(clients, per_round, self.seed, round_)
 
     def clip_norm(self, state: ServerState) -> float:
         """This round's C: ``dp_fedavg.clip_norm``, or where adaptive clipping took it."""
         kept = state.privacy.get(CLIP_KEY)
         adaptive = self.config.dp_fedavg.adaptive_clip
-        return float(kept.reshape(-1)[0]) if kept is not None and adaptive else self.config.dp_fedavg.clip_norm
+        return (
+            float(kept.reshape(-1)[0])
+            if kept is not None and adaptive
+            else self.config.dp_fedavg.clip_norm
+        )
 
-    def aggregate(self, updates: list[ClientUpdate], state: ServerState, clients: list[str], per_round: float,
-                  release_group: Callable[[str], str], rows: Callable[[str], int],
-                  ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
+    def aggregate(
+        self,
+        updates: list[ClientUpdate],
+        state: ServerState,
+        clients: list[str],
+        per_round: float,
+        release_group: Callable[[str], str],
+        rows: Callable[[str], int],
+    ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
         """The round's private releases. ``release_group``: the fixed, public group whose sum a
         client joins; ``rows``: a client's train rows as the manifest records them (public)."""
         rate = sample_rate(per_round, len(clients))
@@ -66,19 +79,33 @@ class PrivateRelease:
         like = updates[0] if updates else None
         from fedmtl.client.training import client_seed
 
-        return private_aggregate(updates, self.config, self.clip_norm(state), expected, float(scale),
-                                 self.secret.stream("server", state.round, "dp-noise"),
-                                 client_seed(self.seed, state.round, "server", "secagg"), like)
+        return private_aggregate(
+            updates,
+            self.config,
+            self.clip_norm(state),
+            expected,
+            float(scale),
+            self.secret.stream("server", state.round, "dp-noise"),
+            client_seed(self.seed, state.round, "server", "secagg"),
+            like,
+        )
 
-    def after_merge(self, state: ServerState, merged: ServerState, report: RoundPrivacy | None) -> None:
+    def after_merge(
+        self, state: ServerState, merged: ServerState, report: RoundPrivacy | None
+    ) -> None:
         """With adaptive clipping, move C towards the target quantile of this round's (noised)
         count of clients under it, in ``merged.privacy``."""
         dp = self.config.dp_fedavg
         if report is None or report.under_clip is None or not dp.adaptive_clip:
             return
-        clip = AdaptiveClip(report.clip, report.expected_total or 1.0, dp.target_quantile, dp.clip_learning_rate)
-        clip = clip.update_from_count(report.under_clip, report.released_clients,
-                                      self.secret.stream("server", state.round, "dp-clip"))
+        clip = AdaptiveClip(
+            report.clip, report.expected_total or 1.0, dp.target_quantile, dp.clip_learning_rate
+        )
+        clip = clip.update_from_count(
+            report.under_clip,
+            report.released_clients,
+            self.secret.stream("server", state.round, "dp-clip"),
+        )
         merged.privacy[CLIP_KEY] = torch.tensor([clip.clip], dtype=torch.float64)
 
 

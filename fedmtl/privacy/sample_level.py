@@ -113,9 +113,13 @@ class SampleLevelDP:
         spent = self.accountant(ledger)
         if ledger.rows and not within_budget(spent, self.target_epsilon):
             raise self._spent(client, spent.epsilon_after_next(), "one more round")
-        return DPSGDSession(self.config, noise=self.secret.stream("client", client, round_, "dp-sgd"))
+        return DPSGDSession(
+            self.config, noise=self.secret.stream("client", client, round_, "dp-sgd")
+        )
 
-    def end(self, client: str, round_: int, ledger: Ledger, session: DPSGDSession) -> tuple[Ledger, float]:
+    def end(
+        self, client: str, round_: int, ledger: Ledger, session: DPSGDSession
+    ) -> tuple[Ledger, float]:
         """The client's ledger with the round's steps, and its ε now; raises
         :class:`DPSGDBudgetSpent` (and nothing of the round is kept) above the target."""
         ledger = ledger.plus(round_ + 1, session.steps)
@@ -127,13 +131,19 @@ class SampleLevelDP:
     def _spent(self, client: str, eps: float, when: str) -> DPSGDBudgetSpent:
         return DPSGDBudgetSpent(
             f"client '{client}': {when} would take its sample-level ε to {eps:.4g} > "
-            f"privacy.dp_sgd.target_epsilon={self.target_epsilon:g} at δ={self.delta:g}; it sits the round out")
+            f"privacy.dp_sgd.target_epsilon={self.target_epsilon:g} at δ={self.delta:g}; it sits the round out"
+        )
 
-    def record(self, table: torch.Tensor | None, client_ids: Sequence[str], reports: dict[str, float]) -> torch.Tensor:
+    def record(
+        self, table: torch.Tensor | None, client_ids: Sequence[str], reports: dict[str, float]
+    ) -> torch.Tensor:
         """The server's table of every client's latest ε (``client_ids`` order, NaN for a client
         that has not trained) with this round's ``reports`` (client -> ε) written in."""
-        table = (table.clone() if table is not None and table.numel() == len(client_ids)
-                 else torch.full((len(client_ids),), math.nan, dtype=torch.float64))
+        table = (
+            table.clone()
+            if table is not None and table.numel() == len(client_ids)
+            else torch.full((len(client_ids),), math.nan, dtype=torch.float64)
+        )
         index = {c: i for i, c in enumerate(client_ids)}
         for client, eps in reports.items():
             if client in index:
@@ -159,5 +169,8 @@ def client_epsilons(table: torch.Tensor | None) -> dict[str, float]:
     known = table[~torch.isnan(table)]
     if known.numel() == 0:
         return {"privacy/dp_sgd_clients": 0.0}
-    return {"privacy/dp_sgd_epsilon_max": float(known.max()), "privacy/dp_sgd_epsilon_mean": float(known.mean()),
-            "privacy/dp_sgd_clients": float(known.numel())}
+    return {
+        "privacy/dp_sgd_epsilon_max": float(known.max()),
+        "privacy/dp_sgd_epsilon_mean": float(known.mean()),
+        "privacy/dp_sgd_clients": float(known.numel()),
+    }

@@ -85,7 +85,9 @@ def split(secret: bytes, n: int, t: int, rng: random.Random | None = None) -> li
     coefficients = np.vstack([chunks[None, :], _random_elements(rng, (t - 1, len(chunks)))])
     values = _matmul_mod(_vandermonde(n, t), coefficients)  # (n, chunks): f_j(x) for x = 1..n
     length = len(secret)
-    return [Share(x=x, ys=tuple(row), length=length) for x, row in enumerate(values.tolist(), start=1)]
+    return [
+        Share(x=x, ys=tuple(row), length=length) for x, row in enumerate(values.tolist(), start=1)
+    ]
 
 
 def combine(shares: Sequence[Share], t: int) -> bytes:
@@ -119,7 +121,10 @@ def _n_chunks(length: int) -> int:
 def _chunks(secret: bytes) -> np.ndarray:
     """The secret's chunks as field elements (int64), big-endian within each chunk."""
     return np.array(
-        [int.from_bytes(secret[i : i + CHUNK_BYTES], "big") for i in range(0, len(secret), CHUNK_BYTES)],
+        [
+            int.from_bytes(secret[i : i + CHUNK_BYTES], "big")
+            for i in range(0, len(secret), CHUNK_BYTES)
+        ],
         dtype=np.int64,
     )
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from fedmtl.server.dispatch import clients_for_round
-from fedmtl.server.robust import RobustSpec, aggregate_updates, robust_aggregate
 from fedmtl.server.optimizers import ServerOptimizer
+from fedmtl.server.robust import RobustSpec, aggregate_updates, robust_aggregate
 from fedmtl.state import ClientUpdate, GroupAggregate, ServerState, Vector
 
 WEIGHTINGS = ("samples", "uniform", "sqrt")
@@ -70,7 +70,9 @@ class PlainRelease:
         pass
 
 
-def group_aggregate(updates: Sequence[ClientUpdate], robust: RobustSpec | None = None) -> dict[str, GroupAggregate]:
+def group_aggregate(
+    updates: Sequence[ClientUpdate], robust: RobustSpec | None = None
+) -> dict[str, GroupAggregate]:
     """Per group, the sample-weighted mean of the members' updates (sorted by client id), or,
     with a ``robust`` rule other than the mean, that rule over each member's whole update
     (:func:`fedmtl.server.robust.aggregate_updates`). Parts a method keeps local (``delta_base`` None,
@@ -80,21 +82,29 @@ def group_aggregate(updates: Sequence[ClientUpdate], robust: RobustSpec | None =
         by_group[u.group].append(u)
     out: dict[str, GroupAggregate] = {}
     if robust is not None and robust.rule != "mean":
-        return {group: aggregate_updates(members, robust) for group, members in sorted(by_group.items())}
+        return {
+            group: aggregate_updates(members, robust) for group, members in sorted(by_group.items())
+        }
     for group, members in sorted(by_group.items()):
         weights = [max(u.n_samples, 0) for u in members]
         if sum(weights) == 0:
             weights = [1] * len(members)
         shares_base = members[0].delta_base is not None
         if any((u.delta_base is not None) != shares_base for u in members):
-            raise ValueError(f"group '{group}': some clients released a base update and some did not")
+            raise ValueError(
+                f"group '{group}': some clients released a base update and some did not"
+            )
         tasks = members[0].delta_heads.keys()
         out[group] = GroupAggregate(
             group=group,
             n_clients=len(members),
             n_samples=sum(u.n_samples for u in members),
-            delta_base=weighted_mean([u.delta_base for u in members], weights) if shares_base else None,
-            delta_heads={t: weighted_mean([u.delta_heads[t] for u in members], weights) for t in tasks},
+            delta_base=weighted_mean([u.delta_base for u in members], weights)
+            if shares_base
+            else None,
+            delta_heads={
+                t: weighted_mean([u.delta_heads[t] for u in members], weights) for t in tasks
+            },
             clients=[u.client for u in members],
         )
     return out
@@ -127,36 +137,54 @@ def global_merge(
     optimizer = optimizer or ServerOptimizer()
     moments = dict(state.optimizer)
     ordered = [groups[g] for g in sorted(groups)]
-    weights = [a.weight if a.weight is not None else group_weight(a.n_samples, a.n_clients, weighting)
-               for a in ordered]
+    weights = [
+        a.weight if a.weight is not None else group_weight(a.n_samples, a.n_clients, weighting)
+        for a in ordered
+    ]
 
     base = state.base
     with_base = [(a, w) for a, w in zip(ordered, weights) if a.delta_base is not None]
     if with_base:
         deltas, ws = [a.delta_base for a, _ in with_base], [w for _, w in with_base]
-        flat = [u for u in sorted(client_updates or (), key=lambda u: u.client) if u.delta_base is not None]
+        flat = [
+            u
+            for u in sorted(client_updates or (), key=lambda u: u.client)
+            if u.delta_base is not None
+        ]
         if robust is not None and robust.rule != "mean" and len(flat) >= 3:
             deltas, ws = [u.delta_base for u in flat], [float(max(u.n_samples, 1)) for u in flat]
         if robust is not None and robust.rule != "mean" and len(deltas) >= 3:
-            step, _ = robust_aggregate(deltas, ws, robust.rule, trim_fraction=robust.trim_fraction,
-                                       n_byzantine=robust.n_byzantine, max_norm=robust.max_norm)
+            step, _ = robust_aggregate(
+                deltas,
+                ws,
+                robust.rule,
+                trim_fraction=robust.trim_fraction,
+                n_byzantine=robust.n_byzantine,
+                max_norm=robust.max_norm,
+            )
         else:
             step = weighted_mean(deltas, ws)
         base = optimizer.step("base", state.base, step, moments)
 
-    group_heads = {g: {t: v.clone() for t, v in heads.items()} for g, heads in state.group_heads.items()}
+    group_heads = {
+        g: {t: v.clone() for t, v in heads.items()} for g, heads in state.group_heads.items()
+    }
     global_heads = {t: v.clone() for t, v in state.global_heads.items()}
     headed = [(a, w) for a, w in zip(ordered, weights) if not a.pooled]
     ordered_heads = [a for a, _ in headed]
     tasks = [t for t in state.global_heads if ordered_heads and t in ordered_heads[0].delta_heads]
     if head_scope == "group":
         for agg in ordered_heads:
-            current = group_heads.setdefault(agg.group, {t: v.clone() for t, v in state.global_heads.items()})
+            current = group_heads.setdefault(
+                agg.group, {t: v.clone() for t, v in state.global_heads.items()}
+            )
             for task, d in agg.delta_heads.items():
                 current[task] = current[task] + d
         if group_heads:
             global_heads = {
-                t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))
+                t: weighted_mean(
+                    [group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads)
+                )
                 for t in state.global_heads
             }
     elif head_scope == "global":
@@ -164,8 +192,12 @@ def global_merge(
             delta = weighted_mean([a.delta_heads[t] for a, _ in headed], [w for _, w in headed])
             global_heads[t] = optimizer.step(f"head/{t}", state.global_heads[t], delta, moments)
     else:
-        raise ValueError(f"head_scope '{head_scope}' is not known; allowed values: 'group', 'global'")
+        raise ValueError(
+            f"head_scope '{head_scope}' is not known; allowed values: 'group', 'global'"
+        )
     assignment = dict(state.assignment)
     for agg in ordered_heads:
         assignment.update({c: agg.group for c in agg.clients})
-    return ServerState(state.round + 1, base, group_heads, global_heads, assignment, moments, dict(state.privacy))
+    return ServerState(
+        state.round + 1, base, group_heads, global_heads, assignment, moments, dict(state.privacy)
+    )

@@ -75,12 +75,17 @@ def corrupt_update(
     update's RMS). Client, group, sample count and metrics are kept; the input is not modified.
     ``generator`` seeds the Gaussian noise (``None``: torch's global generator)."""
     if attack in DATA_ATTACKS:
-        raise ValueError(f"attack '{attack}' corrupts training labels, not updates: apply "
-                         "fedmtl.server.byzantine.flip_labels to the client's labels before local training")
+        raise ValueError(
+            f"attack '{attack}' corrupts training labels, not updates: apply "
+            "fedmtl.server.byzantine.flip_labels to the client's labels before local training"
+        )
     if attack not in MODEL_ATTACKS:
         raise ValueError(f"attack '{attack}' is not known; allowed values: {ATTACKS}")
-    parts = ([update.delta_base] if update.delta_base is not None else []) + list(update.delta_heads.values())
+    parts = ([update.delta_base] if update.delta_base is not None else []) + list(
+        update.delta_heads.values()
+    )
     if attack == "sign_flip":
+
         def corrupt(v: Vector) -> Vector:
             return -scale * v
     else:
@@ -94,6 +99,7 @@ def corrupt_update(
 
         def corrupt(v: Vector) -> Vector:
             return _noise_like(v, std, generator)
+
     return dataclasses.replace(
         update,
         delta_base=corrupt(update.delta_base) if update.delta_base is not None else None,
@@ -110,6 +116,7 @@ def flip_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     if y.is_floating_point() or y.is_complex():
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(f"labels must be in [0, {n_classes}), got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"labels must be in [0, {n_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+        )
     return (n_classes - 1) - y

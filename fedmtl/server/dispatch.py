@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def clients_for_round(clients: Sequence[str], per_round: float, seed: int, round_: int) -> list[str]:
+def clients_for_round(
+    clients: Sequence[str], per_round: float, seed: int, round_: int
+) -> list[str]:
     """Sample clients without replacement: ``per_round`` <= 1 is a fraction, > 1 a count.
     Seeded by (seed, round); the result keeps the input order."""
     n = len(clients)
@@ -43,8 +45,12 @@ def default_workers() -> int:
     return max(os.cpu_count() or 1, 1)
 
 
-def shards(clients: Sequence[str], clients_per_task: int | None = None, workers: int | None = None,
-           rows: Mapping[str, int] | None = None) -> list[list[str]]:
+def shards(
+    clients: Sequence[str],
+    clients_per_task: int | None = None,
+    workers: int | None = None,
+    rows: Mapping[str, int] | None = None,
+) -> list[list[str]]:
     """Split a round's clients into shards, one training task each; every shard keeps the
     clients in their input order.
 
@@ -64,7 +70,9 @@ def shards(clients: Sequence[str], clients_per_task: int | None = None, workers:
         return []
     if clients_per_task is not None:
         if clients_per_task < 1:
-            raise ValueError(f"training.clients_per_task must be at least 1, got {clients_per_task}")
+            raise ValueError(
+                f"training.clients_per_task must be at least 1, got {clients_per_task}"
+            )
         return [clients[i : i + clients_per_task] for i in range(0, n, clients_per_task)]
     workers = default_workers() if workers is None else max(int(workers), 1)
     count = max(1, min(workers, n // MIN_CLIENTS_PER_TASK))

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmtl.server.aggregation import weighted_mean
 from fedmtl.client.data import ClientData
-from fedmtl.data.manifest import TaskSpec
-from fedmtl.state import ClientUpdate, ServerState
 from fedmtl.client.training import train_loss
+from fedmtl.data.manifest import TaskSpec
+from fedmtl.server.aggregation import weighted_mean
+from fedmtl.state import ClientUpdate, ServerState
 
 METHODS = ("column", "ifca", "cluster")
 #: the single group every client trains in before clustering
@@ -44,16 +44,22 @@ class GroupingSpec:
 
     @classmethod
     def from_config(cls, grouping) -> "GroupingSpec":  # a fedmtl.config.GroupingConfig
-        return cls(grouping.method, grouping.n_groups, grouping.warmup_rounds, grouping.min_silhouette)
+        return cls(
+            grouping.method, grouping.n_groups, grouping.warmup_rounds, grouping.min_silhouette
+        )
 
 
-def choose_group(model: nn.Module, state: ServerState, data: ClientData, tasks: Sequence[TaskSpec]) -> str:
+def choose_group(
+    model: nn.Module, state: ServerState, data: ClientData, tasks: Sequence[TaskSpec]
+) -> str:
     """IFCA's rule: the group whose head has the lowest loss on the client's train split
     (ties go to the first group in sorted order)."""
     if not state.group_heads:
         raise ValueError("no group heads to choose from")
-    losses = {g: train_loss(model, state.base, state.group_heads[g], data, tasks)
-              for g in sorted(state.group_heads)}
+    losses = {
+        g: train_loss(model, state.base, state.group_heads[g], data, tasks)
+        for g in sorted(state.group_heads)
+    }
     return lowest_loss(losses)
 
 
@@ -76,7 +82,9 @@ def cluster_vectors(
     n = vectors.shape[0]
     best_labels, best_score = np.zeros(n, dtype=int), -1.0
     for k in range(2, min(max_groups, n - 1) + 1):
-        labels = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="average").fit_predict(vectors)
+        labels = AgglomerativeClustering(
+            n_clusters=k, metric="cosine", linkage="average"
+        ).fit_predict(vectors)
         if len(set(labels.tolist())) < 2:
             continue
         score = float(silhouette_score(vectors, labels, metric="cosine"))
@@ -117,8 +125,15 @@ def regroup(
         t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))
         for t in tasks
     }
-    state = ServerState(after.round, after.base, group_heads, global_heads, assignment, dict(after.optimizer),
-                        dict(after.privacy))
+    state = ServerState(
+        after.round,
+        after.base,
+        group_heads,
+        global_heads,
+        assignment,
+        dict(after.optimizer),
+        dict(after.privacy),
+    )
     return state, score
 
 

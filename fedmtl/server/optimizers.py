@@ -33,7 +33,9 @@ class ServerOptimizer:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"server.optimizer '{self.name}' is not known; allowed values: {OPTIMIZERS}")
+            raise ValueError(
+                f"server.optimizer '{self.name}' is not known; allowed values: {OPTIMIZERS}"
+            )
 
     def step(self, key: str, x: Vector, delta: Vector, moments: dict[str, Vector]) -> Vector:
         """The next value of part ``key``; updates ``moments`` (a new dict entry per key)."""

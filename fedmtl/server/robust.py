@@ -84,7 +84,9 @@ def _weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
         raise ValueError(f"{n} vectors but {len(weights)} weights")
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"weights must be finite, non-negative, with a positive sum; got {list(weights)}")
+        raise ValueError(
+            f"weights must be finite, non-negative, with a positive sum; got {list(weights)}"
+        )
     return w / w.sum()
 
 
@@ -125,7 +127,9 @@ def _krum_scores(x: torch.Tensor, n_byzantine: int) -> torch.Tensor:
     return nearest.sum(dim=1)
 
 
-def _multi_krum(x: torch.Tensor, w: torch.Tensor, n_byzantine: int, m: int) -> tuple[torch.Tensor, list[int]]:
+def _multi_krum(
+    x: torch.Tensor, w: torch.Tensor, n_byzantine: int, m: int
+) -> tuple[torch.Tensor, list[int]]:
     n = x.shape[0]
     if not 1 <= m <= n:
         raise ValueError(f"multi-Krum m must be in [1, n = {n}], got {m}")
@@ -171,8 +175,9 @@ def multi_krum(
     return agg.to(vectors[0].dtype), chosen
 
 
-def norm_bound(vectors: Sequence[Vector], weights: Sequence[float] | None = None,
-               max_norm: float | None = None) -> Vector:
+def norm_bound(
+    vectors: Sequence[Vector], weights: Sequence[float] | None = None, max_norm: float | None = None
+) -> Vector:
     """Scale each vector to a Euclidean norm of at most ``max_norm`` (default: the median norm),
     then take the weighted mean."""
     x = _stack(vectors)
@@ -238,7 +243,9 @@ class RobustSpec:
         if self.n_byzantine is not None and self.n_byzantine < 0:
             raise ValueError(f"robust n_byzantine must be >= 0 or unset, got {self.n_byzantine}")
         if self.max_norm is not None and not (self.max_norm >= 0 and math.isfinite(self.max_norm)):
-            raise ValueError(f"robust max_norm must be a finite number >= 0 or unset, got {self.max_norm}")
+            raise ValueError(
+                f"robust max_norm must be a finite number >= 0 or unset, got {self.max_norm}"
+            )
 
     @classmethod
     def from_config(cls, section: Any) -> "RobustSpec":
@@ -247,8 +254,12 @@ class RobustSpec:
         if section is None:
             return cls()
         defaults = cls()
-        return cls(**{name: getattr(section, name, getattr(defaults, name))
-                      for name in ("rule", "trim_fraction", "n_byzantine", "max_norm")})
+        return cls(
+            **{
+                name: getattr(section, name, getattr(defaults, name))
+                for name in ("rule", "trim_fraction", "n_byzantine", "max_norm")
+            }
+        )
 
 
 def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> GroupAggregate:
@@ -266,30 +277,48 @@ def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> Grou
     tasks = sorted(members[0].delta_heads)
     for u in members:
         if u.group != group:
-            raise ValueError(f"client '{u.client}' is in group '{u.group}', not '{group}'; aggregate one group at a time")
+            raise ValueError(
+                f"client '{u.client}' is in group '{u.group}', not '{group}'; aggregate one group at a time"
+            )
         if (u.delta_base is not None) != shares_base:
-            raise ValueError(f"group '{group}': client '{u.client}' differs from '{members[0].client}' "
-                             "in releasing a base update")
+            raise ValueError(
+                f"group '{group}': client '{u.client}' differs from '{members[0].client}' "
+                "in releasing a base update"
+            )
         if sorted(u.delta_heads) != tasks:
-            raise ValueError(f"group '{group}': client '{u.client}' released heads {sorted(u.delta_heads)}, "
-                             f"client '{members[0].client}' {tasks}")
+            raise ValueError(
+                f"group '{group}': client '{u.client}' released heads {sorted(u.delta_heads)}, "
+                f"client '{members[0].client}' {tasks}"
+            )
     first = members[0]
-    sizes = ([first.delta_base.numel()] if shares_base else []) + [first.delta_heads[t].numel() for t in tasks]
+    sizes = ([first.delta_base.numel()] if shares_base else []) + [
+        first.delta_heads[t].numel() for t in tasks
+    ]
     vectors = []
     for u in members:
         parts = ([u.delta_base] if shares_base else []) + [u.delta_heads[t] for t in tasks]
         if [p.numel() for p in parts] != sizes:
-            raise ValueError(f"group '{group}': client '{u.client}' released parts of sizes "
-                             f"{[p.numel() for p in parts]}, client '{first.client}' {sizes}")
+            raise ValueError(
+                f"group '{group}': client '{u.client}' released parts of sizes "
+                f"{[p.numel() for p in parts]}, client '{first.client}' {sizes}"
+            )
         if not all(bool(torch.isfinite(p).all()) for p in parts):
-            raise ValueError(f"group '{group}': client '{u.client}' released a non-finite update (NaN or infinity)")
+            raise ValueError(
+                f"group '{group}': client '{u.client}' released a non-finite update (NaN or infinity)"
+            )
         vectors.append(torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0))
     weights = [max(u.n_samples, 0) for u in members]
     if sum(weights) == 0:
         weights = [1] * len(members)
     try:
-        agg, kept = robust_aggregate(vectors, weights, spec.rule, trim_fraction=spec.trim_fraction,
-                                     n_byzantine=spec.n_byzantine, max_norm=spec.max_norm)
+        agg, kept = robust_aggregate(
+            vectors,
+            weights,
+            spec.rule,
+            trim_fraction=spec.trim_fraction,
+            n_byzantine=spec.n_byzantine,
+            max_norm=spec.max_norm,
+        )
     except ValueError as err:
         raise ValueError(f"group '{group}': {err}") from err
     pieces = list(torch.split(agg, sizes)) if sizes else []

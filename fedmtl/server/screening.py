@@ -42,12 +42,15 @@ def check_update(update: ClientUpdate, state: ServerState) -> None:
 
 def update_norm(update: ClientUpdate) -> float:
     """The L2 norm of everything ``update`` releases (base and heads together), in float64."""
-    parts = ([update.delta_base] if update.delta_base is not None else []) + list(update.delta_heads.values())
+    parts = ([update.delta_base] if update.delta_base is not None else []) + list(
+        update.delta_heads.values()
+    )
     return math.sqrt(sum(float(torch.sum(p.to(torch.float64) ** 2)) for p in parts))
 
 
-def screen_norms(updates: list[ClientUpdate],
-                 ratio: float | None) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
+def screen_norms(
+    updates: list[ClientUpdate], ratio: float | None
+) -> tuple[list[ClientUpdate], dict[str, ClientFailure]]:
     """(kept updates, refused client -> why): with ``ratio``, an update whose L2 norm exceeds
     ``ratio`` × the round's lower median norm (a minority cannot inflate it) is refused."""
     if ratio is None or not updates:
@@ -59,9 +62,12 @@ def screen_norms(updates: list[ClientUpdate],
     kept, refused = [], {}
     for u in updates:
         if norms[u.client] > bound:
-            refused[u.client] = ClientFailure.of(RejectedUpdate(
-                f"client '{u.client}': update norm {norms[u.client]:.4g} exceeds "
-                f"server.max_norm_ratio={ratio:g} × the round's median update norm {median:.4g}"))
+            refused[u.client] = ClientFailure.of(
+                RejectedUpdate(
+                    f"client '{u.client}': update norm {norms[u.client]:.4g} exceeds "
+                    f"server.max_norm_ratio={ratio:g} × the round's median update norm {median:.4g}"
+                )
+            )
         else:
             kept.append(u)
     return kept, refused

@@ -60,16 +60,22 @@ class RegistryReader:
         if not version.run_id:
             return RunFacts(clients=0, quarantined=0)
         tags = self.client.get_run(version.run_id).data.tags
-        quarantined = [c for c in tags.get("quarantined_clients", "none").split(",")
-                       if c and c != "none"]
+        quarantined = [
+            c for c in tags.get("quarantined_clients", "none").split(",") if c and c != "none"
+        ]
         clients = int(tags.get("validated_clients") or 0)
+
         def number(key: str) -> float | None:
             value = tags.get(key)
             return float(value) if value not in (None, "") else None
 
-        return RunFacts(clients=clients, quarantined=len(quarantined),
-                        privacy=tags.get("privacy", "none"), epsilon=number("privacy_epsilon"),
-                        dp_sgd_epsilon=number("privacy_dp_sgd_epsilon_max"))
+        return RunFacts(
+            clients=clients,
+            quarantined=len(quarantined),
+            privacy=tags.get("privacy", "none"),
+            epsilon=number("privacy_epsilon"),
+            dp_sgd_epsilon=number("privacy_dp_sgd_epsilon_max"),
+        )
 
     # -- what is judged -----------------------------------------------------------------------
     def describe(self, version: ModelVersion | None) -> dict[str, Any] | None:
@@ -78,10 +84,16 @@ class RegistryReader:
         if version is None:
             return None
         run = self._run(version.run_id)
-        method = ((run.data.params.get("algorithm.method") or run.data.tags.get("method"))
-                  if run else None)
-        return {"version": str(version.version), "run_id": version.run_id or None,
-                "method": method or "unknown"}
+        method = (
+            (run.data.params.get("algorithm.method") or run.data.tags.get("method"))
+            if run
+            else None
+        )
+        return {
+            "version": str(version.version),
+            "run_id": version.run_id or None,
+            "method": method or "unknown",
+        }
 
     def _run(self, run_id: str | None):
         if not run_id:
@@ -91,8 +103,9 @@ class RegistryReader:
         except MlflowException:  # the run was deleted: the version still names it
             return None
 
-    def recorded_metric(self, version: ModelVersion, metric: str,
-                        task: str | None) -> tuple[str, float] | None:
+    def recorded_metric(
+        self, version: ModelVersion, metric: str, task: str | None
+    ) -> tuple[str, float] | None:
         """(metric key, value): the gate metric as the version's training run recorded it for
         the heads that answer its known clients (the personal heads when the run bundled them,
         else the group heads, else the global ones), last round, mean over clients (pooled when
@@ -113,8 +126,9 @@ class RegistryReader:
                         return key, float(metrics[key])
         return None
 
-    def context(self, challenger: ModelVersion, champion: ModelVersion | None, metric: str,
-                task: str | None) -> dict[str, Any]:
+    def context(
+        self, challenger: ModelVersion, champion: ModelVersion | None, metric: str, task: str | None
+    ) -> dict[str, Any]:
         """What ``fedmtl promote`` says before its gates: the two versions (number, run, method)
         and, when the challenger is not the obvious choice, why and which version to judge
         instead (``suggest``): another version that is not the champion, registered after it
@@ -134,32 +148,46 @@ class RegistryReader:
         others = []
         for mv in self.client.search_model_versions(f"name = '{self.name}'", max_results=1000):
             tags = mv.tags or {}
-            if (int(mv.version) <= after or str(mv.version) == str(challenger.version)
-                    or tags.get("promotion.decision") == "rolled_back"
-                    or (champion is not None and tags.get("promotion.decision") == "rejected"
-                        and tags.get("promotion.compared_with") == str(champion.version))):
+            if (
+                int(mv.version) <= after
+                or str(mv.version) == str(challenger.version)
+                or tags.get("promotion.decision") == "rolled_back"
+                or (
+                    champion is not None
+                    and tags.get("promotion.decision") == "rejected"
+                    and tags.get("promotion.compared_with") == str(champion.version)
+                )
+            ):
                 continue
             found = self.recorded_metric(mv, metric, task)
             if found is not None:
-                others.append({**self.describe(mv), "metric_key": found[0],
-                               "metric_value": found[1]})
+                others.append(
+                    {**self.describe(mv), "metric_key": found[0], "metric_value": found[1]}
+                )
         sign = 1.0 if higher else -1.0
         others.sort(key=lambda o: (-sign * o["metric_value"], -int(o["version"])))
         better = [o for o in others if own is not None and sign * (o["metric_value"] - own[1]) > 0]
         if better:
             b = better[0]
-            notes.append(f"version {b['version']} (method {b['method']}, run {b['run_id']}) "
-                         f"recorded {b['metric_key']} {b['metric_value']:.4f} on its training run, "
-                         f"better than version {new['version']}'s {own[1]:.4f}"
-                         + (f" (and {len(better) - 1} more version(s) did)"
-                            if len(better) > 1 else ""))
+            notes.append(
+                f"version {b['version']} (method {b['method']}, run {b['run_id']}) "
+                f"recorded {b['metric_key']} {b['metric_value']:.4f} on its training run, "
+                f"better than version {new['version']}'s {own[1]:.4f}"
+                + (f" (and {len(better) - 1} more version(s) did)" if len(better) > 1 else "")
+            )
             suggest = b["version"]
         if old is not None and new["method"] != old["method"]:
             same = [o for o in others if o["method"] == old["method"]]
-            notes.append(f"version {new['version']} was trained with method {new['method']}, "
-                         f"the champion (version {old['version']}) with {old['method']}"
-                         + (f"; version {same[0]['version']} is the best registered since with "
-                            f"{old['method']}" if same else ""))
+            notes.append(
+                f"version {new['version']} was trained with method {new['method']}, "
+                f"the champion (version {old['version']}) with {old['method']}"
+                + (
+                    f"; version {same[0]['version']} is the best registered since with "
+                    f"{old['method']}"
+                    if same
+                    else ""
+                )
+            )
             if suggest is None and same:
                 suggest = same[0]["version"]
         return {"challenger": new, "champion": old, "notes": notes, "suggest": suggest}

@@ -24,8 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
+
+import mlflow
 
 #: The tag holding ``{relative path: sha256}`` of every file of the logged model (JSON).
 HASH_TAG = "fedmtl.artifact_sha256"
@@ -71,11 +72,12 @@ def hashes_tag_value(hashes: dict[str, str]) -> str:
     """The tag value of ``hashes``: canonical JSON, at most :data:`MAX_TAG_VALUE` characters."""
     value = json.dumps(dict(sorted(hashes.items())), separators=(",", ":"))
     if len(value) > MAX_TAG_VALUE:
-        raise ValueError(f"the artifact hashes of the model ({len(hashes)} files) take "
-                         f"{len(value)} characters, more than an MLflow tag holds "
-                         f"({MAX_TAG_VALUE})")
+        raise ValueError(
+            f"the artifact hashes of the model ({len(hashes)} files) take "
+            f"{len(value)} characters, more than an MLflow tag holds "
+            f"({MAX_TAG_VALUE})"
+        )
     return value
-
 
 
 @dataclass(frozen=True)
@@ -101,37 +103,60 @@ def resolve(model_uri: str, tracking_uri: str) -> ModelRef:
         elif "/" in rest:
             name, number = rest.rsplit("/", 1)
             if not number.isdigit():
-                raise ValueError(f"model URI '{model_uri}': name a version number or an alias "
-                                 f"(models:/{name}/<version> or models:/{name}@<alias>), "
-                                 "not a stage")
+                raise ValueError(
+                    f"model URI '{model_uri}': name a version number or an alias "
+                    f"(models:/{name}/<version> or models:/{name}@<alias>), "
+                    "not a stage"
+                )
             version = client.get_model_version(name, number)
             label = f"version {version.version} of registered model '{name}'"
         else:  # a logged model by id (models:/m-...)
             logged = client.get_logged_model(rest)
-            return ModelRef(logged.artifact_location, f"logged model '{rest}'",
-                            (logged.tags or {}).get(HASH_TAG), f"the logged model's tag {HASH_TAG}")
+            return ModelRef(
+                logged.artifact_location,
+                f"logged model '{rest}'",
+                (logged.tags or {}).get(HASH_TAG),
+                f"the logged model's tag {HASH_TAG}",
+            )
         # the version's storage location itself: a models:/ download would add a file of its own
         # (registered_model_meta) to the copy
-        return ModelRef(client.get_model_version_download_uri(name, str(version.version)), label,
-                        (version.tags or {}).get(HASH_TAG), f"the version's tag {HASH_TAG}")
+        return ModelRef(
+            client.get_model_version_download_uri(name, str(version.version)),
+            label,
+            (version.tags or {}).get(HASH_TAG),
+            f"the version's tag {HASH_TAG}",
+        )
     if model_uri.startswith("runs:/"):
         run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
         if path.strip("/") != "model":
-            raise ModelIntegrityError(f"model URI '{model_uri}': only a fedmtl run's model "
-                                      "(runs:/<run id>/model) can be verified before loading")
+            raise ModelIntegrityError(
+                f"model URI '{model_uri}': only a fedmtl run's model "
+                "(runs:/<run id>/model) can be verified before loading"
+            )
         run = client.get_run(run_id)
         outputs = run.outputs.model_outputs if run.outputs is not None else []
-        logged = [m for m in (client.get_logged_model(o.model_id) for o in outputs or [])
-                  if m.name == "model"]
+        logged = [
+            m
+            for m in (client.get_logged_model(o.model_id) for o in outputs or [])
+            if m.name == "model"
+        ]
         if len(logged) != 1:
-            raise ModelIntegrityError(f"model URI '{model_uri}': run '{run_id}' has {len(logged)} "
-                                      "logged models named 'model' (fedmtl logs one): name a "
-                                      "registered version instead")
-        return ModelRef(logged[0].artifact_location, f"the model of run '{run_id}'",
-                        run.data.tags.get(HASH_TAG), f"the run's tag {HASH_TAG}")
-    raise ModelIntegrityError(f"model URI '{model_uri}': fedmtl loads only registered versions "
-                              "(models:/...) and training runs' models (runs:/<run id>/model), "
-                              "whose artifacts it can verify")
+            raise ModelIntegrityError(
+                f"model URI '{model_uri}': run '{run_id}' has {len(logged)} "
+                "logged models named 'model' (fedmtl logs one): name a "
+                "registered version instead"
+            )
+        return ModelRef(
+            logged[0].artifact_location,
+            f"the model of run '{run_id}'",
+            run.data.tags.get(HASH_TAG),
+            f"the run's tag {HASH_TAG}",
+        )
+    raise ModelIntegrityError(
+        f"model URI '{model_uri}': fedmtl loads only registered versions "
+        "(models:/...) and training runs' models (runs:/<run id>/model), "
+        "whose artifacts it can verify"
+    )
 
 
 def verify(ref: ModelRef, local: str | Path) -> None:
@@ -142,19 +167,24 @@ def verify(ref: ModelRef, local: str | Path) -> None:
         raise ModelIntegrityError(
             f"{ref.label} has no recorded artifact hashes ({ref.how} is missing: it was registered "
             f"before fedmtl recorded them, or not by fedmtl), so its code and weights cannot be "
-            f"checked and it is not loaded: {retrain}")
+            f"checked and it is not loaded: {retrain}"
+        )
     try:
         expected = json.loads(ref.hashes)
         ok = isinstance(expected, dict) and all(
             isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v)
-            for k, v in expected.items())
+            for k, v in expected.items()
+        )
     except ValueError:
         ok = False
     if not ok or not expected:
-        raise ModelIntegrityError(f"{ref.label}: {ref.how} is not a JSON object of SHA-256 hashes; "
-                                  f"it is not loaded: {retrain}")
-    actual = {path: sha for path, sha in artifact_hashes(local).items()
-              if path not in MLFLOW_WRITES}
+        raise ModelIntegrityError(
+            f"{ref.label}: {ref.how} is not a JSON object of SHA-256 hashes; "
+            f"it is not loaded: {retrain}"
+        )
+    actual = {
+        path: sha for path, sha in artifact_hashes(local).items() if path not in MLFLOW_WRITES
+    }
     problems = []
     for path in sorted(set(expected) | set(actual)):
         if path not in actual:
@@ -162,14 +192,17 @@ def verify(ref: ModelRef, local: str | Path) -> None:
         elif path not in expected:
             problems.append(f"artifact '{path}' was not part of the model when it was registered")
         elif actual[path] != expected[path]:
-            problems.append(f"artifact '{path}' does not match its recorded SHA-256 "
-                            f"(recorded {expected[path][:12]}…, found {actual[path][:12]}…)")
+            problems.append(
+                f"artifact '{path}' does not match its recorded SHA-256 "
+                f"(recorded {expected[path][:12]}…, found {actual[path][:12]}…)"
+            )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ModelIntegrityError(
             f"{ref.label} failed its integrity check: {'; '.join(problems[:3])}{more}. "
             f"Its artifacts were changed after it was registered; it is not loaded: restore the "
-            f"artifacts or {retrain}")
+            f"artifacts or {retrain}"
+        )
 
 
 def verified_copy(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
@@ -180,8 +213,11 @@ def verified_copy(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
     ref = resolve(model_uri, tracking_uri)
     if not ref.hashes:  # refuse before downloading anything
         verify(ref, dst)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri,
-                                                     dst_path=str(dst), tracking_uri=tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=ref.download_uri, dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    )
     verify(ref, local)
     return local
 

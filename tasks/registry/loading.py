@@ -7,9 +7,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from models.personalized import PersonalizedBundle, PersonalizedPredictor
 from tasks.registry.integrity import ModelIntegrityError, verified_copy
 from tasks.registry.registered_model import CHAMPION

@@ -11,14 +11,14 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
-from mlflow.tracking import MlflowClient
 
+import mlflow
 import models
 from models.personalized import PersonalizedBundle, PersonalizedPredictor
 from models.pyfunc import BUNDLE_ARTIFACT
@@ -55,11 +55,16 @@ def with_optional_labels(signature: ModelSignature, bundle: PersonalizedBundle) 
     the missing column(s) (``PersonalizedPredictor.predict``, answered HTTP 400 by
     ``models/serving.py``)."""
     features = set(bundle.features)
-    inputs = [ColSpec(c.type, c.name, required=False) if c.name in features and c.required else c
-              for c in signature.inputs.inputs]
+    inputs = [
+        ColSpec(c.type, c.name, required=False) if c.name in features and c.required else c
+        for c in signature.inputs.inputs
+    ]
     names = {c.name for c in inputs}
-    inputs += [ColSpec(AnyType(), t["name"], required=False) for t in bundle.tasks
-               if t["name"] not in names]
+    inputs += [
+        ColSpec(AnyType(), t["name"], required=False)
+        for t in bundle.tasks
+        if t["name"] not in names
+    ]
     return ModelSignature(Schema(inputs), signature.outputs, signature.params)
 
 
@@ -111,8 +116,11 @@ def log_personalized_model(
     if registered_model:
         ensure_registered_model(client, registered_model)
         mv = client.create_model_version(
-            registered_model, info.model_uri, run_id=run_id,
-            tags={**(tags or {}), HASH_TAG: recorded}, model_id=info.model_id,
+            registered_model,
+            info.model_uri,
+            run_id=run_id,
+            tags={**(tags or {}), HASH_TAG: recorded},
+            model_id=info.model_id,
         )
         version = str(mv.version)
         claim_challenger(client, registered_model, version)
@@ -151,19 +159,26 @@ def _logged_hashes(info, uploaded: dict[str, str] | None, bundle_sha: str) -> di
     after checking that its bundle and loader code are the bytes written here."""
     location = MlflowClient().get_logged_model(info.model_id).artifact_location
     with tempfile.TemporaryDirectory() as tmp:
-        stored = artifact_hashes(mlflow.artifacts.download_artifacts(artifact_uri=location,
-                                                                     dst_path=tmp))
+        stored = artifact_hashes(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+        )
     if uploaded is None:
-        own = {f"artifacts/{BUNDLE_ARTIFACT}.pt": bundle_sha,
-               SERVING_ENTRY.name: _sha256(SERVING_ENTRY.read_bytes())}
+        own = {
+            f"artifacts/{BUNDLE_ARTIFACT}.pt": bundle_sha,
+            SERVING_ENTRY.name: _sha256(SERVING_ENTRY.read_bytes()),
+        }
         for rel, sha in own.items():
             if rel in stored and stored[rel] != sha:
-                raise ModelIntegrityError(f"the logged model {info.model_uri}: artifact '{rel}' "
-                                          "changed in the artifact store while it was being logged")
+                raise ModelIntegrityError(
+                    f"the logged model {info.model_uri}: artifact '{rel}' "
+                    "changed in the artifact store while it was being logged"
+                )
         uploaded = stored
     if stored != uploaded:
         bad = sorted(p for p in set(stored) | set(uploaded) if stored.get(p) != uploaded.get(p))
-        raise ModelIntegrityError(f"the logged model {info.model_uri}: the artifact store's copy "
-                                  f"of {bad[:5]} differs from what was uploaded; nothing was "
-                                  "registered")
+        raise ModelIntegrityError(
+            f"the logged model {info.model_uri}: the artifact store's copy "
+            f"of {bad[:5]} differs from what was uploaded; nothing was "
+            "registered"
+        )
     return uploaded

@@ -3,9 +3,9 @@ creation, and its aliases ``challenger`` and ``champion``."""
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from tasks.locking import registry_lock
 
 CHALLENGER = "challenger"
@@ -25,8 +25,9 @@ class RegisteredModelClash(ValueError):
     """``tracking.registered_model`` names a registered model that is not fedmtl's."""
 
 
-def check_registered_model(client: MlflowClient, name: str,
-                           setting: str = "tracking.registered_model") -> None:
+def check_registered_model(
+    client: MlflowClient, name: str, setting: str = "tracking.registered_model"
+) -> None:
     """Refuse a registered model of this name that fedmtl did not create (another team's, or
     another kind of model): fedmtl would add versions to it and move its aliases. Fine when it
     does not exist yet, or carries the tag ``fedmtl=personalized-model`` (or, created before that
@@ -45,7 +46,8 @@ def check_registered_model(client: MlflowClient, name: str,
         f"{len(client.search_model_versions(f'name = {name!r}', max_results=1000))} version(s), "
         f"description {(model.description or 'none')[:80]!r}). fedmtl would add its versions to it "
         f"and move its aliases: set {setting} to another name, or, if the model is fedmtl's, "
-        f"tag it {OWNER_TAG}={OWNER}")
+        f"tag it {OWNER_TAG}={OWNER}"
+    )
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:

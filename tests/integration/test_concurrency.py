@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import mlflow
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest
@@ -45,25 +45,45 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MODEL = "fedmtl-concurrency-test"
 ROUNDS = 3
-PERMISSIVE = ("promotion.min_gain=-1", "promotion.max_client_regression=1", "promotion.worst_fraction=1")
+PERMISSIVE = (
+    "promotion.min_gain=-1",
+    "promotion.max_client_regression=1",
+    "promotion.worst_fraction=1",
+)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Partitions of the tests' 8-client set-up; no MLflow store yet (the trainings create it)."""
     root = tmp_path_factory.mktemp("concurrency")
-    overrides = tiny_overrides(root, **{"tracking.registered_model": MODEL, "training.rounds": ROUNDS,
-                                           # opt in: the test compares the two runs' personal heads
-                                           "tracking.bundle_personal_heads": True})
+    overrides = tiny_overrides(
+        root,
+        **{
+            "tracking.registered_model": MODEL,
+            "training.rounds": ROUNDS,
+            # opt in: the test compares the two runs' personal heads
+            "tracking.bundle_personal_heads": True,
+        },
+    )
     cfg = load_config(None, overrides)
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir), cfg.validation,
-                        cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return SimpleNamespace(root=root, cfg=cfg, overrides=overrides, env=env,
-                           uri=cfg.tracking.tracking_uri, client=MlflowClient(cfg.tracking.tracking_uri))
+    return SimpleNamespace(
+        root=root,
+        cfg=cfg,
+        overrides=overrides,
+        env=env,
+        uri=cfg.tracking.tracking_uri,
+        client=MlflowClient(cfg.tracking.tracking_uri),
+    )
 
 
 def start(s, name: str, lane: int, *args: str, sets: tuple[str, ...] = ()) -> SimpleNamespace:
@@ -76,8 +96,13 @@ def start(s, name: str, lane: int, *args: str, sets: tuple[str, ...] = ()) -> Si
     options = [a for o in (*s.overrides, *sets) for a in ("--set", o)]
     env = {**s.env, "PREFECT_HOME": str(s.root / f"prefect-{lane}")}
     with log.open("w") as out:
-        process = subprocess.Popen([str(BIN / "fedmtl"), *args, *options], cwd=s.root, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(BIN / "fedmtl"), *args, *options],
+            cwd=s.root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return SimpleNamespace(process=process, log=log, name=name)
 
 
@@ -94,9 +119,19 @@ def finish(job: SimpleNamespace, timeout: float = 240) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def trainings(store):
     s = store
-    jobs = [start(s, f"train-{seed}", seed, "train",
-                  sets=(f"training.seed={seed}", f"tracking.metrics_file={s.root / f'metrics-{seed}.json'}"))
-            for seed in (1, 2)]
+    jobs = [
+        start(
+            s,
+            f"train-{seed}",
+            seed,
+            "train",
+            sets=(
+                f"training.seed={seed}",
+                f"tracking.metrics_file={s.root / f'metrics-{seed}.json'}",
+            ),
+        )
+        for seed in (1, 2)
+    ]
     done = [finish(job) for job in jobs]
     for (code, output), job in zip(done, jobs):
         assert code == 0, f"{job.name} exited {code}:\n{output}"
@@ -110,13 +145,17 @@ def test_two_trainings_at_once_on_one_new_store(store, trainings):
     assert {r.data.params["training.seed"] for r in runs} == {"1", "2"}
     for run in runs:
         assert run.info.status == "FINISHED"
-        per_round = [k for k in run.data.metrics if k.startswith(("personal/", "global/", "group/", "time/"))]
+        per_round = [
+            k for k in run.data.metrics if k.startswith(("personal/", "global/", "group/", "time/"))
+        ]
         assert len(per_round) > 20
         for key in per_round:  # every round's value of every per-round metric, all finite
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1)), key
             assert all(math.isfinite(m.value) for m in history), key
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        children = client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        )
         assert len(children) == 8 and {c.info.status for c in children} == {"FINISHED"}
         for child in children:
             history = client.get_metric_history(child.info.run_id, "personal/accuracy")
@@ -127,7 +166,11 @@ def test_two_trainings_at_once_on_one_new_store(store, trainings):
     mlflow.set_tracking_uri(s.uri)
     manifest = read_manifest(s.cfg.data.partitions_dir)
     part = load_partition(s.cfg.data.partitions_dir, manifest.client_ids[0])
-    rows = part[part["split"] == "test"].head(4)[manifest.features].assign(client_id=manifest.client_ids[0])
+    rows = (
+        part[part["split"] == "test"]
+        .head(4)[manifest.features]
+        .assign(client_id=manifest.client_ids[0])
+    )
     bundles = []
     for t in trainings:
         mv = client.get_model_version(MODEL, t["model_version"])
@@ -140,13 +183,18 @@ def test_two_trainings_at_once_on_one_new_store(store, trainings):
     # same workdir, different seeds: neither run's state (base, personal heads) is the other's
     assert not torch.equal(bundles[0].base, bundles[1].base)
     first_client = manifest.client_ids[0]
-    assert any(not torch.equal(a, b) for a, b in zip(bundles[0].personal_heads[first_client].values(),
-                                                     bundles[1].personal_heads[first_client].values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            bundles[0].personal_heads[first_client].values(),
+            bundles[1].personal_heads[first_client].values(),
+        )
+    )
     # the newer version is the challenger, whichever run claimed the alias last
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
     # one experiment, not two of the same name; the store is intact
     assert len([e for e in client.search_experiments() if e.name == s.cfg.tracking.experiment]) == 1
-    database = s.uri[len("sqlite:///"):]
+    database = s.uri[len("sqlite:///") :]
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("SELECT count(*) FROM runs WHERE status != 'FINISHED'").fetchone() == (0,)
@@ -159,8 +207,20 @@ def test_two_promotions_at_once_leave_one_champion_and_record_both(store, traini
     assert {t["model_version"] for t in trainings} == {"1", "2"}
     registry = Registry(s.uri, MODEL)
     with registry.lock():  # both decide against "no champion", then wait to write
-        jobs = [start(s, f"promote-v{v}", lane, "promote", "--challenger", v, "--actor", who, sets=PERMISSIVE)
-                for lane, v, who in ((1, "1", "alice"), (2, "2", "bob"))]
+        jobs = [
+            start(
+                s,
+                f"promote-v{v}",
+                lane,
+                "promote",
+                "--challenger",
+                v,
+                "--actor",
+                who,
+                sets=PERMISSIVE,
+            )
+            for lane, v, who in ((1, "1", "alice"), (2, "2", "bob"))
+        ]
         deadline = time.monotonic() + 180
         while not all("waiting for another promotion" in job.log.read_text() for job in jobs):
             for job in jobs:
@@ -173,18 +233,28 @@ def test_two_promotions_at_once_leave_one_champion_and_record_both(store, traini
     holders = [v for v in versions if "champion" in client.get_model_version(MODEL, v).aliases]
     assert sorted(versions) == ["1", "2"] and len(holders) == 1
     tags = {v: client.get_model_version(MODEL, v).tags for v in versions}
-    assert all("promotion.decision" in t for t in tags.values())  # both decisions are on their versions
+    assert all(
+        "promotion.decision" in t for t in tags.values()
+    )  # both decisions are on their versions
     # the first to write had no champion to beat and became it
     first = next(v for v, t in tags.items() if t["promotion.compared_with"] == "none")
     second = "2" if first == "1" else "1"
     assert done[f"promote-v{first}"][0] == 0, done[f"promote-v{first}"][1]
-    assert tags[first]["promotion.decision"] == "promoted" and tags[first]["promotion.champion_moved_meanwhile"] == "no"
+    assert (
+        tags[first]["promotion.decision"] == "promoted"
+        and tags[first]["promotion.champion_moved_meanwhile"] == "no"
+    )
     # the second was judged again, against the champion the first had just installed, and says so
     code, output = done[f"promote-v{second}"]
     assert tags[second]["promotion.compared_with"] == first, output
-    assert f"changed from none to version {first}" in tags[second]["promotion.champion_moved_meanwhile"]
+    assert (
+        f"changed from none to version {first}"
+        in tags[second]["promotion.champion_moved_meanwhile"]
+    )
     assert f"changed from none to version {first}" in output
-    assert "champion_scores.csv" in {a.path for a in client.list_artifacts(tags[second]["promotion.record_run"])}
+    assert "champion_scores.csv" in {
+        a.path for a in client.list_artifacts(tags[second]["promotion.record_run"])
+    }
     # the gate "worst clients do not drop" cannot be loosened: the weaker of the two, if second, is rejected
     promoted = tags[second]["promotion.decision"] == "promoted"
     assert (code, tags[second]["promotion.decision"]) in ((0, "promoted"), (3, "rejected")), output
@@ -202,13 +272,23 @@ def test_two_promotions_at_once_leave_one_champion_and_record_both(store, traini
     assert by_version[first].data.tags["compared_with"] == "none"
     assert by_version[second].data.tags["compared_with"] == first
     assert f"version {first}" in by_version[second].data.tags["champion_changed"]
-    decision = json.loads(Path(client.download_artifacts(by_version[second].info.run_id, "decision.json",
-                                                         str(s.root))).read_text())
-    assert decision["by"] == ("alice" if second == "1" else "bob") and decision["champion_mean"] is not None
+    decision = json.loads(
+        Path(
+            client.download_artifacts(by_version[second].info.run_id, "decision.json", str(s.root))
+        ).read_text()
+    )
+    assert (
+        decision["by"] == ("alice" if second == "1" else "bob")
+        and decision["champion_mean"] is not None
+    )
     assert len(decision["champion_changed"]) == 1 and decision["promote"] is promoted
 
-    if promoted:  # the chain is whole: a rollback gives the champion back to the first one's version
-        _, restored, _ = Registry.open(s.uri, MODEL).rollback("carol", s.cfg.tracking.experiment, "test")
+    if (
+        promoted
+    ):  # the chain is whole: a rollback gives the champion back to the first one's version
+        _, restored, _ = Registry.open(s.uri, MODEL).rollback(
+            "carol", s.cfg.tracking.experiment, "test"
+        )
         assert str(restored.version) == first
         assert str(client.get_model_version_by_alias(MODEL, "champion").version) == first
 
@@ -242,13 +322,22 @@ def test_processes_opening_a_new_store_together(tmp_path):
     'already exists')."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    jobs = [subprocess.Popen([sys.executable, "-c", OPENER, str(tmp_path), str(i), uri], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(tmp_path), str(i), uri],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
     for phase in ("open", "create"):
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob(f"{phase}-*"))) < len(jobs):
-            assert all(j.poll() is None for j in jobs) and time.monotonic() < deadline, \
-                "\n".join(j.communicate()[0] for j in jobs if j.poll() is not None)
+            assert all(j.poll() is None for j in jobs) and time.monotonic() < deadline, "\n".join(
+                j.communicate()[0] for j in jobs if j.poll() is not None
+            )
             time.sleep(0.01)
         (tmp_path / phase).touch()
     outputs = [j.communicate(timeout=120)[0] for j in jobs]
@@ -269,16 +358,25 @@ def test_two_dvc_repros_of_one_stage_at_once(tmp_path):
     if dvc is None or git is None:
         pytest.skip("dvc or git is not installed")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = lambda *a, **k: subprocess.run(a, cwd=tmp_path, env=env, capture_output=True, text=True, **k)  # noqa: E731
+    run = lambda *a, **k: subprocess.run(
+        a, cwd=tmp_path, env=env, capture_output=True, text=True, **k
+    )  # noqa: E731
     run(git, "init", "-q", check=True)
     run(dvc, "init", "-q", check=True)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  slow:\n    cmd: sleep 4 && echo done > out.txt\n"
-                                       "    outs: [out.txt]\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  slow:\n    cmd: sleep 4 && echo done > out.txt\n    outs: [out.txt]\n"
+    )
     with (tmp_path / "first.log").open("w") as out:
-        first = subprocess.Popen([dvc, "repro", "slow"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [dvc, "repro", "slow"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 30
-    while "Running stage" not in (tmp_path / "first.log").read_text():  # the stage's command has started
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+    while (
+        "Running stage" not in (tmp_path / "first.log").read_text()
+    ):  # the stage's command has started
+        assert first.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "first.log"
+        ).read_text()
         time.sleep(0.1)
     began = time.monotonic()
     second = run(dvc, "repro", "slow")

@@ -21,7 +21,11 @@ BIN = Path(sys.executable).parent
 
 
 def sh(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
@@ -33,7 +37,11 @@ def partitions_hash(repo: Path) -> str:
 
 
 def fails(cwd: Path, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0, f"{' '.join(args)} succeeded:\n{done.stdout}\n{done.stderr}"
     return done.returncode, done.stdout + done.stderr
@@ -41,7 +49,9 @@ def fails(cwd: Path, *args: str) -> tuple[int, str]:
 
 def outputs(repo: Path) -> dict[str, bytes]:
     """Every output of the pipeline and dvc.lock, as bytes."""
-    files = [p for p in sorted((repo / "data").rglob("*")) if p.is_file() and "data_docs" not in p.parts]
+    files = [
+        p for p in sorted((repo / "data").rglob("*")) if p.is_file() and "data_docs" not in p.parts
+    ]
     files += [p for p in (repo / "metrics.json", repo / "dvc.lock") if p.exists()]
     return {str(p.relative_to(repo)): p.read_bytes() for p in files}
 
@@ -58,14 +68,28 @@ def test_repro_versions_data_and_mlflow_records_it(tmp_path):
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     for package in ("fedmtl", "models", "tasks", "flows"):  # the train stage's code deps
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["partition"].update(n_clients=6, n_groups=2)
     params["training"].update(rounds=1, local_epochs=1, personal_epochs=1)
     params["tracking"]["client_runs"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "init", "-q")
-    sh(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh(
+        repo,
+        "git",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "init",
+    )
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
 
@@ -93,8 +117,10 @@ def test_repro_versions_data_and_mlflow_records_it(tmp_path):
     good = (repo / "params.yaml").read_text()
     before = outputs(repo)
     assert "data/validation/report.json" in before and any(p.endswith(".parquet") for p in before)
-    for section, key, value, named in (("training", None, None, "training.rouns"),
-                                       ("data", "partition", "twelve", "data.partition.n_clients")):
+    for section, key, value, named in (
+        ("training", None, None, "training.rouns"),
+        ("data", "partition", "twelve", "data.partition.n_clients"),
+    ):
         bad = yaml.safe_load(good)
         if key is None:
             bad[section]["rouns"] = bad[section].pop("rounds")
@@ -147,8 +173,10 @@ def test_push_without_a_remote_or_to_a_broken_one_says_which_and_changes_nothing
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     (repo / "data.txt").write_text("rows\n")
-    (repo / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp data.txt out.txt\n    deps: [data.txt]\n"
-                                   "    outs: [out.txt]\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  copy:\n    cmd: cp data.txt out.txt\n    deps: [data.txt]\n"
+        "    outs: [out.txt]\n"
+    )
     sh(repo, "dvc", "repro", "--quiet")
     before = {p: (repo / p).read_bytes() for p in ("data.txt", "out.txt", "dvc.lock")}
 

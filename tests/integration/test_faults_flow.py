@@ -18,8 +18,14 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-FAULTS = {"training.rounds": 3, "faults.client_failure_rate": 0.4, "training.retry_delay": 0.05,
-          "faults.straggler_rate": 0.2, "faults.straggler_delay": 5.0, "training.client_timeout": 0.3}
+FAULTS = {
+    "training.rounds": 3,
+    "faults.client_failure_rate": 0.4,
+    "training.retry_delay": 0.05,
+    "faults.straggler_rate": 0.2,
+    "faults.straggler_delay": 5.0,
+    "training.client_timeout": 0.3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,12 @@ def data(prefect_harness, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root))
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                        cfg.validation, cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     return root
 
 
@@ -44,15 +54,23 @@ def test_failing_clients_are_retried_stragglers_cut_off_and_every_loss_named(dat
     def history(key):
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
-    participating, failed, retried = history("clients/participating"), history("clients/failed"), history("clients/retried")
+    participating, failed, retried = (
+        history("clients/participating"),
+        history("clients/failed"),
+        history("clients/retried"),
+    )
     assert sorted(participating) == [1, 2, 3]
-    assert all(participating[r] + failed[r] == 8 for r in participating)  # everyone is accounted for
+    assert all(
+        participating[r] + failed[r] == 8 for r in participating
+    )  # everyone is accounted for
     assert sum(retried.values()) >= 2  # injected failures came back on a retry
     reports = []  # every round's (client, why): a client may fail in several rounds
     for artifact in client.list_artifacts(run_id, "rounds"):
         reports += json.loads(open(client.download_artifacts(run_id, artifact.path)).read()).items()
     assert len(reports) == sum(failed.values())
-    assert any("ClientTimeout" in why and "training.client_timeout = 0.3 s" in why for _, why in reports)
+    assert any(
+        "ClientTimeout" in why and "training.client_timeout = 0.3 s" in why for _, why in reports
+    )
     assert all(why.split(":")[0] in ("ClientTimeout", "InjectedFailure") for _, why in reports)
     assert result["personal_accuracy"] > 0.3
 
@@ -60,9 +78,21 @@ def test_failing_clients_are_retried_stragglers_cut_off_and_every_loss_named(dat
 def test_a_round_with_too_few_updates_fails_naming_the_clients(data):
     from flows.training import RoundFailed, federated_training
 
-    cfg = load_config(None, tiny_overrides(data, **{"faults.client_failure_rate": 0.95, "training.client_retries": 0,
-                                                     "training.min_clients": 8}))
-    with pytest.raises(RoundFailed, match=r"round 1: only \d of 8 clients returned an update .*c00\d: InjectedFailure"):
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data,
+            **{
+                "faults.client_failure_rate": 0.95,
+                "training.client_retries": 0,
+                "training.min_clients": 8,
+            },
+        ),
+    )
+    with pytest.raises(
+        RoundFailed,
+        match=r"round 1: only \d of 8 clients returned an update .*c00\d: InjectedFailure",
+    ):
         federated_training(cfg.model_dump(mode="json"))
 
 
@@ -71,8 +101,18 @@ def test_client_retries_counts_the_retries_after_the_first_attempt(data):
     shard's attempt, then 2 retries), and its report says so."""
     from flows.training import RoundFailed, federated_training
 
-    cfg = load_config(None, tiny_overrides(data, **{"faults.client_failure_rate": 0.999, "training.client_retries": 2,
-                                                     "training.retry_delay": 0.01, "training.min_clients": 8}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data,
+            **{
+                "faults.client_failure_rate": 0.999,
+                "training.client_retries": 2,
+                "training.retry_delay": 0.01,
+                "training.min_clients": 8,
+            },
+        ),
+    )
     with pytest.raises(RoundFailed) as failure:
         federated_training(cfg.model_dump(mode="json"))
     message = str(failure.value)
@@ -101,7 +141,9 @@ def test_a_partition_missing_mid_run_sits_out_named_and_the_run_goes_on(prefect_
     from flows.training import federated_training
 
     root = tmp_path
-    cfg = load_config(None, tiny_overrides(root, **{"training.rounds": 3, "tracking.register_model": False}))
+    cfg = load_config(
+        None, tiny_overrides(root, **{"training.rounds": 3, "tracking.register_model": False})
+    )
     prepare(cfg.data)
     partition(cfg.data)
     manifest = read_manifest(cfg.data.partitions_dir)
@@ -116,13 +158,24 @@ def test_a_partition_missing_mid_run_sits_out_named_and_the_run_goes_on(prefect_
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     failed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "clients/failed")}
-    retried = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "clients/retried")}
+    retried = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "clients/retried")
+    }
     assert failed == {1: 0.0, 2: 1.0, 3: 1.0} and retried == {1: 0.0, 2: 0.0, 3: 0.0}
     for round_ in (2, 3):
-        report = json.loads(open(client.download_artifacts(run.info.run_id,
-                                                           f"rounds/round-{round_:04d}-failed.json")).read())
+        report = json.loads(
+            open(
+                client.download_artifacts(run.info.run_id, f"rounds/round-{round_:04d}-failed.json")
+            ).read()
+        )
         assert list(report) == [gone.client]
-        assert report[gone.client].startswith("PartitionUnavailable: ") and "is missing" in report[gone.client]
-        assert "not evaluated" in report[gone.client] and f"client '{gone.client}'" in report[gone.client]
+        assert (
+            report[gone.client].startswith("PartitionUnavailable: ")
+            and "is missing" in report[gone.client]
+        )
+        assert (
+            "not evaluated" in report[gone.client]
+            and f"client '{gone.client}'" in report[gone.client]
+        )
     assert result["clients"] == len(manifest.clients)  # trained on, named
     assert keep.read_bytes() != b""  # (raw data untouched; the copy is only for the reader)

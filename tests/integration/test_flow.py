@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.data.manifest import read_manifest
@@ -34,8 +34,12 @@ def trained(prefect_harness, tmp_path_factory):
     frame = pd.read_parquet(path)
     frame.loc[frame.index[0], "x10"] = np.nan
     frame.to_parquet(path)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                        cfg.validation, cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     result = federated_training(cfg.model_dump(mode="json"))
     return cfg, manifest, broken.client, result
 
@@ -51,7 +55,14 @@ def test_flow_tracks_rounds_clients_and_provenance(trained):
     assert run.data.params["training.rounds"] == "2"
     history = client.get_metric_history(run.info.run_id, "personal/accuracy/mean")
     assert [m.step for m in history] == [1, 2]
-    for step in ("dispatch", "local_train", "group_aggregate", "global_merge", "evaluate", "tracking"):
+    for step in (
+        "dispatch",
+        "local_train",
+        "group_aggregate",
+        "global_merge",
+        "evaluate",
+        "tracking",
+    ):
         assert len(client.get_metric_history(run.info.run_id, f"time/{step}_s")) == 2
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
@@ -85,8 +96,9 @@ def test_registered_pyfunc_predicts_like_the_model_in_memory(trained):
 
     served = loaded.predict(frame)
     expected = PersonalizedPredictor(result["bundle"]).predict(frame)  # the model in memory
-    pd.testing.assert_frame_equal(served.reset_index(drop=True), expected.reset_index(drop=True),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        served.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False
+    )
     assert set(served.loc[frame["client_id"] == "never-seen", "head"]) == {"global"}
     # personal heads stay on the clients by default: a known client is answered by its group's heads
     assert set(served.loc[frame["client_id"] == manifest.client_ids[0], "head"]) == {"group"}
@@ -96,15 +108,24 @@ def test_many_clients_log_a_table_instead_of_child_runs(trained, tmp_path):
     from flows.training import federated_training
 
     cfg, manifest, broken, _ = trained
-    many = with_settings(cfg, {"tracking.max_client_runs": 3,  # 7 usable clients: above the threshold
-                               "tracking.register_model": False,
-                               "tracking.metrics_file": str(tmp_path / "metrics.json")})
+    many = with_settings(
+        cfg,
+        {
+            "tracking.max_client_runs": 3,  # 7 usable clients: above the threshold
+            "tracking.register_model": False,
+            "tracking.metrics_file": str(tmp_path / "metrics.json"),
+        },
+    )
     result = federated_training(many.model_dump(mode="json"))
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
     assert children == []
-    table = pd.read_csv(client.download_artifacts(run.info.run_id, "clients/rounds.csv", str(tmp_path)))
+    table = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "clients/rounds.csv", str(tmp_path))
+    )
     assert sorted(table["round"].unique()) == [1, 2]
     assert set(table["client"]) == set(manifest.client_ids) - {broken}
     assert {"variant", "task", "accuracy", "f1"} <= set(table.columns)

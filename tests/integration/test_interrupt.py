@@ -18,18 +18,23 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedmtl.lifecycle.checkpoint import CheckpointStore, RunRecord
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.data.validation import validate_partitions
+from fedmtl.lifecycle.checkpoint import CheckpointStore
+from fedmtl.lifecycle.runs import RunRecord
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 40  # long enough (a tiny round takes ~0.1 s) to be interrupted mid-run
-SETTINGS = {"training.rounds": ROUNDS, "data.partition.n_clients": 4, "tracking.client_runs": False,
-            "tracking.register_model": False}
+SETTINGS = {
+    "training.rounds": ROUNDS,
+    "data.partition.n_clients": 4,
+    "tracking.client_runs": False,
+    "tracking.register_model": False,
+}
 
 
 def start(root: Path, *args: str) -> subprocess.Popen:
@@ -38,8 +43,15 @@ def start(root: Path, *args: str) -> subprocess.Popen:
     command = [str(Path(sys.executable).parent / "fedmtl"), "train", *args]
     out, err = open(root / "out.log", "w"), open(root / "err.log", "w")  # files: no pipe to wait on
     # a session of its own: killpg below reaches the command's process group as a terminal would
-    return subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 class Terminal:
@@ -52,8 +64,12 @@ class Terminal:
         import threading
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-        env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   TERM="xterm", COLUMNS="120")
+        env.update(
+            PREFECT_HOME=str(root / "prefect-home"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            TERM="xterm",
+            COLUMNS="120",
+        )
         self.master, slave = pty.openpty()
 
         def controlling_terminal() -> None:  # in the child: a new session, the pty its terminal
@@ -65,11 +81,20 @@ class Terminal:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         command = [str(Path(sys.executable).parent / "fedmtl"), "train", *args]
-        self.process = subprocess.Popen(command, cwd=root, env=env, stdin=slave, stdout=slave, stderr=slave,
-                                        preexec_fn=controlling_terminal)
+        self.process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            preexec_fn=controlling_terminal,
+        )
         os.close(slave)
         self.chunks: list[bytes] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)  # a full pty would block the child
+        self.reader = threading.Thread(
+            target=self._read, daemon=True
+        )  # a full pty would block the child
         self.reader.start()
 
     def _read(self) -> None:
@@ -97,19 +122,31 @@ def output(root: Path) -> tuple[str, str]:
 def new_run(root: Path, known: set[Path], timeout: float = 120.0) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fresh = [p.parent for p in (root / ".fedmtl" / "runs").glob("*/run.json") if p.parent not in known]
+        fresh = [
+            p.parent
+            for p in (root / ".fedmtl" / "runs").glob("*/run.json")
+            if p.parent not in known
+        ]
         if fresh:
             return fresh[0]
         time.sleep(0.05)
     raise AssertionError(f"no training run started:\n{output(root)}")
 
 
-def wait_for_round(run_dir: Path, process: subprocess.Popen, round_: int, timeout: float = 120.0) -> None:
+def wait_for_round(
+    run_dir: Path, process: subprocess.Popen, round_: int, timeout: float = 120.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"training ended before round {round_}: {process.returncode}\n{output(run_dir)}")
-        done = CheckpointStore(run_dir / "checkpoints").rounds() if (run_dir / "checkpoints").exists() else []
+            raise AssertionError(
+                f"training ended before round {round_}: {process.returncode}\n{output(run_dir)}"
+            )
+        done = (
+            CheckpointStore(run_dir / "checkpoints").rounds()
+            if (run_dir / "checkpoints").exists()
+            else []
+        )
         if done and max(done) >= round_:
             return
         time.sleep(0.02)
@@ -126,8 +163,12 @@ def root(prefect_harness, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root, **SETTINGS))
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                        cfg.validation, cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     return root
 
 
@@ -163,15 +204,29 @@ def test_ctrl_c_stops_at_a_safe_point_exits_130_and_resume_matches_an_uninterrup
     resumed.wait(timeout=300)
     out, err = output(root)
     assert resumed.returncode == 0, f"{out}\n{err}"
-    assert f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round {max(stopped)} of {ROUNDS}" in out
-    assert RunRecord.load(run_dir).finished and client.get_run(record.mlflow_run_id).info.status == "FINISHED"
-    (ref_dir,) = [d for d in before if RunRecord.load(d).mlflow_run_id == reference["mlflow_run_id"]]
+    assert (
+        f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round {max(stopped)} of {ROUNDS}"
+        in out
+    )
+    assert (
+        RunRecord.load(run_dir).finished
+        and client.get_run(record.mlflow_run_id).info.status == "FINISHED"
+    )
+    (ref_dir,) = [
+        d for d in before if RunRecord.load(d).mlflow_run_id == reference["mlflow_run_id"]
+    ]
     final = CheckpointStore(run_dir / "checkpoints").load(ROUNDS).state
     expected = CheckpointStore(ref_dir / "checkpoints").load(ROUNDS).state
     assert torch.equal(final.base, expected.base)
     assert all(torch.equal(final.global_heads[t], v) for t, v in expected.global_heads.items())
-    want = {m.step: m.value for m in client.get_metric_history(reference["mlflow_run_id"], "personal/accuracy/mean")}
-    got = {m.step: m.value for m in client.get_metric_history(record.mlflow_run_id, "personal/accuracy/mean")}
+    want = {
+        m.step: m.value
+        for m in client.get_metric_history(reference["mlflow_run_id"], "personal/accuracy/mean")
+    }
+    got = {
+        m.step: m.value
+        for m in client.get_metric_history(record.mlflow_run_id, "personal/accuracy/mean")
+    }
     assert got == want
 
 
@@ -192,4 +247,6 @@ def test_sigterm_then_a_second_signal_exits_at_once_leaving_only_complete_checkp
     store = CheckpointStore(run_dir / "checkpoints")
     _, problems = store.latest()
     assert not problems and store.rounds() == list(range(1, max(store.rounds()) + 1))
-    assert not list((run_dir / "checkpoints").glob("*.tmp")) and not list((run_dir / "checkpoints").glob(".*"))
+    assert not list((run_dir / "checkpoints").glob("*.tmp")) and not list(
+        (run_dir / "checkpoints").glob(".*")
+    )

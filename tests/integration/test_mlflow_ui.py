@@ -29,8 +29,16 @@ from tests.conftest import REPO, tiny_overrides
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT_COPY = REPO / ".fedmtl/screenshots/mlflow-experiment.png"
 METHODS = ("fedmtl", "fedavg")
 
@@ -47,8 +55,12 @@ def store(tmp_path_factory):
     MlflowClient(cfg.tracking.tracking_uri).search_experiments()
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                        cfg.validation, cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     return root, cfg
 
 
@@ -67,15 +79,30 @@ def server_process(store):
     workdir = root / "server"
     workdir.mkdir()
     log = workdir / "server.log"
-    command = [str(Path(sys.executable).with_name("mlflow")), "server",
-               "--backend-store-uri", cfg.tracking.tracking_uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        cfg.tracking.tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # no GenAI job runner (a pool of huey consumers): the runs UI and REST API do not need it
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("wb") as out:
         # its own process group: uvicorn (and any helper) stop with it
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+        )
         try:
             yield proc, f"http://127.0.0.1:{port}", log
         finally:
@@ -107,8 +134,12 @@ def trained(prefect_harness, store, server_process):
     root, cfg = store
     results = {}
     for method in METHODS:
-        run_cfg = load_config(None, tiny_overrides(root, **{
-            "algorithm.method": method, "tracking.client_runs": method == "fedmtl"}))
+        run_cfg = load_config(
+            None,
+            tiny_overrides(
+                root, **{"algorithm.method": method, "tracking.client_runs": method == "fedmtl"}
+            ),
+        )
         results[method] = federated_training(run_cfg.model_dump(mode="json"))
     return root, cfg, results
 
@@ -128,7 +159,9 @@ def server(trained, server_process) -> str:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"mlflow server did not answer /health on {base} in 120 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"mlflow server did not answer /health on {base} in 120 s:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.3)
 
 
@@ -147,12 +180,16 @@ def _api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:
 
 
 def _experiment_id(base: str, name: str) -> str:
-    return _api(base, "experiments/get-by-name", experiment_name=name)["experiment"]["experiment_id"]
+    return _api(base, "experiments/get-by-name", experiment_name=name)["experiment"][
+        "experiment_id"
+    ]
 
 
 def _parent_runs(base: str, experiment_id: str) -> dict[str, dict]:
     """The parent runs by method, as the REST API returns them."""
-    runs = _api(base, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100}).get("runs", [])
+    runs = _api(base, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100}).get(
+        "runs", []
+    )
     parents = {}
     for run in runs:
         tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
@@ -181,8 +218,11 @@ def test_rest_api_runs_params_tags_children_and_artifacts(trained, server):
 
     # parent/child runs: a child per client under the fedmtl run only
     parent_id = parents["fedmtl"]["info"]["run_id"]
-    children = _api(server, "runs/search", {"experiment_ids": [experiment_id],
-                                            "filter": f"tags.mlflow.parentRunId = '{parent_id}'"})["runs"]
+    children = _api(
+        server,
+        "runs/search",
+        {"experiment_ids": [experiment_id], "filter": f"tags.mlflow.parentRunId = '{parent_id}'"},
+    )["runs"]
     assert len(children) == results["fedmtl"]["clients"]
     assert all(c["info"]["run_name"].startswith("client-") for c in children)
 
@@ -190,13 +230,21 @@ def test_rest_api_runs_params_tags_children_and_artifacts(trained, server):
     for method, run in parents.items():
         listed = _api(server, "artifacts/list", run_id=run["info"]["run_id"], path="plots")
         names = {f["path"] for f in listed.get("files", [])}
-        expected = {"plots/convergence.png", "plots/clients_global_vs_personal.png", "plots/personalisation_gain.png"}
+        expected = {
+            "plots/convergence.png",
+            "plots/clients_global_vs_personal.png",
+            "plots/personalisation_gain.png",
+        }
         assert expected <= names, (method, names)
-    fedmtl_plots = {f["path"] for f in _api(server, "artifacts/list", run_id=parent_id, path="plots")["files"]}
+    fedmtl_plots = {
+        f["path"] for f in _api(server, "artifacts/list", run_id=parent_id, path="plots")["files"]
+    }
     assert "plots/group_assignment.png" in fedmtl_plots
-    with urllib.request.urlopen(f"{server}/get-artifact?"
-                                + urllib.parse.urlencode({"path": "plots/personalisation_gain.png",
-                                                          "run_uuid": parent_id}), timeout=30) as response:
+    with urllib.request.urlopen(
+        f"{server}/get-artifact?"
+        + urllib.parse.urlencode({"path": "plots/personalisation_gain.png", "run_uuid": parent_id}),
+        timeout=30,
+    ) as response:
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -206,7 +254,10 @@ def test_rest_api_metric_history_has_one_step_per_round(trained, server):
         run_id = results[method]["mlflow_run_id"]
         for key in ("personal/accuracy/mean", "global/f1/mean", "time/local_train_s"):
             history = _api(server, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
-            assert sorted(m["step"] for m in history) == list(range(1, cfg.training.rounds + 1)), (method, key)
+            assert sorted(m["step"] for m in history) == list(range(1, cfg.training.rounds + 1)), (
+                method,
+                key,
+            )
 
 
 def test_rest_api_registered_model_versions(trained, server):
@@ -215,7 +266,9 @@ def test_rest_api_registered_model_versions(trained, server):
     versions = _api(server, "model-versions/search", filter=f"name = '{name}'")["model_versions"]
     assert {v["run_id"] for v in versions} == {results[m]["mlflow_run_id"] for m in METHODS}
     alias = _api(server, "registered-models/alias", name=name, alias="challenger")["model_version"]
-    assert alias["version"] == results[METHODS[-1]]["model_version"]  # the last registered is challenger
+    assert (
+        alias["version"] == results[METHODS[-1]]["model_version"]
+    )  # the last registered is challenger
     assert alias["run_id"] == results[METHODS[-1]]["mlflow_run_id"]
 
 
@@ -228,11 +281,15 @@ def test_experiment_page_lists_both_runs_in_the_browser(trained, server, tmp_pat
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; browsers come from Debian)")
+        pytest.skip(
+            "playwright is not installed (pip install playwright; browsers come from Debian)"
+        )
     _, cfg, results = trained
     experiment_id = _experiment_id(server, cfg.tracking.experiment)
-    names = [_api(server, "runs/get", run_id=results[m]["mlflow_run_id"])["run"]["info"]["run_name"]
-             for m in METHODS]
+    names = [
+        _api(server, "runs/get", run_id=results[m]["mlflow_run_id"])["run"]["info"]["run_name"]
+        for m in METHODS
+    ]
     shot = tmp_path / "mlflow-experiment.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -240,8 +297,10 @@ def test_experiment_page_lists_both_runs_in_the_browser(trained, server, tmp_pat
             page = browser.new_page(viewport={"width": 1920, "height": 1000})
             # MLflow 3's UI opens an experiment in its GenAI view (traces) unless told otherwise:
             # workflowType=machine_learning is the "Model training" switch, which lists the runs
-            page.goto(f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning",
-                      wait_until="domcontentloaded")
+            page.goto(
+                f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning",
+                wait_until="domcontentloaded",
+            )
             for name in names:
                 page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=60_000)
             listed = page.locator("body").inner_text()
@@ -256,7 +315,9 @@ def test_experiment_page_lists_both_runs_in_the_browser(trained, server, tmp_pat
 
 def _row(lines: list[str], key: str) -> list[str]:
     """The cells after the key of the table row for ``key``."""
-    line = next(line for line in lines if line.startswith("│") and line.split("│")[1].strip() == key)
+    line = next(
+        line for line in lines if line.startswith("│") and line.split("│")[1].strip() == key
+    )
     return [cell.strip() for cell in line.split("│")[2:-1]]
 
 
@@ -270,8 +331,12 @@ def test_cli_compare_marks_differences_and_the_better_value(trained):
     lines = out.output.splitlines()
     assert _row(lines, "algorithm.method") == list(METHODS)
     assert "training.rounds" not in out.output  # equal settings are left out
-    for key, better in (("personal/accuracy/mean", max), ("global/f1/mean", max),
-                        ("personalisation_gain/accuracy", max), ("time/local_train_s", min)):
+    for key, better in (
+        ("personal/accuracy/mean", max),
+        ("global/f1/mean", max),
+        ("personalisation_gain/accuracy", max),
+        ("time/local_train_s", min),
+    ):
         cells = _row(lines, key)
         values = [float(c.split()[0]) for c in cells]
         marked = [i for i, c in enumerate(cells) if c.endswith("✓")]
@@ -284,8 +349,19 @@ def test_cli_compare_marks_differences_and_the_better_value(trained):
     # by run name, only some metrics, and every parameter
     name = next(line for line in lines if line.startswith("run 1:")).split()[2]
     assert name.startswith("digits-fedmtl-")
-    out = CliRunner().invoke(app, ["compare", name, b, "--tracking-uri", cfg.tracking.tracking_uri,
-                                   "--metric", "personal/*", "--all-params"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            name,
+            b,
+            "--tracking-uri",
+            cfg.tracking.tracking_uri,
+            "--metric",
+            "personal/*",
+            "--all-params",
+        ],
+    )
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert _row(lines, "training.rounds") == ["2", "2"]
@@ -298,13 +374,24 @@ def test_cli_compare_and_ui_errors_name_the_run_or_store(trained, tmp_path):
 
     _, cfg, results = trained
     unknown = "0123456789abcdef0123456789abcdef"
-    out = CliRunner().invoke(app, ["compare", results["fedmtl"]["mlflow_run_id"], unknown,
-                                   "--tracking-uri", cfg.tracking.tracking_uri])
+    out = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            results["fedmtl"]["mlflow_run_id"],
+            unknown,
+            "--tracking-uri",
+            cfg.tracking.tracking_uri,
+        ],
+    )
     assert out.exit_code == 2
     assert unknown in out.output
 
     missing = f"sqlite:///{tmp_path / 'nowhere.db'}"
-    for args in (["compare", "a", "b", "--tracking-uri", missing], ["ui", "--tracking-uri", missing]):
+    for args in (
+        ["compare", "a", "b", "--tracking-uri", missing],
+        ["ui", "--tracking-uri", missing],
+    ):
         out = CliRunner().invoke(app, args)
         assert out.exit_code == 2 and "nowhere.db" in out.output, out.output
         assert not (tmp_path / "nowhere.db").exists()  # never creates an empty store

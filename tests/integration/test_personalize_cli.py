@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,12 +13,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+import mlflow
 from cli import app
+from fedmtl.client.store import ClientStore
 from fedmtl.config import load_config
 from fedmtl.data import load_partition, partition, prepare
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
-from fedmtl.client.store import ClientStore
 from models.personalized import PersonalizedPredictor
 from tests.conftest import tiny_overrides
 
@@ -33,7 +33,9 @@ def registered(tmp_path_factory):
     from tasks.registry import log_personalized_model
 
     root = tmp_path_factory.mktemp("coldstart")
-    cfg = load_config(None, tiny_overrides(root, **{"training.rounds": 3, "training.local_epochs": 2}))
+    cfg = load_config(
+        None, tiny_overrides(root, **{"training.rounds": 3, "training.local_epochs": 2})
+    )
     prepare(cfg.data)
     manifest = partition(cfg.data)
     held = manifest.clients[-1]
@@ -45,7 +47,9 @@ def registered(tmp_path_factory):
     (root / "mlflow").mkdir()
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     client = MlflowClient(cfg.tracking.tracking_uri)
-    experiment = client.create_experiment("coldstart", artifact_location=str(root / "mlflow/artifacts"))
+    experiment = client.create_experiment(
+        "coldstart", artifact_location=str(root / "mlflow/artifacts")
+    )
     run_id = client.create_run(experiment).info.run_id
     log_personalized_model(run_id, bundle, input_example(fed), MODEL)
     client.set_terminated(run_id)
@@ -53,9 +57,18 @@ def registered(tmp_path_factory):
     part = load_partition(cfg.data.partitions_dir, held.client)
     features = list(manifest.features)
     return SimpleNamespace(
-        root=root, cfg=cfg, bundle=bundle, held="newcomer", group=held.group, known=trained[0],
-        features=features, uri=f"models:/{MODEL}@challenger", tracking=cfg.tracking.tracking_uri,
-        support=part[part["split"] == "train"].head(10)[[*features, "label"]].reset_index(drop=True),
+        root=root,
+        cfg=cfg,
+        bundle=bundle,
+        held="newcomer",
+        group=held.group,
+        known=trained[0],
+        features=features,
+        uri=f"models:/{MODEL}@challenger",
+        tracking=cfg.tracking.tracking_uri,
+        support=part[part["split"] == "train"]
+        .head(10)[[*features, "label"]]
+        .reset_index(drop=True),
         test=part[part["split"] == "test"][[*features, "label"]].reset_index(drop=True),
     )
 
@@ -68,20 +81,26 @@ def test_served_model_cold_starts_an_unknown_client_from_its_labelled_rows(regis
     assert optional["label"] is False and optional["client_id"] is True
 
     unlabelled = r.test.assign(label=np.nan)
-    frame = pd.concat([
-        r.support.assign(client_id=r.held),                  # the support set: labelled
-        unlabelled.assign(client_id=r.held),                 # the rows to predict
-        r.test.head(3).assign(client_id=r.known),            # a trained client: labels ignored
-        unlabelled.head(3).assign(client_id="stranger"),     # unknown, no labels
-    ], ignore_index=True)[["client_id", *r.features, "label"]]
+    frame = pd.concat(
+        [
+            r.support.assign(client_id=r.held),  # the support set: labelled
+            unlabelled.assign(client_id=r.held),  # the rows to predict
+            r.test.head(3).assign(client_id=r.known),  # a trained client: labels ignored
+            unlabelled.head(3).assign(client_id="stranger"),  # unknown, no labels
+        ],
+        ignore_index=True,
+    )[["client_id", *r.features, "label"]]
     served = loaded.predict(frame)
     heads = served["head"].groupby(frame["client_id"]).unique().map(set).to_dict()
     # personal heads stay on the clients (not bundled by default): a trained client gets its group's
     assert heads == {r.held: {"cold-start"}, r.known: {"group"}, "stranger": {"global"}}
 
     predictor = PersonalizedPredictor(r.bundle)
-    pd.testing.assert_frame_equal(served.reset_index(drop=True), predictor.predict(frame).reset_index(drop=True),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        served.reset_index(drop=True),
+        predictor.predict(frame).reset_index(drop=True),
+        check_dtype=False,
+    )
     done = predictor.cold_start(r.held, r.support)
     assert done.group == r.group and done.n_labelled == 10
     rows = frame["client_id"] == r.held
@@ -99,13 +118,31 @@ def personalize(r, *args):
     return runner.invoke(app, ["personalize", *map(str, args)])
 
 
-def test_cli_personalizes_reports_the_group_and_accuracy_and_writes_predictions(registered, tmp_path):
+def test_cli_personalizes_reports_the_group_and_accuracy_and_writes_predictions(
+    registered, tmp_path
+):
     r = registered
-    support, target, out = tmp_path / "support.csv", tmp_path / "predict.parquet", tmp_path / "pred.csv"
+    support, target, out = (
+        tmp_path / "support.csv",
+        tmp_path / "predict.parquet",
+        tmp_path / "pred.csv",
+    )
     r.support.to_csv(support, index=False)
     r.test.assign(row_id=np.arange(len(r.test))).to_parquet(target)
-    res = personalize(r, support, "--model", r.uri, "--tracking-uri", r.tracking, "--client-id", r.held,
-                      "--predict", target, "--out", out)
+    res = personalize(
+        r,
+        support,
+        "--model",
+        r.uri,
+        "--tracking-uri",
+        r.tracking,
+        "--client-id",
+        r.held,
+        "--predict",
+        target,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     assert f"10 labelled rows; chose group {r.group}" in res.output
     written = pd.read_csv(out)
@@ -119,7 +156,18 @@ def test_cli_personalizes_reports_the_group_and_accuracy_and_writes_predictions(
     bundle_file = tmp_path / "bundle.pt"
     torch.save(r.bundle.to_dict(), bundle_file)
     out2 = tmp_path / "pred2.csv"
-    res = personalize(r, support, "--model", bundle_file, "--client-id", r.held, "--predict", target, "--out", out2)
+    res = personalize(
+        r,
+        support,
+        "--model",
+        bundle_file,
+        "--client-id",
+        r.held,
+        "--predict",
+        target,
+        "--out",
+        out2,
+    )
     assert res.exit_code == 0, res.output
     pd.testing.assert_frame_equal(pd.read_csv(out2), written)
 
@@ -144,14 +192,24 @@ def test_cli_errors_are_named_with_exit_code_2(registered, tmp_path):
     res = personalize(r, thin, *model)
     assert res.exit_code == 2 and "missing feature column(s) x3, x40" in res.output
 
-    res = personalize(r, good, "--model", "models:/no-such-model@challenger", "--tracking-uri", r.tracking)
-    assert res.exit_code == 2 and "cannot load model 'models:/no-such-model@challenger'" in res.output
+    res = personalize(
+        r, good, "--model", "models:/no-such-model@challenger", "--tracking-uri", r.tracking
+    )
+    assert (
+        res.exit_code == 2 and "cannot load model 'models:/no-such-model@challenger'" in res.output
+    )
 
     res = personalize(r, good, "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
-    assert res.exit_code == 2 and "does not exist" in res.output and not (tmp_path / "none.db").exists()
+    assert (
+        res.exit_code == 2
+        and "does not exist" in res.output
+        and not (tmp_path / "none.db").exists()
+    )
 
     wrong = tmp_path / "wrong.csv"
-    r.support.assign(label=r.support["label"].where(r.support.index != 2, 42)).to_csv(wrong, index=False)
+    r.support.assign(label=r.support["label"].where(r.support.index != 2, 42)).to_csv(
+        wrong, index=False
+    )
     res = personalize(r, wrong, *model, "--client-id", "newbie")
     assert res.exit_code == 2
     assert "client 'newbie': label 42 of task 'label' is not in the declared classes" in res.output

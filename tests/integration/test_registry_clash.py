@@ -28,8 +28,12 @@ def test_training_and_promotion_refuse_another_teams_registered_model(prefect_ha
     cfg = load_config(None, overrides)
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir), cfg.validation,
-                        cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     (tmp_path / "mlflow").mkdir(exist_ok=True)
     client = MlflowClient(cfg.tracking.tracking_uri)
     client.create_registered_model(NAME, description="gradient-boosted churn model (team B)")
@@ -40,7 +44,9 @@ def test_training_and_promotion_refuse_another_teams_registered_model(prefect_ha
     assert f"tracking.registered_model = '{NAME}'" in message and "not created by fedmtl" in message
     assert "team B" in message and f"{OWNER_TAG}={OWNER}" in message
     # refused before training: no run was started, the other model is untouched
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    )
     assert runs == []
     assert client.search_model_versions(f"name = '{NAME}'") == []
     assert client.get_registered_model(NAME).description == "gradient-boosted churn model (team B)"

@@ -13,12 +13,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedmtl.lifecycle.checkpoint import CheckpointStore, RunRecord
+from fedmtl.client.store import ClientStore
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.client.store import ClientStore
 from fedmtl.data.validation import validate_partitions
+from fedmtl.lifecycle.checkpoint import CheckpointStore
+from fedmtl.lifecycle.runs import RunRecord
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -30,10 +31,14 @@ def fedmtl(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = [str(Path(sys.executable).parent / "fedmtl"), "train", *args]
-    with open(root / "out.log", "w") as out, open(root / "err.log", "w") as err:  # files: no pipe to wait on
+    with (
+        open(root / "out.log", "w") as out,
+        open(root / "err.log", "w") as err,
+    ):  # files: no pipe to wait on
         done = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=err, timeout=300)
-    return subprocess.CompletedProcess(command, done.returncode, (root / "out.log").read_text(),
-                                       (root / "err.log").read_text())
+    return subprocess.CompletedProcess(
+        command, done.returncode, (root / "out.log").read_text(), (root / "err.log").read_text()
+    )
 
 
 def run_dirs(root: Path) -> dict[str, tuple[Path, RunRecord]]:
@@ -51,8 +56,12 @@ def root(prefect_harness, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root, **SETTINGS))
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                        cfg.validation, cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     return root
 
 
@@ -67,7 +76,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_bit_for_bit(root):
     crashed = fedmtl(root, *sets, "--set", "faults.crash_at_round=3")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     runs = run_dirs(root)
-    (run_dir, record), = [v for k, v in runs.items() if k != reference["mlflow_run_id"]]
+    ((run_dir, record),) = [v for k, v in runs.items() if k != reference["mlflow_run_id"]]
     assert not record.finished and CheckpointStore(run_dir / "checkpoints").rounds() == [1, 2]
     written = list((run_dir / "clients").glob("*/personal-r000003.pt"))
     assert written  # the crash came after round 3's local training had written personal state
@@ -95,9 +104,17 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model_bit_for_bit(root):
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_round"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "personal/accuracy/mean")]
     assert sorted(set(steps)) == [1, 2, 3, 4]
-    want = {m.step: m.value for m in client.get_metric_history(reference["mlflow_run_id"], "personal/accuracy/mean")}
-    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "personal/accuracy/mean")} == want
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    want = {
+        m.step: m.value
+        for m in client.get_metric_history(reference["mlflow_run_id"], "personal/accuracy/mean")
+    }
+    assert {
+        m.step: m.value
+        for m in client.get_metric_history(run.info.run_id, "personal/accuracy/mean")
+    } == want
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
     assert len(children) == 6  # the client runs were continued, not created again
     assert run.data.tags.get("model_version")  # the resumed run registered its model
 

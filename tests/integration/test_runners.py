@@ -25,16 +25,24 @@ def data_root(tmp_path_factory):
     cfg = load_config(None, tiny_overrides(root))
     prepare(cfg.data)
     partition(cfg.data)
-    validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir), cfg.validation,
-                        cfg.data.validation_dir)
+    validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     return root
 
 
 def train(root, **extra):
     from flows.training import federated_training
 
-    cfg = load_config(None, tiny_overrides(root, **{"tracking.client_runs": False,
-                                                    "tracking.register_model": False, **extra}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            root, **{"tracking.client_runs": False, "tracking.register_model": False, **extra}
+        ),
+    )
     with worker_environment(cfg.runner):
         return with_runner(federated_training, cfg)(cfg.model_dump(mode="json"))
 
@@ -54,10 +62,15 @@ def test_dask_local_cluster_and_process_pool_train_the_same_model_as_threads(thr
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(threads["tracking_uri"])
-    used = {name: client.get_run(run["mlflow_run_id"]).data.tags["task_runner"]
-            for name, run in (("threads", threads), ("dask", dask), ("processes", processes))}
-    assert used == {"threads": "ThreadPoolTaskRunner", "dask": "DaskTaskRunner",
-                    "processes": "ProcessPoolTaskRunner"}
+    used = {
+        name: client.get_run(run["mlflow_run_id"]).data.tags["task_runner"]
+        for name, run in (("threads", threads), ("dask", dask), ("processes", processes))
+    }
+    assert used == {
+        "threads": "ThreadPoolTaskRunner",
+        "dask": "DaskTaskRunner",
+        "processes": "ProcessPoolTaskRunner",
+    }
 
 
 def test_ray_trains_the_same_model_as_threads_and_leaves_no_process(threads, data_root):
@@ -77,8 +90,15 @@ def test_ray_trains_the_same_model_as_threads_and_leaves_no_process(threads, dat
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as prefect:
-        shards = [t for t in prefect.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[run.data.tags["prefect_flow_run_id"]]))) if t.task_key.startswith("local_train")]
+        shards = [
+            t
+            for t in prefect.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[run.data.tags["prefect_flow_run_id"]])
+                )
+            )
+            if t.task_key.startswith("local_train")
+        ]
     assert shards and all(t.state.is_completed() for t in shards)
     assert not ray.is_initialized()
     assert ray_processes(psutil.Process()) == []
@@ -108,11 +128,15 @@ def test_runner_settings_are_checked(monkeypatch):
         load_config(None, ["runner.kind=dask", "runner.ray_address=auto"])
     with pytest.raises(ConfigError, match="runner.kind"):
         load_config(None, ["runner.kind=spark"])
-    runner = task_runner(load_config(None, ["runner.kind=dask", "runner.dask_address=tcp://10.1.2.3:8786"]).runner)
+    runner = task_runner(
+        load_config(None, ["runner.kind=dask", "runner.dask_address=tcp://10.1.2.3:8786"]).runner
+    )
     assert runner.address == "tcp://10.1.2.3:8786"
     assert issubclass(RunnerError, ValueError)
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if prefect-ray were not installed
-    with pytest.raises(RunnerError, match=r"runner.kind=ray needs prefect-ray: pip install 'fedmtl\[ray\]'"):
+    with pytest.raises(
+        RunnerError, match=r"runner.kind=ray needs prefect-ray: pip install 'fedmtl\[ray\]'"
+    ):
         task_runner(load_config(None, ["runner.kind=ray"]).runner)
 
 
@@ -122,10 +146,22 @@ def test_ray_runner_settings():
 
     api = "http://127.0.0.1:4200/api"
     with temporary_settings({PREFECT_API_URL: api}):
-        local = task_runner(load_config(None, ["runner.kind=ray", "runner.workers=3", "runner.torch_threads=2"]).runner)
-        remote = task_runner(load_config(None, ["runner.kind=ray", "runner.ray_address=ray://10.1.2.3:10001"]).runner)
+        local = task_runner(
+            load_config(
+                None, ["runner.kind=ray", "runner.workers=3", "runner.torch_threads=2"]
+            ).runner
+        )
+        remote = task_runner(
+            load_config(None, ["runner.kind=ray", "runner.ray_address=ray://10.1.2.3:10001"]).runner
+        )
     assert local.address is None
     assert local.init_kwargs["num_cpus"] == 3 and local.init_kwargs["include_dashboard"] is False
-    assert local.init_kwargs["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "2", "PREFECT_API_URL": api}
+    assert local.init_kwargs["runtime_env"]["env_vars"] == {
+        "OMP_NUM_THREADS": "2",
+        "PREFECT_API_URL": api,
+    }
     assert remote.address == "ray://10.1.2.3:10001" and "num_cpus" not in remote.init_kwargs
-    assert remote.init_kwargs["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "1", "PREFECT_API_URL": api}
+    assert remote.init_kwargs["runtime_env"]["env_vars"] == {
+        "OMP_NUM_THREADS": "1",
+        "PREFECT_API_URL": api,
+    }

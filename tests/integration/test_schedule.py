@@ -91,13 +91,24 @@ class Served:
     def start(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
         blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         handler = signal.getsignal(signal.SIGINT)
-        if blocked or handler is not signal.default_int_handler:  # what the child would have inherited
-            warnings.warn(f"starting {name}: this test process has SIGINT {'blocked' if blocked else 'unblocked'}, "
-                          f"handler {handler!r}; the child gets it unblocked and at its default")
+        if (
+            blocked or handler is not signal.default_int_handler
+        ):  # what the child would have inherited
+            warnings.warn(
+                f"starting {name}: this test process has SIGINT {'blocked' if blocked else 'unblocked'}, "
+                f"handler {handler!r}; the child gets it unblocked and at its default"
+            )
         log = self.logs[name] = self.root / f"{name}.log"
         handle = log.open("w")
-        proc = subprocess.Popen(args, cwd=cwd, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_signals_as_from_a_shell)
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_signals_as_from_a_shell,
+        )
         handle.close()
         self.procs[name] = proc
         return proc
@@ -114,7 +125,9 @@ class Served:
             except OSError:
                 pass
             time.sleep(0.5)
-        raise AssertionError(f"prefect server not healthy after {timeout} s:\n{tail(self.logs['server'])}")
+        raise AssertionError(
+            f"prefect server not healthy after {timeout} s:\n{tail(self.logs['server'])}"
+        )
 
     def stop(self) -> None:
         for name in ("serve", "server"):
@@ -136,15 +149,37 @@ def make_project(served: Served) -> None:
         shutil.copy(REPO / name, project / name)
     served.csv.parent.mkdir()
     rows([f"c{i}" for i in range(4)], 40, seed=0).to_csv(served.csv, index=False)
-    cfg = load_config(None, [
-        "data.source=table", f"data.table.path={served.csv}",
-        "model.hidden=[16]", "training.rounds=1", "training.local_epochs=1", "training.personal_epochs=1",
-        "tracking.client_runs=false", f"tracking.registered_model={MODEL}", "promotion.min_metric=0.0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.source=table",
+            f"data.table.path={served.csv}",
+            "model.hidden=[16]",
+            "training.rounds=1",
+            "training.local_epochs=1",
+            "training.personal_epochs=1",
+            "tracking.client_runs=false",
+            f"tracking.registered_model={MODEL}",
+            "promotion.min_metric=0.0",
+        ],
+    )
     (project / "params.yaml").write_text(dump_config(cfg))
     env = served.env
     sh(project, env, "git", "init", "-q")
-    sh(project, env, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh(
+        project,
+        env,
+        "git",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "init",
+    )
     sh(project, env, "dvc", "init", "-q")
     sh(project, env, "dvc", "remote", "add", "-d", "local", str(served.remote))
 
@@ -157,14 +192,39 @@ def served(tmp_path_factory):
     served = Served(tmp_path_factory.mktemp("schedule"))
     try:
         make_project(served)
-        served.start("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                "--port", str(served.port)], served.root)
+        served.start(
+            "server",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(served.port),
+            ],
+            served.root,
+        )
         served.wait_healthy()
-        served.start("serve", [str(BIN / "fedmtl"), "schedule", "--interval", "3600", "--name", "test",
-                               "--params", "params.yaml"], served.project)
+        served.start(
+            "serve",
+            [
+                str(BIN / "fedmtl"),
+                "schedule",
+                "--interval",
+                "3600",
+                "--name",
+                "test",
+                "--params",
+                "params.yaml",
+            ],
+            served.project,
+        )
         with temporary_settings(updates={PREFECT_API_URL: served.api}):  # for the tests too
             with get_client(sync_client=True) as client:
-                served.deployment = registered(client, DEPLOYMENT, served.procs["serve"], served.logs["serve"])
+                served.deployment = registered(
+                    client, DEPLOYMENT, served.procs["serve"], served.logs["serve"]
+                )
             yield served
     finally:
         served.stop()
@@ -180,7 +240,9 @@ def registered(client, name: str, proc: subprocess.Popen, log: Path, timeout: fl
             return client.read_deployment_by_name(name)
         except Exception:  # noqa: BLE001 - not registered yet
             pass
-        assert time.monotonic() < deadline, f"no deployment {name} after {timeout:g} s:\n{tail(log)}"
+        assert time.monotonic() < deadline, (
+            f"no deployment {name} after {timeout:g} s:\n{tail(log)}"
+        )
         time.sleep(1)
 
 
@@ -189,7 +251,8 @@ def trigger(served: Served, timeout: float = 400):
 
     run = run_deployment(DEPLOYMENT, timeout=timeout, poll_interval=1)
     assert run.state is not None and run.state.is_final(), (
-        f"flow run not final after {timeout} s: {run.state}\n{tail(served.logs['serve'])}")
+        f"flow run not final after {timeout} s: {run.state}\n{tail(served.logs['serve'])}"
+    )
     return run
 
 
@@ -219,9 +282,13 @@ def test_scheduled_runs_version_the_data_and_continue_from_the_champion(served):
     assert first.state.is_completed(), f"{first.state.message}\n{tail(served.logs['serve'])}"
     client, run1 = mlflow_run(served)
     v1 = partitions_hash(served.project)
-    assert run1.data.tags["data_version"] == v1 and run1.data.tags["data_version_source"] == "dvc.lock"
+    assert (
+        run1.data.tags["data_version"] == v1 and run1.data.tags["data_version_source"] == "dvc.lock"
+    )
     assert run1.data.tags["warm_start"] == "none"
-    assert [m.step for m in client.get_metric_history(run1.info.run_id, "personal/accuracy/mean")] == [1]
+    assert [
+        m.step for m in client.get_metric_history(run1.info.run_id, "personal/accuracy/mean")
+    ] == [1]
     assert any(served.remote.rglob("*")), "the data version was not pushed to the DVC remote"
     version = run1.data.tags["model_version"]
     # the run judged its own version with the promotion gates: the first version has no
@@ -242,11 +309,15 @@ def test_scheduled_runs_version_the_data_and_continue_from_the_champion(served):
     assert run2.info.run_id != run1.info.run_id and v2 != v1
     assert run2.data.tags["data_version"] == v2
     assert run2.data.tags["warm_start"] == f"models:/{MODEL}/{version}"
-    assert [m.step for m in client.get_metric_history(run2.info.run_id, "personal/accuracy/mean")] == [2]
+    assert [
+        m.step for m in client.get_metric_history(run2.info.run_id, "personal/accuracy/mean")
+    ] == [2]
     assert run2.data.tags["model_version"] != version
     judged = client.get_model_version(MODEL, run2.data.tags["model_version"]).tags
     assert judged["promotion.decision"] in ("promoted", "rejected")
-    assert judged["promotion.compared_with"] == version  # judged against the champion it started from
+    assert (
+        judged["promotion.compared_with"] == version
+    )  # judged against the champion it started from
 
 
 def test_failing_runs_fail_with_the_cause_and_never_overlap(served):
@@ -264,13 +335,16 @@ def test_failing_runs_fail_with_the_cause_and_never_overlap(served):
                 runs = [client.read_flow_run(i) for i in ids]
                 if all(r.state.is_final() for r in runs):
                     break
-                assert time.monotonic() < deadline, f"runs not final: {[r.state for r in runs]}\n" + tail(
-                    served.logs["serve"])
+                assert time.monotonic() < deadline, (
+                    f"runs not final: {[r.state for r in runs]}\n" + tail(served.logs["serve"])
+                )
                 time.sleep(1)
     for run in runs:
         assert run.state.is_failed(), f"{run.state}\n{tail(served.logs['serve'])}"
         message = run.state.message
-        assert "DVC stage 'prepare' failed" in message and "label column 'label'" in message, message
+        assert "DVC stage 'prepare' failed" in message and "label column 'label'" in message, (
+            message
+        )
         assert str(served.csv) in message and "missing values" in message, message
     first, second = sorted(runs, key=lambda r: r.start_time)
     assert first.end_time <= second.start_time, "two runs of the deployment overlapped"
@@ -292,13 +366,17 @@ def _stacks(pid: int) -> str:
     pending: hexadecimal masks, SIGINT is bit 1) and its Python stacks (py-spy, when installed)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        masks = "\n".join(line for line in status.splitlines() if line.startswith(("Sig", "ShdPnd")))
+        masks = "\n".join(
+            line for line in status.splitlines() if line.startswith(("Sig", "ShdPnd"))
+        )
     except OSError as exc:
         masks = f"(no signal state: {exc})"
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         return masks + "\n(py-spy not installed: no stacks)"
-    done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+    )
     return masks + "\n" + (done.stdout + done.stderr)[-6000:]
 
 
@@ -308,7 +386,10 @@ def _run_states(api: str) -> list[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        return [f"{r.name}: {r.state.name if r.state else None}" for r in client.read_flow_runs(limit=50)]
+        return [
+            f"{r.name}: {r.state.name if r.state else None}"
+            for r in client.read_flow_runs(limit=50)
+        ]
 
 
 def _wait_until_idle(api: str, timeout: float = 180) -> None:
@@ -323,8 +404,10 @@ def _wait_until_idle(api: str, timeout: float = 180) -> None:
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline:
                 runs = client.read_flow_runs(limit=200)
-                if not any(r.state is not None and not r.state.is_final() and r.state.name != "Scheduled"
-                           for r in runs):
+                if not any(
+                    r.state is not None and not r.state.is_final() and r.state.name != "Scheduled"
+                    for r in runs
+                ):
                     return
                 time.sleep(1)
     warnings.warn(f"flow runs still in flight after {timeout:g} s: {_run_states(api)}")
@@ -355,14 +438,20 @@ def test_ctrl_c_stops_serving_and_pauses_the_schedule(served):
         # again, as a user would; fail if that does not stop it.
         where = _stacks(proc.pid)
         said = served.logs["serve"].read_text(errors="replace")[before:][-3000:]
-        warnings.warn(f"fedmtl schedule ignored the first Ctrl-C for 60 s; its output since:\n{said}\n"
-                      f"its flow runs: {_run_states(served.api)}\nits signal state and threads then:\n{where}")
+        warnings.warn(
+            f"fedmtl schedule ignored the first Ctrl-C for 60 s; its output since:\n{said}\n"
+            f"its flow runs: {_run_states(served.api)}\nits signal state and threads then:\n{where}"
+        )
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
-            pytest.fail("fedmtl schedule did not stop after two Ctrl-C:\n"
-                        + served.logs["serve"].read_text(errors="replace")[before:][-4000:] + "\n" + where)
+            pytest.fail(
+                "fedmtl schedule did not stop after two Ctrl-C:\n"
+                + served.logs["serve"].read_text(errors="replace")[before:][-4000:]
+                + "\n"
+                + where
+            )
     out = served.logs["serve"].read_text(errors="replace")[before:]  # what Ctrl-C printed
     assert proc.returncode == 130, out  # interrupted, as a shell reports it
     assert f"stopped serving {DEPLOYMENT}" in out and "Traceback" not in out, out
@@ -381,12 +470,29 @@ def test_sigterm_stops_a_background_serve_and_pauses_its_schedule(served):
     name = "fedmtl-scheduled/background"
     log = served.root / "background.log"
     with log.open("w") as handle:
-        proc = subprocess.Popen([str(BIN / "fedmtl"), "schedule", "--interval", "3600", "--name", "background",
-                                 "--params", "params.yaml"], cwd=served.project, env=served.env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        proc = subprocess.Popen(
+            [
+                str(BIN / "fedmtl"),
+                "schedule",
+                "--interval",
+                "3600",
+                "--name",
+                "background",
+                "--params",
+                "params.yaml",
+            ],
+            cwd=served.project,
+            env=served.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
     try:
-        with temporary_settings(updates={PREFECT_API_URL: served.api}), get_client(sync_client=True) as client:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: served.api}),
+            get_client(sync_client=True) as client,
+        ):
             assert not registered(client, name, proc, log).paused
             proc.send_signal(signal.SIGINT)  # ignored, as by every background command
             time.sleep(3)

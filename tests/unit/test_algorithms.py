@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from fedmtl.algorithms import METHODS, get_algorithm
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
@@ -17,9 +19,7 @@ from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
 from fedmtl.server.grouping import adjusted_rand, choose_group, cluster_vectors
 from fedmtl.server.optimizers import ServerOptimizer
-from fedmtl.client.store import ClientStore
 from fedmtl.state import assign
-from fedmtl.client.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
 from tests.conftest import tiny_overrides, with_settings
 
 
@@ -41,8 +41,11 @@ def setup(tmp_path_factory):
 def one_client(fed: Federation, local: LocalConfig | None = None, method: str | None = None):
     """(context, state, data) for the first client, with optional other local settings."""
     if local is not None or method is not None:
-        fed = dataclasses.replace(fed, local=local or fed.local,
-                                  algorithm=get_algorithm(method) if method else fed.algorithm)
+        fed = dataclasses.replace(
+            fed,
+            local=local or fed.local,
+            algorithm=get_algorithm(method) if method else fed.algorithm,
+        )
     client = fed.manifest.client_ids[0]
     state = fed.initial_state()
     data = fed.data(client)
@@ -67,13 +70,17 @@ def test_fedrep_trains_the_head_on_a_frozen_base_then_the_base_with_the_head_fro
     make, _ = setup
     fed = make("fedrep", "rep")
     # only the head phase: the base must not move, the head must
-    f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, epochs=0, personal_epochs=2))
+    f, ctx, state, data = one_client(
+        fed, dataclasses.replace(fed.local, epochs=0, personal_epochs=2)
+    )
     update, personal = f.algorithm.client_round(ctx, state, data, "all", None)
     assert torch.count_nonzero(update.delta_base) == 0
     assert not torch.equal(personal.heads["label"], state.global_heads["label"])
     assert update.delta_heads == {}  # FedRep never releases a head
     # only the base phase: the head must stay exactly where it started
-    f, ctx, state, data = one_client(fed, dataclasses.replace(fed.local, epochs=2, personal_epochs=0))
+    f, ctx, state, data = one_client(
+        fed, dataclasses.replace(fed.local, epochs=2, personal_epochs=0)
+    )
     update, personal = f.algorithm.client_round(ctx, state, data, "all", None)
     assert torch.count_nonzero(update.delta_base) > 0
     assert torch.equal(personal.heads["label"], state.global_heads["label"])
@@ -81,10 +88,16 @@ def test_fedrep_trains_the_head_on_a_frozen_base_then_the_base_with_the_head_fro
 
 def test_fedper_and_lg_fedavg_release_complementary_parts(setup):
     make, _ = setup
-    for method, base_released, heads_released in (("fedper", True, False), ("lg-fedavg", False, True),
-                                                   ("local", False, False), ("fedmtl", True, True)):
+    for method, base_released, heads_released in (
+        ("fedper", True, False),
+        ("lg-fedavg", False, True),
+        ("local", False, False),
+        ("fedmtl", True, True),
+    ):
         f, ctx, state, data = one_client(make(method, f"rel-{method}"))
-        update, _ = f.algorithm.client_round(ctx, state, data, "all" if method != "fedmtl" else data.group, None)
+        update, _ = f.algorithm.client_round(
+            ctx, state, data, "all" if method != "fedmtl" else data.group, None
+        )
         assert (update.delta_base is not None) is base_released, method
         assert bool(update.delta_heads) is heads_released, method
 
@@ -122,8 +135,17 @@ def test_ifca_rule_picks_the_head_that_generated_the_clients_data(setup):
         heads = state.global_heads
         for client in members:
             ctx = fed.context(client, 0)
-            _, heads, _ = train_joint(ctx.model, state.base, heads, fed.data(client), ctx.tasks,
-                                      fed.local, ctx.generator, 3, train_base=False)
+            _, heads, _ = train_joint(
+                ctx.model,
+                state.base,
+                heads,
+                fed.data(client),
+                ctx.tasks,
+                fed.local,
+                ctx.generator,
+                3,
+                train_base=False,
+            )
         planted[g] = heads
     state = dataclasses.replace(state, group_heads=planted)
     for c in manifest.clients:
@@ -136,7 +158,12 @@ def test_cluster_vectors_finds_planted_directions_and_declines_noise():
     centres = rng.normal(size=(3, 40))
     rows = np.concatenate([c + 0.1 * rng.normal(size=(5, 40)) for c in centres])
     labels, score = cluster_vectors(rows, max_groups=6)
-    assert adjusted_rand(dict(enumerate(map(str, labels))), dict(enumerate(map(str, np.repeat([0, 1, 2], 5))))) == 1.0
+    assert (
+        adjusted_rand(
+            dict(enumerate(map(str, labels))), dict(enumerate(map(str, np.repeat([0, 1, 2], 5))))
+        )
+        == 1.0
+    )
     assert score > 0.5
     flat_labels, _ = cluster_vectors(rng.normal(size=(15, 40)), max_groups=6, min_silhouette=0.3)
     assert set(flat_labels.tolist()) == {0}
@@ -153,14 +180,21 @@ def test_cluster_grouping_recovers_the_true_groups_in_the_flowless_loop(setup):
 
 def test_server_optimisers_match_reddi_et_al_by_hand():
     x, d = torch.tensor([1.0, -1.0]), torch.tensor([0.5, -2.0])
-    assert torch.equal(ServerOptimizer("fedavg", lr=0.5).step("base", x, d, {}), x + 0.25 * torch.tensor([1.0, -4.0]))
+    assert torch.equal(
+        ServerOptimizer("fedavg", lr=0.5).step("base", x, d, {}),
+        x + 0.25 * torch.tensor([1.0, -4.0]),
+    )
     for name in ("fedadam", "fedyogi"):
         moments: dict = {}
         opt = ServerOptimizer(name, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
         out = opt.step("base", x, d, moments)
         m = 0.1 * d
         v0 = torch.full_like(x, 1e-6)
-        v = 0.99 * v0 + 0.01 * d**2 if name == "fedadam" else v0 - 0.01 * d**2 * torch.sign(v0 - d**2)
+        v = (
+            0.99 * v0 + 0.01 * d**2
+            if name == "fedadam"
+            else v0 - 0.01 * d**2 * torch.sign(v0 - d**2)
+        )
         assert torch.allclose(out, x + 0.1 * m / (v.sqrt() + 1e-3))
         assert set(moments) == {"base/m", "base/v"}
     with pytest.raises(ValueError, match="server.optimizer 'sgd'"):
@@ -193,17 +227,23 @@ def test_fedmtl_personal_map_fit_is_exact_and_shrinks_to_the_group_head(setup):
         ctx.model.base.eval()
         z = ctx.model.base(data.x_train)
     params = list(head.parameters())
-    objective = multitask_loss({"label": head(z)}, data.y_train, ctx.tasks) + 0.5 * 0.3 / data.n_train * sum(
-        ((p - a) ** 2).sum() for p, a in zip(params, _split(head, prior["label"])))
+    objective = multitask_loss(
+        {"label": head(z)}, data.y_train, ctx.tasks
+    ) + 0.5 * 0.3 / data.n_train * sum(
+        ((p - a) ** 2).sum() for p, a in zip(params, _split(head, prior["label"]))
+    )
     grads = torch.autograd.grad(objective, params)
     assert max(float(g.abs().max()) for g in grads) < 1e-3
-    assert loss < multitask_loss({"label": _with(head, prior["label"])(z)}, data.y_train, ctx.tasks).item()
+    assert (
+        loss
+        < multitask_loss({"label": _with(head, prior["label"])(z)}, data.y_train, ctx.tasks).item()
+    )
 
 
 def _split(module, vector):
     out, offset = [], 0
     for p in module.parameters():
-        out.append(vector[offset: offset + p.numel()].view_as(p))
+        out.append(vector[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     return out
 
@@ -217,8 +257,14 @@ def _with(module, vector):
 def _client_like(data, x_train, y_train, x_test=None):
     from fedmtl.client.data import ClientData
 
-    return ClientData(data.client, data.group, x_train, y_train,
-                      data.x_test if x_test is None else x_test, data.y_test)
+    return ClientData(
+        data.client,
+        data.group,
+        x_train,
+        y_train,
+        data.x_test if x_test is None else x_test,
+        data.y_test,
+    )
 
 
 def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_agrees(setup):
@@ -232,8 +278,10 @@ def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_
     head = ctx.model.heads["label"]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(300, data.x_train.shape[1], generator=gen)
-    prior = {"label": state.heads_for(data.group)["label"] * 0 + torch.randn(
-        state.heads_for(data.group)["label"].shape, generator=gen)}
+    prior = {
+        "label": state.heads_for(data.group)["label"] * 0
+        + torch.randn(state.heads_for(data.group)["label"].shape, generator=gen)
+    }
     with torch.no_grad():
         assign(ctx.model.base, state.base)
         ctx.model.base.eval()
@@ -243,16 +291,21 @@ def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_
         assign(head, -3 * prior["label"])  # another head: its scores reverse the prior's
         far = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
 
-    lam_near, scores = select_lambda(ctx.model, state.base, prior, _client_like(data, x, {"label": near}),
-                                     ctx.tasks)
-    lam_far, _ = select_lambda(ctx.model, state.base, prior, _client_like(data, x, {"label": far}), ctx.tasks)
+    lam_near, scores = select_lambda(
+        ctx.model, state.base, prior, _client_like(data, x, {"label": near}), ctx.tasks
+    )
+    lam_far, _ = select_lambda(
+        ctx.model, state.base, prior, _client_like(data, x, {"label": far}), ctx.tasks
+    )
     assert len(scores) == len(LAMBDA_GRID)
     assert lam_near >= 3, f"labels drawn from the group head: λ {lam_near} (scores {scores})"
     assert lam_far <= 0.3, f"labels far from the group head: λ {lam_far}"
 
     # the held-out split is never read: NaN test rows change nothing; and it is deterministic
     client = _client_like(data, x, {"label": far})
-    poisoned = _client_like(data, x, {"label": far}, x_test=torch.full_like(data.x_test, float("nan")))
+    poisoned = _client_like(
+        data, x, {"label": far}, x_test=torch.full_like(data.x_test, float("nan"))
+    )
     a, _, lam_a = fit_personal_heads(ctx.model, state.base, prior, client, ctx.tasks, 0.3, "cv")
     b, _, lam_b = fit_personal_heads(ctx.model, state.base, prior, poisoned, ctx.tasks, 0.3, "cv")
     assert lam_a == lam_b == lam_far and torch.equal(a["label"], b["label"])
@@ -268,9 +321,19 @@ def test_fedmtl_personal_lambda_search_trusts_the_group_head_only_when_the_data_
 
 def test_fedmtl_personal_lambda_search_is_a_setting(setup):
     make, manifest = setup
-    fed = make("fedmtl", "lambda-search-run", **{"algorithm.personal_lambda_search": "cv",
-                                                 "algorithm.personal_lambda_grid": [0.1, 1.0, 10.0]})
-    assert fed.local.personal_lambda_search == "cv" and fed.local.personal_lambda_grid == (0.1, 1.0, 10.0)
+    fed = make(
+        "fedmtl",
+        "lambda-search-run",
+        **{
+            "algorithm.personal_lambda_search": "cv",
+            "algorithm.personal_lambda_grid": [0.1, 1.0, 10.0],
+        },
+    )
+    assert fed.local.personal_lambda_search == "cv" and fed.local.personal_lambda_grid == (
+        0.1,
+        1.0,
+        10.0,
+    )
     _, _, history = run_rounds(fed, manifest.client_ids, 1)
     assert history[-1]["personal/accuracy/mean"] > 0.2
     with pytest.raises(ValueError):

@@ -68,8 +68,12 @@ def python_files(under: Path) -> list[Path]:
         return sorted(p for p in under.rglob("*.py") if "__pycache__" not in p.parts)
     files = [p for p in ROOT.glob("*.py")]
     for folder in ROOT.iterdir():
-        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in NOT_CODE \
-                and not folder.name.endswith(".egg-info"):
+        if (
+            folder.is_dir()
+            and not folder.name.startswith(".")
+            and folder.name not in NOT_CODE
+            and not folder.name.endswith(".egg-info")
+        ):
             files += python_files(folder)
     return sorted(files)
 
@@ -97,15 +101,22 @@ def test_the_scanner_finds_imports_at_every_depth() -> None:
         "            pass\n"
     )
     found = sorted(imports(snippet))
-    assert found == [(1, "mlflow.tracking"), (1, "os"), (2, "prefect"), (4, "flows.training"),
-                     (6, "tasks.registry"), (10, "cli.app")]
+    assert found == [
+        (1, "mlflow.tracking"),
+        (1, "os"),
+        (2, "prefect"),
+        (4, "flows.training"),
+        (6, "tasks.registry"),
+        (10, "cli.app"),
+    ]
     assert {top(m) for _, m in found} >= set(CORE_FORBIDDEN)
 
 
 def test_relative_imports_resolve_to_their_package() -> None:
     fake = str(ROOT / "fedmtl" / "data" / "x.py")
-    assert list(imports("from . import sources\nfrom ..config import Config\nfrom .har import y\n", fake)) \
-        == [(1, "fedmtl.data"), (2, "fedmtl.config"), (3, "fedmtl.data.har")]
+    assert list(
+        imports("from . import sources\nfrom ..config import Config\nfrom .har import y\n", fake)
+    ) == [(1, "fedmtl.data"), (2, "fedmtl.config"), (3, "fedmtl.data.har")]
 
 
 def test_the_core_check_would_fail_on_a_forbidden_import(tmp_path: Path) -> None:
@@ -130,8 +141,10 @@ def test_the_core_imports_no_orchestration_tracking_or_shell() -> None:
     files = python_files(ROOT / CORE)
     assert len(files) > 20, f"found only {len(files)} files under {CORE}/: is ROOT ({ROOT}) right?"
     violations = _core_violations(files)
-    assert not violations, ("the core (fedmtl/) must not import Prefect, MLflow, cli, flows or tasks:\n  "
-                            + "\n  ".join(violations))
+    assert not violations, (
+        "the core (fedmtl/) must not import Prefect, MLflow, cli, flows or tasks:\n  "
+        + "\n  ".join(violations)
+    )
 
 
 def test_the_shell_is_imported_only_by_the_shell_tests_and_benchmarks() -> None:
@@ -146,8 +159,10 @@ def test_the_shell_is_imported_only_by_the_shell_tests_and_benchmarks() -> None:
             if top(module) in SHELL:
                 violations.append(f"{where(path, line)} imports {module}")
     assert scanned > 20, f"scanned only {scanned} files outside the shell: is ROOT ({ROOT}) right?"
-    assert not violations, ("cli, flows and tasks may be imported only by cli/, flows/, tasks/, tests and "
-                            "benchmarks:\n  " + "\n  ".join(violations))
+    assert not violations, (
+        "cli, flows and tasks may be imported only by cli/, flows/, tasks/, tests and "
+        "benchmarks:\n  " + "\n  ".join(violations)
+    )
 
 
 @pytest.mark.parametrize("package", SHELL)
@@ -164,8 +179,11 @@ PACKAGES = ("fedmtl", "models", "cli", "flows", "tasks")
 def package_graph(groups: dict[str, str]) -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
     """Edges between the named groups of modules: ``groups`` maps a module-name prefix to its
     group (the longest prefix wins); an import of one group by another is an edge, with where."""
+
     def group(module: str) -> str | None:
-        best = max((p for p in groups if module == p or module.startswith(p + ".")), key=len, default=None)
+        best = max(
+            (p for p in groups if module == p or module.startswith(p + ".")), key=len, default=None
+        )
         return None if best is None else groups[best]
 
     edges: dict[str, set[str]] = {g: set() for g in groups.values()}
@@ -194,7 +212,7 @@ def cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -215,23 +233,37 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 #: the core's packages, and its root modules each a node of its own (the loop and the federation,
 #: which use every package, one node): no package may import one that imports it back
 CORE_GROUPS = {
-    **{f"fedmtl.{p}": p for p in ("algorithms", "client", "data", "eval", "lifecycle", "nn", "privacy", "server")},
+    **{
+        f"fedmtl.{p}": p
+        for p in ("algorithms", "client", "data", "eval", "lifecycle", "nn", "privacy", "server")
+    },
     **{f"fedmtl.{m}": m for m in ("bundle", "config", "faults", "quiet", "state")},
-    "fedmtl.federation": "federation", "fedmtl.rounds": "federation",
+    "fedmtl.federation": "federation",
+    "fedmtl.rounds": "federation",
 }
 
 
-@pytest.mark.parametrize("groups", [
-    {p: p for p in PACKAGES},
-    CORE_GROUPS,
-    {"fedmtl.data.sources": "sources", "fedmtl.data.har": "har", "fedmtl.data.raw": "raw"},
-], ids=["top-level packages", "core packages", "data sources"])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        {p: p for p in PACKAGES},
+        CORE_GROUPS,
+        {"fedmtl.data.sources": "sources", "fedmtl.data.har": "har", "fedmtl.data.raw": "raw"},
+    ],
+    ids=["top-level packages", "core packages", "data sources"],
+)
 def test_no_import_cycles(groups: dict[str, str]) -> None:
     edges, seen = package_graph(groups)
-    assert sum(len(v) for v in edges.values()) > 0, "no imports found between the groups: is the scan right?"
+    assert sum(len(v) for v in edges.values()) > 0, (
+        "no imports found between the groups: is the scan right?"
+    )
     found = cycle(edges)
-    assert found is None, "import cycle " + " -> ".join(found) + ": " + "; ".join(
-        f"{a} -> {b} at {seen[(a, b)]}" for a, b in zip(found, found[1:]))
+    assert found is None, (
+        "import cycle "
+        + " -> ".join(found)
+        + ": "
+        + "; ".join(f"{a} -> {b} at {seen[(a, b)]}" for a, b in zip(found, found[1:]))
+    )
 
 
 #: the most lines a module of the project's code (``fedmtl``, ``models``, ``cli``, ``flows``,
@@ -242,9 +274,16 @@ LONG_MODULES: dict[str, str] = {}
 
 
 def test_no_module_is_over_the_line_limit() -> None:
-    sizes = {str(path.relative_to(ROOT)): len(path.read_text().splitlines())
-             for package in PACKAGES for path in python_files(ROOT / package)}
-    assert len(sizes) > 50 and max(sizes.values()) > 100, "too few modules measured: is the scan right?"
+    sizes = {
+        str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+        for package in PACKAGES
+        for path in python_files(ROOT / package)
+    }
+    assert len(sizes) > 50 and max(sizes.values()) > 100, (
+        "too few modules measured: is the scan right?"
+    )
     unexplained = {p: n for p, n in sizes.items() if n > MAX_LINES and p not in LONG_MODULES}
-    assert not unexplained, (f"modules over {MAX_LINES} lines (split them by role, or add them with why to "
-                             f"LONG_MODULES): {unexplained}")
+    assert not unexplained, (
+        f"modules over {MAX_LINES} lines (split them by role, or add them with why to "
+        f"LONG_MODULES): {unexplained}"
+    )

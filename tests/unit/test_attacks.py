@@ -127,7 +127,9 @@ def test_per_example_loss_and_logit_confidence_on_dict_model():
     assert losses.shape == (10,)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     p = np.exp(-expected)  # probability of the true class
-    np.testing.assert_allclose(logit_confidence(model, x, y, task="a"), np.log(p / (1 - p)), rtol=1e-4)
+    np.testing.assert_allclose(
+        logit_confidence(model, x, y, task="a"), np.log(p / (1 - p)), rtol=1e-4
+    )
     assert model.training  # the caller's mode is restored
     with pytest.raises(ValueError, match="pass task="):
         per_example_loss(model, x, y)
@@ -207,16 +209,25 @@ def test_shadow_statistics_each_example_in_half_the_shadows_and_lira_end_to_end(
 
     def train_fn(indices: np.ndarray) -> nn.Module:
         seen.append(indices)
-        return DictModel({"t": overfit_mlp(pool_x[indices], pool_y[indices], seed=len(seen), steps=120)})
+        return DictModel(
+            {"t": overfit_mlp(pool_x[indices], pool_y[indices], seed=len(seen), steps=120)}
+        )
 
-    conf, in_mask = shadow_statistics(train_fn, pool_x, pool_y, n_shadows=8, rng=np.random.default_rng(0), task="t")
+    conf, in_mask = shadow_statistics(
+        train_fn, pool_x, pool_y, n_shadows=8, rng=np.random.default_rng(0), task="t"
+    )
     assert conf.shape == in_mask.shape == (60, 8)
     assert np.all(np.isfinite(conf))
     assert np.all(in_mask.sum(axis=1) == 4)  # each example IN exactly half of the shadows
     assert all(15 <= idx.size <= 45 for idx in seen)  # each shadow trains on about half the pool
     assert all(np.array_equal(idx, np.flatnonzero(in_mask[:, k])) for k, idx in enumerate(seen))
     _, again = shadow_statistics(
-        lambda idx: DictModel({"t": nn.Linear(N_FEATURES, N_CLASSES)}), pool_x, pool_y, 8, rng=0, task="t"
+        lambda idx: DictModel({"t": nn.Linear(N_FEATURES, N_CLASSES)}),
+        pool_x,
+        pool_y,
+        8,
+        rng=0,
+        task="t",
     )
     np.testing.assert_array_equal(again, in_mask)  # reproducible from the seed
     # the shadows' own IN/OUT confidences: IN clearly higher (memorised)

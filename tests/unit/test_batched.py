@@ -13,15 +13,15 @@ import torch
 import fedmtl.federation.clients as federation
 from fedmtl.client.batched import BatchingUnsupported, SharedJob, train_shared
 from fedmtl.client.data import ClientData
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import LocalConfig, train_joint
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import TaskSpec, read_manifest
-from fedmtl.server.dispatch import MIN_CLIENTS_PER_TASK, shards
 from fedmtl.federation import Federation
 from fedmtl.rounds import run_rounds
+from fedmtl.server.dispatch import MIN_CLIENTS_PER_TASK, shards
 from fedmtl.state import flat
-from fedmtl.client.store import ClientStore
-from fedmtl.client.training import LocalConfig, train_joint
 from models import build_model
 from tests.conftest import tiny_overrides, with_settings
 
@@ -39,25 +39,44 @@ def table_fed(tmp_path_factory):
     frames = []
     for i, (client, n) in enumerate(SIZES.items()):
         x = rng.normal(0.3 * (i % 3), 1.0, (n, 5))
-        frames.append(pd.DataFrame({
-            "client": client, "region": "north" if i % 2 else "south",
-            **{f"x{j}": x[:, j] for j in range(5)},
-            "label": rng.integers(0, 3, n), "score": 0.5 * (x[:, 0] - x[:, 1]) + rng.normal(0, 0.1, n),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "client": client,
+                    "region": "north" if i % 2 else "south",
+                    **{f"x{j}": x[:, j] for j in range(5)},
+                    "label": rng.integers(0, 3, n),
+                    "score": 0.5 * (x[:, 0] - x[:, 1]) + rng.normal(0, 0.1, n),
+                }
+            )
+        )
     path = root / "table.csv"
     pd.concat(frames).to_csv(path, index=False)
-    cfg = load_config(None, tiny_overrides(root, **{
-        "data.source": "table", "data.table.path": str(path), "data.table.group_column": "region",
-        "data.table.label_columns": "[label, score]", "data.table.task_kinds": "{score: regression}",
-        "training.local_epochs": 3, "training.batch_size": 16, "training.lr": 0.05,
-    }))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            root,
+            **{
+                "data.source": "table",
+                "data.table.path": str(path),
+                "data.table.group_column": "region",
+                "data.table.label_columns": "[label, score]",
+                "data.table.task_kinds": "{score: regression}",
+                "training.local_epochs": 3,
+                "training.batch_size": 16,
+                "training.lr": 0.05,
+            },
+        ),
+    )
     prepare(cfg.data)
     partition(cfg.data)
     manifest = read_manifest(cfg.data.partitions_dir)
     counter = iter(range(10_000))
 
     def make(method: str = "fedmtl", batched: str = "auto", **overrides) -> Federation:
-        c = with_settings(cfg, {"algorithm.method": method, "training.batched": batched, **overrides})
+        c = with_settings(
+            cfg, {"algorithm.method": method, "training.batched": batched, **overrides}
+        )
         return Federation.from_config(c, manifest, ClientStore(root / f"store{next(counter)}"))
 
     return make, manifest
@@ -90,12 +109,21 @@ def assert_same_updates(batched, loop):
 
 @pytest.mark.parametrize("method", ["fedavg", "fedmtl"])
 @pytest.mark.parametrize("hidden", [[], [8]], ids=["mlr", "mlp"])
-@pytest.mark.parametrize("mu,momentum,decay", [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.3, 0.9, 0.01)],
-                         ids=["sgd", "prox", "prox-momentum-decay"])
-def test_batched_updates_equal_the_per_client_loop(table_fed, monkeypatch, method, hidden, mu, momentum, decay):
+@pytest.mark.parametrize(
+    "mu,momentum,decay",
+    [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.3, 0.9, 0.01)],
+    ids=["sgd", "prox", "prox-momentum-decay"],
+)
+def test_batched_updates_equal_the_per_client_loop(
+    table_fed, monkeypatch, method, hidden, mu, momentum, decay
+):
     make, manifest = table_fed
-    settings = {"model.hidden": hidden, "algorithm.prox_mu": mu, "training.momentum": momentum,
-                "training.weight_decay": decay}
+    settings = {
+        "model.hidden": hidden,
+        "algorithm.prox_mu": mu,
+        "training.momentum": momentum,
+        "training.weight_decay": decay,
+    }
     loop_fed, batched_fed = make(method, "off", **settings), make(method, "on", **settings)
     clients = manifest.client_ids
     n_train = {c: batched_fed.data(c).n_train for c in clients}
@@ -109,7 +137,9 @@ def test_batched_updates_equal_the_per_client_loop(table_fed, monkeypatch, metho
     loop = loop_fed.train_clients(clients, state)
     assert calls == [len(clients)]
     assert_same_updates(batched, loop)
-    assert loop_fed.store.clients() == batched_fed.store.clients()  # no personal state on either path
+    assert (
+        loop_fed.store.clients() == batched_fed.store.clients()
+    )  # no personal state on either path
 
 
 def test_engine_matches_train_joint_including_an_empty_client():
@@ -123,13 +153,29 @@ def test_engine_matches_train_joint_including_an_empty_client():
         y = {"label": torch.randint(0, 3, (n,), generator=g), "score": torch.randn(n, generator=g)}
         torch.manual_seed(i)
         m = build_model(spec, 7, tasks)
-        jobs.append(SharedJob(ClientData(f"c{i}", "0", x, y, x[:0], {}), flat(m.base),
-                              {t: flat(h) for t, h in m.heads.items()}, torch.Generator().manual_seed(50 + i), 0.2))
+        jobs.append(
+            SharedJob(
+                ClientData(f"c{i}", "0", x, y, x[:0], {}),
+                flat(m.base),
+                {t: flat(h) for t, h in m.heads.items()},
+                torch.Generator().manual_seed(50 + i),
+                0.2,
+            )
+        )
     model = build_model(spec, 7, tasks)
     got = train_shared(model, tasks, cfg, jobs)
     for i, job in enumerate(jobs):
-        base, heads, loss = train_joint(model, job.base, job.heads, job.data, tasks, cfg,
-                                        torch.Generator().manual_seed(50 + i), cfg.epochs, prox_mu=0.2)
+        base, heads, loss = train_joint(
+            model,
+            job.base,
+            job.heads,
+            job.data,
+            tasks,
+            cfg,
+            torch.Generator().manual_seed(50 + i),
+            cfg.epochs,
+            prox_mu=0.2,
+        )
         assert torch.allclose(got[i][0], base, rtol=0, atol=PARAM_TOL)
         for t in heads:
             assert torch.allclose(got[i][1][t], heads[t], rtol=0, atol=PARAM_TOL)
@@ -165,7 +211,10 @@ def test_batched_on_names_the_method_or_model_that_cannot_batch(table_fed):
     dropout = make("fedavg", "on", **{"model.dropout": 0.2})
     with pytest.raises(BatchingUnsupported, match="dropout"):
         dropout.train_clients(clients, dropout.initial_state())
-    assert make("fedavg-ft").uses_batching() and make("fedavg", **{"algorithm.prox_mu": 1.0}).uses_batching()
+    assert (
+        make("fedavg-ft").uses_batching()
+        and make("fedavg", **{"algorithm.prox_mu": 1.0}).uses_batching()
+    )
     assert not make("fedavg", "off").uses_batching()
 
 
@@ -191,16 +240,19 @@ def test_shard_task_trains_its_clients(table_fed):
     assert_same_updates(updates, make("fedmtl", "off").train_clients(manifest.client_ids, state))
 
 
-@pytest.mark.parametrize("n,per_task,workers,sizes", [
-    (0, None, 4, []),
-    (5, None, 4, [5]),  # never below MIN_CLIENTS_PER_TASK: one shard
-    (20, None, 4, [10, 10]),  # 4 shards would hold 5 < MIN_CLIENTS_PER_TASK: 20 // 8 = 2 shards
-    (100, None, 2, [50, 50]),  # one shard per worker
-    (101, None, 2, [51, 50]),
-    (1000, None, 8, [125] * 8),
-    (1001, None, 3, [334, 334, 333]),
-    (10, 3, 8, [3, 3, 3, 1]),  # clients_per_task given: that many, the last smaller
-])
+@pytest.mark.parametrize(
+    "n,per_task,workers,sizes",
+    [
+        (0, None, 4, []),
+        (5, None, 4, [5]),  # never below MIN_CLIENTS_PER_TASK: one shard
+        (20, None, 4, [10, 10]),  # 4 shards would hold 5 < MIN_CLIENTS_PER_TASK: 20 // 8 = 2 shards
+        (100, None, 2, [50, 50]),  # one shard per worker
+        (101, None, 2, [51, 50]),
+        (1000, None, 8, [125] * 8),
+        (1001, None, 3, [334, 334, 333]),
+        (10, 3, 8, [3, 3, 3, 1]),  # clients_per_task given: that many, the last smaller
+    ],
+)
 def test_shards_cover_every_client_once_in_order(n, per_task, workers, sizes):
     clients = [f"c{i:04d}" for i in range(n)]
     got = shards(clients, per_task, workers)
@@ -225,4 +277,6 @@ def test_shards_balanced_by_rows_keep_the_order_and_even_out_the_heaviest():
     # one very large client: it trains on its own, the others share the rest
     rows["c00"] = 100_000
     assert shards(clients, None, 2, rows)[0] == ["c00"]
-    assert shards(clients, 3, 2, rows) == [clients[i:i + 3] for i in range(0, 30, 3)]  # clients_per_task: as given
+    assert shards(clients, 3, 2, rows) == [
+        clients[i : i + 3] for i in range(0, 30, 3)
+    ]  # clients_per_task: as given

@@ -25,26 +25,34 @@ from fedmtl.eval.comparison import (
 
 
 def run(run_id: str, params=None, metrics=None, tags=None) -> RunRecord:
-    return RunRecord(run_id, f"digits-x-{run_id}", dict(params or {}), dict(metrics or {}), dict(tags or {}))
+    return RunRecord(
+        run_id, f"digits-x-{run_id}", dict(params or {}), dict(metrics or {}), dict(tags or {})
+    )
 
 
-@pytest.mark.parametrize("key, expected", [
-    ("personal/accuracy/mean", HIGHER),
-    ("global/f1/worst10", HIGHER),
-    ("group/precision/weighted_mean", HIGHER),
-    ("personal/recall/mean", HIGHER),
-    ("personalisation_gain/accuracy", HIGHER),
-    ("personalisation_gain/mae", HIGHER),  # the gain is oriented: larger is better for errors too
-    ("grouping/ari", HIGHER),
-    ("train/loss/mean", LOWER),
-    ("personal/mae/mean", LOWER),
-    ("basket/personal/rmse/worst10", LOWER),
-    ("time/local_train_s", LOWER),
-    ("time/tracking_s", LOWER),
-    ("grouping/n_groups", NEUTRAL),
-    ("clients/participating", NEUTRAL),
-    ("clients/failed", NEUTRAL),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("personal/accuracy/mean", HIGHER),
+        ("global/f1/worst10", HIGHER),
+        ("group/precision/weighted_mean", HIGHER),
+        ("personal/recall/mean", HIGHER),
+        ("personalisation_gain/accuracy", HIGHER),
+        (
+            "personalisation_gain/mae",
+            HIGHER,
+        ),  # the gain is oriented: larger is better for errors too
+        ("grouping/ari", HIGHER),
+        ("train/loss/mean", LOWER),
+        ("personal/mae/mean", LOWER),
+        ("basket/personal/rmse/worst10", LOWER),
+        ("time/local_train_s", LOWER),
+        ("time/tracking_s", LOWER),
+        ("grouping/n_groups", NEUTRAL),
+        ("clients/participating", NEUTRAL),
+        ("clients/failed", NEUTRAL),
+    ],
+)
 def test_direction_of_metrics(key, expected):
     assert direction(key) == expected
 
@@ -68,7 +76,11 @@ def test_param_rows_only_differences_unless_all():
     assert rows[0].values == ("fedmtl", "fedavg")
     assert rows[1].values == ("1", None)
     assert rows[1].cells() == ["1", MISSING]
-    assert [r.key for r in param_rows([a, b], all_params=True)] == ["algorithm.method", "only.a", "training.rounds"]
+    assert [r.key for r in param_rows([a, b], all_params=True)] == [
+        "algorithm.method",
+        "only.a",
+        "training.rounds",
+    ]
     assert all(not r.best for r in rows)  # settings are never "better"
 
 
@@ -76,17 +88,43 @@ def test_tag_rows_show_differing_provenance():
     a = run("a" * 32, tags={"data_version": "v1", "git_commit": "abc", "method": "fedmtl"})
     b = run("b" * 32, tags={"data_version": "v2", "git_commit": "abc", "method": "fedavg"})
     assert [(r.key, r.values) for r in tag_rows([a, b])] == [("tags.data_version", ("v1", "v2"))]
-    assert {r.key for r in tag_rows([a, b], all_tags=True)} == {"tags.data_version", "tags.git_commit"}
+    assert {r.key for r in tag_rows([a, b], all_tags=True)} == {
+        "tags.data_version",
+        "tags.git_commit",
+    }
 
 
 def test_metric_rows_order_filter_and_marks():
-    a = run("a" * 32, metrics={"time/evaluate_s": 0.5, "personal/accuracy/mean": 0.95, "global/accuracy/mean": 0.33,
-                               "grouping/n_groups": 2.0, "train/loss/mean": 0.4, "zeta/other": 1.0})
-    b = run("b" * 32, metrics={"time/evaluate_s": 0.25, "personal/accuracy/mean": 0.60, "global/accuracy/mean": 0.61,
-                               "grouping/n_groups": 1.0, "train/loss/mean": 0.9})
+    a = run(
+        "a" * 32,
+        metrics={
+            "time/evaluate_s": 0.5,
+            "personal/accuracy/mean": 0.95,
+            "global/accuracy/mean": 0.33,
+            "grouping/n_groups": 2.0,
+            "train/loss/mean": 0.4,
+            "zeta/other": 1.0,
+        },
+    )
+    b = run(
+        "b" * 32,
+        metrics={
+            "time/evaluate_s": 0.25,
+            "personal/accuracy/mean": 0.60,
+            "global/accuracy/mean": 0.61,
+            "grouping/n_groups": 1.0,
+            "train/loss/mean": 0.9,
+        },
+    )
     rows = {r.key: r for r in metric_rows([a, b])}
-    assert list(rows) == ["personal/accuracy/mean", "global/accuracy/mean", "grouping/n_groups", "train/loss/mean",
-                          "time/evaluate_s", "zeta/other"]
+    assert list(rows) == [
+        "personal/accuracy/mean",
+        "global/accuracy/mean",
+        "grouping/n_groups",
+        "train/loss/mean",
+        "time/evaluate_s",
+        "zeta/other",
+    ]
     assert rows["personal/accuracy/mean"].best == {0}
     assert rows["global/accuracy/mean"].best == {1}
     assert rows["train/loss/mean"].best == {0}
@@ -109,8 +147,10 @@ def test_metric_patterns():
 
 
 def test_compare_three_runs():
-    runs = [run(c * 32, {"algorithm.method": m}, {"personal/accuracy/mean": v})
-            for c, m, v in (("a", "fedmtl", 0.9), ("b", "fedavg", 0.5), ("c", "ditto", 0.9))]
+    runs = [
+        run(c * 32, {"algorithm.method": m}, {"personal/accuracy/mean": v})
+        for c, m, v in (("a", "fedmtl", 0.9), ("b", "fedavg", 0.5), ("c", "ditto", 0.9))
+    ]
     result = compare(runs)
     assert result.params[0].values == ("fedmtl", "fedavg", "ditto")
     assert result.metrics[0].best == {0, 2}

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from fedmtl.server.aggregation import global_merge, group_aggregate, weighted_mean
+from fedmtl.client.store import ClientStore
 from fedmtl.config import ConfigError, load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
-from fedmtl.server.dispatch import clients_for_round
 from fedmtl.eval.metrics import summarize, worst_fraction_mean
 from fedmtl.federation import Federation, RejectedUpdate, check_update
 from fedmtl.rounds import run_rounds
+from fedmtl.server.aggregation import global_merge, group_aggregate, weighted_mean
+from fedmtl.server.dispatch import clients_for_round
 from fedmtl.state import ClientUpdate, ServerState, assign
-from fedmtl.client.store import ClientStore
 from tests.conftest import tiny_overrides
 
 
@@ -44,9 +43,12 @@ def test_hierarchical_aggregation_by_hand():
     assert groups["g1"].delta_base.item() == pytest.approx(2.5)
     assert groups["g1"].delta_heads["label"].item() == pytest.approx(5.0)
     assert groups["g1"].n_samples == 40 and groups["g1"].clients == ["a", "b"]
-    state = ServerState(0, torch.tensor([0.0]), {"g1": {"label": torch.tensor([0.0])},
-                                                 "g2": {"label": torch.tensor([10.0])}},
-                        {"label": torch.tensor([5.0])})
+    state = ServerState(
+        0,
+        torch.tensor([0.0]),
+        {"g1": {"label": torch.tensor([0.0])}, "g2": {"label": torch.tensor([10.0])}},
+        {"label": torch.tensor([5.0])},
+    )
     by_samples = global_merge(state, groups, "samples")
     # across groups by samples: (40*2.5 + 20*(-1)) / 60 = 4/3
     assert by_samples.base.item() == pytest.approx(4 / 3)
@@ -71,7 +73,9 @@ def test_assign_copies_instead_of_aliasing():
 
 
 def test_rejects_non_finite_and_misshapen_updates():
-    state = ServerState(0, torch.zeros(3), {"0": {"label": torch.zeros(2)}}, {"label": torch.zeros(2)})
+    state = ServerState(
+        0, torch.zeros(3), {"0": {"label": torch.zeros(2)}}, {"label": torch.zeros(2)}
+    )
     with pytest.raises(RejectedUpdate, match="client 'x'.*NaN"):
         check_update(update("x", "0", 5, [0.0, float("nan"), 0.0], [0.0, 0.0]), state)
     with pytest.raises(RejectedUpdate, match="client 'y'.*shape"):
@@ -90,8 +94,12 @@ def test_summaries():
     records = pd.DataFrame(
         [
             {"client": c, "group": "0", "n_test": n, "variant": v, "task": "label", "accuracy": a}
-            for c, n, v, a in [("a", 10, "global", 0.2), ("a", 10, "personal", 0.9),
-                               ("b", 30, "global", 0.6), ("b", 30, "personal", 0.7)]
+            for c, n, v, a in [
+                ("a", 10, "global", 0.2),
+                ("a", 10, "personal", 0.9),
+                ("b", 30, "global", 0.6),
+                ("b", 30, "personal", 0.7),
+            ]
         ]
     )
     s = summarize(records)
@@ -161,13 +169,20 @@ def test_fast_classification_metrics_equal_scikit_learns():
     from fedmtl.eval.metrics import classification_metrics, classification_metrics_sklearn
 
     rng = np.random.default_rng(0)
-    cases = [(np.array([0, 0, 1]), np.array([0, 0, 1])), (np.array([3]), np.array([5])),
-             (np.array([1, 1, 1, 1]), np.array([2, 2, 2, 2])), (np.array([0, 1, 2, 9]), np.array([9, 2, 1, 0]))]
+    cases = [
+        (np.array([0, 0, 1]), np.array([0, 0, 1])),
+        (np.array([3]), np.array([5])),
+        (np.array([1, 1, 1, 1]), np.array([2, 2, 2, 2])),
+        (np.array([0, 1, 2, 9]), np.array([9, 2, 1, 0])),
+    ]
     for _ in range(300):
         n, k = int(rng.integers(1, 40)), int(rng.integers(2, 12))
         cases.append((rng.integers(0, k, n), rng.integers(0, k, n)))
     for y_true, y_pred in cases:
-        fast, ref = classification_metrics(y_true, y_pred), classification_metrics_sklearn(y_true, y_pred)
+        fast, ref = (
+            classification_metrics(y_true, y_pred),
+            classification_metrics_sklearn(y_true, y_pred),
+        )
         assert fast.keys() == ref.keys()
         for key in ref:
             assert fast[key] == pytest.approx(ref[key], abs=1e-12), (key, y_true, y_pred)
@@ -177,8 +192,8 @@ def test_batched_evaluation_equals_each_client_scored_alone():
     from fedmtl.client.data import ClientData
     from fedmtl.data.manifest import TaskSpec
     from fedmtl.eval.metrics import evaluate_clients
-    from fedmtl.state import flat
     from fedmtl.nn import build_model
+    from fedmtl.state import flat
 
     class Cfg:
         base, hidden, dropout, cnn_channels = "mlp", [8], 0.0, [4]
@@ -191,8 +206,14 @@ def test_batched_evaluation_equals_each_client_scored_alone():
     for i in range(6):
         g = torch.Generator().manual_seed(i)
         n = 3 + i
-        data = ClientData(f"c{i}", "0", torch.zeros(0, 5), {"label": torch.zeros(0, dtype=torch.long)},
-                          torch.randn(n, 5, generator=g), {"label": torch.randint(0, 3, (n,), generator=g)})
+        data = ClientData(
+            f"c{i}",
+            "0",
+            torch.zeros(0, 5),
+            {"label": torch.zeros(0, dtype=torch.long)},
+            torch.randn(n, 5, generator=g),
+            {"label": torch.randint(0, 3, (n,), generator=g)},
+        )
         personal = {"label": head["label"] + 0.3 * torch.randn(head["label"].shape, generator=g)}
         jobs.append((data, {"global": (base, head), "personal": (base, personal)}))
     together = evaluate_clients(model, jobs, tasks)
@@ -210,9 +231,15 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
     fed = make("pooled")
     state, _, _ = run_rounds(fed, manifest.client_ids, 1)
     records = pd.DataFrame(fed.evaluate_clients(manifest.client_ids, state))
-    private = dataclasses.replace(fed, privacy=fed.privacy.model_copy(update={
-        "secure_sum": fed.privacy.secure_sum.model_copy(update={"enabled": secure}),
-        "evaluation": fed.privacy.evaluation.model_copy(update={"client_metrics": False})}))
+    private = dataclasses.replace(
+        fed,
+        privacy=fed.privacy.model_copy(
+            update={
+                "secure_sum": fed.privacy.secure_sum.model_copy(update={"enabled": secure}),
+                "evaluation": fed.privacy.evaluation.model_copy(update={"client_metrics": False}),
+            }
+        ),
+    )
     pooled = private.evaluate_pooled(manifest.client_ids, state)
     assert pooled["evaluation/clients"] == len(manifest.client_ids)
     assert not any(k.endswith(("/mean", "/worst10")) for k in pooled)
@@ -222,13 +249,17 @@ def test_pooled_evaluation_equals_the_sample_weighted_client_figures(tiny_federa
         assert pooled[f"{variant}/accuracy/pooled"] == pytest.approx(weighted, abs=1e-6)
     gain = pooled["personal/accuracy/pooled"] - pooled["global/accuracy/pooled"]
     assert pooled["personalisation_gain/accuracy/pooled"] == pytest.approx(gain)
-    few = dataclasses.replace(private, privacy=private.privacy.model_copy(update={"min_group_size": 99}))
-    assert few.evaluate_pooled(manifest.client_ids, state) == {"evaluation/clients": len(manifest.client_ids)}
+    few = dataclasses.replace(
+        private, privacy=private.privacy.model_copy(update={"min_group_size": 99})
+    )
+    assert few.evaluate_pooled(manifest.client_ids, state) == {
+        "evaluation/clients": len(manifest.client_ids)
+    }
 
 
 def test_the_client_store_versions_personal_state_by_round(tmp_path):
-    from fedmtl.state import PersonalState
     from fedmtl.client.store import ClientStore
+    from fedmtl.state import PersonalState
 
     store = ClientStore(tmp_path)
 
@@ -238,11 +269,15 @@ def test_the_client_store_versions_personal_state_by_round(tmp_path):
     for r in (1, 2, 3, 5):
         store.save("c/../1", state(r), r)
     assert store.load("c/../1").heads["label"][0] == 5
-    assert store.load("c/../1", at_most=4).heads["label"][0] == 3  # what a resume from round 4 reads
+    assert (
+        store.load("c/../1", at_most=4).heads["label"][0] == 3
+    )  # what a resume from round 4 reads
     assert store.load("c/../1", at_most=0) is None
     folders = list(tmp_path.iterdir())
     assert len(folders) == 1 and folders[0].parent == tmp_path  # '../' never leaves the root
-    assert sorted(p.name for p in folders[0].glob("*.pt")) == [f"personal-r{r:06d}.pt" for r in (2, 3, 5)]
+    assert sorted(p.name for p in folders[0].glob("*.pt")) == [
+        f"personal-r{r:06d}.pt" for r in (2, 3, 5)
+    ]
     store.save("C", state(7), 1)
     store.save("c", state(8), 1)  # ids differing only by case keep their own state
     assert store.load("C").heads["label"][0] == 7 and store.load("c").heads["label"][0] == 8
@@ -252,15 +287,21 @@ def test_the_client_store_versions_personal_state_by_round(tmp_path):
 def test_robust_aggregation_survives_sign_flipping_clients_where_the_mean_breaks(tmp_path):
     """20 % of the clients send −10×Δ every round: FedAvg's mean collapses to chance, the
     coordinate median, the trimmed mean and multi-Krum keep the model (fedmtl/server/robust.py)."""
-    base = {"data.partition.n_clients": 10, "data.partition.scheme": "iid", "algorithm.method": "fedavg",
-            "training.local_epochs": 2}
+    base = {
+        "data.partition.n_clients": 10,
+        "data.partition.scheme": "iid",
+        "algorithm.method": "fedavg",
+        "training.local_epochs": 2,
+    }
     cfg = load_config(None, tiny_overrides(tmp_path, **base))
     prepare(cfg.data)
     partition(cfg.data)
     manifest = read_manifest(cfg.data.partitions_dir)
 
     def accuracy(rule: str, attack: dict) -> float:
-        c = load_config(None, tiny_overrides(tmp_path, **base, **attack, **{"server.aggregator": rule}))
+        c = load_config(
+            None, tiny_overrides(tmp_path, **base, **attack, **{"server.aggregator": rule})
+        )
         fed = Federation.from_config(c, manifest, ClientStore(tmp_path / f"{rule}-{len(attack)}"))
         _, records, _ = run_rounds(fed, manifest.client_ids, 5)
         honest = records[~records["client"].isin(fed.byzantine)]

@@ -269,7 +269,9 @@ def test_table_errors_name_column_and_file(
     tmp_path: Path, settings: dict[str, Any], column: str
 ) -> None:
     path = write_table(tmp_path)
-    cfg = TableConfig(path=str(path), **{"client_column": "user", "label_columns": ["y"], **settings})
+    cfg = TableConfig(
+        path=str(path), **{"client_column": "user", "label_columns": ["y"], **settings}
+    )
     with pytest.raises(ValueError) as info:
         load_table(cfg)
     assert column in str(info.value) and str(path) in str(info.value)
@@ -360,8 +362,9 @@ def test_train_test_split_is_stratified_deterministic_and_disjoint(
         per_class = rows["label"].value_counts()
         held_out = test["label"].value_counts().reindex(per_class.index, fill_value=0)
         assert ((held_out - 0.2 * per_class).abs() <= 1).all()  # each class in proportion
-    other = make_cfg(tmp_path / "other", test_fraction=0.2, seed=1,
-                     partition={"scheme": "iid", "n_clients": 4})
+    other = make_cfg(
+        tmp_path / "other", test_fraction=0.2, seed=1, partition={"scheme": "iid", "n_clients": 4}
+    )
     other = other.model_copy(update={"raw_dir": cfg.raw_dir})
     partition(other)
     assert not first["row"].equals(all_partitions(other)["row"])
@@ -391,7 +394,9 @@ def test_repartition_leaves_no_stale_files(tmp_path: Path, digits_raw: Path) -> 
 
 def test_label_permutation_partition(tmp_path: Path, digits_raw: Path) -> None:
     cfg = prepared_digits(
-        tmp_path, digits_raw, partition={"scheme": "label-permutation", "n_clients": 8, "n_groups": 4}
+        tmp_path,
+        digits_raw,
+        partition={"scheme": "label-permutation", "n_clients": 8, "n_groups": 4},
     )
     manifest = partition(cfg)
     assert manifest.true_groups and manifest.scheme == "label-permutation"

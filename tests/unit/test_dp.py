@@ -9,7 +9,13 @@ import torch
 
 from fedmtl.privacy import accounting as acc
 from fedmtl.privacy import budget
-from fedmtl.privacy.dp import AdaptiveClip, clip_update, gaussian_noise, noised_sum, update_noise_multiplier
+from fedmtl.privacy.dp import (
+    AdaptiveClip,
+    clip_update,
+    gaussian_noise,
+    noised_sum,
+    update_noise_multiplier,
+)
 
 DELTA = 1e-5
 
@@ -122,10 +128,12 @@ def test_update_noise_multiplier_matches_hand_computation():
     # z = 1, σ_b = 5: (1 − 1/100)^(−1/2) = 1.0050378…
     assert update_noise_multiplier(1.0, 5.0) == pytest.approx(1.0050378152592121, rel=1e-12)
     # z = 1.2, m = 100 → σ_b = 5: (1/1.44 − 1/100)^(−1/2)
-    assert update_noise_multiplier(1.2, expected_clients=100) == pytest.approx((1 / 1.44 - 0.01) ** -0.5)
-    assert AdaptiveClip(clip=1.0, expected_clients=100).update_noise_multiplier(1.2) == pytest.approx(
-        1.2087344, rel=1e-6
+    assert update_noise_multiplier(1.2, expected_clients=100) == pytest.approx(
+        (1 / 1.44 - 0.01) ** -0.5
     )
+    assert AdaptiveClip(clip=1.0, expected_clients=100).update_noise_multiplier(
+        1.2
+    ) == pytest.approx(1.2087344, rel=1e-6)
     # the pair (updates at z_Δ, count at 2σ_b) is one Gaussian at z
     z_delta = update_noise_multiplier(0.9, 2.0)
     assert (z_delta**-2 + 4.0**-2) ** -0.5 == pytest.approx(0.9)
@@ -229,13 +237,22 @@ def test_check_plan_names_the_rounds_and_the_noise_that_fit():
     text = str(err)
     assert f"allows {allowed} rounds" in text
     assert f"≥ {err.required_noise_multiplier:.2f} fits 50 rounds" in text
-    assert "privacy.dp_fedavg.target_epsilon=4" in text and "training.rounds" in text and "sample_rate=0.1" in text
+    assert (
+        "privacy.dp_fedavg.target_epsilon=4" in text
+        and "training.rounds" in text
+        and "sample_rate=0.1" in text
+    )
     # the suggested (rounded-up) noise does fit
-    assert budget.check_plan(4.0, 50, err.required_noise_multiplier, "poisson", 0.1, delta=DELTA) <= 4.0
+    assert (
+        budget.check_plan(4.0, 50, err.required_noise_multiplier, "poisson", 0.1, delta=DELTA)
+        <= 4.0
+    )
 
 
 def test_check_plan_returns_epsilon_when_it_fits():
-    assert budget.check_plan(10.0, 50, 1.1, "poisson", 0.1, delta=DELTA) == pytest.approx(poisson_eps(50, 1.1))
+    assert budget.check_plan(10.0, 50, 1.1, "poisson", 0.1, delta=DELTA) == pytest.approx(
+        poisson_eps(50, 1.1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -253,7 +270,12 @@ def test_check_plan_returns_epsilon_when_it_fits():
     ],
 )
 def test_bad_settings_name_the_setting(kwargs, setting):
-    args = {"noise_multiplier": 1.0, "sampling": "poisson", "sample_rate": 0.1, "delta": DELTA} | kwargs
+    args = {
+        "noise_multiplier": 1.0,
+        "sampling": "poisson",
+        "sample_rate": 0.1,
+        "delta": DELTA,
+    } | kwargs
     with pytest.raises(ValueError, match=setting):
         acc.PrivacyAccountant(**args)
 

@@ -19,17 +19,20 @@ from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
 
 from fedmtl.client.batched import BatchingUnsupported  # noqa: E402
+from fedmtl.client.store import ClientStore  # noqa: E402
+from fedmtl.client.training import LocalConfig, fit, multitask_loss  # noqa: E402
 from fedmtl.config import ConfigError, DPSGDConfig, load_config  # noqa: E402
 from fedmtl.data import partition, prepare  # noqa: E402
 from fedmtl.data.manifest import TaskSpec, read_manifest  # noqa: E402
-from fedmtl.privacy.sample_level import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, Ledger  # noqa: E402
-from fedmtl.privacy.dpsgd import (dp_fit,  # noqa: E402
-                          epsilon, poisson_plan)
 from fedmtl.federation import Federation  # noqa: E402
+from fedmtl.privacy.dpsgd import (
+    dp_fit,  # noqa: E402
+    epsilon,
+    poisson_plan,
+)
+from fedmtl.privacy.sample_level import EPSILON_KEY, LEDGER, DPSGDBudgetSpent, Ledger  # noqa: E402
 from fedmtl.rounds import run_rounds
 from fedmtl.state import FailureKind
-from fedmtl.client.store import ClientStore  # noqa: E402
-from fedmtl.client.training import LocalConfig, fit, multitask_loss  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 TASKS = [TaskSpec("label", "classification", ["a", "b", "c"])]
@@ -68,7 +71,9 @@ def row_grads(model: nn.Module, x: torch.Tensor, y: dict[str, torch.Tensor]) -> 
     out = []
     for i in range(x.shape[0]):
         model.zero_grad()
-        multitask_loss(model(x[i : i + 1]), {k: v[i : i + 1] for k, v in y.items()}, TASKS).backward()
+        multitask_loss(
+            model(x[i : i + 1]), {k: v[i : i + 1] for k, v in y.items()}, TASKS
+        ).backward()
         out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     model.zero_grad()
     return torch.stack(out)
@@ -88,8 +93,17 @@ def test_each_rows_contribution_is_clipped_to_the_max_grad_norm():
     for i in range(x.shape[0]):
         model = net()
         before = flat_params(model)
-        dp_fit(model, list(model.parameters()), x[i : i + 1], {"label": y["label"][i : i + 1]}, TASKS, 1, cfg,
-               torch.Generator().manual_seed(i), spec(noise_multiplier=0.0, max_grad_norm=clip))
+        dp_fit(
+            model,
+            list(model.parameters()),
+            x[i : i + 1],
+            {"label": y["label"][i : i + 1]},
+            TASKS,
+            1,
+            cfg,
+            torch.Generator().manual_seed(i),
+            spec(noise_multiplier=0.0, max_grad_norm=clip),
+        )
         step = before - flat_params(model)
         raw = grads[i].norm()
         assert step.norm() <= clip * (1 + 1e-5)
@@ -107,8 +121,17 @@ def test_a_batch_step_is_the_sum_of_clipped_row_gradients_over_the_expected_batc
     clipped = grads * (clip / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
     before = flat_params(model)
     cfg = LocalConfig(batch_size=8, lr=0.3)
-    dp_fit(model, list(model.parameters()), x, y, TASKS, 1, cfg, torch.Generator().manual_seed(0),
-           spec(noise_multiplier=0.0, max_grad_norm=clip))
+    dp_fit(
+        model,
+        list(model.parameters()),
+        x,
+        y,
+        TASKS,
+        1,
+        cfg,
+        torch.Generator().manual_seed(0),
+        spec(noise_multiplier=0.0, max_grad_norm=clip),
+    )
     assert torch.allclose(before - flat_params(model), 0.3 * clipped.sum(0) / 6, atol=1e-6)
     assert (clipped.norm(dim=1) <= clip + 1e-5).all() and (grads.norm(dim=1) > clip).any()
 
@@ -131,8 +154,17 @@ def test_noise_has_std_sigma_c_over_the_expected_batch():
     for seed in range(200):
         model = net()
         before = flat_params(model)
-        dp_fit(model, list(model.parameters()), x, y, TASKS, 1, cfg, torch.Generator().manual_seed(seed),
-               spec(noise_multiplier=2.0, max_grad_norm=0.5))
+        dp_fit(
+            model,
+            list(model.parameters()),
+            x,
+            y,
+            TASKS,
+            1,
+            cfg,
+            torch.Generator().manual_seed(seed),
+            spec(noise_multiplier=2.0, max_grad_norm=0.5),
+        )
         steps.append(before - flat_params(model))
     spread = torch.stack(steps).std(0)
     assert spread.mean() == pytest.approx(2.0 * 0.5 / 4, rel=0.05)
@@ -143,8 +175,17 @@ def test_only_the_given_parameters_train_and_the_module_is_left_as_it_was_found(
     x, y = data(10)
     body = [p.detach().clone() for p in model.body.parameters()]
     head = flat_params(model.head)
-    dp_fit(model, list(model.head.parameters()), x, y, TASKS, 2, LocalConfig(batch_size=4),
-           torch.Generator().manual_seed(0), spec())
+    dp_fit(
+        model,
+        list(model.head.parameters()),
+        x,
+        y,
+        TASKS,
+        2,
+        LocalConfig(batch_size=4),
+        torch.Generator().manual_seed(0),
+        spec(),
+    )
     assert all(torch.equal(a, b) for a, b in zip(body, model.body.parameters()))
     assert not torch.equal(head, flat_params(model.head))
     for p in model.parameters():
@@ -162,8 +203,17 @@ def test_without_noise_or_clipping_a_full_batch_equals_plain_sgd():
     cfg = LocalConfig(batch_size=32, lr=0.2, momentum=0.5, weight_decay=1e-3)
     a, b = net(), net()
     plain = fit(a, list(a.parameters()), x, y, TASKS, 3, cfg, torch.Generator().manual_seed(0))
-    private = dp_fit(b, list(b.parameters()), x, y, TASKS, 3, cfg, torch.Generator().manual_seed(0),
-                     spec(noise_multiplier=0.0, max_grad_norm=1e9))
+    private = dp_fit(
+        b,
+        list(b.parameters()),
+        x,
+        y,
+        TASKS,
+        3,
+        cfg,
+        torch.Generator().manual_seed(0),
+        spec(noise_multiplier=0.0, max_grad_norm=1e9),
+    )
     assert torch.allclose(flat_params(a), flat_params(b), atol=1e-6)
     assert private == pytest.approx(plain, rel=1e-5)
 
@@ -175,15 +225,26 @@ def test_without_noise_or_clipping_poisson_batches_equal_plain_sgd_on_the_same_b
     x, y = data(n, seed=4)
     cfg = LocalConfig(batch_size=batch, lr=0.1)
     b = net()
-    dp_fit(b, list(b.parameters()), x, y, TASKS, 2, cfg, torch.Generator().manual_seed(5),
-           spec(noise_multiplier=0.0, max_grad_norm=1e9))
+    dp_fit(
+        b,
+        list(b.parameters()),
+        x,
+        y,
+        TASKS,
+        2,
+        cfg,
+        torch.Generator().manual_seed(5),
+        spec(noise_multiplier=0.0, max_grad_norm=1e9),
+    )
     rate, per_epoch, expected = poisson_plan(n, batch)
     a = net()
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(5)
     sizes = []
     for _ in range(2):
-        for idx in UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=g, steps=per_epoch):
+        for idx in UniformWithReplacementSampler(
+            num_samples=n, sample_rate=rate, generator=g, steps=per_epoch
+        ):
             opt.zero_grad()
             sizes.append(len(idx))
             if idx:
@@ -196,7 +257,9 @@ def test_without_noise_or_clipping_poisson_batches_equal_plain_sgd_on_the_same_b
 
 def test_poisson_plan_is_opacus_dataloaders():
     for n, batch in [(37, 8), (100, 16), (5, 16), (16, 16)]:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(n, 1)), batch_size=batch)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.zeros(n, 1)), batch_size=batch
+        )
         dp = DPDataLoader.from_data_loader(loader)
         rate, steps, expected = poisson_plan(n, batch)
         assert rate == dp.sample_rate and steps == len(dp)
@@ -247,38 +310,55 @@ def spec(**settings) -> DPSGDConfig:
     return DPSGDConfig.model_construct(**{"enabled": True, **settings})
 
 
-@pytest.mark.parametrize("old,new,value", [
-    ("dp_sgd", "dp_sgd.enabled", True),
-    ("dp_sgd_noise_multiplier", "dp_sgd.noise_multiplier", 2.0),
-    ("dp_sgd_max_grad_norm", "dp_sgd.max_grad_norm", 0.5),
-    ("dp_sgd_delta", "dp_sgd.delta", 1e-7),
-    ("dp_sgd_target_epsilon", "dp_sgd.target_epsilon", 3.0),
-    ("dp_sgd_accountant", "dp_sgd.accountant", "prv"),
-])
+@pytest.mark.parametrize(
+    "old,new,value",
+    [
+        ("dp_sgd", "dp_sgd.enabled", True),
+        ("dp_sgd_noise_multiplier", "dp_sgd.noise_multiplier", 2.0),
+        ("dp_sgd_max_grad_norm", "dp_sgd.max_grad_norm", 0.5),
+        ("dp_sgd_delta", "dp_sgd.delta", 1e-7),
+        ("dp_sgd_target_epsilon", "dp_sgd.target_epsilon", 3.0),
+        ("dp_sgd_accountant", "dp_sgd.accountant", "prv"),
+    ],
+)
 def test_old_flat_keys_still_work_and_name_their_new_key(old, new, value, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(f"privacy:\n  dp_sgd: true\n  {old}: {value}\n" if old != "dp_sgd" else "privacy:\n  dp_sgd: true\n")
-    for read in (lambda: load_config(params), lambda: load_config(None, ["privacy.dp_sgd=true", f"privacy.{old}={value}"])):
+    params.write_text(
+        f"privacy:\n  dp_sgd: true\n  {old}: {value}\n"
+        if old != "dp_sgd"
+        else "privacy:\n  dp_sgd: true\n"
+    )
+    for read in (
+        lambda: load_config(params),
+        lambda: load_config(None, ["privacy.dp_sgd=true", f"privacy.{old}={value}"]),
+    ):
         with pytest.warns(FutureWarning, match=rf"privacy\.{old} is now privacy\.{re.escape(new)}"):
             cfg = read()
         section, key = new.split(".")
         assert getattr(getattr(cfg.privacy, section), key) == value
     if old != "dp_sgd":
-        with pytest.raises(ConfigError, match=rf"privacy\.{old} and privacy\.{re.escape(new)} are both set"):
-            params.write_text(f"privacy:\n  dp_sgd: {{enabled: true, {new.split('.')[1]}: {value}}}\n  {old}: {value}\n")
+        with pytest.raises(
+            ConfigError, match=rf"privacy\.{old} and privacy\.{re.escape(new)} are both set"
+        ):
+            params.write_text(
+                f"privacy:\n  dp_sgd: {{enabled: true, {new.split('.')[1]}: {value}}}\n  {old}: {value}\n"
+            )
             load_config(params)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("privacy.dp_sgd.noise_multiplier=0", "privacy.dp_sgd.noise_multiplier"),
-    ("privacy.dp_sgd.max_grad_norm=-1", "privacy.dp_sgd.max_grad_norm"),
-    ("privacy.dp_sgd.delta=2", "privacy.dp_sgd.delta"),
-    ("privacy.dp_sgd.accountant=moments", "privacy.dp_sgd.accountant.*allowed values"),
-    ("training.batched=on", "training.batched=on with privacy.dp_sgd.*per-sample gradients"),
-    ("algorithm.method=pfedme", "algorithm.method=pfedme with privacy.dp_sgd.enabled"),
-    ("algorithm.method=ifca", "algorithm.method=ifca with privacy.dp_sgd.enabled"),
-    ("grouping.method=cluster", "grouping.method=cluster with privacy.dp_sgd.enabled"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("privacy.dp_sgd.noise_multiplier=0", "privacy.dp_sgd.noise_multiplier"),
+        ("privacy.dp_sgd.max_grad_norm=-1", "privacy.dp_sgd.max_grad_norm"),
+        ("privacy.dp_sgd.delta=2", "privacy.dp_sgd.delta"),
+        ("privacy.dp_sgd.accountant=moments", "privacy.dp_sgd.accountant.*allowed values"),
+        ("training.batched=on", "training.batched=on with privacy.dp_sgd.*per-sample gradients"),
+        ("algorithm.method=pfedme", "algorithm.method=pfedme with privacy.dp_sgd.enabled"),
+        ("algorithm.method=ifca", "algorithm.method=ifca with privacy.dp_sgd.enabled"),
+        ("grouping.method=cluster", "grouping.method=cluster with privacy.dp_sgd.enabled"),
+    ],
+)
 def test_bad_config_settings_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["privacy.dp_sgd.enabled=true", override])
@@ -287,16 +367,36 @@ def test_bad_config_settings_name_the_setting(override, message):
 def test_config_defaults_and_mechanism():
     p = load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_fedavg.delta=1e-6"]).privacy
     assert p.mechanism == "dp-sgd" and p.dp_sgd_delta == 1e-6 and not p.per_client_metrics
-    assert not p.enabled and p.active  # no release rule of its own; per-client metrics off by default
-    both = load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_fedavg.enabled=true", "privacy.secure_sum.enabled=true"])
+    assert (
+        not p.enabled and p.active
+    )  # no release rule of its own; per-client metrics off by default
+    both = load_config(
+        None,
+        [
+            "privacy.dp_sgd.enabled=true",
+            "privacy.dp_fedavg.enabled=true",
+            "privacy.secure_sum.enabled=true",
+        ],
+    )
     assert both.privacy.mechanism == "dp-fedavg+dp-sgd+secagg"
-    assert load_config(None, ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.delta=1e-7"]).privacy.dp_sgd_delta == 1e-7
+    assert (
+        load_config(
+            None, ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.delta=1e-7"]
+        ).privacy.dp_sgd_delta
+        == 1e-7
+    )
 
 
 # the core round -------------------------------------------------------------------------------
 
-PRIVATE = {"privacy.dp_sgd.enabled": True, "privacy.dp_sgd.noise_multiplier": 1.2, "privacy.dp_sgd.max_grad_norm": 1.0,
-           "data.partition.n_clients": 6, "training.batch_size": 32, "algorithm.personal_fit": "sgd"}
+PRIVATE = {
+    "privacy.dp_sgd.enabled": True,
+    "privacy.dp_sgd.noise_multiplier": 1.2,
+    "privacy.dp_sgd.max_grad_norm": 1.0,
+    "data.partition.n_clients": 6,
+    "training.batch_size": 32,
+    "algorithm.personal_fit": "sgd",
+}
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +421,10 @@ def test_run_rounds_logs_growing_client_epsilon_equal_to_opacus(tiny):
     state, _, history = run_rounds(fed, clients, 3)
     eps = [h["privacy/dp_sgd_epsilon_max"] for h in history]
     assert eps[0] < eps[1] < eps[2]
-    assert all(h["privacy/dp_sgd_clients"] == len(clients) and h["privacy/dp_sgd_sat_out"] == 0 for h in history)
+    assert all(
+        h["privacy/dp_sgd_clients"] == len(clients) and h["privacy/dp_sgd_sat_out"] == 0
+        for h in history
+    )
     assert history[-1]["privacy/dp_sgd_epsilon_mean"] <= eps[-1]
     table = state.privacy[EPSILON_KEY]
     want = {}
@@ -350,8 +453,12 @@ def test_dp_sgd_noise_comes_from_the_secret_key_not_the_seed(tiny):
     c, _, _ = run_rounds(make("seed-c"), manifest.client_ids, 1)  # same seed, a fresh key
     assert torch.equal(a.base, b.base)
     assert not torch.allclose(a.base, c.base)
-    seeded = [run_rounds(make(f"seeded-{i}", **{"privacy.insecure_seeded_noise": True}), manifest.client_ids, 1)[0]
-              for i in range(2)]  # the test-only setting: replayable from the seed, ε void
+    seeded = [
+        run_rounds(
+            make(f"seeded-{i}", **{"privacy.insecure_seeded_noise": True}), manifest.client_ids, 1
+        )[0]
+        for i in range(2)
+    ]  # the test-only setting: replayable from the seed, ε void
     assert torch.equal(seeded[0].base, seeded[1].base)
 
 
@@ -376,15 +483,31 @@ def test_batched_on_is_refused_naming_dp_sgd(tiny):
     make, _ = tiny
     fed = make("batched")
     assert fed.uses_batching() is False  # auto: the per-client path
-    on = Federation(fed.partitions_dir, fed.manifest, fed.model_cfg, fed.local, fed.store, batched="on",
-                    privacy=fed.privacy)
-    with pytest.raises(BatchingUnsupported, match="training.batched is 'on' but privacy.dp_sgd.enabled: DP-SGD"):
+    on = Federation(
+        fed.partitions_dir,
+        fed.manifest,
+        fed.model_cfg,
+        fed.local,
+        fed.store,
+        batched="on",
+        privacy=fed.privacy,
+    )
+    with pytest.raises(
+        BatchingUnsupported, match="training.batched is 'on' but privacy.dp_sgd.enabled: DP-SGD"
+    ):
         on.uses_batching()
     with pytest.raises(ValueError, match="algorithm.method=pfedme"):
         from fedmtl.algorithms import get_algorithm
 
-        Federation(fed.partitions_dir, fed.manifest, fed.model_cfg, fed.local, fed.store,
-                   algorithm=get_algorithm("pfedme"), privacy=fed.privacy)
+        Federation(
+            fed.partitions_dir,
+            fed.manifest,
+            fed.model_cfg,
+            fed.local,
+            fed.store,
+            algorithm=get_algorithm("pfedme"),
+            privacy=fed.privacy,
+        )
 
 
 def test_a_client_over_its_target_sits_out_named(tiny):
@@ -395,7 +518,9 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     clients = manifest.client_ids
     probe = make("probe")
     plans = {c: poisson_plan(probe.manifest_rows(c), 32)[:2] for c in clients}
-    after = {k: {c: epsilon([(1.2, q, k * s)], 1e-5) for c, (q, s) in plans.items()} for k in (1, 2, 3)}
+    after = {
+        k: {c: epsilon([(1.2, q, k * s)], 1e-5) for c, (q, s) in plans.items()} for k in (1, 2, 3)
+    }
     low, high = min(after[2].values()), max(after[2].values())
     assert max(after[1].values()) < low < high < min(after[3].values())
     target = (low + high) / 2
@@ -406,8 +531,11 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     fed.train_clients(clients, one, failed)
     assert sorted(failed) == over
     assert all(f.kind is FailureKind.BUDGET_SPENT and not f.retryable for f in failed.values())
-    assert all(str(f).startswith("DPSGDBudgetSpent: client '") and "privacy.dp_sgd.target_epsilon" in str(f)
-               for f in failed.values())
+    assert all(
+        str(f).startswith("DPSGDBudgetSpent: client '")
+        and "privacy.dp_sgd.target_epsilon" in str(f)
+        for f in failed.values()
+    )
     state, _, history = run_rounds(fed, clients, 2, state=one)
     assert state.round == 2 and len(history) == 1  # round 3: no client could train
     assert history[0]["privacy/dp_sgd_sat_out"] == len(over)
@@ -417,4 +545,6 @@ def test_a_client_over_its_target_sits_out_named(tiny):
     below = make("below", **{"privacy.dp_sgd.target_epsilon": min(after[1].values()) / 2})
     with pytest.raises(DPSGDBudgetSpent, match="this round would take its sample-level ε"):
         below.client_round(clients[0], below.initial_state())
-    assert below.store.load_record(clients[0], LEDGER) is None and below.store.load(clients[0]) is None
+    assert (
+        below.store.load_record(clients[0], LEDGER) is None and below.store.load(clients[0]) is None
+    )

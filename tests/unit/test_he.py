@@ -10,11 +10,13 @@ import torch
 
 pytest.importorskip("tenseal")
 
+from fedmtl.config import (
+    PrivacyConfig,  # noqa: E402
+    load_config,  # noqa: E402
+)
 from fedmtl.privacy import he  # noqa: E402
-from fedmtl.server.aggregation import group_aggregate  # noqa: E402
-from fedmtl.config import load_config  # noqa: E402
-from fedmtl.config import PrivacyConfig  # noqa: E402
 from fedmtl.privacy.aggregation import private_aggregate  # noqa: E402
+from fedmtl.server.aggregation import group_aggregate  # noqa: E402
 from tests.unit.test_private_aggregation import updates  # noqa: E402
 
 
@@ -88,8 +90,12 @@ def test_tampered_or_garbage_ciphertexts_are_rejected(holder):
     genuine = he.HEClient("a", holder.public_context).encrypt(np.linspace(-1, 1, 50))
     blob = genuine.chunks[0]
     short = he.HEClient("c", holder.public_context).encrypt(np.ones(20))
-    for name, chunk in [("garbage", b"not a ciphertext" * 64), ("truncated", blob[: len(blob) // 2]),
-                        ("overwritten", blob[:60] + bytes(200) + blob[260:]), ("short", short.chunks[0])]:
+    for name, chunk in [
+        ("garbage", b"not a ciphertext" * 64),
+        ("truncated", blob[: len(blob) // 2]),
+        ("overwritten", blob[:60] + bytes(200) + blob[260:]),
+        ("short", short.chunks[0]),
+    ]:
         message = he.EncryptedInput.__new__(he.EncryptedInput)
         object.__setattr__(message, "client", "b")
         object.__setattr__(message, "chunks", (chunk,))
@@ -102,27 +108,39 @@ def test_tampered_or_garbage_ciphertexts_are_rejected(holder):
     server = he.HEServer(holder.public_context, 50, ["a", "b"])
     server.receive(genuine)
     server.receive(he.HEClient("b", other.public_context).encrypt(np.zeros(50)))
-    assert np.abs(holder.decrypt(server.aggregate()) - np.linspace(-1, 1, 50)).max() > 1.0  # garbage out
+    assert (
+        np.abs(holder.decrypt(server.aggregate()) - np.linspace(-1, 1, 50)).max() > 1.0
+    )  # garbage out
 
 
 def test_overflow_bound_and_bad_scalars_are_refused(holder):
     with pytest.raises(he.HEError, match="plaintext range"):
         he.encrypted_sum(vectors(3, 4), bound=he.MAX_ABS_SUM, key_holder=holder)
     with pytest.raises(he.HEError, match=r"scalars of \['c000'\] are outside ±1"):
-        he.encrypted_sum(vectors(3, 4), scalars={"c000": 2.0, "c001": 0.5, "c002": 0.5}, key_holder=holder)
+        he.encrypted_sum(
+            vectors(3, 4), scalars={"c000": 2.0, "c001": 0.5, "c002": 0.5}, key_holder=holder
+        )
 
 
 def test_private_aggregate_with_ckks_matches_secagg_and_plain():
     ups = updates({"a": 5, "b": 4, "s": 2})
     plain = group_aggregate(ups)
-    run = lambda spec: private_aggregate(ups, spec, 1.0, {}, 100.0, torch.Generator().manual_seed(1), seed=3)  # noqa: E731
+    run = lambda spec: private_aggregate(
+        ups, spec, 1.0, {}, 100.0, torch.Generator().manual_seed(1), seed=3
+    )  # noqa: E731
     ckks, report = run(PrivacyConfig(secure_sum={"enabled": True, "protocol": "ckks"}))
     secagg, _ = run(PrivacyConfig(secure_sum={"enabled": True}))
-    assert sorted(ckks) == sorted(secagg) and report.secagg_seconds > 0 and not report.dropped_mid_protocol
+    assert (
+        sorted(ckks) == sorted(secagg)
+        and report.secagg_seconds > 0
+        and not report.dropped_mid_protocol
+    )
     for g in ckks:
         assert torch.allclose(ckks[g].delta_base, secagg[g].delta_base, atol=1e-6)
         if g in plain:
-            assert torch.allclose(ckks[g].delta_heads["label"], plain[g].delta_heads["label"], atol=1e-6)
+            assert torch.allclose(
+                ckks[g].delta_heads["label"], plain[g].delta_heads["label"], atol=1e-6
+            )
             assert ckks[g].n_samples == plain[g].n_samples
 
 
@@ -139,18 +157,27 @@ def test_config_names_the_setting_and_the_extra(monkeypatch):
 
 
 def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
+    from fedmtl.client.store import ClientStore
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
     from fedmtl.federation import Federation
     from fedmtl.rounds import run_rounds
-    from fedmtl.client.store import ClientStore
     from tests.conftest import tiny_overrides
 
     models = {}
     for protocol in ("secagg", "ckks"):
-        cfg = load_config(None, tiny_overrides(tmp_path, **{
-            "privacy.secure_sum.enabled": True, "privacy.secure_sum.protocol": protocol,
-            "privacy.min_group_size": 2, "privacy.evaluation.client_metrics": False}))
+        cfg = load_config(
+            None,
+            tiny_overrides(
+                tmp_path,
+                **{
+                    "privacy.secure_sum.enabled": True,
+                    "privacy.secure_sum.protocol": protocol,
+                    "privacy.min_group_size": 2,
+                    "privacy.evaluation.client_metrics": False,
+                },
+            ),
+        )
         if protocol == "secagg":
             prepare(cfg.data)
             partition(cfg.data)
@@ -159,7 +186,11 @@ def test_run_rounds_with_ckks_gives_the_secagg_model(tmp_path):
         state, _, _ = run_rounds(fed, manifest.client_ids, 1)  # one round: ~6 s each on 2 cores
         models[protocol] = (state, fed.evaluate_pooled(manifest.client_ids, state))
     (s1, pooled1), (s2, pooled2) = models["secagg"], models["ckks"]
-    assert torch.allclose(s1.base, s2.base, atol=1e-5) and not torch.equal(s1.base, torch.zeros_like(s1.base))
+    assert torch.allclose(s1.base, s2.base, atol=1e-5) and not torch.equal(
+        s1.base, torch.zeros_like(s1.base)
+    )
     for g in s1.group_heads:
         assert torch.allclose(s1.group_heads[g]["label"], s2.group_heads[g]["label"], atol=1e-5)
-    assert pooled2["personal/accuracy/pooled"] == pytest.approx(pooled1["personal/accuracy/pooled"], abs=1e-6)
+    assert pooled2["personal/accuracy/pooled"] == pytest.approx(
+        pooled1["personal/accuracy/pooled"], abs=1e-6
+    )

@@ -19,18 +19,37 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmtl.client.data import (PartitionChanged, PartitionError, PartitionInvalid, PartitionUnavailable,
-                           load_client_data)
+from fedmtl.client.data import (
+    PartitionChanged,
+    PartitionError,
+    PartitionInvalid,
+    PartitionUnavailable,
+    load_client_data,
+)
+from fedmtl.client.store import ClientStore
 from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
-from fedmtl.data.manifest import (MANIFEST, PartitionDigest, UnsafeManifest, file_digest, partition_path,
-                                  read_manifest)
+from fedmtl.data.manifest import (
+    MANIFEST,
+    PartitionDigest,
+    UnsafeManifest,
+    file_digest,
+    partition_path,
+    read_manifest,
+)
+from fedmtl.data.validation import (
+    CHANGED_CHECK,
+    ValidationReport,
+    _read_partition,
+    bind_partitions,
+    manifest_digest,
+    read_report,
+    usable_clients,
+    validate_partitions,
+)
 from fedmtl.faults import ClientTimeout, InjectedFailure
-from fedmtl.state import ClientFailure, FailureKind
 from fedmtl.federation import Federation, RejectedUpdate
-from fedmtl.client.store import ClientStore
-from fedmtl.data.validation import (CHANGED_CHECK, ValidationReport, _read_partition, bind_partitions,
-                               manifest_digest, read_report, usable_clients, validate_partitions)
+from fedmtl.state import ClientFailure, FailureKind
 from tests.conftest import tiny_overrides
 
 VICTIM = "c005"
@@ -43,8 +62,12 @@ def validated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(None, tiny_overrides(root))
     prepare(cfg.data)
     partition(cfg.data)
-    report = validate_partitions(cfg.data.partitions_dir, read_manifest(cfg.data.partitions_dir),
-                                 cfg.validation, cfg.data.validation_dir)
+    report = validate_partitions(
+        cfg.data.partitions_dir,
+        read_manifest(cfg.data.partitions_dir),
+        cfg.validation,
+        cfg.data.validation_dir,
+    )
     assert len(report.passed) == 8
     return root
 
@@ -56,13 +79,24 @@ def copy(validated: Path, tmp_path: Path) -> dict[str, Any]:
     cfg = load_config(None, tiny_overrides(tmp_path))
     parts = Path(cfg.data.partitions_dir)
     manifest = read_manifest(parts)
-    return {"cfg": cfg, "parts": parts, "manifest": manifest,
-            "path": parts / manifest.entry(VICTIM).file, "report": read_report(cfg.data.validation_dir)}
+    return {
+        "cfg": cfg,
+        "parts": parts,
+        "manifest": manifest,
+        "path": parts / manifest.entry(VICTIM).file,
+        "report": read_report(cfg.data.validation_dir),
+    }
 
 
-def federation(copy: dict[str, Any], store: str, digests: dict[str, PartitionDigest] | None) -> Federation:
-    return Federation.from_config(copy["cfg"], copy["manifest"], ClientStore(copy["parts"].parent / store),
-                                  partition_digests=digests)
+def federation(
+    copy: dict[str, Any], store: str, digests: dict[str, PartitionDigest] | None
+) -> Federation:
+    return Federation.from_config(
+        copy["cfg"],
+        copy["manifest"],
+        ClientStore(copy["parts"].parent / store),
+        partition_digests=digests,
+    )
 
 
 # ways to change a partition after validation: (how, the error a federation without a report
@@ -108,7 +142,9 @@ TAMPER = {
 # what the report records
 
 
-def test_the_report_records_each_validated_files_sha256_and_the_manifests(copy: dict[str, Any]) -> None:
+def test_the_report_records_each_validated_files_sha256_and_the_manifests(
+    copy: dict[str, Any],
+) -> None:
     report, parts = copy["report"], copy["parts"]
     assert report.manifest_sha256 == manifest_digest(copy["manifest"])
     for entry in copy["manifest"].clients:
@@ -131,7 +167,9 @@ def test_unchanged_files_bind_with_every_client(copy: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", list(TAMPER))
-def test_a_partition_changed_after_validation_is_quarantined_and_named(copy: dict[str, Any], case: str) -> None:
+def test_a_partition_changed_after_validation_is_quarantined_and_named(
+    copy: dict[str, Any], case: str
+) -> None:
     TAMPER[case][0](copy["path"])
     report, digests = bind_partitions(copy["parts"], copy["manifest"], copy["report"])
     assert list(report.changed) == [VICTIM] and VICTIM not in digests
@@ -142,10 +180,14 @@ def test_a_partition_changed_after_validation_is_quarantined_and_named(copy: dic
     assert CHANGED_CHECK in report.quarantined[VICTIM][-1]
     others = [c for c in copy["manifest"].client_ids if c != VICTIM]
     assert usable_clients(copy["manifest"], report, 2) == others
-    assert read_report(copy["cfg"].data.validation_dir).passed == copy["manifest"].client_ids  # file untouched
+    assert (
+        read_report(copy["cfg"].data.validation_dir).passed == copy["manifest"].client_ids
+    )  # file untouched
 
 
-def test_too_few_unchanged_partitions_fail_naming_every_changed_client(copy: dict[str, Any]) -> None:
+def test_too_few_unchanged_partitions_fail_naming_every_changed_client(
+    copy: dict[str, Any],
+) -> None:
     manifest = copy["manifest"]
     for entry in manifest.clients[1:]:
         _values_changed(copy["parts"] / entry.file)
@@ -155,18 +197,26 @@ def test_too_few_unchanged_partitions_fail_naming_every_changed_client(copy: dic
     message = str(failure.value)
     assert "only 1 of 8 clients passed" in message
     for entry in manifest.clients[1:]:
-        assert f"client '{entry.client}': {CHANGED_CHECK} failed" in message and entry.file in message
+        assert (
+            f"client '{entry.client}': {CHANGED_CHECK} failed" in message and entry.file in message
+        )
 
 
-def test_a_manifest_changed_after_validation_or_a_report_without_hashes_is_refused(copy: dict[str, Any]) -> None:
+def test_a_manifest_changed_after_validation_or_a_report_without_hashes_is_refused(
+    copy: dict[str, Any],
+) -> None:
     manifest = copy["manifest"]
     moved = json.loads((copy["parts"] / MANIFEST).read_text())
     moved["clients"][0]["n_train"] += 1
     (copy["parts"] / MANIFEST).write_text(json.dumps(moved))
-    with pytest.raises(ValueError, match=r"manifest.json' changed after validation.*fedmtl data validate"):
+    with pytest.raises(
+        ValueError, match=r"manifest.json' changed after validation.*fedmtl data validate"
+    ):
         bind_partitions(copy["parts"], read_manifest(copy["parts"]), copy["report"])
     old = ValidationReport({c: v for c, v in copy["report"].clients.items()})  # no manifest hash
-    with pytest.raises(ValueError, match="records no partition hashes.*re-run `fedmtl data validate`"):
+    with pytest.raises(
+        ValueError, match="records no partition hashes.*re-run `fedmtl data validate`"
+    ):
         bind_partitions(copy["parts"], manifest, old)
 
 
@@ -176,7 +226,8 @@ def test_a_manifest_changed_after_validation_or_a_report_without_hashes_is_refus
 
 @pytest.mark.parametrize("case", list(TAMPER))
 def test_a_client_whose_partition_changed_sits_out_and_the_others_train_as_without_it(
-        copy: dict[str, Any], case: str) -> None:
+    copy: dict[str, Any], case: str
+) -> None:
     _, digests = bind_partitions(copy["parts"], copy["manifest"], copy["report"])
     fed = federation(copy, "checked", digests)
     clients = copy["manifest"].client_ids
@@ -187,7 +238,9 @@ def test_a_client_whose_partition_changed_sits_out_and_the_others_train_as_witho
     updates = fed.train_clients(clients, state, failed)
     assert list(failed) == [VICTIM]
     kind = PartitionUnavailable if case == "deleted" else PartitionChanged
-    assert str(failed[VICTIM]).startswith(f"{kind.__name__}: client '{VICTIM}': partition file '{copy['path']}'")
+    assert str(failed[VICTIM]).startswith(
+        f"{kind.__name__}: client '{VICTIM}': partition file '{copy['path']}'"
+    )
     assert failed[VICTIM].kind is FailureKind.PARTITION
     assert not failed[VICTIM].retryable  # the flow does not retry it: it sits out
     with pytest.raises(kind, match=VICTIM):
@@ -215,22 +268,31 @@ def test_a_client_whose_partition_changed_sits_out_and_the_others_train_as_witho
 def test_the_hash_is_checked_not_only_the_size(copy: dict[str, Any]) -> None:
     size = copy["path"].stat().st_size
     fed = federation(copy, "s", {VICTIM: PartitionDigest("0" * 64, size)})
-    with pytest.raises(PartitionChanged, match=rf"client '{VICTIM}'.*changed after validation.*fedmtl data validate"):
+    with pytest.raises(
+        PartitionChanged,
+        match=rf"client '{VICTIM}'.*changed after validation.*fedmtl data validate",
+    ):
         fed.data(VICTIM)
-    with pytest.raises(PartitionChanged, match="did not pass validation"):  # a client without a digest
+    with pytest.raises(
+        PartitionChanged, match="did not pass validation"
+    ):  # a client without a digest
         fed.data("c000")
     good = file_digest(copy["path"])
     assert federation(copy, "t", {VICTIM: good}).data(VICTIM).n_train > 0
 
 
 @pytest.mark.parametrize("case", [c for c, (_, kind, _) in TAMPER.items() if kind is not None])
-def test_without_a_report_the_contract_is_still_checked_at_load(copy: dict[str, Any], case: str) -> None:
+def test_without_a_report_the_contract_is_still_checked_at_load(
+    copy: dict[str, Any], case: str
+) -> None:
     """A federation built without a validation report (tests, benchmarks): no hashes, but data
     that would train silently or crash evaluation is refused, naming the client and file."""
     tamper, kind, phrase = TAMPER[case]
     tamper(copy["path"])
     fed = federation(copy, "plain", None)
-    with pytest.raises(kind, match=rf"client '{VICTIM}': partition file '{copy['path']}'.*{phrase}"):
+    with pytest.raises(
+        kind, match=rf"client '{VICTIM}': partition file '{copy['path']}'.*{phrase}"
+    ):
         fed.data(VICTIM)
     state = fed.initial_state()
     with pytest.raises(kind):  # unasked, evaluation raises the client's own error (no overflow)
@@ -250,7 +312,10 @@ def test_a_partition_error_is_a_value_error_and_a_missing_one_a_file_not_found_e
     assert ClientFailure.of(InjectedFailure("client 'x' failed")).retryable
     assert ClientFailure.of(ValueError("anything else")).kind is FailureKind.ERROR
     assert ClientFailure.of(ClientTimeout("late")).kind is FailureKind.TIMEOUT
-    assert ClientFailure.of(RejectedUpdate("nan"), " (tried 2 more times)").message == "nan (tried 2 more times)"
+    assert (
+        ClientFailure.of(RejectedUpdate("nan"), " (tried 2 more times)").message
+        == "nan (tried 2 more times)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,9 +328,22 @@ def _manifest_with(parts: Path, client: str, file: str) -> None:
     (parts / MANIFEST).write_text(json.dumps(raw))
 
 
-@pytest.mark.parametrize("file", ["../x.parquet", "/etc/passwd", "sub/x.parquet", "..", ".hidden.parquet",
-                                  "sub\\x.parquet", MANIFEST, ""])
-def test_a_file_entry_outside_the_partitions_folder_is_refused(copy: dict[str, Any], file: str) -> None:
+@pytest.mark.parametrize(
+    "file",
+    [
+        "../x.parquet",
+        "/etc/passwd",
+        "sub/x.parquet",
+        "..",
+        ".hidden.parquet",
+        "sub\\x.parquet",
+        MANIFEST,
+        "",
+    ],
+)
+def test_a_file_entry_outside_the_partitions_folder_is_refused(
+    copy: dict[str, Any], file: str
+) -> None:
     _manifest_with(copy["parts"], VICTIM, file)
     with pytest.raises(UnsafeManifest) as refused:
         read_manifest(copy["parts"])
@@ -283,7 +361,9 @@ def test_validate_refuses_an_unsafe_manifest_naming_the_entry(copy: dict[str, An
     root = copy["parts"].parents[1]
     (root / "params.yaml").write_text("")
     args = [a for o in tiny_overrides(root) for a in ("--set", o)]
-    result = CliRunner().invoke(app, ["data", "validate", "--params", str(root / "params.yaml"), *args])
+    result = CliRunner().invoke(
+        app, ["data", "validate", "--params", str(root / "params.yaml"), *args]
+    )
     message = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert "is not a valid manifest" in message and f"client '{VICTIM}'" in message
@@ -291,9 +371,13 @@ def test_validate_refuses_an_unsafe_manifest_naming_the_entry(copy: dict[str, An
 
 
 def test_client_ids_that_are_empty_or_twice_are_refused_and_path_like_ids_stay_inside(
-        copy: dict[str, Any]) -> None:
+    copy: dict[str, Any],
+) -> None:
     raw = json.loads((copy["parts"] / MANIFEST).read_text())
-    for bad, phrase in (("", "client id '' is not a non-empty string"), ("c000", "client 'c000' is listed twice")):
+    for bad, phrase in (
+        ("", "client id '' is not a non-empty string"),
+        ("c000", "client 'c000' is listed twice"),
+    ):
         changed = json.loads(json.dumps(raw))
         changed["clients"][5]["client"] = bad
         (copy["parts"] / MANIFEST).write_text(json.dumps(changed))
@@ -310,20 +394,28 @@ def test_client_ids_that_are_empty_or_twice_are_refused_and_path_like_ids_stay_i
     fed = Federation.from_config(copy["cfg"], manifest, store)
     state = fed.initial_state()
     (update,) = fed.train_clients(["../evil"], state)
-    assert fed.evaluate_clients(["../evil"], state)  # personalises: keeps a head in the client's store
+    assert fed.evaluate_clients(
+        ["../evil"], state
+    )  # personalises: keeps a head in the client's store
     folders = [p for p in store.root.iterdir()]
     assert len(folders) == 1 and folders[0].parent == store.root and ".." not in folders[0].name
     assert store.clients() == ["../evil"] and not (copy["parts"].parent / "evil").exists()
 
 
-def test_a_symbolic_link_leaving_the_partitions_folder_is_not_read(copy: dict[str, Any], tmp_path: Path) -> None:
+def test_a_symbolic_link_leaving_the_partitions_folder_is_not_read(
+    copy: dict[str, Any], tmp_path: Path
+) -> None:
     outside = tmp_path / "outside.parquet"
     shutil.copy(copy["path"], outside)
     copy["path"].unlink()
     copy["path"].symlink_to(outside)
-    with pytest.raises(PartitionUnavailable, match=rf"client '{VICTIM}'.*symbolic link.*outside the partitions"):
+    with pytest.raises(
+        PartitionUnavailable, match=rf"client '{VICTIM}'.*symbolic link.*outside the partitions"
+    ):
         load_client_data(copy["parts"], copy["manifest"], VICTIM)
-    frame, error, digest = _read_partition(copy["parts"], VICTIM, copy["path"].name)  # validation's read
+    frame, error, digest = _read_partition(
+        copy["parts"], VICTIM, copy["path"].name
+    )  # validation's read
     assert frame is None and digest is None and "symbolic link" in error
     inside = copy["parts"] / "inside.parquet"  # a link that stays inside is a file like another
     shutil.move(outside, inside)

@@ -14,18 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl.privacy import dp
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import client_seed
 from fedmtl.config import load_config
 from fedmtl.data.manifest import read_manifest
 from fedmtl.data.partitions import partition, prepare
 from fedmtl.federation import Federation, participants
+from fedmtl.privacy import dp
 from fedmtl.privacy.randomness import KEY_FILE, SecretRandom
-from fedmtl.client.store import ClientStore
-from fedmtl.client.training import client_seed
 from tests.conftest import tiny_overrides
 
-DP = {"privacy.dp_fedavg.enabled": True, "privacy.dp_fedavg.noise_multiplier": 1.0, "privacy.dp_fedavg.clip_norm": 0.5, "privacy.min_group_size": 2,
-      "data.partition.n_clients": 8, "algorithm.method": "fedavg"}
+DP = {
+    "privacy.dp_fedavg.enabled": True,
+    "privacy.dp_fedavg.noise_multiplier": 1.0,
+    "privacy.dp_fedavg.clip_norm": 0.5,
+    "privacy.min_group_size": 2,
+    "data.partition.n_clients": 8,
+    "algorithm.method": "fedavg",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,28 +62,42 @@ def released_and_true(fed: Federation, round_: int = 0):
     clients = fed.manifest.client_ids
     updates = fed.train_clients(clients, state)
     aggregates, report = fed.aggregate(updates, state, clients, 1.0)
-    (name, agg), = aggregates.items()
-    released = agg.delta_base.to(torch.float64) * agg.weight  # the noised sum, before the public division
+    ((name, agg),) = aggregates.items()
+    released = (
+        agg.delta_base.to(torch.float64) * agg.weight
+    )  # the noised sum, before the public division
     true = torch.zeros_like(released)
     for u in updates:
-        clipped, _ = dp.clip_update(torch.cat([u.delta_base.reshape(-1)] + [u.delta_heads[t].reshape(-1)
-                                                for t in sorted(u.delta_heads)]), report.clip)
+        clipped, _ = dp.clip_update(
+            torch.cat(
+                [u.delta_base.reshape(-1)]
+                + [u.delta_heads[t].reshape(-1) for t in sorted(u.delta_heads)]
+            ),
+            report.clip,
+        )
         true += clipped[: released.numel()].to(torch.float64)
-    report.dim = released.numel() + sum(h.numel() for h in agg.delta_heads.values())  # the release's length
+    report.dim = released.numel() + sum(
+        h.numel() for h in agg.delta_heads.values()
+    )  # the release's length
     return released, true, report
 
 
 def old_noise(seed: int, round_: int, shape, std: float) -> torch.Tensor:
     """The noise as main drew it before the fix: a torch generator seeded from training.seed."""
-    return dp.gaussian_noise(torch.zeros(shape), std, torch.Generator().manual_seed(
-        client_seed(seed, round_, "server", "dp-noise"))).to(torch.float64)
+    return dp.gaussian_noise(
+        torch.zeros(shape),
+        std,
+        torch.Generator().manual_seed(client_seed(seed, round_, "server", "dp-noise")),
+    ).to(torch.float64)
 
 
 def test_the_dp_noise_cannot_be_regenerated_from_any_logged_value(data):
     fed = federation(data, "noise")
     released, true, report = released_and_true(fed)
     noise_norm = float(torch.linalg.vector_norm(released - true))
-    expected = report.noise_std * math.sqrt(released.numel() + len(fed.manifest.tasks))  # ≈ ‖N(0, σ²I)‖
+    expected = report.noise_std * math.sqrt(
+        released.numel() + len(fed.manifest.tasks)
+    )  # ≈ ‖N(0, σ²I)‖
     assert noise_norm > 0.5 * report.noise_std * math.sqrt(released.numel())
     for seed in logged_seeds(fed):  # the attack: subtract the noise the seed would give
         guess = old_noise(seed, 0, (report.dim,), report.noise_std)[: released.numel()]
@@ -85,7 +105,9 @@ def test_the_dp_noise_cannot_be_regenerated_from_any_logged_value(data):
         assert left > 0.5 * noise_norm, f"seed {seed} removed the noise"
         # nor the seeded secret a test-only run would use: the key is not derived from the seed
         seeded = SecretRandom.insecure_from_seed(seed).stream("server", 0, "dp-noise")
-        guess = dp.gaussian_noise(torch.zeros(report.dim, dtype=torch.float64), report.noise_std, seeded)
+        guess = dp.gaussian_noise(
+            torch.zeros(report.dim, dtype=torch.float64), report.noise_std, seeded
+        )
         guess = guess[: released.numel()]
         assert float(torch.linalg.vector_norm(released - guess - true)) > 0.5 * noise_norm
     assert expected > 0
@@ -98,14 +120,18 @@ def test_the_attack_works_on_a_seeded_run_which_is_why_that_is_test_only(data):
     assert fed.secret.seeded
     released, true, report = released_and_true(fed)
     regenerated = SecretRandom.insecure_from_seed(fed.seed).stream("server", 0, "dp-noise")
-    noise = dp.gaussian_noise(torch.zeros(report.dim, dtype=torch.float64), report.noise_std, regenerated)
+    noise = dp.gaussian_noise(
+        torch.zeros(report.dim, dtype=torch.float64), report.noise_std, regenerated
+    )
     noise = noise[: released.numel()]  # the base's part of the release
-    assert float(torch.linalg.vector_norm(released - noise - true)) < 1e-4 * float(torch.linalg.vector_norm(true))
+    assert float(torch.linalg.vector_norm(released - noise - true)) < 1e-4 * float(
+        torch.linalg.vector_norm(true)
+    )
 
 
 def test_torch_generators_keep_only_32_bits_of_a_seed_so_a_secret_seed_would_not_do():
     a = torch.randn(4, generator=torch.Generator().manual_seed(12345))
-    b = torch.randn(4, generator=torch.Generator().manual_seed(12345 + 2 ** 32))
+    b = torch.randn(4, generator=torch.Generator().manual_seed(12345 + 2**32))
     assert torch.equal(a, b)  # why the secret streams are ChaCha20, not a secretly seeded generator
 
 
@@ -179,7 +205,7 @@ def test_a_client_claiming_1e12_samples_gets_its_manifest_weight(data):
     state = fed.initial_state()
     updates = fed.train_clients(clients, state)
     reference = [u.n_samples for u in updates]
-    updates[0].n_samples = 10 ** 12
+    updates[0].n_samples = 10**12
     kept, refused = fed.screen(updates)
     assert not refused
     assert [u.n_samples for u in kept] == [fed.manifest_rows(c) for c in clients] == reference

@@ -12,8 +12,15 @@ CLEAN = RunFacts(clients=10, quarantined=0)
 
 
 def scores(values: dict[str, float], metric: str = "f1", task: str = "label") -> pd.DataFrame:
-    return pd.DataFrame({"client": list(values), "task": task, "n_test": 10, "head": "personal",
-                         metric: list(values.values())})
+    return pd.DataFrame(
+        {
+            "client": list(values),
+            "task": task,
+            "n_test": 10,
+            "head": "personal",
+            metric: list(values.values()),
+        }
+    )
 
 
 def policy(**kw) -> PromotionConfig:
@@ -49,26 +56,35 @@ def test_one_client_regressing_blocks_promotion_and_is_named():
     d = decide(scores(new), scores(BASE), CLEAN, policy(max_client_regression=0.05))
     assert check(d, "metric").passed and not check(d, "client_regression").passed
     assert not d.promote and "'c4' -0.200" in check(d, "client_regression").detail
-    assert check(decide(scores(new), scores(BASE), CLEAN, policy(max_client_regression=0.25)),
-                 "client_regression").passed
+    assert check(
+        decide(scores(new), scores(BASE), CLEAN, policy(max_client_regression=0.25)),
+        "client_regression",
+    ).passed
 
 
 def test_worst_clients_must_not_drop():
     new = dict(BASE)
-    new["c0"] = BASE["c0"] - 0.01           # the worst client a little worse
-    new["c9"] = BASE["c9"] + 0.5            # the mean up a lot
+    new["c0"] = BASE["c0"] - 0.01  # the worst client a little worse
+    new["c9"] = BASE["c9"] + 0.5  # the mean up a lot
     d = decide(scores(new), scores(BASE), CLEAN, policy(max_client_regression=0.05))
     assert check(d, "metric").passed and check(d, "client_regression").passed
     assert not check(d, "worst_clients").passed and not d.promote
 
 
 def test_validation_and_privacy_gates_read_the_run_facts():
-    d = decide(scores(BASE), None, RunFacts(clients=6, quarantined=4), policy(max_quarantined_fraction=0.25))
+    d = decide(
+        scores(BASE),
+        None,
+        RunFacts(clients=6, quarantined=4),
+        policy(max_quarantined_fraction=0.25),
+    )
     assert not d.promote and "4 of 10 clients quarantined" in check(d, "validation").detail
     dp = RunFacts(clients=10, quarantined=0, privacy="dp-fedavg", epsilon=12.0)
     d = decide(scores(BASE), None, dp, policy(max_epsilon=8.0))
     assert not check(d, "privacy").passed and "ε = 12" in check(d, "privacy").detail
-    assert decide(scores(BASE), None, RunFacts(10, 0, "dp-fedavg", 3.0), policy(max_epsilon=8.0)).promote
+    assert decide(
+        scores(BASE), None, RunFacts(10, 0, "dp-fedavg", 3.0), policy(max_epsilon=8.0)
+    ).promote
     d = decide(scores(BASE), None, RunFacts(10, 0, "dp-fedavg", None), policy())
     assert not d.promote and "no ε recorded" in check(d, "privacy").detail
 
@@ -78,15 +94,31 @@ def test_privacy_gate_checks_each_dp_mechanism_and_not_secure_aggregation_alone(
     d = decide(scores(BASE), None, RunFacts(10, 0, "secagg"), policy(max_epsilon=1.0))
     assert d.promote and all(c.name != "privacy" for c in d.checks)
     # DP-SGD alone: its largest client ε is what counts
-    assert decide(scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=3.0), policy(max_epsilon=8.0)).promote
-    d = decide(scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=9.5), policy(max_epsilon=8.0))
+    assert decide(
+        scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=3.0), policy(max_epsilon=8.0)
+    ).promote
+    d = decide(
+        scores(BASE), None, RunFacts(10, 0, "dp-sgd", dp_sgd_epsilon=9.5), policy(max_epsilon=8.0)
+    )
     assert not d.promote and "sample-level (largest client) ε = 9.5" in check(d, "privacy").detail
     # both: each must fit
     both = RunFacts(10, 0, "dp-fedavg+secagg+dp-sgd", epsilon=2.0, dp_sgd_epsilon=12.0)
     d = decide(scores(BASE), None, both, policy(max_epsilon=8.0))
-    assert not d.promote and check(d, "privacy").value == 12.0 and "client-level ε = 2" in check(d, "privacy").detail
-    d = decide(scores(BASE), None, RunFacts(10, 0, "dp-fedavg+dp-sgd", epsilon=2.0), policy(max_epsilon=8.0))
-    assert not d.promote and "sample-level (largest client) no ε recorded" in check(d, "privacy").detail
+    assert (
+        not d.promote
+        and check(d, "privacy").value == 12.0
+        and "client-level ε = 2" in check(d, "privacy").detail
+    )
+    d = decide(
+        scores(BASE),
+        None,
+        RunFacts(10, 0, "dp-fedavg+dp-sgd", epsilon=2.0),
+        policy(max_epsilon=8.0),
+    )
+    assert (
+        not d.promote
+        and "sample-level (largest client) no ε recorded" in check(d, "privacy").detail
+    )
 
 
 def test_lower_is_better_metrics_are_oriented():

@@ -52,7 +52,9 @@ def spread_of(x: torch.Tensor) -> float:
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 11])
 def test_coordinate_median_equals_numpy(n):
     x = torch.randn(n, 37, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-    np.testing.assert_allclose(coordinate_median(rows(x)).numpy(), np.median(x.numpy(), axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        coordinate_median(rows(x)).numpy(), np.median(x.numpy(), axis=0), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("n,beta", [(5, 0.2), (10, 0.2), (10, 0.25), (7, 0.0), (9, 0.45), (3, 0.4)])
@@ -88,7 +90,9 @@ def test_multi_krum_on_honest_data_is_close_to_the_mean():
     torch.testing.assert_close(agg, x[kept].mean(0))
     # dropping the 2 most outlying of 10 honest vectors moves the mean by a small part of the spread
     assert float((agg - x.mean(0)).norm()) < 0.25 * spread_of(x)
-    agg_all, kept_all = multi_krum(rows(x), n_byzantine=2, m=10, weights=[float(i + 1) for i in range(10)])
+    agg_all, kept_all = multi_krum(
+        rows(x), n_byzantine=2, m=10, weights=[float(i + 1) for i in range(10)]
+    )
     assert kept_all == list(range(10))
     torch.testing.assert_close(agg_all, weighted_mean(rows(x), [float(i + 1) for i in range(10)]))
 
@@ -106,7 +110,9 @@ def test_norm_bound_caps_norms_and_is_the_weighted_mean_under_the_bound():
     # default bound: the median norm, so every clipped input has exactly that norm
     norms = x.norm(dim=1)
     median = float(np.median(norms.numpy()))
-    expected = sum(w * r * min(1.0, median / float(r.norm())) for w, r in zip(weights, rows(x))) / sum(weights)
+    expected = sum(
+        w * r * min(1.0, median / float(r.norm())) for w, r in zip(weights, rows(x))
+    ) / sum(weights)
     torch.testing.assert_close(norm_bound(rows(x), weights), expected)
 
 
@@ -124,7 +130,17 @@ def test_mean_rule_is_the_weighted_mean_and_dtype_is_kept():
 
 
 def test_default_byzantine_covers_twenty_percent_within_krums_limit():
-    assert [default_byzantine(n) for n in (2, 3, 4, 5, 7, 10, 15, 20, 50)] == [0, 0, 0, 1, 2, 2, 3, 4, 10]
+    assert [default_byzantine(n) for n in (2, 3, 4, 5, 7, 10, 15, 20, 50)] == [
+        0,
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        4,
+        10,
+    ]
     for n in range(3, 200):
         f = default_byzantine(n)
         assert n > 2 * f + 2
@@ -134,7 +150,9 @@ def test_default_byzantine_covers_twenty_percent_within_krums_limit():
 # --- robustness: 20 % Byzantine inputs ----------------------------------------------------------
 
 
-def byzantine_inputs(attack: str, n: int = 10, seed: int = 5) -> tuple[list[torch.Tensor], torch.Tensor]:
+def byzantine_inputs(
+    attack: str, n: int = 10, seed: int = 5
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """n inputs, 20 % of them Byzantine (at scattered positions); and the honest mean."""
     x = honest_cloud(n, seed=seed)
     bad = {1, 6}
@@ -183,7 +201,9 @@ def test_robust_rules_resist_twenty_percent_byzantine_where_the_mean_breaks(rule
 
 def test_bad_settings_are_rejected_with_clear_errors():
     x = rows(honest_cloud(4, seed=6))
-    with pytest.raises(ValueError, match=r"'geomedian' is not known; allowed values: .*'median'.*'multi_krum'"):
+    with pytest.raises(
+        ValueError, match=r"'geomedian' is not known; allowed values: .*'median'.*'multi_krum'"
+    ):
         robust_aggregate(x, None, "geomedian")
     with pytest.raises(ValueError, match=r"'geomedian' is not known; allowed values"):
         RobustSpec(rule="geomedian")
@@ -218,8 +238,12 @@ def test_bad_settings_are_rejected_with_clear_errors():
 
 def test_spec_from_config_reads_attributes_with_defaults():
     assert RobustSpec.from_config(None) == RobustSpec()
-    assert RobustSpec.from_config(SimpleNamespace(rule="krum", n_byzantine=1)) == RobustSpec("krum", 0.2, 1, None)
-    section = SimpleNamespace(rule="trimmed_mean", trim_fraction=0.1, n_byzantine=None, max_norm=3.0)
+    assert RobustSpec.from_config(SimpleNamespace(rule="krum", n_byzantine=1)) == RobustSpec(
+        "krum", 0.2, 1, None
+    )
+    section = SimpleNamespace(
+        rule="trimmed_mean", trim_fraction=0.1, n_byzantine=None, max_norm=3.0
+    )
     assert RobustSpec.from_config(section) == RobustSpec("trimmed_mean", 0.1, None, 3.0)
 
 
@@ -231,9 +255,14 @@ def make_updates(n: int = 10, seed: int = 7, with_base: bool = True) -> list[Cli
     mu_base, mu_a, mu_b = torch.ones(12), torch.ones(5), -torch.ones(3)
     return [
         ClientUpdate(
-            client=f"c{i:02d}", group="g0", n_samples=10 + 5 * i,
+            client=f"c{i:02d}",
+            group="g0",
+            n_samples=10 + 5 * i,
             delta_base=mu_base + 0.1 * torch.randn(12, generator=g) if with_base else None,
-            delta_heads={"b": mu_b + 0.1 * torch.randn(3, generator=g), "a": mu_a + 0.1 * torch.randn(5, generator=g)},
+            delta_heads={
+                "b": mu_b + 0.1 * torch.randn(3, generator=g),
+                "a": mu_a + 0.1 * torch.randn(5, generator=g),
+            },
             metrics={"loss": 1.0},
         )
         for i in range(n)
@@ -244,7 +273,11 @@ def test_aggregate_updates_with_mean_equals_group_aggregate():
     updates = make_updates()
     expected = group_aggregate(list(reversed(updates)))["g0"]
     got = aggregate_updates(list(reversed(updates)), RobustSpec("mean"))
-    assert got.clients == expected.clients and got.n_samples == expected.n_samples and got.n_clients == 10
+    assert (
+        got.clients == expected.clients
+        and got.n_samples == expected.n_samples
+        and got.n_clients == 10
+    )
     torch.testing.assert_close(got.delta_base, expected.delta_base)
     assert got.delta_heads.keys() == expected.delta_heads.keys()
     for t in expected.delta_heads:
@@ -267,7 +300,9 @@ def test_krum_keeps_or_drops_whole_clients(rule):
     weights = [u.n_samples for u in kept]
     torch.testing.assert_close(agg.delta_base, weighted_mean([u.delta_base for u in kept], weights))
     for t in ("a", "b"):
-        torch.testing.assert_close(agg.delta_heads[t], weighted_mean([u.delta_heads[t] for u in kept], weights))
+        torch.testing.assert_close(
+            agg.delta_heads[t], weighted_mean([u.delta_heads[t] for u in kept], weights)
+        )
     assert agg.delta_heads["a"].shape == (5,) and agg.delta_heads["b"].shape == (3,)
 
 
@@ -275,7 +310,9 @@ def test_aggregate_updates_without_base_and_with_errors():
     updates = make_updates(with_base=False)
     agg = aggregate_updates(updates, RobustSpec("median"))
     assert agg.delta_base is None and agg.clients == sorted(u.client for u in updates)
-    torch.testing.assert_close(agg.delta_heads["a"], coordinate_median([u.delta_heads["a"] for u in updates]))
+    torch.testing.assert_close(
+        agg.delta_heads["a"], coordinate_median([u.delta_heads["a"] for u in updates])
+    )
     updates[4].delta_heads["a"] = updates[4].delta_heads["a"].clone()
     updates[4].delta_heads["a"][0] = float("nan")
     with pytest.raises(ValueError, match="client 'c04' released a non-finite update"):
@@ -303,12 +340,24 @@ def test_robust_base_step_outvotes_attackers_concentrated_in_one_group(rule):
         delta = mu + 0.1 * torch.randn(D, generator=g)
         if client in ("c00", "c01", "c05", "c06"):
             delta = -10 * delta
-        updates.append(ClientUpdate(client=client, group=group, n_samples=10, delta_base=delta,
-                                    delta_heads={"y": torch.zeros(3)}, metrics={}))
+        updates.append(
+            ClientUpdate(
+                client=client,
+                group=group,
+                n_samples=10,
+                delta_base=delta,
+                delta_heads={"y": torch.zeros(3)},
+                metrics={},
+            )
+        )
     spec = RobustSpec(rule)
     groups = group_aggregate(updates, spec)
-    state = ServerState(0, torch.zeros(D), {f"g{k}": {"y": torch.zeros(3)} for k in range(4)}, {"y": torch.zeros(3)})
-    honest = torch.stack([u.delta_base for u in updates if u.client not in ("c00", "c01", "c05", "c06")]).mean(0)
+    state = ServerState(
+        0, torch.zeros(D), {f"g{k}": {"y": torch.zeros(3)} for k in range(4)}, {"y": torch.zeros(3)}
+    )
+    honest = torch.stack(
+        [u.delta_base for u in updates if u.client not in ("c00", "c01", "c05", "c06")]
+    ).mean(0)
     flat = global_merge(state, groups, robust=spec, client_updates=updates).base
     hierarchical = global_merge(state, groups, robust=spec).base
     assert float((flat - honest).norm()) < 0.1 * float(honest.norm())
@@ -327,42 +376,62 @@ def test_attackers_are_a_fixed_seeded_choice_of_the_right_size():
     assert len(chosen) == 2 and chosen <= set(clients)
     assert attackers(list(reversed(clients)), 0.2, seed=3) == chosen  # order-independent
     assert len({attackers(clients, 0.2, seed=s) for s in range(20)}) > 5  # the seed matters
-    assert [len(attackers([str(i) for i in range(n)], 0.3, 0)) for n in (1, 5, 10)] == [0, 2, 3]  # 0.3, 1.5, 3
-    assert attackers(clients, 0.0, 0) == frozenset() and attackers(clients, 1.0, 0) == frozenset(clients)
+    assert [len(attackers([str(i) for i in range(n)], 0.3, 0)) for n in (1, 5, 10)] == [
+        0,
+        2,
+        3,
+    ]  # 0.3, 1.5, 3
+    assert attackers(clients, 0.0, 0) == frozenset() and attackers(clients, 1.0, 0) == frozenset(
+        clients
+    )
     with pytest.raises(ValueError, match="fraction"):
         attackers(clients, 1.5, 0)
 
 
 def test_corrupt_update_sign_flip_exact_and_input_untouched():
     update = make_updates(n=1)[0]
-    before = (update.delta_base.clone(), {t: v.clone() for t, v in update.delta_heads.items()}, dict(update.metrics))
+    before = (
+        update.delta_base.clone(),
+        {t: v.clone() for t, v in update.delta_heads.items()},
+        dict(update.metrics),
+    )
     flipped = corrupt_update(update, "sign_flip", scale=10.0)
     assert torch.equal(flipped.delta_base, -10.0 * update.delta_base)
     for t in ("a", "b"):
         assert torch.equal(flipped.delta_heads[t], -10.0 * update.delta_heads[t])
     noisy = corrupt_update(update, "gaussian", generator=torch.Generator().manual_seed(0))
     for out in (flipped, noisy):
-        assert out is not update and (out.client, out.group, out.n_samples) == (update.client, update.group, update.n_samples)
+        assert out is not update and (out.client, out.group, out.n_samples) == (
+            update.client,
+            update.group,
+            update.n_samples,
+        )
         out.metrics["x"] = 1.0
     assert torch.equal(update.delta_base, before[0]) and update.metrics == before[2]
     for t, v in before[1].items():
         assert torch.equal(update.delta_heads[t], v)
     with pytest.raises(ValueError, match="flip_labels"):
         corrupt_update(update, "label_flip")
-    with pytest.raises(ValueError, match=r"allowed values: \('sign_flip', 'gaussian', 'label_flip'\)"):
+    with pytest.raises(
+        ValueError, match=r"allowed values: \('sign_flip', 'gaussian', 'label_flip'\)"
+    ):
         corrupt_update(update, "backdoor")
     assert ATTACKS == ("sign_flip", "gaussian", "label_flip")
 
 
 def test_gaussian_attack_scale_and_reproducibility():
-    big = ClientUpdate("c", "g", 5, 0.01 * torch.randn(20_000, generator=torch.Generator().manual_seed(1)), {})
+    big = ClientUpdate(
+        "c", "g", 5, 0.01 * torch.randn(20_000, generator=torch.Generator().manual_seed(1)), {}
+    )
     rms = float(big.delta_base.square().mean().sqrt())
     noisy = corrupt_update(big, "gaussian", scale=10.0, generator=torch.Generator().manual_seed(2))
     assert abs(float(noisy.delta_base.std()) / (10 * rms) - 1) < 0.03
     assert abs(float(noisy.delta_base.mean())) < 0.05 * 10 * rms
     again = corrupt_update(big, "gaussian", scale=10.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(noisy.delta_base, again.delta_base)
-    fixed = corrupt_update(big, "gaussian", noise_std=200.0, generator=torch.Generator().manual_seed(2))
+    fixed = corrupt_update(
+        big, "gaussian", noise_std=200.0, generator=torch.Generator().manual_seed(2)
+    )
     assert abs(float(fixed.delta_base.std()) / 200.0 - 1) < 0.03
 
 
@@ -376,9 +445,15 @@ def test_end_to_end_twenty_percent_sign_flipped_clients(rule):
     robust = aggregate_updates(sent, RobustSpec(rule))
 
     def dist(a, b):
-        return float(torch.cat([a.delta_base - b.delta_base] + [a.delta_heads[t] - b.delta_heads[t] for t in "ab"]).norm())
+        return float(
+            torch.cat(
+                [a.delta_base - b.delta_base] + [a.delta_heads[t] - b.delta_heads[t] for t in "ab"]
+            ).norm()
+        )
 
-    assert dist(plain, honest) > 10.0  # the honest mean has norm √20 ≈ 4.5, its clients a spread ≈ 0.45
+    assert (
+        dist(plain, honest) > 10.0
+    )  # the honest mean has norm √20 ≈ 4.5, its clients a spread ≈ 0.45
     if rule == "norm_bound":  # capped, not removed: the attackers hold 95 of the 325 samples here
         assert dist(robust, honest) < dist(plain, honest) / 4
     else:

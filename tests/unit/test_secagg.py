@@ -46,14 +46,23 @@ def plain_sum(vectors: Mapping[str, Any], ids: Any) -> np.ndarray:
 class Protocol:
     """Drives the rounds by hand: clients and a server that only see each other's messages."""
 
-    def __init__(self, vectors: Mapping[str, np.ndarray], clip: float = 1.0, seed: int = 7,
-                 server_cls: type[SecAggServer] = SecAggServer, **kw: Any) -> None:
+    def __init__(
+        self,
+        vectors: Mapping[str, np.ndarray],
+        clip: float = 1.0,
+        seed: int = 7,
+        server_cls: type[SecAggServer] = SecAggServer,
+        **kw: Any,
+    ) -> None:
         self.vectors = vectors
         d = len(next(iter(vectors.values())))
-        self.params = SecAggParams.create(list(vectors), d, clip=clip, session=bytes([seed]) * 16,
-                                          **kw)
-        self.clients = {u: SecAggClient(u, self.params, random.Random(f"{seed}/{u}"))
-                        for u in self.params.clients}
+        self.params = SecAggParams.create(
+            list(vectors), d, clip=clip, session=bytes([seed]) * 16, **kw
+        )
+        self.clients = {
+            u: SecAggClient(u, self.params, random.Random(f"{seed}/{u}"))
+            for u in self.params.clients
+        }
         self.server = server_cls(self.params)
 
     def share(self) -> None:
@@ -176,8 +185,10 @@ def test_shamir_field_arithmetic_cannot_overflow():
     assert (shamir._matmul_mod(worst, wide) == 40 * (p - 1) ** 2 % p).all()
     a = np.random.default_rng(0).integers(0, p, (2, (1 << 15) + 7))  # more than one block
     b = np.random.default_rng(1).integers(0, p, ((1 << 15) + 7, 3))
-    exact = [[sum(int(x) * int(y) for x, y in zip(a[i], b[:, j])) % p for j in range(3)]
-             for i in range(2)]
+    exact = [
+        [sum(int(x) * int(y) for x, y in zip(a[i], b[:, j])) % p for j in range(3)]
+        for i in range(2)
+    ]
     assert shamir._matmul_mod(a, b).tolist() == exact
     xs = tuple(random.Random(2).sample(range(1, 10_000), 40))
     weights = shamir._lagrange_at_zero(xs)
@@ -196,7 +207,9 @@ def test_shamir_coefficients_are_redrawn_rather_than_reduced():
             self.words = list(words)
 
         def randbytes(self, n):
-            return b"".join(w.to_bytes(4, "little") for w in (self.words.pop(0) for _ in range(n // 4)))
+            return b"".join(
+                w.to_bytes(4, "little") for w in (self.words.pop(0) for _ in range(n // 4))
+            )
 
     got = shamir._random_elements(Draws([0xFFFFFFFF, 7, shamir.P, 5]), (1, 2))
     assert got.tolist() == [[5, 7]]  # 0xFFFFFFFF & P == P is redrawn (twice), not wrapped to 0
@@ -277,7 +290,11 @@ def test_harary_graph_degrees_symmetry_and_determinism(n, k):
 
 def test_default_k_and_threshold():
     assert [default_neighbours(n) for n in (2, 10, 11, 100, 500)] == [1, 9, 9, 17, 23]
-    assert [default_neighbours(100, d) for d in (0.0, 0.2, 0.3)] == [15, 31, 53]  # 15: the log floor
+    assert [default_neighbours(100, d) for d in (0.0, 0.2, 0.3)] == [
+        15,
+        31,
+        53,
+    ]  # 15: the log floor
     assert [default_neighbours(1000, d) for d in (0.1, 0.2, 0.3)] == [25, 57, 133]
     with pytest.raises(ValueError, match="max_dropout"):
         default_neighbours(100, 0.5)
@@ -357,14 +374,24 @@ def test_secure_sum_equals_plain_sum_within_fixed_point_precision(n, d):
     assert np.abs(res.sum - expected).max() <= res.error_bound
     assert res.included == tuple(sorted(vectors)) and res.dropped == ()
     assert (res.k, res.t) == (default_neighbours(n), default_neighbours(n) // 2 + 1)
-    assert set(res.seconds) == {"setup", "advertise_keys", "share_keys", "masked_input",
-                                "unmask", "aggregate", "total"}
+    assert set(res.seconds) == {
+        "setup",
+        "advertise_keys",
+        "share_keys",
+        "masked_input",
+        "unmask",
+        "aggregate",
+        "total",
+    }
     assert all(res.bytes_sent[u] > 4 * d for u in vectors) and res.server_bytes_sent > 0
 
 
 def test_values_beyond_clip_are_clipped_before_summing():
-    vectors = {"a": np.array([5.0, -5.0, 0.5]), "b": np.array([0.25, 0.25, 0.25]),
-               "c": np.array([0.0, 0.0, -3.0])}
+    vectors = {
+        "a": np.array([5.0, -5.0, 0.5]),
+        "b": np.array([0.25, 0.25, 0.25]),
+        "c": np.array([0.0, 0.0, -3.0]),
+    }
     res = secure_sum(vectors, clip=1.0, seed=0)
     np.testing.assert_allclose(res.sum, [1.25, -0.75, -0.25], atol=res.error_bound)
 
@@ -393,8 +420,9 @@ def test_dropout_before_masking_sums_the_survivors(fraction):
 def test_mixed_dropouts_with_the_default_graph():
     vectors = random_vectors(40, 1000, seed=13)
     ids = sorted(vectors)
-    res = secure_sum(vectors, clip=1.0, drop_before_masking=ids[:3], drop_after_masking=ids[3:6],
-                     seed=8)
+    res = secure_sum(
+        vectors, clip=1.0, drop_before_masking=ids[:3], drop_after_masking=ids[3:6], seed=8
+    )
     assert res.k == default_neighbours(40) == 13 and res.t == 7
     assert res.dropped == tuple(ids[:3])
     assert np.abs(res.sum - plain_sum(vectors, ids[3:])).max() <= res.error_bound
@@ -440,8 +468,11 @@ def test_too_many_dropouts_raise_clear_errors():
         secure_sum(vectors, clip=1.0, drop_before_masking=ids[1:], seed=1)
     with pytest.raises(ValueError, match="aborts: only 4 of its 9 neighbours survived"):
         secure_sum(vectors, clip=1.0, drop_before_masking=ids[:5], seed=1)
-    with pytest.raises(SecAggError, match=r"cannot reconstruct b_u .* of client '.*': 4 shares "
-                                          r"from its 9 neighbours \(4 responded\), threshold t=5"):
+    with pytest.raises(
+        SecAggError,
+        match=r"cannot reconstruct b_u .* of client '.*': 4 shares "
+        r"from its 9 neighbours \(4 responded\), threshold t=5",
+    ):
         secure_sum(vectors, clip=1.0, drop_after_masking=ids[:5], seed=1)
     with pytest.raises(SecAggError, match="at least 2 clients"):
         secure_sum({"solo": np.zeros(3)}, clip=1.0)
@@ -479,8 +510,13 @@ def test_masked_input_cannot_be_forged_and_server_rejects_other_types():
     with pytest.raises(TypeError, match="produced only by SecAggClient"):
         dataclasses.replace(genuine, client="client-001", words=plain)
     fake = type("MaskedInput", (), {"client": "client-001", "words": plain})()
-    for bad in (torch.tensor(vectors["client-001"]), vectors["client-001"], plain, fake,
-                ("client-001", plain)):
+    for bad in (
+        torch.tensor(vectors["client-001"]),
+        vectors["client-001"],
+        plain,
+        fake,
+        ("client-001", plain),
+    ):
         with pytest.raises(TypeError, match="accepts only MaskedInput"):
             p.server.receive_masked(bad)
     with pytest.raises(ValueError, match="read-only"):
@@ -497,10 +533,13 @@ class RecordingServer(SecAggServer):
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
         if callable(attr) and not name.startswith("__") and name != "received":
+
             def recorded(*args: Any, **kwargs: Any) -> Any:
                 super(RecordingServer, self).__getattribute__("received").append(
-                    (name, args, kwargs))
+                    (name, args, kwargs)
+                )
                 return attr(*args, **kwargs)
+
             return recorded
         return attr
 
@@ -515,13 +554,27 @@ def test_instrumented_server_never_receives_a_plaintext_vector():
         servers.append(RecordingServer(params))
         return servers[-1]
 
-    res = secure_sum(vectors, clip=1.0, seed=4, drop_before_masking=ids[:2],
-                     drop_after_masking=ids[2:4], server_factory=factory)
+    res = secure_sum(
+        vectors,
+        clip=1.0,
+        seed=4,
+        drop_before_masking=ids[:2],
+        drop_after_masking=ids[2:4],
+        server_factory=factory,
+    )
     assert np.abs(res.sum - plain_sum(vectors, ids[2:])).max() <= res.error_bound
     server = servers[0]
     called = {name for name, _, _ in server.received}
-    assert {"receive_keys", "keys_for", "receive_shares", "shares_for", "receive_masked",
-            "unmask_request", "receive_unmask", "aggregate"} <= called
+    assert {
+        "receive_keys",
+        "keys_for",
+        "receive_shares",
+        "shares_for",
+        "receive_masked",
+        "unmask_request",
+        "receive_unmask",
+        "aggregate",
+    } <= called
     encodings = [FixedPoint(1.0, n).encode(v) for v in vectors.values()]
     floats = list(vectors.values())
     leaves = list(walk([(args, kwargs) for _, args, kwargs in server.received]))

@@ -213,8 +213,12 @@ def test_har_settings_are_checked() -> None:
     assert cfg.data.source == "har" and cfg.data.har.max_users == 3
     assert cfg.data.har.window == 128 and cfg.data.har.overlap == 0.5
     assert cfg.data.har.transition_task is True
-    for bad in ("data.har.window=4", "data.har.overlap=1", "data.har.max_users=0",
-                "data.har.windows=sliding"):
+    for bad in (
+        "data.har.window=4",
+        "data.har.overlap=1",
+        "data.har.max_users=0",
+        "data.har.windows=sliding",
+    ):
         with pytest.raises(ConfigError, match="data.har"):
             load_config(None, [bad])
 

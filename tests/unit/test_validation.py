@@ -278,7 +278,11 @@ def test_importing_the_module_does_not_import_great_expectations() -> None:
     code = "import sys, fedmtl.data.validation; print('great_expectations' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONPATH": str(root), "PATH": ""},
     )
     assert done.stdout.strip() == "False"

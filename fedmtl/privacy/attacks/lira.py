@@ -55,14 +55,16 @@ def _fit_gaussians(
     squares = np.nansum((stats - mean[:, None]) ** 2, axis=1)
     if variance == "per_example":
         if counts.min() < 2:
-            raise ValueError(f"{name}: a per-example variance needs >= 2 shadow statistics "
-                             "per example")
+            raise ValueError(
+                f"{name}: a per-example variance needs >= 2 shadow statistics per example"
+            )
         std = np.sqrt(squares / (counts - 1))
     else:
         dof = int(np.sum(counts - 1))
         if dof < 1:
-            raise ValueError(f"{name}: a global variance needs some example with >= 2 shadow "
-                             "statistics")
+            raise ValueError(
+                f"{name}: a global variance needs some example with >= 2 shadow statistics"
+            )
         std = np.full(stats.shape[0], np.sqrt(squares.sum() / dof))
     return mean, np.maximum(std, _MIN_STD)
 
@@ -116,8 +118,9 @@ def lira_online(
     mask = _as_mask(members_mask, target.size)
     mean_in, std_in = _fit_gaussians(stats_in, variance, "shadow_in_conf")
     mean_out, std_out = _fit_gaussians(stats_out, variance, "shadow_out_conf")
-    scores = (norm.logpdf(target, loc=mean_in, scale=std_in)
-              - norm.logpdf(target, loc=mean_out, scale=std_out))
+    scores = norm.logpdf(target, loc=mean_in, scale=std_in) - norm.logpdf(
+        target, loc=mean_out, scale=std_out
+    )
     return evaluate_scores(scores, mask, name)
 
 
@@ -154,8 +157,9 @@ def shadow_statistics(
     also holds the candidates: split with :func:`split_in_out` and pass to the LiRA functions.
     """
     if n_shadows < 2:
-        raise ValueError(f"n_shadows must be >= 2 (each example needs IN and OUT shadows), "
-                         f"got {n_shadows}")
+        raise ValueError(
+            f"n_shadows must be >= 2 (each example needs IN and OUT shadows), got {n_shadows}"
+        )
     pool_x, pool_y = _check_xy(pool_x, pool_y)
     n = pool_x.shape[0]
     if n < 2:
@@ -180,6 +184,7 @@ def split_in_out(conf: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.
     conf = np.asarray(conf, dtype=np.float64)
     in_mask = np.asarray(in_mask, dtype=bool)
     if conf.ndim != 2 or conf.shape != in_mask.shape:
-        raise ValueError(f"conf {conf.shape} and in_mask {in_mask.shape} must be 2-D of the same "
-                         "shape")
+        raise ValueError(
+            f"conf {conf.shape} and in_mask {in_mask.shape} must be 2-D of the same shape"
+        )
     return np.where(in_mask, conf, np.nan), np.where(in_mask, np.nan, conf)

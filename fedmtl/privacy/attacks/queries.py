@@ -15,8 +15,9 @@ def _select_logits(
     if isinstance(output, torch.Tensor):
         return output
     if not isinstance(output, dict):
-        raise ValueError("model output must be a tensor or a dict of tensors, "
-                         f"got {type(output).__name__}")
+        raise ValueError(
+            f"model output must be a tensor or a dict of tensors, got {type(output).__name__}"
+        )
     if task is not None:
         if task not in output:
             raise ValueError(f"task '{task}' is not among the model's outputs {sorted(output)}")
@@ -60,11 +61,13 @@ def _logits(
         model.train(was_training)
     logits = torch.cat(parts).to(torch.float64)
     if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError("expected classification logits of shape [n, C>=2], "
-                         f"got {tuple(logits.shape)}")
+        raise ValueError(
+            f"expected classification logits of shape [n, C>=2], got {tuple(logits.shape)}"
+        )
     if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}], "
-                         f"got [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {logits.shape[1] - 1}], got [{int(y.min())}, {int(y.max())}]"
+        )
     return logits
 
 

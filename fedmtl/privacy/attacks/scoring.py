@@ -45,8 +45,9 @@ def _as_mask(members_mask: np.ndarray, n: int) -> np.ndarray:
     if not mask.any():
         raise ValueError("members_mask has no members: need at least one member and one non-member")
     if mask.all():
-        raise ValueError("members_mask has no non-members: need at least one member and one "
-                         "non-member")
+        raise ValueError(
+            "members_mask has no non-members: need at least one member and one non-member"
+        )
     return mask
 
 

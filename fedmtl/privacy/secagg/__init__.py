@@ -76,10 +76,47 @@ never for deployment); without it all secrets come from ``os.urandom``.
 
 from __future__ import annotations
 
-from fedmtl.privacy.secagg.messages import AdvertisedKeys, EncryptedShare, MaskedInput, UnmaskRequest, UnmaskResponse, UnmaskedSum, SecAggError, KEY_BYTES, SEED_BYTES
-from fedmtl.privacy.secagg.graph import DEFAULT_MAX_DROPOUT, LOSS_PROBABILITY, default_neighbours, resolve_threshold, harary_graph, SecAggParams
 from fedmtl.privacy.secagg.client import SecAggClient
+from fedmtl.privacy.secagg.graph import (
+    DEFAULT_MAX_DROPOUT,
+    LOSS_PROBABILITY,
+    SecAggParams,
+    default_neighbours,
+    harary_graph,
+    resolve_threshold,
+)
+from fedmtl.privacy.secagg.messages import (
+    KEY_BYTES,
+    SEED_BYTES,
+    AdvertisedKeys,
+    EncryptedShare,
+    MaskedInput,
+    SecAggError,
+    UnmaskedSum,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from fedmtl.privacy.secagg.server import SecAggServer
 from fedmtl.privacy.secagg.simulation import SecureSumResult, secure_sum
 
-__all__ = ["AdvertisedKeys", "EncryptedShare", "MaskedInput", "UnmaskRequest", "UnmaskResponse", "UnmaskedSum", "SecAggError", "KEY_BYTES", "SEED_BYTES", "DEFAULT_MAX_DROPOUT", "LOSS_PROBABILITY", "default_neighbours", "resolve_threshold", "harary_graph", "SecAggParams", "SecAggClient", "SecAggServer", "SecureSumResult", "secure_sum"]
+__all__ = [
+    "AdvertisedKeys",
+    "EncryptedShare",
+    "MaskedInput",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "UnmaskedSum",
+    "SecAggError",
+    "KEY_BYTES",
+    "SEED_BYTES",
+    "DEFAULT_MAX_DROPOUT",
+    "LOSS_PROBABILITY",
+    "default_neighbours",
+    "resolve_threshold",
+    "harary_graph",
+    "SecAggParams",
+    "SecAggClient",
+    "SecAggServer",
+    "SecureSumResult",
+    "secure_sum",
+]

@@ -14,10 +14,28 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedmtl.privacy import shamir
-from fedmtl.privacy.secagg.crypto import _label, _nonce, _pair_seed, _prg, _public_raw, _self_mask_key, _share_key, _x25519_key
+from fedmtl.privacy.secagg.crypto import (
+    _label,
+    _nonce,
+    _pair_seed,
+    _prg,
+    _public_raw,
+    _self_mask_key,
+    _share_key,
+    _x25519_key,
+)
 from fedmtl.privacy.secagg.graph import SecAggParams
-from fedmtl.privacy.secagg.messages import AdvertisedKeys, EncryptedShare, KEY_BYTES, MaskedInput, SEED_BYTES, SecAggError, UnmaskRequest, UnmaskResponse, _MINT
-
+from fedmtl.privacy.secagg.messages import (
+    _MINT,
+    KEY_BYTES,
+    SEED_BYTES,
+    AdvertisedKeys,
+    EncryptedShare,
+    MaskedInput,
+    SecAggError,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 # --------------------------------------------------------------------------- client
 
@@ -63,13 +81,13 @@ class SecAggClient:
         out = []
         for v, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
             keys = neighbour_keys[v]
-            aead = ChaCha20Poly1305(_share_key(self._c_sk, keys.c_pk, self.id, v, self.params.session))
+            aead = ChaCha20Poly1305(
+                _share_key(self._c_sk, keys.c_pk, self.id, v, self.params.session)
+            )
             self._share_keys[v] = aead
             self._peer_s_pk[v] = keys.s_pk
             plaintext = b_share.to_bytes() + s_share.to_bytes()
-            ciphertext = aead.encrypt(
-                _nonce(self.id, v), plaintext, _label(self.id, v)
-            )
+            ciphertext = aead.encrypt(_nonce(self.id, v), plaintext, _label(self.id, v))
             out.append(EncryptedShare(self.id, v, ciphertext))
         return out
 

@@ -12,8 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmtl.privacy.secagg.messages import KEY_BYTES, _CHACHA_NONCE
-
+from fedmtl.privacy.secagg.messages import _CHACHA_NONCE, KEY_BYTES
 
 # --------------------------------------------------------------------------- crypto helpers
 

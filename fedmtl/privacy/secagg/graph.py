@@ -16,7 +16,6 @@ import numpy as np
 from fedmtl.privacy.fixedpoint import FixedPoint, max_clip
 from fedmtl.privacy.secagg.messages import SecAggError
 
-
 # --------------------------------------------------------------------------- public setup
 
 
@@ -29,7 +28,9 @@ LOSS_PROBABILITY = 1e-4
 
 
 @functools.lru_cache(maxsize=1024)
-def default_neighbours(n: int, max_dropout: float = DEFAULT_MAX_DROPOUT, loss: float = LOSS_PROBABILITY) -> int:
+def default_neighbours(
+    n: int, max_dropout: float = DEFAULT_MAX_DROPOUT, loss: float = LOSS_PROBABILITY
+) -> int:
     """The graph degree: at least 2·⌈log2 n⌉ + 1, the O(log n) degree that keeps the graph connected
     (a sparser one, say a perfect matching, would give the server each pair's sum), and at least the
     smallest k such that, when up to D = ⌊max_dropout · n⌋ of the n clients drop out at random
@@ -64,8 +65,12 @@ def default_neighbours(n: int, max_dropout: float = DEFAULT_MAX_DROPOUT, loss: f
     if n < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients, got {n}")
     if not 0.0 <= max_dropout < 0.5:
-        raise ValueError(f"max_dropout must be in [0, 0.5): a majority of survivors is needed, got {max_dropout}")
-    from scipy.stats import hypergeom  # scikit-learn's dependency; imported when a session is set up
+        raise ValueError(
+            f"max_dropout must be in [0, 0.5): a majority of survivors is needed, got {max_dropout}"
+        )
+    from scipy.stats import (
+        hypergeom,
+    )  # scikit-learn's dependency; imported when a session is set up
 
     dropped = min(n - 1, math.floor(max_dropout * n + 1e-9))  # 1e-9: 0.57 · 100 is 56.99999…
     k = min(n - 1, 2 * math.ceil(math.log2(n)) + 1)
@@ -167,7 +172,11 @@ class SecAggParams:
             raise SecAggError(f"secure aggregation needs at least 2 clients, got {n}")
         if dim < 1:
             raise ValueError(f"the vector length must be positive, got {dim}")
-        k = default_neighbours(n, max_dropout) if neighbours is None else min(int(neighbours), n - 1)
+        k = (
+            default_neighbours(n, max_dropout)
+            if neighbours is None
+            else min(int(neighbours), n - 1)
+        )
         if k < 1:
             raise ValueError(f"neighbours must be at least 1, got {neighbours}")
         session = secrets.token_bytes(16) if session is None else bytes(session)

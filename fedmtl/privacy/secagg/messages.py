@@ -9,7 +9,6 @@ import numpy as np
 
 from fedmtl.privacy import shamir
 
-
 KEY_BYTES = 32
 SEED_BYTES = 32
 _CHACHA_NONCE = bytes(16)  # every ChaCha20 key expands exactly one mask

@@ -10,8 +10,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedmtl.privacy import shamir
 from fedmtl.privacy.secagg.crypto import _pair_seed, _prg, _public_raw, _self_mask_key
 from fedmtl.privacy.secagg.graph import SecAggParams
-from fedmtl.privacy.secagg.messages import AdvertisedKeys, EncryptedShare, MaskedInput, SecAggError, UnmaskRequest, UnmaskResponse, UnmaskedSum
-
+from fedmtl.privacy.secagg.messages import (
+    AdvertisedKeys,
+    EncryptedShare,
+    MaskedInput,
+    SecAggError,
+    UnmaskedSum,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 # --------------------------------------------------------------------------- server
 
@@ -107,9 +114,7 @@ class SecAggServer:
             raise SecAggError(f"client {client!r} sent no masked input")
         self._asked.add(client)
         mine = self.params.neighbours[client] & self._shared
-        return UnmaskRequest(
-            client, frozenset(mine & self._masked), frozenset(mine - self._masked)
-        )
+        return UnmaskRequest(client, frozenset(mine & self._masked), frozenset(mine - self._masked))
 
     def receive_unmask(self, response: UnmaskResponse) -> None:
         self._expect_round(3, "unmask responses")
@@ -119,9 +124,10 @@ class SecAggServer:
         if u not in self._asked or u in self._responded:
             raise SecAggError(f"unexpected unmask response from {u!r}")
         mine = self.params.neighbours[u] & self._shared
-        if not set(response.b_shares) <= mine & self._masked or not set(
-            response.s_shares
-        ) <= mine - self._masked:
+        if (
+            not set(response.b_shares) <= mine & self._masked
+            or not set(response.s_shares) <= mine - self._masked
+        ):
             raise SecAggError(f"client {u!r} returned shares that were not asked for")
         for v, share in response.b_shares.items():
             self._b_shares.setdefault(v, []).append(share)

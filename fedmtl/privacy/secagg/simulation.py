@@ -14,10 +14,23 @@ from typing import Any
 import numpy as np
 
 from fedmtl.privacy.secagg.client import SecAggClient
-from fedmtl.privacy.secagg.graph import DEFAULT_MAX_DROPOUT, SecAggParams, default_neighbours, harary_graph, resolve_threshold
-from fedmtl.privacy.secagg.messages import AdvertisedKeys, EncryptedShare, MaskedInput, SecAggError, UnmaskRequest, UnmaskResponse, UnmaskedSum
+from fedmtl.privacy.secagg.graph import (
+    DEFAULT_MAX_DROPOUT,
+    SecAggParams,
+    default_neighbours,
+    harary_graph,
+    resolve_threshold,
+)
+from fedmtl.privacy.secagg.messages import (
+    AdvertisedKeys,
+    EncryptedShare,
+    MaskedInput,
+    SecAggError,
+    UnmaskedSum,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from fedmtl.privacy.secagg.server import SecAggServer
-
 
 # --------------------------------------------------------------------------- convenience
 
