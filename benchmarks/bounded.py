@@ -6,7 +6,7 @@ this benchmark trains each quality scenario (``benchmarks.quality``'s settings a
 the default bound and without it, and reports the accuracies and how many updates were refused
 over the whole run. Writes benchmarks/results/bounded.md and .json.
 
-    python -m benchmarks.bounded                      # every scenario but HAR, fedmtl and fedavg, seed 0
+    python -m benchmarks.bounded          # every scenario but HAR, fedmtl and fedavg, seed 0
     python -m benchmarks.bounded --scenarios har --methods fedmtl
 """
 
@@ -69,17 +69,20 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 b, o = row["bounded (ratio 10)"], row["off"]
                 print(
-                    f"{scenario:28s} {method:8s} personal {b['personal']:.4f} vs {o['personal']:.4f}  "
+                    f"{scenario:28s} {method:8s} "
+                    f"personal {b['personal']:.4f} vs {o['personal']:.4f}  "
                     f"global {b['global']:.4f} vs {o['global']:.4f}  refused {b['refused']:.0f}",
                     flush=True,
                 )
     lines = [
         "# Bounded influence on honest clients (`python -m benchmarks.bounded`)",
         "",
-        f"Seed {args.seed}, each scenario's rounds as in `benchmarks.quality`; accuracies are client means on the "
+        f"Seed {args.seed}, each scenario's rounds as in `benchmarks.quality`; "
+        "accuracies are client means on the "
         "held-out splits; *refused* counts the updates refused over the whole run.",
         "",
-        "| scenario | method | personal, bounded | personal, off | global, bounded | global, off | refused |",
+        "| scenario | method | personal, bounded | personal, off | "
+        "global, bounded | global, off | refused |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -1,6 +1,7 @@
 """Cold-start benchmark: clients that never trained, given k labelled rows.
 
-    python -m benchmarks.coldstart [--quick] [--seeds N] [--folds F] [--draws D] [--jobs J] [--set coldstart.x=v]
+    python -m benchmarks.coldstart [--quick] [--seeds N] [--folds F] [--draws D] [--jobs J]
+        [--set coldstart.x=v]
 
 writes ``benchmarks/results/coldstart.md`` (table) and ``coldstart.json`` (one record per seed,
 held-out client, k and draw, plus each seed's trained-client summary).
@@ -11,9 +12,9 @@ clients; 4, one per group (drawn with the seed), never train; ``--folds`` repeat
 clients held out (6 folds: every client is held out once; each fold is its own training run, so
 the held-out test rows are 24 clients' instead of 4). Each held-out client then takes k = 5, 10,
 20 labelled rows of its train split (``--draws`` seeded draws per k), personalises
-(:func:`fedmtl.lifecycle.coldstart.personalize` with the ``coldstart`` settings) and is scored on its own
-held-out split. Compared with the mean personalised accuracy of the 20 clients that trained all
-along (the same run, the same final round), and with the global heads (no labels).
+(:func:`fedmtl.lifecycle.coldstart.personalize` with the ``coldstart`` settings) and is scored on
+its own held-out split. Compared with the mean personalised accuracy of the 20 clients that
+trained all along (the same run, the same final round), and with the global heads (no labels).
 """
 
 from __future__ import annotations
@@ -262,35 +263,46 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float, setting
     lines = [
         "# Cold-start benchmark",
         "",
-        f"`python -m benchmarks.coldstart {' '.join(args.argv)}`: {args.seeds} seed(s), {trained[0]['rounds']} "
-        f"rounds, {args.folds} fold(s) of 4 held-out clients, {args.draws} support draws per held-out client and k, "
+        f"`python -m benchmarks.coldstart {' '.join(args.argv)}`: {args.seeds} seed(s), "
+        f"{trained[0]['rounds']} "
+        f"rounds, {args.folds} fold(s) of 4 held-out clients, {args.draws} support draws per "
+        "held-out client and k, "
         f"{wall / 60:.1f} min on {os.cpu_count()} cores.",
         "",
-        "digits, label-permutation, 24 clients in 4 groups, default fedmtl settings; 20 clients train, "
-        "4 (one per group) never do. Each fold is its own training run with other clients held out (6 folds "
+        "digits, label-permutation, 24 clients in 4 groups, default fedmtl settings; "
+        "20 clients train, "
+        "4 (one per group) never do. Each fold is its own training run with other clients held "
+        "out (6 folds "
         "hold out every client once), so the cold-start figures rest on the held-out splits of "
-        f"{4 * min(args.folds, 6)} clients per seed. Each held-out client takes k labelled rows of its train "
-        "split (seeded draws), picks the group head with the lowest loss on them, fine-tunes its head (base "
+        f"{4 * min(args.folds, 6)} clients per seed. Each held-out client takes k labelled rows "
+        "of its train "
+        "split (seeded draws), picks the group head with the lowest loss on them, fine-tunes its "
+        "head (base "
         "frozen) and is scored on its held-out split. Cold-start settings: "
         + ", ".join(f"`{k}` {v}" for k, v in settings.items())
         + ".",
         "",
-        "Mean over seeds (± std over seeds) of the client means, accuracy in %. *Trained clients*: the mean "
-        "personalised accuracy of the 20 clients that trained all along (same run); *gap*: cold start − trained, "
+        "Mean over seeds (± std over seeds) of the client means, accuracy in %. "
+        "*Trained clients*: the mean "
+        "personalised accuracy of the 20 clients that trained all along (same run); "
+        "*gap*: cold start − trained, "
         "in points. *Chosen group head*: the chosen group's head before fine-tuning.",
         "",
-        "| k labelled rows | cold start | correct group | chosen group head | trained clients | gap (points) |",
+        "| k labelled rows | cold start | correct group | chosen group head | trained clients "
+        "| gap (points) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["k"] == 0:
             lines.append(
-                f"| 0 (global heads) | {pm(row, 'accuracy')} | | | {pm(row, 'personal_accuracy')} | "
+                f"| 0 (global heads) | {pm(row, 'accuracy')} | | | "
+                f"{pm(row, 'personal_accuracy')} | "
                 f"{pm(row, 'gap')} |"
             )
         else:
             lines.append(
-                f"| {row['k']} | {pm(row, 'accuracy')} | {pm(row, 'group_correct')} | {pm(row, 'chosen')} | "
+                f"| {row['k']} | {pm(row, 'accuracy')} | {pm(row, 'group_correct')} | "
+                f"{pm(row, 'chosen')} | "
                 f"{pm(row, 'personal_accuracy')} | {pm(row, 'gap')} |"
             )
     target = next(r for r in rows if r["k"] == TARGET_K)
@@ -306,9 +318,12 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float, setting
             for r in rows
             if r["k"]
         )
-        + ". In this scenario a group is a label permutation, so the right group head is already close to "
-        "the held-out client's best model and the cold start's work is mostly the group choice. When the "
-        "defaults were chosen (3 seeds × 6 folds), longer or faster fine-tunes without the proximal pull "
+        + ". In this scenario a group is a label permutation, so the right group head is already "
+        "close to "
+        "the held-out client's best model and the cold start's work is mostly the group choice. "
+        "When the "
+        "defaults were chosen (3 seeds × 6 folds), longer or faster fine-tunes without the "
+        "proximal pull "
         "overfit the k rows (up to 1.6 points lower). Clients that differ within a group give the "
         "fine-tune more to do; that case is not measured here.",
         "",
@@ -332,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         choices=range(1, 7),
         metavar="1..6",
-        help=f"held-out sets per seed, one client per group each (default {FOLDS}; quick: {QUICK_FOLDS})",
+        help=(
+            "held-out sets per seed, one client per group each "
+            f"(default {FOLDS}; quick: {QUICK_FOLDS})"
+        ),
     )
     parser.add_argument(
         "--draws",
@@ -387,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                 records += res
                 head = res[0]
                 print(
-                    f"  seed {head['seed']} fold {head['fold']}: trained clients' personalised accuracy "
+                    f"  seed {head['seed']} fold {head['fold']}: "
+                    "trained clients' personalised accuracy "
                     f"{head['personal_accuracy']:.3f} ({head['train_s']:.0f} s)",
                     flush=True,
                 )

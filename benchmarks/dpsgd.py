@@ -147,10 +147,10 @@ def main() -> None:
     (RESULTS / "dpsgd.json").write_text(json.dumps(records, indent=2) + "\n")
     text = (
         f"# DP-SGD (`python -m benchmarks.dpsgd --seeds {args.seeds} --rounds {args.rounds}`)\n\n"
-        f"Digits, 20 clients in 4 label-permutation groups, fedmtl, {args.rounds} rounds of one local "
-        f"epoch, batch 16 (Poisson, q = 1/⌈n/16⌉ ≈ 1/5), lr 0.2, C = 1; mean ± sd over {args.seeds} seeds.\n\n"
-        + table(records)
-        + "\n"
+        f"Digits, 20 clients in 4 label-permutation groups, fedmtl, {args.rounds} rounds "
+        "of one local "
+        "epoch, batch 16 (Poisson, q = 1/⌈n/16⌉ ≈ 1/5), lr 0.2, C = 1; "
+        f"mean ± sd over {args.seeds} seeds.\n\n" + table(records) + "\n"
     )
     (RESULTS / "dpsgd.md").write_text(text)
     print(text)

@@ -1,4 +1,4 @@
-"""Privacy benchmark: what secure aggregation costs, and what differential privacy costs in accuracy.
+"""Privacy benchmark: what secure aggregation costs and what differential privacy costs in accuracy.
 
     python -m benchmarks.privacy [--quick] [--parts secagg,dp,ckks] [--update]
 
@@ -8,14 +8,14 @@ writes ``benchmarks/results/privacy.md`` and ``privacy.json``. Parts (each in th
   500 Synthetic clients (MLP 60-64-10, 5 local epochs) with plain and with SecAgg+ aggregation;
   seconds per round, the protocol's own seconds, and the largest difference between the secure
   and the plain group means; with the default graph (sized for 10 % dropout) and, from 100
-  clients up, with the graph sized for 30 %. Then recovery: SecAgg+ over 100 clients with 0 %, 10 % and 30 % of
-  them silent between masking and unmasking (graphs sized for 10 % and for 30 %), over ``trials``
-  sessions: how many sums were recovered and their largest error.
+  clients up, with the graph sized for 30 %. Then recovery: SecAgg+ over 100 clients with 0 %,
+  10 % and 30 % of them silent between masking and unmasking (graphs sized for 10 % and for
+  30 %), over ``trials`` sessions: how many sums were recovered and their largest error.
 - **ckks** (not in the default parts; needs the ``he`` extra): the same core round of 10 and 100
   Synthetic clients, each round's updates aggregated three ways — plainly, with SecAgg+ (default
-  graph) and with CKKS homomorphic encryption (:mod:`fedmtl.privacy.he`, a fresh key per round) — the
-  round's seconds for each, the protocols' own seconds, the largest difference from the plain
-  group means, and the bytes one client sends.
+  graph) and with CKKS homomorphic encryption (:mod:`fedmtl.privacy.he`, a fresh key per round)
+  — the round's seconds for each, the protocols' own seconds, the largest difference from the
+  plain group means, and the bytes one client sends.
 - **dp**: fedmtl without DP and with DP at noise multipliers z giving ε ≈ 8, 4, 2 and 1
   (δ = 1e-5, from the accountant), 50 rounds, on two scenarios: Synthetic(0.5, 0.5) with 1,000
   clients, 10 % Poisson-sampled per round, multinomial logistic regression; and digits split
@@ -239,7 +239,7 @@ def part_secagg(sizes: list[int], rounds: int, trials: int) -> dict:
 
 
 def part_ckks(sizes: list[int], rounds: int) -> dict:
-    """Plain, SecAgg+ and CKKS aggregation of the same updates, round by round (see the docstring)."""
+    """Plain, SecAgg+ and CKKS aggregation of the same updates, round by round (see the module)."""
     from fedmtl.privacy.he import HEClient, KeyHolder
 
     out = {"rounds": [], "load_average": [os.getloadavg()[0]]}
@@ -521,10 +521,13 @@ def report(results: dict, args) -> str:
         lines += [
             "## Secure aggregation (SecAgg+) against plain aggregation",
             "",
-            "The core round (batched local training of every client, aggregation, server step), Synthetic "
-            "clients, MLP 60-64-10; the protocol runs all clients and the server in this one process.",
+            "The core round (batched local training of every client, aggregation, server step), "
+            "Synthetic "
+            "clients, MLP 60-64-10; the protocol runs all clients and the server in this one "
+            "process.",
             "",
-            'Wall-clock seconds (medians over the rounds); "× plain, CPU time" is the same ratio of the '
+            'Wall-clock seconds (medians over the rounds); "× plain, CPU time" is the same ratio '
+            "of the "
             "process's CPU seconds, which other work on a shared machine does not inflate"
             + (
                 " (load average {:.1f} at the start of this part, {:.1f} at its end)".format(
@@ -535,7 +538,8 @@ def report(results: dict, args) -> str:
             )
             + ".",
             "",
-            "| clients | graph sized for dropout | k | coordinates | plain round (s) | with SecAgg+ (s) | × plain "
+            "| clients | graph sized for dropout | k | coordinates | plain round (s) "
+            "| with SecAgg+ (s) | × plain "
             "| protocol (s) | × plain, CPU time | max |secure − plain| |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -565,24 +569,31 @@ def report(results: dict, args) -> str:
             "",
             "## Homomorphic aggregation (CKKS) against SecAgg+ and plain aggregation",
             "",
-            "The same core round; each round's updates are aggregated plainly, with SecAgg+ (graph sized for "
-            "10 % dropout) and with CKKS (TenSEAL, N = 8192, scale 2^40, a fresh key per round), all "
-            "parties in this one process. Wall-clock seconds per round (medians); CPU-time ratios in "
+            "The same core round; each round's updates are aggregated plainly, with SecAgg+ "
+            "(graph sized for "
+            "10 % dropout) and with CKKS (TenSEAL, N = 8192, scale 2^40, a fresh key per round), "
+            "all "
+            "parties in this one process. Wall-clock seconds per round (medians); CPU-time "
+            "ratios in "
             "brackets (load average {:.1f} at the start, {:.1f} at the end).".format(
                 *he["load_average"]
             ),
             "",
-            "| clients | coordinates | plain round (s) | SecAgg+ round (s) | × plain | CKKS round (s) | × plain "
-            "| SecAgg+ protocol (s) | CKKS protocol (s) | CKKS bytes per client | max |CKKS − plain| |",
+            "| clients | coordinates | plain round (s) | SecAgg+ round (s) | × plain "
+            "| CKKS round (s) | × plain "
+            "| SecAgg+ protocol (s) | CKKS protocol (s) | CKKS bytes per client "
+            "| max |CKKS − plain| |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in he["rounds"]:
             p = r["plain_round_s"]
             lines.append(
                 f"| {r['clients']} | {r['dim']:,} | {p:.3f} | {r['secagg_round_s']:.3f} | "
-                f"{r['secagg_round_s'] / p:.2f} ({r['secagg_round_cpu_s'] / r['plain_round_cpu_s']:.2f}) | "
+                f"{r['secagg_round_s'] / p:.2f} "
+                f"({r['secagg_round_cpu_s'] / r['plain_round_cpu_s']:.2f}) | "
                 f"{r['ckks_round_s']:.3f} | {r['ckks_round_s'] / p:.2f} "
-                f"({r['ckks_round_cpu_s'] / r['plain_round_cpu_s']:.2f}) | {r['secagg_protocol_s']:.3f} | "
+                f"({r['ckks_round_cpu_s'] / r['plain_round_cpu_s']:.2f}) | "
+                f"{r['secagg_protocol_s']:.3f} | "
                 f"{r['ckks_protocol_s']:.3f} | {r['ckks_bytes_per_client'] / 1e6:.2f} MB "
                 f"({r['ckks_bytes_per_client'] / r['plain_bytes_per_client']:.0f}× float32) | "
                 f"{r['ckks_max_abs_error']:.1e} |"
@@ -620,7 +631,8 @@ def report(results: dict, args) -> str:
                 eps = f"{r['epsilon']:.2f}" if r["epsilon"] else "∞ (no DP)"
                 lines.append(
                     f"| {r['setting']} | {z} | {eps} | {r['personal_accuracy']:.4f} | "
-                    f"{r['group_accuracy']:.4f} | {r['global_accuracy']:.4f} | {r['attack_auc']:.4f} | "
+                    f"{r['group_accuracy']:.4f} | {r['global_accuracy']:.4f} | "
+                    f"{r['attack_auc']:.4f} | "
                     f"{r['attack_advantage']:.4f} | {r['attack_tpr_at_1pct_fpr']:.4f} | "
                     + (
                         f"{r['lira_online_auc']:.4f} | {r['lira_offline_auc']:.4f} | "
@@ -637,12 +649,17 @@ def report(results: dict, args) -> str:
 
                 def strongest(row: dict) -> str:
                     key = max((k for k in attacks if k in row), key=lambda k: row[k])
-                    return f"{row[key]:.3f} ({key.removesuffix('_auc').replace('attack', 'loss threshold')})"
+                    return (
+                        f"{row[key]:.3f} "
+                        f"({key.removesuffix('_auc').replace('attack', 'loss threshold')})"
+                    )
 
                 lines += [
                     "",
-                    f"At ε = {r['epsilon']:.2f}: personalised accuracy {100 * (r['personal_accuracy'] - base):+.1f} "
-                    f"points from the non-private run (target: within 2 on Synthetic); the strongest attack's "
+                    f"At ε = {r['epsilon']:.2f}: personalised accuracy "
+                    f"{100 * (r['personal_accuracy'] - base):+.1f} "
+                    "points from the non-private run (target: within 2 on Synthetic); "
+                    "the strongest attack's "
                     f"AUC {strongest(r)} (target ≤ 0.55); without DP {strongest(first)}.",
                     "",
                 ]

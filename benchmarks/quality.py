@@ -122,7 +122,8 @@ METHODS = (
     "fedmtl",
     "fedmtl-cluster",
 )
-#: fedmtl's rows use the per-client λ search (opt-in: it costs 41 head fits per client and evaluation)
+#: fedmtl's rows use the per-client λ search (opt-in: it costs 41 head fits per client and
+#: evaluation)
 METHOD_OVERRIDES = {
     "fedmtl": {"algorithm.personal_lambda_search": "cv"},
     "fedmtl-cluster": {
@@ -241,7 +242,8 @@ def markdown(records: list[dict], args: argparse.Namespace, wall: float) -> str:
             else "."
         ),
         "",
-        "Mean over seeds (± standard deviation) of the client-mean on held-out splits, after the last round. "
+        "Mean over seeds (± standard deviation) of the client-mean on held-out splits, "
+        "after the last round. "
         "**Bold**: the best method of the scenario (highest mean).",
         "",
     ]

@@ -236,7 +236,8 @@ def report(results: dict, quick: bool) -> str:
         "# Reliability: failing clients, Byzantine clients, crash and resume",
         "",
         f"`python -m benchmarks.reliability{' --quick' if quick else ''}` on this machine "
-        f"({os.cpu_count()} cores). Digits over 20 clients in 4 label-permutation groups, MLP 64-64-10, "
+        f"({os.cpu_count()} cores). Digits over 20 clients in 4 label-permutation groups, "
+        "MLP 64-64-10, "
         f"{results.get('rounds')} rounds.",
         "",
     ]
@@ -265,7 +266,8 @@ def report(results: dict, quick: bool) -> str:
             "",
             "## Byzantine clients (20 %: 4 of 20, the same every round)",
             "",
-            "Honest clients' final accuracy (fedmtl: personalised; FedAvg: its global model); in brackets "
+            "Honest clients' final accuracy (fedmtl: personalised; FedAvg: its global model); "
+            "in brackets "
             "the difference from the clean run with the plain mean, in points.",
             "",
         ]
@@ -305,11 +307,14 @@ def report(results: dict, quick: bool) -> str:
         lines += [
             "## Crash and resume (`fedmtl train`, SIGKILL mid-round, then `fedmtl train --resume`)",
             "",
-            "| rounds | killed in round | killed by SIGKILL | resume exit | final model bit-identical | "
+            "| rounds | killed in round | killed by SIGKILL | resume exit "
+            "| final model bit-identical | "
             "uninterrupted (s) | crashed run (s) | resumed run (s) |",
             "|---|---|---|---|---|---|---|---|",
-            f"| {r['rounds']} | {r['crash_at_round']} | {r['killed_by_sigkill']} | {r['resumed_exit']} | "
-            f"{r['bit_identical']} | {r['uninterrupted_s']:.1f} | {r['crashed_s']:.1f} | {r['resumed_s']:.1f} |",
+            f"| {r['rounds']} | {r['crash_at_round']} | {r['killed_by_sigkill']} | "
+            f"{r['resumed_exit']} | "
+            f"{r['bit_identical']} | {r['uninterrupted_s']:.1f} | {r['crashed_s']:.1f} | "
+            f"{r['resumed_s']:.1f} |",
         ]
     return "\n".join(lines) + "\n"
 

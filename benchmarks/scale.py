@@ -1,7 +1,7 @@
 """Many clients per round: Synthetic(0.5, 0.5) with multinomial logistic regression (FedAvg,
-5 local epochs, batch 16, lr 0.05), its data held in memory (no partition files), through the core's round: batched local training of every
-client (one shard, as the flow's thread runner does for batched training), hierarchical
-aggregation and the server step.
+5 local epochs, batch 16, lr 0.05), its data held in memory (no partition files), through the
+core's round: batched local training of every client (one shard, as the flow's thread runner
+does for batched training), hierarchical aggregation and the server step.
 
 Used by ``python -m benchmarks.speed`` (part ``scale``, each size in a process of its own, as a
 training process runs it); on its own:
@@ -142,7 +142,8 @@ def main(argv: list[str]) -> None:
         )
     else:
         print(
-            f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data, peak {peak:.0f} MiB"
+            f"{n} clients: {seconds:.2f} s per round, {mib:.0f} MiB of client data, "
+            f"peak {peak:.0f} MiB"
         )
 
 

@@ -75,7 +75,7 @@ def make_config(root: Path, values: dict):
 
 
 def prepare_data(root: Path, values: dict) -> Path:
-    """Validated partitions for ``values`` inside ``root`` and its parameter file; returns the file."""
+    """Validated partitions for ``values`` in ``root`` and its parameter file; returns the file."""
     from fedmtl.config import dump_config
     from fedmtl.data import partition, prepare
     from fedmtl.data.manifest import read_manifest
@@ -97,7 +97,7 @@ def prepare_data(root: Path, values: dict) -> Path:
 
 
 def peak_of(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
-    """Run a process to its end: (wall seconds, its peak RSS in MiB, its stdout); raises on failure."""
+    """Run a process to its end: (wall seconds, peak RSS in MiB, its stdout); raises on failure."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as err:
@@ -299,7 +299,8 @@ def report(results: dict, quick: bool) -> str:
         "# Speed: orchestration against the plain torch floor",
         "",
         f"`python -m benchmarks.speed{' --quick' if quick else ''}` on this machine "
-        f"({os.cpu_count()} cores). Workload W: digits, 100 clients × 2-class shards, MLP 64-64-10, "
+        f"({os.cpu_count()} cores). Workload W: digits, 100 clients × 2-class shards, "
+        "MLP 64-64-10, "
         f"5 local epochs, batch 16, lr 0.05, FedAvg, {results['rounds']} rounds.",
         "",
     ]
@@ -308,7 +309,8 @@ def report(results: dict, quick: bool) -> str:
         lines += [
             "## W end to end",
             "",
-            "| path | whole process (s) | steady round (s) | × floor round | peak memory (MiB) | accuracy |",
+            "| path | whole process (s) | steady round (s) | × floor round | peak memory (MiB) "
+            "| accuracy |",
             "|---|---|---|---|---|---|",
         ]
         for name, label in (
@@ -321,7 +323,8 @@ def report(results: dict, quick: bool) -> str:
             if r:
                 lines.append(
                     f"| {label} | {r['wall_s']:.1f} | {r['round_s']:.3f} | "
-                    f"{r['round_s'] / floor['round_s']:.2f} | {r['peak_mib']:.0f} | {r['accuracy']:.4f} |"
+                    f"{r['round_s'] / floor['round_s']:.2f} | {r['peak_mib']:.0f} | "
+                    f"{r['accuracy']:.4f} |"
                 )
         r = results.get("fedmtl")
         if r:
@@ -334,7 +337,8 @@ def report(results: dict, quick: bool) -> str:
             )
             lines += [
                 "",
-                f"Whole process: fedmtl {r['wall_s']:.1f} s = {r['wall_s'] / floor['wall_s']:.2f}× the "
+                f"Whole process: fedmtl {r['wall_s']:.1f} s = "
+                f"{r['wall_s'] / floor['wall_s']:.2f}× the "
                 f"floor's {floor['wall_s']:.1f} s{again_text} (target ≤ 1.5×). Steady round: "
                 f"{r['round_s'] / floor['round_s']:.2f}× (target ≤ 1.0×).",
                 "",
@@ -348,8 +352,10 @@ def report(results: dict, quick: bool) -> str:
             if loop:
                 lines += [
                     "",
-                    f"Batched vs per-client path, final personalised accuracy: {r['accuracy']:.4f} vs "
-                    f"{loop['accuracy']:.4f} (difference {100 * abs(r['accuracy'] - loop['accuracy']):.2f} "
+                    "Batched vs per-client path, final personalised accuracy: "
+                    f"{r['accuracy']:.4f} vs "
+                    f"{loop['accuracy']:.4f} "
+                    f"(difference {100 * abs(r['accuracy'] - loop['accuracy']):.2f} "
                     "points; target ≤ 0.5).",
                 ]
     dask = results.get("dask")
@@ -359,7 +365,8 @@ def report(results: dict, quick: bool) -> str:
             "",
             "## Dask runner, compute-heavy configuration",
             "",
-            "HAR, 30 clients (one per user, 295–434 windows each), MLP 64-1024-1024 with two heads, "
+            "HAR, 30 clients (one per user, 295–434 windows each), MLP 64-1024-1024 "
+            "with two heads, "
             "3 local epochs, batch 32, 5 rounds, per-client path, one shard of clients per worker; "
             "the local_train step, median of rounds 3–5.",
             "",
@@ -377,12 +384,14 @@ def report(results: dict, quick: bool) -> str:
             "",
             "## Many clients per round (Synthetic, MLR, core round, data in memory)",
             "",
-            "| clients per round | seconds per round | process peak (MiB) | data (MiB) | MiB per client |",
+            "| clients per round | seconds per round | process peak (MiB) | data (MiB) "
+            "| MiB per client |",
             "|---|---|---|---|---|",
         ]
         for r in scale:
             lines.append(
-                f"| {r['clients']:,} | {r['round_s']:.2f} | {r['peak_mib']:.0f} | {r['data_mib']:.0f} | "
+                f"| {r['clients']:,} | {r['round_s']:.2f} | {r['peak_mib']:.0f} | "
+                f"{r['data_mib']:.0f} | "
                 f"{r['mib_per_client']:.3f} |"
             )
     return "\n".join(lines) + "\n"

@@ -66,7 +66,8 @@ def data_partition(
     except (DataError, FileNotFoundError) as exc:
         _fail(exc, 2)
     console.print(
-        f"wrote {len(manifest.clients)} client partitions ({manifest.scheme}) to {cfg.data.partitions_dir}"
+        f"wrote {len(manifest.clients)} client partitions ({manifest.scheme}) to "
+        f"{cfg.data.partitions_dir}"
     )
 
 

@@ -203,12 +203,14 @@ def _print_scores(predicted, target, truth, tasks, path: Path) -> None:
             pred = np.array([index[v] for v in predicted[task.name].tolist()])
             acc = float((pred[mask] == truth[task.name].numpy()[mask]).mean())
             console.print(
-                f"accuracy on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{acc:.3f}[/]"
+                f"accuracy on '{path}' ({task.name}, {int(mask.sum())} labelled rows): "
+                f"[bold]{acc:.3f}[/]"
             )
         else:
             err_ = np.abs(
                 predicted[task.name].to_numpy(dtype=float)[mask] - truth[task.name].numpy()[mask]
             )
             console.print(
-                f"MAE on '{path}' ({task.name}, {int(mask.sum())} labelled rows): [bold]{err_.mean():.4f}[/]"
+                f"MAE on '{path}' ({task.name}, {int(mask.sum())} labelled rows): "
+                f"[bold]{err_.mean():.4f}[/]"
             )

@@ -260,7 +260,10 @@ def _print_judged(outcome: dict) -> None:
         return
 
     def named(who: dict) -> str:
-        return f"version {who['version']} (MLflow run {who['run_id'] or 'none'}, method {who['method']})"
+        return (
+            f"version {who['version']} (MLflow run {who['run_id'] or 'none'}, "
+            f"method {who['method']})"
+        )
 
     ref = str(judged.get("challenger_ref") or "").lstrip("@")
     how = f" (alias {ref})" if ref and not ref.isdigit() else ""

@@ -60,7 +60,8 @@ def schedule(
         _fail(
             ValueError(
                 "fedmtl schedule needs a Prefect server to keep the schedule: start one with "
-                "`prefect server start`, then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` "
+                "`prefect server start`, then "
+                "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` "
                 "(or export PREFECT_API_URL)"
             ),
             2,

@@ -1,4 +1,5 @@
-"""The tracking commands: ``fedmtl compare`` (runs side by side) and ``fedmtl ui`` (the MLflow UI)."""
+"""The tracking commands: ``fedmtl compare`` (runs side by side) and ``fedmtl ui``
+(the MLflow UI)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def ui(
         ),
     ] = None,
 ) -> None:
-    """The MLflow UI on the tracking store: replaces this process with `mlflow ui` (Ctrl-C stops it)."""
+    """The MLflow UI on the tracking store: replaces this process with `mlflow ui`
+    (Ctrl-C stops it)."""
     import os
     import shutil
 
@@ -122,6 +124,7 @@ def ui(
         f"MLflow UI on [bold]http://{shown}:{port}[/] (store {tracking_uri}); Ctrl-C stops it"
     )
     sys.stdout.flush()
-    # MLflow 3 also starts a GenAI job runner (a pool of worker processes) that runs and models never use
+    # MLflow 3 also starts a GenAI job runner (a pool of worker processes) that runs and models
+    # never use
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(exe, args)

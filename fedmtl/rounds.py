@@ -177,7 +177,8 @@ def run_round(
     if len(updates) < min_clients:
         if sat_out and len(sat_out) == len(failed):
             raise ClientBudgetsSpent(
-                f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients can train within "
+                f"round {state.round + 1}: only {len(updates)} of {len(chosen)} clients "
+                "can train within "
                 f"privacy.dp_sgd.target_epsilon (training.min_clients = {min_clients}); "
                 f"{len(sat_out)} sat out: " + "; ".join(str(failed[c]) for c in sat_out)
             )
@@ -323,8 +324,8 @@ def run_rounds(
 ) -> tuple[ServerState, pd.DataFrame, list[dict[str, float]]]:
     """The simulator: :func:`run` with the :class:`InProcess` steps; returns the final state,
     the last evaluation's per-client records and every evaluated round's summary. Under
-    ``privacy.dp_sgd.enabled`` a client over its target sits the round out, and training stops when no
-    client of a round can train."""
+    ``privacy.dp_sgd.enabled`` a client over its target sits the round out, and training stops
+    when no client of a round can train."""
     history = _History(fed)
     outcome = run(
         fed,

@@ -2,7 +2,8 @@
 
 Parameters travel as flat float32 vectors (``torch.nn.utils.parameters_to_vector`` order of the
 module they belong to), so aggregation, clipping and masking are plain tensor arithmetic.
-The server state never holds a personal head: those live in the :class:`~fedmtl.client.store.ClientStore`.
+The server state never holds a personal head: those live in the
+:class:`~fedmtl.client.store.ClientStore`.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def build_deployment(
         concurrency_limit=CONCURRENCY,
         parameters=deployment_parameters(cfg),
         description=(
-            "fedmtl scheduled training: refresh the DVC data (new data version), warm-start from the "
+            "fedmtl scheduled training: refresh the DVC data (new data version), "
+            "warm-start from the "
             "registry's champion, train, register a challenger. One run at a time."
         ),
         tags=["fedmtl", "scheduled"],

@@ -25,8 +25,9 @@ from flows import interrupt, progress
 class RoundReporting(round_loop.Callbacks):
     """What the flow does around each round of the loop (:func:`fedmtl.rounds.run`): before it,
     stop at an interrupt (a safe point: the last checkpoint is being written whole) or when the
-    next round would exceed ``privacy.dp_fedavg.target_epsilon``; after it, the round's metrics, per-client
-    records and failures to MLflow (what privacy allows), the ε spent, the checkpoint, progress."""
+    next round would exceed ``privacy.dp_fedavg.target_epsilon``; after it, the round's metrics,
+    per-client records and failures to MLflow (what privacy allows), the ε spent, the checkpoint,
+    progress."""
 
     def __init__(
         self, fed, cfg, clients, tracker, tags, budget, checkpoints, history, extra
@@ -58,7 +59,8 @@ class RoundReporting(round_loop.Callbacks):
                 else f"not evaluated: {why}"
             )
         summary = {**summarize(records), **report.pooled, **grouping_metrics(fed, records)}
-        # under DP who took part (and so how many) is secret: the sampling amplification counts on it
+        # under DP who took part (and so how many) is secret: the sampling amplification counts
+        # on it
         extra = (
             {}
             if cfg.privacy.dp_fedavg.enabled

@@ -81,7 +81,8 @@ class PrefectSteps(Steps):
             return 0
         delay = cfg.training.retry_delay
         retries = cfg.training.client_retries
-        # the retry task's first run is the first retry: Prefect retries it the other retries - 1 times
+        # the retry task's first run is the first retry: Prefect retries it the other
+        # retries - 1 times
         options = {
             "retries": retries - 1,
             "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay else 0,

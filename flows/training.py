@@ -52,9 +52,9 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
     validates a mapping into one, e.g. a deployment's stored parameters, old keys included).
 
     Every complete round is checkpointed in the run's directory (``training.workdir``/runs/KEY:
-    :mod:`fedmtl.lifecycle.checkpoint`). ``resume``: continue the newest interrupted run with the same
-    settings and data after its last good checkpoint, in the same MLflow run; a retry of the same
-    Prefect flow run resumes by itself."""
+    :mod:`fedmtl.lifecycle.checkpoint`). ``resume``: continue the newest interrupted run with the
+    same settings and data after its last good checkpoint, in the same MLflow run; a retry of the
+    same Prefect flow run resumes by itself."""
     cfg = config if isinstance(config, Config) else Config.model_validate(config)
     logger = get_run_logger()
     interrupt.reinstall()  # fedmtl train: SIGTERM stops at the next safe point, as SIGINT does

@@ -4,9 +4,10 @@ Routing, for each row: the client's personal heads if the bundle has them, else 
 heads if the client is known, else, for a client that took no part in training, a cold start:
 when its rows carry labels (the task's label column present and not null), those rows are its
 support set, it picks its group by the loss of each group head on them and fine-tunes its own
-head from it (:func:`fedmtl.lifecycle.coldstart.personalize`, settings in the bundle's ``coldstart``), and
-all its rows are predicted with that head (``head`` = "cold-start"); without labels, the global
-heads. A cold start is not remembered: send the labelled rows with every request.
+head from it (:func:`fedmtl.lifecycle.coldstart.personalize`, settings in the bundle's
+``coldstart``), and all its rows are predicted with that head (``head`` = "cold-start"); without
+labels, the global heads. A cold start is not remembered: send the labelled rows with every
+request.
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ class PersonalizedPredictor:
     def cold_start(self, client: str, frame: pd.DataFrame) -> ColdStart:
         """Personalise for ``client`` (unknown to the bundle) on the labelled rows of ``frame``
         (features and label columns; rows without any label are ignored; none: global heads).
-        Raises ``ValueError`` for a missing feature column or a label that is not a declared class."""
+        Raises ``ValueError`` for a missing feature column or a label that is not a declared
+        class."""
         b = self.bundle
         missing = [c for c in b.features if c not in frame.columns]
         if missing:
             raise ValueError(
-                f"input is missing feature column(s) {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                "input is missing feature column(s) "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}"
             )
         y = encode_support(frame, self.tasks, client)
         x = torch.tensor(feature_matrix(frame, b.features))

@@ -92,7 +92,8 @@ def store_lock(
             lock.acquire(timeout=timeout)
         except Timeout:
             raise LockTimeout(
-                f"another process has held the lock '{path}' ({key}) for more than {timeout:.0f} s; "
+                f"another process has held the lock '{path}' ({key}) "
+                f"for more than {timeout:.0f} s; "
                 "if no fedmtl command is running against this store, check for a hung one"
             ) from None
     try:

@@ -107,9 +107,9 @@ def evaluate(
     """Every client scores global, group and personalised models on its own held-out split:
     per-client records, or, when per-client metrics are off (privacy), no records and the
     metrics pooled from the clients' summed statistics. A client whose partition cannot be used
-    (missing, changed after validation, NaN or infinite rows: :class:`fedmtl.client.data.PartitionError`)
-    is left out and logged; the others are scored. Returns (records, pooled metrics, skipped
-    client -> error)."""
+    (missing, changed after validation, NaN or infinite rows:
+    :class:`fedmtl.client.data.PartitionError`) is left out and logged; the others are scored.
+    Returns (records, pooled metrics, skipped client -> error)."""
     records, pooled, skipped = _STEPS.evaluate(fed, state, clients)
     if skipped:
         logger = get_run_logger()

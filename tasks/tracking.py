@@ -211,7 +211,8 @@ class RunTracker:
         self.client.log_figure(self.run_id, figure, name)
 
     def log_table(self, frame: pd.DataFrame, name: str) -> None:
-        """``frame`` as CSV at artifact path ``name`` (which may name a folder, e.g. groups/x.csv)."""
+        """``frame`` as CSV at artifact path ``name`` (which may name a folder, e.g.
+        groups/x.csv)."""
         folder, _, filename = name.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / filename

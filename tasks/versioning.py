@@ -28,7 +28,8 @@ def refresh_data(cfg: Config) -> dict[str, str | bool | None]:
     after = data_version(partitions, lock)
     if after["data_version_source"] != "dvc.lock":
         raise datarefresh.DataRefreshError(
-            f"after `dvc repro`, '{lock}' records no version of '{cfg.data.partitions_dir}': is it the "
+            f"after `dvc repro`, '{lock}' records no version of '{cfg.data.partitions_dir}': "
+            "is it the "
             "partition stage's output in dvc.yaml (data.partitions_dir)?"
         )
     changed = after["data_version"] != before

@@ -8,10 +8,10 @@ Client round (docs/algorithm.md):
   column or are learned (:mod:`fedmtl.server.grouping`).
 - **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
   ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
-  pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly (``personal_fit: map``,
-  :mod:`fedmtl.client.personal`) with λ fixed or chosen per client by cross-validation on its own train
-  rows (``personal_lambda_search: cv``). ψ_c is fitted on the base it will be used with, and
-  never leaves the client.
+  pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly
+  (``personal_fit: map``, :mod:`fedmtl.client.personal`) with λ fixed or chosen per client by
+  cross-validation on its own train rows (``personal_lambda_search: cv``). ψ_c is fitted on the
+  base it will be used with, and never leaves the client.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Batched local training: the shared step of many clients at once, in one process.
 
 The shared step of FedAvg, FedProx, FedAvg-FT and fedmtl is the same procedure for every
-client: :func:`~fedmtl.client.training.train_joint` + :func:`~fedmtl.client.training.fit` from a per-client
-start (base, heads), mini-batches drawn by the client's own generator, SGD. :func:`train_shared`
-runs that procedure for a shard of clients that share an architecture with ``torch.func``:
+client: :func:`~fedmtl.client.training.train_joint` + :func:`~fedmtl.client.training.fit` from a
+per-client start (base, heads), mini-batches drawn by the client's own generator, SGD.
+:func:`train_shared` runs that procedure for a shard of clients that share an architecture with
+``torch.func``:
 the clients' parameters are the rows of one contiguous ``[C, P]`` tensor (base, then each
 head, in ``named_parameters`` order, so a row is exactly ``flat(base) ++ flat(head) ...``),
 and each step is one ``vmap(grad(functional_call(...)))`` over the clients.
@@ -97,7 +98,10 @@ def batching_blocker(model: nn.Module) -> str | None:
                 "RNG in per-client order, which a batch of clients cannot reproduce"
             )
         if isinstance(module, nn.modules.batchnorm._NormBase):
-            return f"the model has batch norm ({name}): it mixes the rows of a batch and keeps running statistics"
+            return (
+                f"the model has batch norm ({name}): it mixes the rows of a batch and keeps "
+                "running statistics"
+            )
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
         return f"the model has buffers ({', '.join(buffers[:3])}): state outside the parameters"

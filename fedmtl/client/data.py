@@ -268,7 +268,8 @@ def load_client_data(
 
 def _changed(client: str, path: Path, expected: PartitionDigest, now: str) -> PartitionChanged:
     return PartitionChanged(
-        f"client '{client}': partition file '{path}' changed after validation ({now}; validated SHA-256 "
+        f"client '{client}': partition file '{path}' changed after validation "
+        f"({now}; validated SHA-256 "
         f"{expected.sha256[:12]}…, {expected.size} bytes): re-run `fedmtl data validate`",
         client,
         path,

@@ -30,7 +30,8 @@ FOLDS = 5
 
 
 def cv_folds(labels: np.ndarray, k: int = FOLDS) -> np.ndarray:
-    """Each row's fold, stratified and deterministic: the i-th row of each class goes to fold i mod k."""
+    """Each row's fold, stratified and deterministic: the i-th row of each class goes to
+    fold i mod k."""
     labels = np.asarray(labels).reshape(-1)
     folds = np.zeros(labels.shape[0], dtype=np.int64)
     for value in np.unique(labels):

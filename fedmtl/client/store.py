@@ -113,7 +113,8 @@ class ClientStore:
     def _record_pattern(name: str) -> re.Pattern:
         if not _RECORD.match(name) or name == "personal":
             raise ValueError(
-                f"a record name must be lower-case letters, digits and _, not 'personal'; got {name!r}"
+                "a record name must be lower-case letters, digits and _, not 'personal'; "
+                f"got {name!r}"
             )
         return re.compile(rf"^{name}-r(\d{{6}})\.pt$")
 

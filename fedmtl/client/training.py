@@ -47,8 +47,9 @@ class LocalConfig:
     pfedme_lambda: float = 15.0
     pfedme_inner_steps: int = 5
     pfedme_personal_lr: float = 0.05
-    #: a :class:`fedmtl.privacy.dpsgd.DPSGDSession` while a client trains under ``privacy.dp_sgd.enabled``: every
-    #: :func:`fit` is then DP-SGD and its steps are recorded there (set per client round, never here)
+    #: a :class:`fedmtl.privacy.dpsgd.DPSGDSession` while a client trains under
+    #: ``privacy.dp_sgd.enabled``: every :func:`fit` is then DP-SGD and its steps are recorded
+    #: there (set per client round, never here)
     dp_sgd: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -112,8 +113,8 @@ def fit(
     lr: float | None = None,
 ) -> float:
     """Mini-batch SGD over (x, y) for ``epochs``; returns the mean loss of the last epoch.
-    With ``cfg.dp_sgd`` set, DP-SGD instead (:mod:`fedmtl.privacy.dpsgd`; ``forward`` must then be the
-    module that holds ``params``)."""
+    With ``cfg.dp_sgd`` set, DP-SGD instead (:mod:`fedmtl.privacy.dpsgd`; ``forward`` must then
+    be the module that holds ``params``)."""
     if x.shape[0] == 0 or epochs == 0 or not params:
         return float("nan")
     if cfg.dp_sgd is not None:

@@ -28,9 +28,10 @@ class TrackingConfig(_Section):
     bundle_personal_heads: bool = Field(
         False,
         description="opt-in: publish every client's personal heads (and personal bases) inside the "
-        "registered model; off: they stay on the clients (each fits its own, `fedmtl personalize`) and the "
-        "model answers a known client with its group's heads, else the global heads. Refused with privacy.dp_fedavg.enabled "
-        "or privacy.dp_sgd.enabled (the personal parts are fitted outside ε)",
+        "registered model; off: they stay on the clients (each fits its own, `fedmtl personalize`) "
+        "and the model answers a known client with its group's heads, else the global heads. "
+        "Refused with privacy.dp_fedavg.enabled or privacy.dp_sgd.enabled (the personal parts are "
+        "fitted outside ε)",
     )
     metrics_file: str = "metrics.json"
 
@@ -38,8 +39,9 @@ class TrackingConfig(_Section):
 class ColdStartConfig(_Section):
     """A client that took no part in training (``fedmtl personalize``, the pyfunc given labels):
     it picks the group head with the lowest loss on its k labelled rows, then fine-tunes its
-    own head from it on those rows, the base frozen (fedmtl/lifecycle/coldstart.py). The defaults, a gentle
-    fine-tune (10 full-batch steps at k <= 32, lr 0.02, pulled back to the group head by μ = 1),
+    own head from it on those rows, the base frozen (fedmtl/lifecycle/coldstart.py). The defaults,
+    a gentle fine-tune (10 full-batch steps at k <= 32, lr 0.02, pulled back to the group head by
+    μ = 1),
     did as well as any setting tried by benchmarks/coldstart.py at k = 5..20; longer or faster
     fine-tunes without the pull overfit the k rows and lost up to 1.6 points."""
 
@@ -59,7 +61,8 @@ class ColdStartConfig(_Section):
     def _check(self) -> "ColdStartConfig":
         if self.lr * self.prox_mu >= 1:
             raise ValueError(
-                f"coldstart.lr × coldstart.prox_mu must be below 1 (got {self.lr} × {self.prox_mu}): "
+                "coldstart.lr × coldstart.prox_mu must be below 1 "
+                f"(got {self.lr} × {self.prox_mu}): "
                 "a larger pull towards the group head overshoots it at every step and diverges"
             )
         return self
@@ -89,7 +92,8 @@ class PromotionConfig(_Section):
     )
     min_metric: float | None = Field(
         0.5,
-        description="absolute gate: the challenger's client mean must reach this (also for the first champion)",
+        description="absolute gate: the challenger's client mean must reach this (also for the "
+        "first champion)",
     )
     max_quarantined_fraction: float = Field(
         0.25,
@@ -124,5 +128,6 @@ class ScheduleConfig(_Section):
     )
     promote: bool = Field(
         True,
-        description="after training, judge the new version with the promotion gates (fedmtl promote)",
+        description="after training, judge the new version with the promotion gates "
+        "(fedmtl promote)",
     )

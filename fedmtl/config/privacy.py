@@ -85,7 +85,8 @@ class SecureSumConfig(_Section):
         0.1,
         ge=0,
         lt=0.5,
-        description="the dropout mid-protocol the default k survives (sum lost with probability ≤ 1e-4)",
+        description="the dropout mid-protocol the default k survives (sum lost with "
+        "probability ≤ 1e-4)",
     )
     dropout: float = Field(
         0.0,
@@ -152,8 +153,8 @@ class EvaluationPrivacyConfig(_Section):
         10.0,
         gt=0,
         description="dp_fedavg: the pooled evaluation of the final model is released once, each "
-        "client's statistics clipped to their public bound Δ and N(0, (zΔ)²) added, and the accountant "
-        "counts it in ε (rounds before the last release no evaluation)",
+        "client's statistics clipped to their public bound Δ and N(0, (zΔ)²) added, and the "
+        "accountant counts it in ε (rounds before the last release no evaluation)",
     )
 
 
@@ -240,7 +241,8 @@ class PrivacyConfig(_Section):
     insecure_seeded_noise: bool = Field(
         False,
         description="TESTS ONLY: draw DP noise and sampling from training.seed, which anyone can "
-        "replay; the run's ε is void (tagged privacy_epsilon_void=true on the run and its model versions)",
+        "replay; the run's ε is void (tagged privacy_epsilon_void=true on the run and its model "
+        "versions)",
     )
 
     @model_validator(mode="before")
@@ -253,8 +255,8 @@ class PrivacyConfig(_Section):
         if self.dp and self.evaluation.client_metrics:
             raise ValueError(
                 "privacy.evaluation.client_metrics=true with privacy.dp_fedavg: each client's own "
-                "metrics would be released outside ε; leave privacy.evaluation.client_metrics unset "
-                "(pooled, noised and accounted evaluation) or turn privacy.dp_fedavg off"
+                "metrics would be released outside ε; leave privacy.evaluation.client_metrics "
+                "unset (pooled, noised and accounted evaluation) or turn privacy.dp_fedavg off"
             )
         if self.dp and self.evaluation.noise:
             raise ValueError(

@@ -57,8 +57,8 @@ class Config(_Section):
         if problem is None and self.training.batched == "on":
             problem = (
                 "training.batched=on with privacy.dp_sgd.enabled: DP-SGD clips each row's gradient "
-                "(Opacus per-sample gradients), which the batched step (torch.func over clients) does "
-                "not compute; use training.batched=auto or off"
+                "(Opacus per-sample gradients), which the batched step (torch.func over clients) "
+                "does not compute; use training.batched=auto or off"
             )
         if problem is not None:
             raise ValueError(problem)
@@ -76,10 +76,11 @@ class Config(_Section):
         ]
         if self.tracking.bundle_personal_heads and on:
             raise ValueError(
-                f"tracking.bundle_personal_heads=true with {' and '.join(on)}=true: every client's personal heads "
-                "(and personal bases) are fitted on its own rows outside the DP guarantee (ε) and would be "
-                "published in the registered model; set tracking.bundle_personal_heads=false (clients fit and "
-                "keep their own heads: `fedmtl personalize`), or turn DP-FedAvg and DP-SGD off"
+                f"tracking.bundle_personal_heads=true with {' and '.join(on)}=true: every client's "
+                "personal heads (and personal bases) are fitted on its own rows outside the DP "
+                "guarantee (ε) and would be published in the registered model; set "
+                "tracking.bundle_personal_heads=false (clients fit and keep their own heads: "
+                "`fedmtl personalize`), or turn DP-FedAvg and DP-SGD off"
             )
         return self
 
@@ -89,18 +90,20 @@ class Config(_Section):
 
 
 def dp_sgd_blocker(method: str, grouping: str) -> str | None:
-    """Why ``privacy.dp_sgd.enabled`` cannot give its guarantee with this method and grouping, or None.
-    (Methods that group clients: fedmtl, which groups by ``grouping.method``, and IFCA.)"""
+    """Why ``privacy.dp_sgd.enabled`` cannot give its guarantee with this method and grouping, or
+    None. (Methods that group clients: fedmtl, which groups by ``grouping.method``, and IFCA.)"""
     if method == "pfedme":
         return (
-            "algorithm.method=pfedme with privacy.dp_sgd.enabled: pFedMe's client loop (K inner steps per "
-            "batch on a personal model) is its own and is not made private; use another method"
+            "algorithm.method=pfedme with privacy.dp_sgd.enabled: pFedMe's client loop (K inner "
+            "steps per batch on a personal model) is its own and is not made private; use another "
+            "method"
         )
     if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
         how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"
         return (
-            f"{how} with privacy.dp_sgd.enabled: a client would pick its group from the loss of every one of "
-            "its rows, a choice released outside the sample-level ε; use grouping.method=column"
+            f"{how} with privacy.dp_sgd.enabled: a client would pick its group from the loss of "
+            "every one of its rows, a choice released outside the sample-level ε; use "
+            "grouping.method=column"
         )
     return None
 

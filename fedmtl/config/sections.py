@@ -97,9 +97,9 @@ class TrainingConfig(_Section):
     batched: Literal["auto", "on", "off"] = Field(
         "auto",
         description="train a task's clients together (torch.func, fedmtl/client/batched.py): auto: "
-        "whenever the method's client round is the shared step (fedmtl, fedavg, fedavg-ft, FedProx) and "
-        "the model has no dropout or batch norm; on: the same, else an error naming why; off: one client "
-        "at a time",
+        "whenever the method's client round is the shared step (fedmtl, fedavg, fedavg-ft, "
+        "FedProx) and the model has no dropout or batch norm; on: the same, else an error naming "
+        "why; off: one client at a time",
     )
     clients_per_task: int | None = Field(
         None,
@@ -123,7 +123,8 @@ class AlgorithmConfig(_Section):
     prox_mu: float = Field(0.0, ge=0, description="FedProx μ on the shared local objective")
     personal_fit: PersonalFit = Field(
         "map",
-        description="fedmtl: fit ψ_c exactly (map: L-BFGS, prior at φ_g) or by personal_epochs of SGD",
+        description="fedmtl: fit ψ_c exactly (map: L-BFGS, prior at φ_g) or by personal_epochs "
+        "of SGD",
     )
     personal_lambda: float = Field(
         0.3, ge=0, description="fedmtl: precision of the prior pulling ψ_c towards φ_g"
@@ -131,10 +132,11 @@ class AlgorithmConfig(_Section):
     personal_lambda_search: PersonalLambdaSearch = Field(
         "off",
         description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
-        "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train rows "
-        "(least log-loss on the left-out folds), then refits on all of them (fedmtl/client/personal.py; personal_lambda "
-        "for clients with fewer than 10 train rows). cv gains up to 1.4 points (docs/quality.md) for 41 fits "
-        "per client and evaluation instead of 1: opt in where the evaluation cost is small",
+        "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train "
+        "rows (least log-loss on the left-out folds), then refits on all of them "
+        "(fedmtl/client/personal.py; personal_lambda for clients with fewer than 10 train rows). "
+        "cv gains up to 1.4 points (docs/quality.md) for 41 fits per client and evaluation "
+        "instead of 1: opt in where the evaluation cost is small",
     )
     personal_lambda_grid: list[float] = Field(
         [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
@@ -160,7 +162,8 @@ class AlgorithmConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """The server optimiser (Reddi et al. 2021) and the aggregation rule (fedmtl/server/robust.py)."""
+    """The server optimiser (Reddi et al. 2021) and the aggregation rule
+    (fedmtl/server/robust.py)."""
 
     optimizer: ServerOptimizerName = "fedavg"
     lr: float = Field(1.0, gt=0, description="server step η (1 with fedavg = plain averaging)")
@@ -180,19 +183,22 @@ class ServerConfig(_Section):
     byzantine_clients: int | None = Field(
         None,
         ge=0,
-        description="krum/multi_krum: f, the Byzantine clients tolerated (null: ⌈20 %⌉ within Krum's n > 2f + 2)",
+        description="krum/multi_krum: f, the Byzantine clients tolerated (null: ⌈20 %⌉ within "
+        "Krum's n > 2f + 2)",
     )
     max_update_norm: float | None = Field(
         None,
         gt=0,
-        description="norm_bound: each update is scaled to at most this norm (null: the median norm)",
+        description="norm_bound: each update is scaled to at most this norm (null: the median "
+        "norm)",
     )
     max_norm_ratio: float | None = Field(
         10.0,
         gt=1,
-        description="bounded influence under every aggregator: an update whose L2 norm exceeds this "
-        "multiple of the round's (lower) median update norm is refused, the client named in the round report "
-        "(null: off; with privacy on, clipping or secure aggregation's range bounds updates instead)",
+        description="bounded influence under every aggregator: an update whose L2 norm exceeds "
+        "this multiple of the round's (lower) median update norm is refused, the client named in "
+        "the round report (null: off; with privacy on, clipping or secure aggregation's range "
+        "bounds updates instead)",
     )
 
 
@@ -234,14 +240,16 @@ class FaultsConfig(_Section):
     )
     byzantine_attack: Literal["sign_flip", "gaussian", "label_flip"] = Field(
         "sign_flip",
-        description="what they do: send −10×Δ, send noise 10× as long as Δ, or train on flipped labels",
+        description="what they do: send −10×Δ, send noise 10× as long as Δ, or train on flipped "
+        "labels",
     )
 
     crash_at_round: int | None = Field(
         None,
         ge=1,
         description="kill the training process (SIGKILL) in the middle of this round (clients "
-        "trained and evaluated, nothing logged or checkpointed): what `fedmtl train --resume` recovers from",
+        "trained and evaluated, nothing logged or checkpointed): what `fedmtl train --resume` "
+        "recovers from",
     )
 
 
@@ -267,7 +275,8 @@ class RunnerConfig(_Section):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads per worker process (default: 1 for process/dask/ray, torch's own for thread)",
+        description="torch threads per worker process (default: 1 for process/dask/ray, torch's "
+        "own for thread)",
     )
 
     @model_validator(mode="after")

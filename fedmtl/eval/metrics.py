@@ -1,10 +1,10 @@
 """Evaluation on each client's own held-out split, and the summaries that leave the clients.
 
 Three models are scored per client and task: ``global`` (θ + φ₀), ``group`` (θ + φ_g) and
-``personal`` (the method's personalised weights, e.g. θ + ψ_c for fedmtl). Classification: accuracy and macro precision, recall and F1
-(scikit-learn). Regression: MAE and RMSE. The round summary over clients: mean, sample-weighted
-mean, worst-10 % (the mean of the worst ⌈10 %⌉ of clients) and the personalisation gain
-(mean over clients of personal minus global).
+``personal`` (the method's personalised weights, e.g. θ + ψ_c for fedmtl). Classification:
+accuracy and macro precision, recall and F1 (scikit-learn). Regression: MAE and RMSE. The round
+summary over clients: mean, sample-weighted mean, worst-10 % (the mean of the worst ⌈10 %⌉ of
+clients) and the personalisation gain (mean over clients of personal minus global).
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def evaluate_clients(
 ) -> list[dict]:
     """One record per (client, variant, task), in that order: each client's metrics on its
     held-out split for each variant's (base, heads) weights (``score(task, y_true, output)``,
-    by default :func:`task_metrics`; private evaluation scores sufficient statistics instead). Batched over the clients: each
-    distinct base runs once over the held-out rows of every client that uses it,
-    and each distinct set of head weights once over its clients' features (FedAvg: two
+    by default :func:`task_metrics`; private evaluation scores sufficient statistics instead).
+    Batched over the clients: each distinct base runs once over the held-out rows of every client
+    that uses it, and each distinct set of head weights once over its clients' features (FedAvg: two
     forward passes for the whole federation instead of one per client and variant). Weights
     are told apart by identity: variants that share a tensor share the pass."""
     model.eval()

@@ -77,13 +77,14 @@ class ClientSteps:
         return self.faults.byzantine(self.manifest.client_ids)
 
     def train_data(self, client: str) -> ClientData:
-        """The client's partition as it trains on it (a label-flipping attacker's labels flipped)."""
+        """The client's partition as it trains on it (a label-flipping attacker's labels
+        flipped)."""
         return self.faults.poison_data(self.data(client), self.manifest.tasks, self.byzantine)
 
     def client_round(self, client: str, state: ServerState, attempt: int = 0) -> ClientUpdate:
         """Local training on ``client``: keeps its personal state, returns what it releases.
-        Under ``privacy.dp_sgd.enabled`` the round runs inside :attr:`sample_level`: every SGD step is a
-        DP-SGD step, the round's steps go to the client's ledger and its ε is reported with the
+        Under ``privacy.dp_sgd.enabled`` the round runs inside :attr:`sample_level`: every SGD step
+        is a DP-SGD step, the round's steps go to the client's ledger and its ε is reported with the
         update (``dp_sgd_epsilon``), or, when the round would take it above the target, it sits
         the round out (:class:`~fedmtl.privacy.sample_level.DPSGDBudgetSpent`; nothing of it is
         kept or released)."""
@@ -114,13 +115,15 @@ class ClientSteps:
         """Why this federation's clients cannot be trained in a batch, or None if they can."""
         if self.sample_level is not None:
             return (
-                "privacy.dp_sgd.enabled: DP-SGD clips each row's gradient (Opacus per-sample gradients), "
+                "privacy.dp_sgd.enabled: DP-SGD clips each row's gradient "
+                "(Opacus per-sample gradients), "
                 "which the batched step (torch.func over clients) does not compute"
             )
         if not self.algorithm.batchable:
             return (
                 f"algorithm.method '{self.algorithm.name}' has its own client procedure, not the "
-                "standard shared step (batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)"
+                "standard shared step "
+                "(batchable methods: fedmtl, fedavg, fedavg-ft, FedProx via prox_mu)"
             )
         return batching_blocker(model if model is not None else self.new_model())
 
@@ -156,7 +159,8 @@ class ClientSteps:
 
         ``failed`` None: a client that fails (missing data, rejected update) raises, as
         :meth:`client_round` does. A dict: the client is left out of the result and its error
-        recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does not fail its shard.
+        recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does
+        not fail its shard.
         ``attempt``: 0 the first time, then the retry's number (fault injection draws anew)."""
         model = self.new_model()
         if not self.uses_batching(model):
@@ -225,8 +229,9 @@ class ClientSteps:
         clients (:func:`fedmtl.eval.metrics.evaluate_clients`), with one model for them all.
 
         ``skipped`` None: a client whose partition cannot be used raises its
-        :class:`fedmtl.client.data.PartitionError`. A dict: that client is left out of the records and
-        its failure recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one bad client does not stop the round."""
+        :class:`fedmtl.client.data.PartitionError`. A dict: that client is left out of the records
+        and its failure recorded there (client -> :class:`~fedmtl.state.ClientFailure`), so one
+        bad client does not stop the round."""
         model, jobs, groups = self._evaluation_jobs(clients, state, skipped)
         records = evaluate_clients(model, jobs, self.manifest.tasks)
         for r in records:

@@ -60,8 +60,9 @@ class Federation(ClientSteps, ServerSteps):
     #: the run's secret key: every draw a privacy guarantee rests on (DP noise, Poisson sampling)
     secret: SecretRandom = field(default_factory=SecretRandom.fresh, repr=False, compare=False)
     max_norm_ratio: float | None = None  # server.max_norm_ratio: bounded influence (None: off)
-    #: client -> the digest of its partition as validated (fedmtl.data.validation.bind_partitions): every
-    #: read checks it (PartitionChanged), a client without one is refused. None: no check (a
+    #: client -> the digest of its partition as validated
+    #: (fedmtl.data.validation.bind_partitions): every read checks it (PartitionChanged), a
+    #: client without one is refused. None: no check (a
     #: federation built without a validation report, e.g. tests and benchmarks)
     partition_digests: dict[str, PartitionDigest] | None = field(
         default=None, repr=False, compare=False
@@ -154,7 +155,8 @@ class Federation(ClientSteps, ServerSteps):
 
 
 def participants(fed: Federation, clients: list[str], per_round: float, round_: int) -> list[str]:
-    """This round's clients: a fixed-size sample, or, under DP, a Poisson sample at the same rate."""
+    """This round's clients: a fixed-size sample, or, under DP, a Poisson sample at the same
+    rate."""
     return fed.participants(clients, per_round, round_)
 
 

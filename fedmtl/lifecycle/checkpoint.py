@@ -151,7 +151,8 @@ class CheckpointStore:
         self._pending = self._writer.submit(job)
 
     def wait(self) -> None:
-        """Wait for the checkpoint being written in the background; raise what its writing raised."""
+        """Wait for the checkpoint being written in the background; raise what its writing
+        raised."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()

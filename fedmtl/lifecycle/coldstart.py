@@ -169,7 +169,8 @@ def _check(x: torch.Tensor, y: dict[str, torch.Tensor], tasks: Sequence[Any], cl
     unknown = sorted(set(y) - set(names))
     if unknown:
         raise ValueError(
-            f"client '{client}': labels for unknown task(s) {unknown}; the model's tasks are {names}"
+            f"client '{client}': labels for unknown task(s) {unknown}; "
+            f"the model's tasks are {names}"
         )
     for task in tasks:
         if task.name not in y:
@@ -188,7 +189,8 @@ def _check(x: torch.Tensor, y: dict[str, torch.Tensor], tasks: Sequence[Any], cl
             bad = values[(values >= len(task.classes))]
             if bad.numel():
                 raise ValueError(
-                    f"client '{client}': label index {int(bad[0])} of task '{task.name}' is not one "
+                    f"client '{client}': label index {int(bad[0])} of task '{task.name}' "
+                    "is not one "
                     f"of the {len(task.classes)} declared classes {list(task.classes)}"
                 )
 
@@ -203,8 +205,8 @@ def support_loss(
     client: str = "?",
 ) -> float:
     """The multi-task loss of (base, heads) on the labels that exist: the sum over tasks of the
-    task's mean loss on the rows that carry its label (:func:`fedmtl.client.training.train_loss`; with
-    every label present this is exactly the train loss IFCA's rule compares)."""
+    task's mean loss on the rows that carry its label (:func:`fedmtl.client.training.train_loss`;
+    with every label present this is exactly the train loss IFCA's rule compares)."""
     total, any_task = 0.0, False
     for task in tasks:
         if task.name not in y or not bool(present(y[task.name]).any()):

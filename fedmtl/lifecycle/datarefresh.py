@@ -50,7 +50,8 @@ def dvc_executable() -> str:
 
 
 def require_project(root: str | Path) -> Path:
-    """``root`` as a DVC project with the data stages, or a DataRefreshError saying what is missing."""
+    """``root`` as a DVC project with the data stages, or a DataRefreshError saying what is
+    missing."""
     root = Path(root).resolve()
     hint = "run the schedule from the project's root directory, or set schedule.refresh_data=false"
     if not (root / "dvc.yaml").is_file():
@@ -96,7 +97,8 @@ def check_params(cfg: Config, root: str | Path) -> None:
         )
         raise DataRefreshError(
             f"the data settings differ from '{path}', which DVC's data stages read: {listed}"
-            f"{' ...' if len(differ) > 5 else ''}. Change params.yaml (and re-create the deployment), "
+            f"{' ...' if len(differ) > 5 else ''}. "
+            "Change params.yaml (and re-create the deployment), "
             "or set schedule.refresh_data=false"
         )
 

@@ -104,7 +104,8 @@ def check_compatible(fed: "Federation", bundle: "PersonalizedBundle", fail) -> N
     if list(bundle.features) != features:
         diff = next(i for i, (a, b) in enumerate(zip(bundle.features, features)) if a != b)
         raise fail(
-            f"feature {diff} is '{bundle.features[diff]}' in the model, '{features[diff]}' in the data"
+            f"feature {diff} is '{bundle.features[diff]}' in the model, "
+            f"'{features[diff]}' in the data"
         )
     shape = list(fed.manifest.input_shape) if fed.manifest.input_shape else None
     theirs = list(bundle.input_shape) if bundle.input_shape else None
@@ -130,7 +131,8 @@ def check_compatible(fed: "Federation", bundle: "PersonalizedBundle", fail) -> N
     for key in ARCHITECTURE_KEYS:
         if key in bundle.model_cfg and key in wanted and bundle.model_cfg[key] != wanted[key]:
             raise fail(
-                f"model.{key} is {bundle.model_cfg[key]} in the model, {wanted[key]} in the settings"
+                f"model.{key} is {bundle.model_cfg[key]} in the model, "
+                f"{wanted[key]} in the settings"
             )
 
 

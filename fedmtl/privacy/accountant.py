@@ -1,9 +1,11 @@
 """One accountant interface over both guarantees fedmtl gives.
 
-- client-level DP-FedAvg, one accountant per run (:class:`fedmtl.privacy.accounting.PrivacyAccountant`,
-  on Google's ``dp_accounting`` RDP accountant);
-- sample-level DP-SGD, one accountant per client (:class:`fedmtl.privacy.sample_level.SampleLevelAccountant`,
-  on Opacus' RDP or PRV accountant over the client's ledger of steps).
+- client-level DP-FedAvg, one accountant per run
+  (:class:`fedmtl.privacy.accounting.PrivacyAccountant`, on Google's ``dp_accounting`` RDP
+  accountant);
+- sample-level DP-SGD, one accountant per client
+  (:class:`fedmtl.privacy.sample_level.SampleLevelAccountant`, on Opacus' RDP or PRV accountant
+  over the client's ledger of steps).
 
 Both answer the same two questions, so a budget is checked the same way for either
 (:func:`within_budget`): what has been spent, and what one more round like the last would bring

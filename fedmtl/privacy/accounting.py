@@ -6,9 +6,9 @@ Client-level DP: neighbouring federations differ in one client's whole data. Eve
 is a sum of client updates clipped to L2 norm C plus N(0, (zC)² I) (:mod:`fedmtl.privacy.dp`), so ε
 covers everything computed from the released group and global sums — the group heads, the shared
 base and the server optimiser's state — over all rounds accounted. The personal heads stay on the
-clients and are outside ε, as is anything else a client reveals (see :mod:`fedmtl.privacy.dp`). The
-assumptions are those of :mod:`fedmtl.privacy.dp`: each client in exactly one fixed, public group, the
-sums unweighted, and the clients sampled exactly as stated here:
+clients and are outside ε, as is anything else a client reveals (see :mod:`fedmtl.privacy.dp`).
+The assumptions are those of :mod:`fedmtl.privacy.dp`: each client in exactly one fixed, public
+group, the sums unweighted, and the clients sampled exactly as stated here:
 
 - ``sampling="poisson"``: every client joins a round independently with probability q
   (``sample_rate``); neighbouring relation *add/remove one client*; each released sum has
@@ -37,8 +37,8 @@ z/√releases_per_round; Mironov, Talwar & Zhang 2019, §3).
   client takes part in two Gaussian queries per round: ``releases_per_round=2``.
 
 Adaptive clipping (Andrew et al. 2021): pass the *overall* noise multiplier z. The update sums use
-z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`fedmtl.privacy.dp.update_noise_multiplier`) and the clip-count query
-has multiplier 2σ_b, so each (update sum, count) pair is exactly a Gaussian mechanism with
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (:func:`fedmtl.privacy.dp.update_noise_multiplier`) and the clip-count
+query has multiplier 2σ_b, so each (update sum, count) pair is exactly a Gaussian mechanism with
 multiplier z and the accounting is unchanged. With ``releases_per_round=2`` and one count query
 per round, counting two releases at z counts the count query twice: a valid upper bound.
 
@@ -87,7 +87,10 @@ class SamplingPlan:
 
     def describe(self) -> str:
         if self.sampling == "fixed":
-            return f"{self.sample_size} of {self.population} clients per round (sample_rate={self.rate:.4g})"
+            return (
+                f"{self.sample_size} of {self.population} clients per round "
+                f"(sample_rate={self.rate:.4g})"
+            )
         return f"sample_rate={self.rate:.4g}"
 
 
@@ -116,7 +119,8 @@ def sampling_plan(
         )
     if population is not None and sample_size is not None and sample_size > population:
         raise ValueError(
-            f"sample size (training.clients_per_round) {sample_size} exceeds the population of {population} clients"
+            f"sample size (training.clients_per_round) {sample_size} exceeds the population of "
+            f"{population} clients"
         )
     if sampling == "fixed":
         if population is None or sample_size is None:
@@ -126,14 +130,16 @@ def sampling_plan(
         rate = sample_size / population
         if sample_rate is not None and not math.isclose(float(sample_rate), rate, rel_tol=1e-9):
             raise ValueError(
-                f"sample rate {sample_rate} disagrees with sample_size/population = {sample_size}/{population}"
+                f"sample rate {sample_rate} disagrees with sample_size/population = "
+                f"{sample_size}/{population}"
             )
         return SamplingPlan("fixed", rate, int(population), int(sample_size))
     if population is not None and sample_size is not None:
         expected = sample_size / population
         if sample_rate is not None and not math.isclose(float(sample_rate), expected, rel_tol=1e-9):
             raise ValueError(
-                f"sample rate {sample_rate} disagrees with sample_size/population = {sample_size}/{population}"
+                f"sample rate {sample_rate} disagrees with sample_size/population = "
+                f"{sample_size}/{population}"
             )
         sample_rate = expected
     if sample_rate is None:
@@ -143,7 +149,8 @@ def sampling_plan(
     rate = float(sample_rate)
     if not (math.isfinite(rate) and 0 < rate <= 1):
         raise ValueError(
-            f"sample rate (training.clients_per_round as a fraction) must be in (0, 1], got {sample_rate}"
+            "sample rate (training.clients_per_round as a fraction) must be in (0, 1], "
+            f"got {sample_rate}"
         )
     return SamplingPlan("poisson", rate, population, sample_size)
 
@@ -152,7 +159,8 @@ def _check_noise(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z > 0):
         raise ValueError(
-            f"privacy.dp_fedavg.noise_multiplier must be a finite number > 0, got {noise_multiplier}"
+            "privacy.dp_fedavg.noise_multiplier must be a finite number > 0, "
+            f"got {noise_multiplier}"
         )
     return z
 
@@ -366,7 +374,9 @@ class PrivacyAccountant:
 
     def __repr__(self) -> str:
         return (
-            f"PrivacyAccountant(noise_multiplier={self.noise_multiplier:g}, {self.plan.describe()}, "
-            f"sampling={self.plan.sampling}, delta={self.delta:g}, releases_per_round={self.releases_per_round}, "
+            f"PrivacyAccountant(noise_multiplier={self.noise_multiplier:g}, "
+            f"{self.plan.describe()}, "
+            f"sampling={self.plan.sampling}, delta={self.delta:g}, "
+            f"releases_per_round={self.releases_per_round}, "
             f"rounds={self._rounds})"
         )

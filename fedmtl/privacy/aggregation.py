@@ -13,21 +13,21 @@ averages those vectors itself:
 2. **Clipping** (``dp``): each u_c is clipped to L2 norm C (:func:`fedmtl.privacy.dp.clip_update`)
    and counts once (uniform weights, DP-FedAvg). Without DP, u_c is weighted by its sample
    count over a public scale and its coordinates clipped to ±``secure_sum.range``.
-3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.privacy.secagg.secure_sum`) inside the release,
-   so that the aggregator receives masked vectors and learns their sum only. Simulated
+3. **Summing**: plainly, or with SecAgg+ (:func:`fedmtl.privacy.secagg.secure_sum`) inside the
+   release, so that the aggregator receives masked vectors and learns their sum only. Simulated
    ``secure_sum.dropout`` clients go silent after sending their masked input; their self-masks are
    rebuilt from their neighbours' Shamir shares and the sum is still exact. With
    ``secure_sum.protocol: ckks`` the release is summed with CKKS homomorphic encryption
-   instead (:func:`fedmtl.privacy.he.encrypted_sum`): the aggregator receives ciphertexts only, adds them,
-   and a key holder (one fresh key per round, separate from the aggregator) decrypts the sum —
-   exact to about 1e-8 per client and coordinate. CKKS has one message per client, so there is
-   no mid-protocol dropout to simulate (``secure_sum.dropout`` does not apply).
+   instead (:func:`fedmtl.privacy.he.encrypted_sum`): the aggregator receives ciphertexts only,
+   adds them, and a key holder (one fresh key per round, separate from the aggregator) decrypts
+   the sum — exact to about 1e-8 per client and coordinate. CKKS has one message per client, so
+   there is no mid-protocol dropout to simulate (``secure_sum.dropout`` does not apply).
 4. **Noise** (``dp``): central Gaussian noise N(0, (z_Δ·C)²) on each release's sum, added by
    the aggregator after unmasking, then division by the release's expected number of clients
    (public) — so the group and global updates are post-processing of noised sums, and each
    round is one sampled Gaussian mechanism per client for the accountant
-   (:mod:`fedmtl.privacy.accounting`, ``releases_per_round=1``). The trust this needs: the aggregator
-   adds the noise honestly; with secure aggregation it sees the exact sum before it does.
+   (:mod:`fedmtl.privacy.accounting`, ``releases_per_round=1``). The trust this needs: the
+   aggregator adds the noise honestly; with secure aggregation it sees the exact sum before it does.
    (Distributed noise, each client adding its share before masking, would remove that trust
    at the price of noise that falls short when clients drop out; not implemented.)
 
@@ -324,7 +324,8 @@ def _sum(
         max_dropout=spec.secure_sum.max_dropout,
         drop_after_masking=dropped,
         scalars=scalars,
-        scalar_clip=1.0,  # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
+        # the scalars are weights n_c / weight_scale ≤ 1, or DP's 0/1 under-clip bits
+        scalar_clip=1.0,
     )
     return (
         torch.from_numpy(np.asarray(result.sum, dtype=np.float64)).to(torch.float32),

@@ -38,7 +38,8 @@ def max_rounds(
     limit: int = _MAX_ROUNDS,
 ) -> int:
     """The largest number of rounds with ε ≤ ``target_epsilon`` (0 if one round exceeds it;
-    ``limit`` if that many still fit). ε grows with the rounds, so a doubling then a binary search."""
+    ``limit`` if that many still fit). ε grows with the rounds, so a doubling then a binary
+    search."""
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     return _max_rounds(
         _check_target(target_epsilon),
@@ -90,7 +91,8 @@ def noise_for(
     tolerance: float = 1e-3,
 ) -> float:
     """The smallest noise multiplier z (to within ``tolerance``) with ε ≤ ``target_epsilon`` after
-    ``rounds`` rounds: ε(z) ≤ target and ε(z − tolerance) > target. ε falls with z, so a bisection."""
+    ``rounds`` rounds: ε(z) ≤ target and ε(z − tolerance) > target. ε falls with z, so a
+    bisection."""
     plan = sampling_plan(sampling, sample_rate, population, sample_size)
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
@@ -121,7 +123,8 @@ def _noise_for(
         lo, hi = hi, hi * 2
         if hi > _MAX_NOISE:
             raise ValueError(
-                f"no noise multiplier up to {_MAX_NOISE:g} reaches privacy.dp_fedavg.target_epsilon={target:g} "
+                f"no noise multiplier up to {_MAX_NOISE:g} reaches "
+                f"privacy.dp_fedavg.target_epsilon={target:g} "
                 f"at privacy.dp_fedavg.delta={delta:g} after {rounds} rounds"
             )
     while hi - lo > tolerance:
@@ -155,10 +158,12 @@ class BudgetExceeded(Exception):
         self.required_noise_multiplier = required_noise_multiplier
         self.sampling = sampling
         super().__init__(
-            f"privacy.dp_fedavg.target_epsilon={target_epsilon:g} at δ={delta:g} allows {allowed_rounds} "
-            f"round{'s' if allowed_rounds != 1 else ''} with noise_multiplier={noise_multiplier:g} and "
-            f"{sampling_text} (ε after {rounds} rounds would be {epsilon:.3g}); lower training.rounds, "
-            f"raise privacy.dp_fedavg.noise_multiplier (≥ {required_noise_multiplier:.2f} fits {rounds} rounds) "
+            f"privacy.dp_fedavg.target_epsilon={target_epsilon:g} at δ={delta:g} allows "
+            f"{allowed_rounds} "
+            f"round{'s' if allowed_rounds != 1 else ''} with noise_multiplier={noise_multiplier:g} "
+            f"and {sampling_text} (ε after {rounds} rounds would be {epsilon:.3g}); lower "
+            "training.rounds, raise privacy.dp_fedavg.noise_multiplier "
+            f"(≥ {required_noise_multiplier:.2f} fits {rounds} rounds) "
             f"or sample fewer clients"
         )
 

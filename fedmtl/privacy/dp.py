@@ -21,7 +21,8 @@ client be fixed and public (e.g. ``grouping.method=column``) and that the sums b
 
 Assumptions: each client belongs to exactly one group, so the per-group sums are computed on
 disjoint sets of clients; the clients of a round are sampled as the accountant is told
-(:mod:`fedmtl.privacy.accounting`); a group with no sampled client still releases its (pure-noise) sum.
+(:mod:`fedmtl.privacy.accounting`); a group with no sampled client still releases its
+(pure-noise) sum.
 
 Adaptive clipping (:class:`AdaptiveClip`): the clip norm C follows the target quantile γ of the
 update norms, C ← C·exp(−η_C (b̄ − γ)), where b̄ is the noised fraction of clients whose
@@ -69,7 +70,8 @@ def _check_noise_multiplier(noise_multiplier: float) -> float:
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z >= 0):
         raise ValueError(
-            f"privacy.dp_fedavg.noise_multiplier must be a finite number >= 0, got {noise_multiplier}"
+            "privacy.dp_fedavg.noise_multiplier must be a finite number >= 0, "
+            f"got {noise_multiplier}"
         )
     return z
 
@@ -145,7 +147,8 @@ def noised_sum(
             norm = float(torch.linalg.vector_norm(update.detach().to(torch.float64)))
             if not norm <= clip * (1 + _CLIP_SLACK):
                 raise ValueError(
-                    f"update {i} has norm {norm:.6g} > privacy.dp_fedavg.clip_norm={clip}; clip it first"
+                    f"update {i} has norm {norm:.6g} > privacy.dp_fedavg.clip_norm={clip}; "
+                    "clip it first"
                 )
             total += update.detach().to(torch.float64)
         out_dtype = clipped[0].dtype
@@ -181,9 +184,11 @@ def update_noise_multiplier(
         raise ValueError(f"privacy.count_noise must be a finite number >= 0, got {count_noise}")
     if 2 * sigma_b <= z:
         raise ValueError(
-            f"privacy.count_noise={sigma_b:.4g} is too small for privacy.dp_fedavg.noise_multiplier={z:.4g}: "
+            f"privacy.count_noise={sigma_b:.4g} is too small for "
+            f"privacy.dp_fedavg.noise_multiplier={z:.4g}: "
             f"the clip-count query alone would use the whole budget (need 2·count_noise > "
-            f"noise_multiplier, i.e. count_noise > {z / 2:.4g}); raise the count noise or the clients per round"
+            f"noise_multiplier, i.e. count_noise > {z / 2:.4g}); raise the count noise or the "
+            "clients per round"
         )
     return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 

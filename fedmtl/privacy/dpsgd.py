@@ -22,31 +22,32 @@ head step, Ditto's personal model, ...) becomes a DP-SGD step (Abadi et al. 2016
 
 Accounting
 ----------
-Each client keeps a **ledger** (:mod:`fedmtl.privacy.sample_level`) in its own store (:meth:`ClientStore.save_record`, record
-``dp_sgd``, versioned by round like the personal state, so a run resumed from its checkpoint of
-round r reads exactly the ledger of round r): one row (round, σ, q, steps) per round it trained.
-Its ε at δ = ``privacy.dp_sgd.delta`` (default ``privacy.dp_fedavg.delta``) is Opacus's own accountant
-(``rdp``, or ``prv``) over the ledger's (σ, q, steps); composition over rounds and over several
-training calls in one round is the same adaptive composition of sampled Gaussian steps. The
-client reports that ε with its update (``dp_sgd_epsilon``), and the server keeps the latest ε of
-every client in its state (:data:`fedmtl.privacy.sample_level.EPSILON_KEY`, checkpointed with it) to log
+Each client keeps a **ledger** (:mod:`fedmtl.privacy.sample_level`) in its own store
+(:meth:`ClientStore.save_record`, record ``dp_sgd``, versioned by round like the personal state,
+so a run resumed from its checkpoint of round r reads exactly the ledger of round r): one row
+(round, σ, q, steps) per round it trained. Its ε at δ = ``privacy.dp_sgd.delta`` (default
+``privacy.dp_fedavg.delta``) is Opacus's own accountant (``rdp``, or ``prv``) over the ledger's
+(σ, q, steps); composition over rounds and over several training calls in one round is the same
+adaptive composition of sampled Gaussian steps. The client reports that ε with its update
+(``dp_sgd_epsilon``), and the server keeps the latest ε of every client in its state
+(:data:`fedmtl.privacy.sample_level.EPSILON_KEY`, checkpointed with it) to log
 ``privacy/dp_sgd_epsilon_max`` and ``_mean`` every round.
 
 ``privacy.dp_sgd.target_epsilon``: a client whose next round would take its ε above the target
-sits the round out (:class:`fedmtl.privacy.sample_level.DPSGDBudgetSpent`, named in the round report) instead. A client
-predicts its next round from the steps of its last one (the same for every round: they depend
-on n, B and the epochs only); in its first round it trains, accounts, and, if the target would
-be exceeded, discards what it trained: nothing of it leaves the client, and the decision
-depends on the step count only, never on the data.
+sits the round out (:class:`fedmtl.privacy.sample_level.DPSGDBudgetSpent`, named in the round
+report) instead. A client predicts its next round from the steps of its last one (the same for
+every round: they depend on n, B and the epochs only); in its first round it trains, accounts,
+and, if the target would be exceeded, discards what it trained: nothing of it leaves the client,
+and the decision depends on the step count only, never on the data.
 
 Outside ε: anything computed from a client's data outside its training round (its personal
 head ψ_c fitted at evaluation, shipped in the registered model with
 ``tracking.bundle_personal_heads``; its evaluation figures; its train loss, logged only with
-``privacy.evaluation.client_metrics``), and its row count n (public, like the sample count of an update).
-The noise and the Poisson batches come from the client's secret stream for the round
-(:class:`fedmtl.privacy.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a ChaCha20
-key stream, never from the seed, so nobody can replay them; Opacus's ``secure_mode`` would need
-``torchcsprng``, which is not maintained for current torch).
+``privacy.evaluation.client_metrics``), and its row count n (public, like the sample count of an
+update). The noise and the Poisson batches come from the client's secret stream for the round
+(:class:`fedmtl.privacy.randomness.SecretRandom`, purpose ``("client", id, round, "dp-sgd")``: a
+ChaCha20 key stream, never from the seed, so nobody can replay them; Opacus's ``secure_mode``
+would need ``torchcsprng``, which is not maintained for current torch).
 
 This module imports Opacus lazily, and neither Prefect nor MLflow.
 """
@@ -100,7 +101,8 @@ def poisson_plan(n: int, batch_size: int) -> tuple[float, int, int]:
 
 
 def compact(history: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """The history with the steps of equal (σ, q) added up (composition does not depend on order)."""
+    """The history with the steps of equal (σ, q) added up (composition does not depend on
+    order)."""
     out: dict[tuple[float, float], int] = {}
     for noise, rate, steps in history:
         key = (float(noise), float(rate))
@@ -178,9 +180,9 @@ class DPSGDSession:
         generator: torch.Generator,
         **options,
     ) -> float:
-        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.client.training.fit`; ``options``:
-        :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of the last
-        epoch's sampled rows."""
+        """DP-SGD over (x, y) for ``epochs`` (the drop-in for :func:`fedmtl.client.training.fit`;
+        ``options``: :func:`dp_fit`'s ``penalty``, ``after_step``, ``lr``); returns the mean loss of
+        the last epoch's sampled rows."""
         return dp_fit(
             module,
             params,
@@ -216,8 +218,8 @@ def dp_fit(
     """DP-SGD of ``params`` (parameters of ``module``) on the rows (x, y); appends the steps
     taken, (σ, q, steps), to ``record``. The module's other parameters stay frozen, and the
     module is left as it was found (Opacus's hooks and attributes removed). ``noise``: a
-    :class:`~fedmtl.privacy.randomness.SecretStream` that every step's Gaussian noise and Poisson batch
-    come from (what a run uses); None: the seeded ``generator`` (tests only: replayable)."""
+    :class:`~fedmtl.privacy.randomness.SecretStream` that every step's Gaussian noise and Poisson
+    batch come from (what a run uses); None: the seeded ``generator`` (tests only: replayable)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler

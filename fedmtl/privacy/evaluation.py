@@ -8,8 +8,8 @@ Each client reduces its held-out scores to sufficient statistics, per (model var
 
 The clients' statistics are summed (with SecAgg+ when ``privacy.secure_sum`` is on,
 :func:`fedmtl.privacy.secagg.secure_sum`, or CKKS with ``secure_aggregation_protocol: ckks``,
-:func:`fedmtl.privacy.he.encrypted_sum`), so the server learns the federation's pooled confusion matrix
-and error sums and nothing about any one client. Optionally Gaussian noise is added to the
+:func:`fedmtl.privacy.he.encrypted_sum`), so the server learns the federation's pooled confusion
+matrix and error sums and nothing about any one client. Optionally Gaussian noise is added to the
 summed counts (``noise_std``). From them: pooled accuracy (= the sample-weighted mean of the
 clients' accuracies), macro precision, recall and F1 over the classes present in the pooled
 matrix (scikit-learn's definitions, tested against it on the concatenated rows), MAE and RMSE.
@@ -102,7 +102,8 @@ def client_statistics(
     outputs: Mapping[tuple[str, str], np.ndarray],
     y_test: Mapping[str, np.ndarray],
 ) -> np.ndarray:
-    """A client's whole statistics vector: ``outputs[(variant, task)]`` scored against its labels."""
+    """A client's whole statistics vector: ``outputs[(variant, task)]`` scored against its
+    labels."""
     parts = [
         task_statistics(layout.tasks[task], y_test[task], outputs[(variant, task)])
         for variant, task in layout.keys
@@ -137,10 +138,10 @@ def pooled_evaluation(
     global, pooled) and ``evaluation/clients``. Fewer than ``min_clients`` clients release no
     figures: a sum over one client is that client's own.
 
-    ``noise_multiplier`` z (client-level DP, ``privacy.dp_fedavg.enabled``): each client's vector is clipped to
-    the layout's :meth:`~StatLayout.sensitivity` Δ (a no-op for honest statistics) and the sum
-    gets N(0, (zΔ)²) on every entry instead of ``noise_std``: one Gaussian mechanism of
-    multiplier z over all the clients, which the run's accountant counts."""
+    ``noise_multiplier`` z (client-level DP, ``privacy.dp_fedavg.enabled``): each client's vector
+    is clipped to the layout's :meth:`~StatLayout.sensitivity` Δ (a no-op for honest statistics)
+    and the sum gets N(0, (zΔ)²) on every entry instead of ``noise_std``: one Gaussian mechanism
+    of multiplier z over all the clients, which the run's accountant counts."""
     parts: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     for r in records:
         parts.setdefault(r["client"], {})[(r["variant"], r["task"])] = r["statistics"]

@@ -228,8 +228,8 @@ class HEServer:
         TypeError, a ciphertext that does not parse or has the wrong length an HEError."""
         if not isinstance(encrypted, EncryptedInput):
             raise TypeError(
-                "HEServer.receive accepts only EncryptedInput objects made by HEClient.encrypt, got "
-                f"{type(encrypted).__module__}.{type(encrypted).__name__}"
+                "HEServer.receive accepts only EncryptedInput objects made by HEClient.encrypt, "
+                f"got {type(encrypted).__module__}.{type(encrypted).__name__}"
             )
         if encrypted.client not in self.members or encrypted.client in self._received:
             raise HEError(f"unexpected encrypted input from {encrypted.client!r}")
@@ -300,8 +300,9 @@ def encrypted_sum(
     """Σ of the clients' vectors through CKKS: every client encrypts, the server adds, the key
     holder decrypts the sum. ``bound``: a public bound on every coordinate's magnitude (values
     beyond it are clipped, as SecAgg+ does); ``scalars`` (one per client, |s| ≤ ``scalar_bound``,
-    default ``bound``; a scalar beyond it raises rather than being clipped) travel as one extra coordinate and come back as ``scalar_sum``; ``drop``: clients whose ciphertext
-    never arrives (they are simply absent from the sum). Raises :class:`HEError` when fewer than
+    default ``bound``; a scalar beyond it raises rather than being clipped) travel as one extra
+    coordinate and come back as ``scalar_sum``; ``drop``: clients whose ciphertext never arrives
+    (they are simply absent from the sum). Raises :class:`HEError` when fewer than
     2 clients' inputs arrive (a sum over one is that client's own) or the sum could overflow."""
     ids = sorted(vectors)
     if set(drop) - set(ids):

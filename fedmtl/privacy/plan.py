@@ -30,15 +30,17 @@ def check_privacy(cfg: Config, grouping_method: str | None) -> None:
     p = cfg.privacy
     if p.dp and grouping_method in ("ifca", "cluster"):
         raise PrivacyPlanError(
-            f"privacy.dp_fedavg with grouping '{grouping_method}' (algorithm.method={cfg.algorithm.method}, "
-            f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum it "
-            "joins from its own data, a choice released outside ε; use grouping.method=column"
+            f"privacy.dp_fedavg with grouping '{grouping_method}' "
+            f"(algorithm.method={cfg.algorithm.method}, "
+            f"grouping.method={cfg.grouping.method}): each client would pick the group whose sum "
+            "it joins from its own data, a choice released outside ε; use grouping.method=column"
         )
     if p.enabled and cfg.server.aggregator != "mean":
         raise PrivacyPlanError(
-            f"server.aggregator={cfg.server.aggregator} with privacy ({p.mechanism}): a robust rule needs each "
-            "client's own update, which secure aggregation hides and DP's guarantee does not cover; use "
-            "server.aggregator=mean (DP's clipping already bounds any one client's influence)"
+            f"server.aggregator={cfg.server.aggregator} with privacy ({p.mechanism}): a robust "
+            "rule needs each client's own update, which secure aggregation hides and DP's "
+            "guarantee does not cover; use server.aggregator=mean (DP's clipping already bounds "
+            "any one client's influence)"
         )
     if p.secure and grouping_method == "cluster":
         raise PrivacyPlanError(
@@ -62,7 +64,8 @@ def run_accountant(cfg: Config, n_clients: int) -> PrivacyAccountant | None:
             update_noise_multiplier(dp.noise_multiplier, default_count_noise(rate * n_clients))
         except ValueError as exc:
             raise PrivacyPlanError(
-                f"privacy.dp_fedavg.adaptive_clip with {rate * n_clients:g} expected clients per round: {exc}"
+                f"privacy.dp_fedavg.adaptive_clip with {rate * n_clients:g} expected clients "
+                f"per round: {exc}"
             ) from None
     evaluation = (
         p.evaluation.noise_multiplier,

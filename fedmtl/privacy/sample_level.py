@@ -131,7 +131,8 @@ class SampleLevelDP:
     def _spent(self, client: str, eps: float, when: str) -> DPSGDBudgetSpent:
         return DPSGDBudgetSpent(
             f"client '{client}': {when} would take its sample-level ε to {eps:.4g} > "
-            f"privacy.dp_sgd.target_epsilon={self.target_epsilon:g} at δ={self.delta:g}; it sits the round out"
+            f"privacy.dp_sgd.target_epsilon={self.target_epsilon:g} at δ={self.delta:g}; "
+            "it sits the round out"
         )
 
     def record(

@@ -4,8 +4,8 @@ A secret of ``L`` bytes is cut into ``ceil(L / 3)`` chunks of at most 3 bytes; e
 field element (any 3-byte value is below 2^24 < P) and is shared with its own random polynomial f
 of degree t − 1, f(0) = chunk. Share i holds x = i (1 ≤ i ≤ n) and the values f(x) of all the
 chunk polynomials, plus the secret's length, so :func:`combine` returns the original bytes
-exactly. A 32-byte secret (a key or a seed of :mod:`fedmtl.privacy.secagg`) is 11 chunks, and one share of
-it is 8 + 11 · 4 = 52 bytes.
+exactly. A 32-byte secret (a key or a seed of :mod:`fedmtl.privacy.secagg`) is 11 chunks, and one
+share of it is 8 + 11 · 4 = 52 bytes.
 
 Security: any t − 1 shares are statistically independent of the secret (the t − 1 non-constant
 coefficients of every chunk polynomial are independent and uniform in GF(P), drawn by rejection so
@@ -26,7 +26,8 @@ the coefficients split into 16-bit halves so that no int64 sum of products can o
 the secret in the same way. :func:`_evaluate` is the scalar Horner reference the tests compare
 the vectorised shares with, for the same coefficients.
 
-This is the only hand-written arithmetic of :mod:`fedmtl.privacy.secagg` apart from the fixed-point code.
+This is the only hand-written arithmetic of :mod:`fedmtl.privacy.secagg` apart from the
+fixed-point code.
 """
 
 from __future__ import annotations

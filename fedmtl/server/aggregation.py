@@ -2,9 +2,10 @@
 
 ``group_aggregate``: per group, the sample-weighted mean of the clients' Δθ and Δφ_g.
 ``global_merge``: Δθ = Σ_g w_g Δθ_g with w_g by samples, uniform or √samples; the server
-optimiser steps θ with Δθ (FedAvg θ ← θ + η·Δθ, or FedAdam/FedYogi, :mod:`fedmtl.server.optimizers`);
-group heads φ_g ← φ_g + Δφ_g, and φ₀ ← mean of the φ_g. Methods with one global head instead
-step φ₀ like θ. With samples weighting the two levels compose to plain FedAvg over clients.
+optimiser steps θ with Δθ (FedAvg θ ← θ + η·Δθ, or FedAdam/FedYogi,
+:mod:`fedmtl.server.optimizers`); group heads φ_g ← φ_g + Δφ_g, and φ₀ ← mean of the φ_g.
+Methods with one global head instead step φ₀ like θ. With samples weighting the two levels
+compose to plain FedAvg over clients.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def group_aggregate(
 ) -> dict[str, GroupAggregate]:
     """Per group, the sample-weighted mean of the members' updates (sorted by client id), or,
     with a ``robust`` rule other than the mean, that rule over each member's whole update
-    (:func:`fedmtl.server.robust.aggregate_updates`). Parts a method keeps local (``delta_base`` None,
-    no heads) stay absent."""
+    (:func:`fedmtl.server.robust.aggregate_updates`). Parts a method keeps local
+    (``delta_base`` None, no heads) stay absent."""
     by_group: dict[str, list[ClientUpdate]] = defaultdict(list)
     for u in sorted(updates, key=lambda u: u.client):
         by_group[u.group].append(u)

@@ -65,7 +65,8 @@ def choose_group(
 
 def lowest_loss(losses: dict[str, float]) -> str:
     """The group with the lowest loss (NaN counts as +inf; ties go to the first group in
-    sorted order): the rule of :func:`choose_group` and of a cold start (fedmtl/lifecycle/coldstart.py)."""
+    sorted order): the rule of :func:`choose_group` and of a cold start
+    (fedmtl/lifecycle/coldstart.py)."""
     if not losses:
         raise ValueError("no group heads to choose from")
     return min(sorted(losses), key=lambda g: (math.inf if math.isnan(losses[g]) else losses[g], g))

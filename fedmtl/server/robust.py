@@ -25,11 +25,11 @@ The coordinate-wise rules and Krum's selection ignore them: they are order stati
 distances, and sample counts are self-reported, so weighting them would hand the breakdown
 point back to whoever claims the most samples.
 
-Defaults (:func:`robust_aggregate`): f = min(⌈0.2·n⌉, ⌊(n − 3)/2⌋), i.e. tolerate up to 20 % of
-the clients (rounded up, so it covers :func:`fedmtl.server.byzantine.attackers` at 20 %), capped at the
-largest f Krum allows; multi-Krum averages m = n − f vectors, the most it can keep while still
-able to exclude all f; the norm bound M is the median of the n norms (an adaptive choice that at
-least half the clients satisfy and that a Byzantine minority cannot inflate).
+Defaults (:func:`robust_aggregate`): f = min(⌈0.2·n⌉, ⌊(n − 3)/2⌋), i.e. tolerate up to 20 %
+of the clients (rounded up, so it covers :func:`fedmtl.server.byzantine.attackers` at 20 %),
+capped at the largest f Krum allows; multi-Krum averages m = n − f vectors, the most it can keep
+while still able to exclude all f; the norm bound M is the median of the n norms (an adaptive
+choice that at least half the clients satisfy and that a Byzantine minority cannot inflate).
 
 All rules are vectorised over the stacked [n, d] matrix, in float64, and the result is cast back
 to the inputs' dtype. Memory is linear in n (a few copies of the [n, d] matrix for sorting),
@@ -62,7 +62,8 @@ DEFAULT_BYZANTINE_FRACTION = 0.2
 
 
 def _stack(vectors: Sequence[Vector]) -> torch.Tensor:
-    """The [n, d] float64 matrix of the vectors, after checking they are 1-D, of one length, finite."""
+    """The [n, d] float64 matrix of the vectors, after checking they are 1-D, of one length,
+    finite."""
     if len(vectors) == 0:
         raise ValueError("robust aggregation of no vectors")
     first = vectors[0]
@@ -185,7 +186,8 @@ def norm_bound(
 
 
 def default_byzantine(n: int) -> int:
-    """f = min(⌈0.2·n⌉, ⌊(n − 3)/2⌋), at least 0: up to 20 % of the clients, as many as Krum allows."""
+    """f = min(⌈0.2·n⌉, ⌊(n − 3)/2⌋), at least 0: up to 20 % of the clients, as many as Krum
+    allows."""
     # the epsilon keeps float error (0.2 * 15 = 3.0000000000000004) from rounding up a whole count
     return max(0, min(math.ceil(DEFAULT_BYZANTINE_FRACTION * n - 1e-9), (n - 3) // 2))
 
@@ -264,11 +266,11 @@ class RobustSpec:
 
 def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> GroupAggregate:
     """One group's aggregate under ``spec``: the rule runs on each client's concatenated update
-    [Δθ, Δφ_t for the tasks in sorted order], so Krum keeps or excludes whole clients, and the result
-    is split back into base and heads. Clients are taken in sorted order (as in
-    :func:`fedmtl.server.aggregation.group_aggregate`), weighted by their sample counts (uniform if all
-    are 0). ``clients``, ``n_clients`` and ``n_samples`` of the result count only the contributing
-    clients; the excluded ones are those of ``updates`` not in ``clients``."""
+    [Δθ, Δφ_t for the tasks in sorted order], so Krum keeps or excludes whole clients, and the
+    result is split back into base and heads. Clients are taken in sorted order (as in
+    :func:`fedmtl.server.aggregation.group_aggregate`), weighted by their sample counts (uniform if
+    all are 0). ``clients``, ``n_clients`` and ``n_samples`` of the result count only the
+    contributing clients; the excluded ones are those of ``updates`` not in ``clients``."""
     if not updates:
         raise ValueError("aggregate_updates of no client updates")
     members = sorted(updates, key=lambda u: u.client)
@@ -278,7 +280,8 @@ def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> Grou
     for u in members:
         if u.group != group:
             raise ValueError(
-                f"client '{u.client}' is in group '{u.group}', not '{group}'; aggregate one group at a time"
+                f"client '{u.client}' is in group '{u.group}', not '{group}'; "
+                "aggregate one group at a time"
             )
         if (u.delta_base is not None) != shares_base:
             raise ValueError(
@@ -304,7 +307,8 @@ def aggregate_updates(updates: Sequence[ClientUpdate], spec: RobustSpec) -> Grou
             )
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(
-                f"group '{group}': client '{u.client}' released a non-finite update (NaN or infinity)"
+                f"group '{group}': client '{u.client}' released a non-finite update "
+                "(NaN or infinity)"
             )
         vectors.append(torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0))
     weights = [max(u.n_samples, 0) for u in members]

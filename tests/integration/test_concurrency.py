@@ -255,7 +255,8 @@ def test_two_promotions_at_once_leave_one_champion_and_record_both(store, traini
     assert "champion_scores.csv" in {
         a.path for a in client.list_artifacts(tags[second]["promotion.record_run"])
     }
-    # the gate "worst clients do not drop" cannot be loosened: the weaker of the two, if second, is rejected
+    # the gate "worst clients do not drop" cannot be loosened: the weaker of the two, if second, is
+    # rejected
     promoted = tags[second]["promotion.decision"] == "promoted"
     assert (code, tags[second]["promotion.decision"]) in ((0, "promoted"), (3, "rejected")), output
     if promoted:
@@ -358,9 +359,10 @@ def test_two_dvc_repros_of_one_stage_at_once(tmp_path):
     if dvc is None or git is None:
         pytest.skip("dvc or git is not installed")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = lambda *a, **k: subprocess.run(
-        a, cwd=tmp_path, env=env, capture_output=True, text=True, **k
-    )  # noqa: E731
+
+    def run(*a, **k):
+        return subprocess.run(a, cwd=tmp_path, env=env, capture_output=True, text=True, **k)
+
     run(git, "init", "-q", check=True)
     run(dvc, "init", "-q", check=True)
     (tmp_path / "dvc.yaml").write_text(

@@ -205,8 +205,8 @@ def test_ctrl_c_stops_at_a_safe_point_exits_130_and_resume_matches_an_uninterrup
     out, err = output(root)
     assert resumed.returncode == 0, f"{out}\n{err}"
     assert (
-        f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) after round {max(stopped)} of {ROUNDS}"
-        in out
+        f"resuming run {record.key} (MLflow run {record.mlflow_run_id}) "
+        f"after round {max(stopped)} of {ROUNDS}" in out
     )
     assert (
         RunRecord.load(run_dir).finished

@@ -160,7 +160,8 @@ def server(trained, server_process) -> str:
             pass
         if time.monotonic() > deadline:
             pytest.fail(
-                f"mlflow server did not answer /health on {base} in 120 s:\n{log.read_text()[-3000:]}"
+                f"mlflow server did not answer /health on {base} in 120 s:\n"
+                f"{log.read_text()[-3000:]}"
             )
         time.sleep(0.3)
 

@@ -141,7 +141,8 @@ def test_promote_reject_promote_and_rollback(registry):
         t["promotion.decision"] == "rejected" and "promotion.min_gain 0.9" in t["promotion.reasons"]
     )
     assert t["promotion.compared_with"] == v1 and float(t["promotion.challenger_mean"]) > 0
-    # each version answered with its own weights (both are loaded at once: never the same model twice)
+    # each version answered with its own weights (both are loaded at once: never the same model
+    # twice)
     assert float(t["promotion.challenger_mean"]) == pytest.approx(r.strong["personal_f1"], abs=1e-5)
     assert float(t["promotion.champion_mean"]) == pytest.approx(r.weak["personal_f1"], abs=1e-5)
 
@@ -159,8 +160,8 @@ def test_promote_reject_promote_and_rollback(registry):
     assert alias(r) == v2 and f"was version {v1}" in res.output
     out = flat(res.output)
     assert (
-        f"judging version {v2} (MLflow run {r.strong['mlflow_run_id']}, method fedmtl) (alias challenger)"
-        in out
+        f"judging version {v2} (MLflow run {r.strong['mlflow_run_id']}, method fedmtl) "
+        "(alias challenger)" in out
     )
     assert f"champion: version {v1} (MLflow run {r.weak['mlflow_run_id']}, method fedmtl)" in out
     assert "note:" not in out  # same method, and no other version to suggest
@@ -288,7 +289,8 @@ def test_served_champion_answers_like_the_model_in_memory(registry):
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
         assert answer is not None, (
-            f"the scoring server did not answer:\n{server.stdout.read() if server.poll() is not None else ''}"
+            "the scoring server did not answer:\n"
+            f"{server.stdout.read() if server.poll() is not None else ''}"
         )
         # a request without a feature column: HTTP 400 whose message starts with the reason, short
         lacking = frame.drop(columns=[manifest.features[1]])

@@ -360,7 +360,10 @@ def tampered(request, registered, marker, tmp_path):
 
 
 def _refusal(version: str, artifact: str) -> str:
-    return rf"version {version} .*of registered model '{MODEL}' failed its integrity check: artifact '{re.escape(artifact)}'"
+    return (
+        rf"version {version} .*of registered model '{MODEL}' failed its integrity check: "
+        rf"artifact '{re.escape(artifact)}'"
+    )
 
 
 def test_every_load_path_refuses_a_tampered_version(registered, tampered, marker, monkeypatch):

@@ -95,7 +95,8 @@ class Served:
             blocked or handler is not signal.default_int_handler
         ):  # what the child would have inherited
             warnings.warn(
-                f"starting {name}: this test process has SIGINT {'blocked' if blocked else 'unblocked'}, "
+                f"starting {name}: this test process has SIGINT "
+                f"{'blocked' if blocked else 'unblocked'}, "
                 f"handler {handler!r}; the child gets it unblocked and at its default"
             )
         log = self.logs[name] = self.root / f"{name}.log"
@@ -432,10 +433,11 @@ def test_ctrl_c_stops_serving_and_pauses_the_schedule(served):
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
-        # Before the served process was started with SIGINT at its default (_signals_as_from_a_shell),
-        # every suite launched as a background job (SIGINT ignored) failed here. Should a Ctrl-C go
-        # unheeded again: record the process's signal state, output and stacks, then press Ctrl-C
-        # again, as a user would; fail if that does not stop it.
+        # Before the served process was started with SIGINT at its default
+        # (_signals_as_from_a_shell), every suite launched as a background job (SIGINT ignored)
+        # failed here. Should a Ctrl-C go unheeded again: record the process's signal state,
+        # output and stacks, then press Ctrl-C again, as a user would; fail if that does not stop
+        # it.
         where = _stacks(proc.pid)
         said = served.logs["serve"].read_text(errors="replace")[before:][-3000:]
         warnings.warn(

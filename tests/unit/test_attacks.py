@@ -54,7 +54,7 @@ def random_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def overfit_mlp(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 200) -> nn.Module:
-    """A small MLP trained full-batch until it memorises (x, y) (random labels: pure memorisation)."""
+    """A small MLP trained full-batch until it memorises (x, y) (random labels: memorisation)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(N_FEATURES, 64), nn.ReLU(), nn.Linear(64, N_CLASSES))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -163,7 +163,8 @@ def test_overfitted_mlp_leaks_membership():
 
 
 def gaussian_lira_setting(n: int, k: int, mean_spread: float, shift: float, seed: int):
-    """Per-example OUT means μ_i ~ N(0, spread²), noise 1; members' targets shifted up by ``shift``."""
+    """Per-example OUT means μ_i ~ N(0, spread²), noise 1; members' targets shifted up by
+    ``shift``."""
     rng = np.random.default_rng(seed)
     mu = rng.normal(0.0, mean_spread, n)
     members = rng.random(n) < 0.5

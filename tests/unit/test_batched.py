@@ -1,4 +1,5 @@
-"""Batched local training (fedmtl/client/batched.py) gives each client what the per-client loop gives."""
+"""Batched local training (fedmtl/client/batched.py) gives each client what the per-client loop
+gives."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ SIZES = {"a": 5, "b": 22, "c": 24, "d": 64, "e": 120, "f": 12}
 
 @pytest.fixture(scope="module")
 def table_fed(tmp_path_factory):
-    """A table federation with unequal clients, two groups, a classification and a regression task."""
+    """A table federation: unequal clients, two groups, a classification and a regression task."""
     root = tmp_path_factory.mktemp("batched")
     rng = np.random.default_rng(0)
     frames = []

@@ -1,4 +1,5 @@
-"""Round checkpoints (fedmtl/lifecycle/checkpoint.py): atomic, checksummed, never loaded when damaged."""
+"""Round checkpoints (fedmtl/lifecycle/checkpoint.py): atomic, checksummed, never loaded when
+damaged."""
 
 from __future__ import annotations
 

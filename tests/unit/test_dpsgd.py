@@ -341,7 +341,9 @@ def test_old_flat_keys_still_work_and_name_their_new_key(old, new, value, tmp_pa
             ConfigError, match=rf"privacy\.{old} and privacy\.{re.escape(new)} are both set"
         ):
             params.write_text(
-                f"privacy:\n  dp_sgd: {{enabled: true, {new.split('.')[1]}: {value}}}\n  {old}: {value}\n"
+                "privacy:\n"
+                f"  dp_sgd: {{enabled: true, {new.split('.')[1]}: {value}}}\n"
+                f"  {old}: {value}\n"
             )
             load_config(params)
 

@@ -125,9 +125,12 @@ def test_overflow_bound_and_bad_scalars_are_refused(holder):
 def test_private_aggregate_with_ckks_matches_secagg_and_plain():
     ups = updates({"a": 5, "b": 4, "s": 2})
     plain = group_aggregate(ups)
-    run = lambda spec: private_aggregate(
-        ups, spec, 1.0, {}, 100.0, torch.Generator().manual_seed(1), seed=3
-    )  # noqa: E731
+
+    def run(spec):
+        return private_aggregate(
+            ups, spec, 1.0, {}, 100.0, torch.Generator().manual_seed(1), seed=3
+        )
+
     ckks, report = run(PrivacyConfig(secure_sum={"enabled": True, "protocol": "ckks"}))
     secagg, _ = run(PrivacyConfig(secure_sum={"enabled": True}))
     assert (

@@ -1,4 +1,5 @@
-"""Byzantine-robust aggregation (fedmtl.server.robust) and the attacks it is tested against (fedmtl.server.byzantine)."""
+"""Byzantine-robust aggregation (fedmtl.server.robust) and the attacks it is tested against
+(fedmtl.server.byzantine)."""
 
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def test_robust_rules_resist_twenty_percent_byzantine_where_the_mean_breaks(rule
     agg, kept = robust_aggregate(vectors, None, rule)
     error = float((agg - target).norm())
     if rule == "norm_bound":
-        # no one is excluded, the damage is capped: (1/n)·Σ_honest (‖v‖ − M)₊ + (f/n)·(M + ‖honest mean‖)
+        # no one is excluded, the damage is capped:
+        # (1/n)·Σ_honest (‖v‖ − M)₊ + (f/n)·(M + ‖honest mean‖)
         n, f = len(vectors), 2
         m = float(np.median(torch.stack(vectors).norm(dim=1).numpy()))
         excess = float((honest.norm(dim=1) - m).clamp_min(0).sum()) / n

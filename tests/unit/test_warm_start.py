@@ -1,4 +1,5 @@
-"""Warm start from a trained bundle: exact tensors, continued rounds, clear shape errors (no Prefect)."""
+"""Warm start from a trained bundle: exact tensors, continued rounds, clear shape errors (no
+Prefect)."""
 
 from __future__ import annotations
 

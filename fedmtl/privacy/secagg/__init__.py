@@ -16,13 +16,14 @@ session seed, the threshold t, the vector length d and the fixed-point encoding.
   pairwise masks), and sends (c_u^PK, s_u^PK); the server relays them to the neighbours.
   U1 = clients that advertised.
 * Round 1, share keys: u draws the self-mask seed b_u (32 random bytes) and Shamir-shares b_u and
-  s_u^SK (32 raw bytes) t-of-|N(u) ∩ U1| among its neighbours (:mod:`fedmtl.privacy.shamir`). The share
-  pair for v is encrypted with ChaCha20-Poly1305 under HKDF-SHA256(X25519(c_u^SK, c_v^PK)), with
-  the direction u→v in the nonce and both ids as associated data; the server relays the
+  s_u^SK (32 raw bytes) t-of-|N(u) ∩ U1| among its neighbours (:mod:`fedmtl.privacy.shamir`). The
+  share pair for v is encrypted with ChaCha20-Poly1305 under HKDF-SHA256(X25519(c_u^SK, c_v^PK)),
+  with the direction u→v in the nonce and both ids as associated data; the server relays the
   ciphertexts only. U2 = clients that sent their ciphertexts.
-* Round 2, masked input: u encodes its vector x_u (:class:`~fedmtl.privacy.fixedpoint.FixedPoint`) and
-  sends y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) mod 2^32, with + when u < v and −
-  when u > v, s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK)) (the same for u and v). PRG(key) is the
+* Round 2, masked input: u encodes its vector x_u
+  (:class:`~fedmtl.privacy.fixedpoint.FixedPoint`) and sends
+  y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) mod 2^32, with + when u < v and − when
+  u > v, s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK)) (the same for u and v). PRG(key) is the
   ChaCha20 keystream (fixed nonce; every key masks one vector) read as little-endian uint32
   words. U3 = clients whose masked input arrived; the server keeps only Σ_{u ∈ U3} y_u.
 * Round 3, unmask: the server asks every client in U3 for the shares it holds: of b_v for its

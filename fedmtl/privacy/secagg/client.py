@@ -1,4 +1,5 @@
-"""A SecAgg+ client: advertises keys, shares its seeds, sends its masked input, answers unmasking."""
+"""A SecAgg+ client: advertises keys, shares its seeds, sends its masked input, answers
+unmasking."""
 
 from __future__ import annotations
 
