@@ -8,14 +8,16 @@ simulator use them alike."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from fedmtl.config import Config
 from fedmtl.privacy.accountant import within_budget
-from fedmtl.privacy.accounting import PrivacyAccountant
-from fedmtl.privacy.budget import BudgetExceeded, check_plan
 from fedmtl.privacy.dp import default_count_noise, update_noise_multiplier
 from fedmtl.server.dispatch import sample_rate
 from fedmtl.state import ServerState
+
+if TYPE_CHECKING:  # dp_accounting (and scipy under it) costs ~0.6 s to import: only under DP
+    from fedmtl.privacy.accounting import PrivacyAccountant
 
 log = logging.getLogger("fedmtl.privacy")
 
@@ -57,6 +59,9 @@ def run_accountant(cfg: Config, n_clients: int) -> PrivacyAccountant | None:
     p = cfg.privacy
     if not p.dp:
         return None
+    from fedmtl.privacy.accounting import PrivacyAccountant
+    from fedmtl.privacy.budget import BudgetExceeded, check_plan
+
     dp = p.dp_fedavg
     rate = sample_rate(cfg.training.clients_per_round, n_clients)
     if dp.adaptive_clip:
