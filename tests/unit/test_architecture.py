@@ -230,13 +230,21 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
+CORE_PACKAGES = (
+    "algorithms",
+    "client",
+    "data",
+    "eval",
+    "lifecycle",
+    "nn",
+    "privacy",
+    "server",
+    "sites",
+)
 #: the core's packages, and its root modules each a node of its own (the loop and the federation,
 #: which use every package, one node): no package may import one that imports it back
 CORE_GROUPS = {
-    **{
-        f"fedmtl.{p}": p
-        for p in ("algorithms", "client", "data", "eval", "lifecycle", "nn", "privacy", "server")
-    },
+    **{f"fedmtl.{p}": p for p in CORE_PACKAGES},
     **{f"fedmtl.{m}": m for m in ("bundle", "config", "faults", "quiet", "state")},
     "fedmtl.federation": "federation",
     "fedmtl.rounds": "federation",
