@@ -33,6 +33,14 @@ class Exchange:
         """Where ``site``'s update of a round is (relative to the run)."""
         return posixpath.join(f"round-{int(round_):06d}", "sites", f"{check_name(site)}.env")
 
+    def evaluation_state(self, round_: int) -> str:
+        """Where the state to evaluate after a round is (relative to the run)."""
+        return posixpath.join(f"round-{int(round_):06d}", "evaluate.env")
+
+    def evaluation(self, round_: int, site: str) -> str:
+        """Where ``site``'s evaluation of a round's state is (relative to the run)."""
+        return posixpath.join(f"round-{int(round_):06d}", "evaluations", f"{check_name(site)}.env")
+
     def put(self, relpath: str, blob: bytes) -> int:
         """Writes ``blob`` at ``relpath`` atomically; returns its size in bytes."""
         path = self._path(relpath)

@@ -14,18 +14,23 @@ coordinator signed it for this run and round, trains its own client with the sam
 for the same partitions and seeds), keeps its personal state in its own store, and seals what
 the method releases.
 
-Not built yet (issue 18): evaluation at the sites (run the loop with ``evaluate_every=0``), the
-Prefect launcher and the ``fedmtl site`` commands, secure aggregation across site processes.
+Evaluation runs at the sites too: each scores the global, group and personalised models on
+its own held-out rows and returns its records (only when ``privacy.evaluation.client_metrics``
+allows per-client figures; the pooled evaluation needs the secure sum across site processes,
+not built yet, and is refused with that reason rather than done in the clear).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import pandas as pd
 
 from fedmtl.federation import Federation
 from fedmtl.rounds import Steps
@@ -35,6 +40,9 @@ from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
 from fedmtl.sites.wire import decode_state, decode_update, encode_state, encode_update
 from fedmtl.state import ClientFailure, ClientUpdate, FailureKind, ServerState
+
+#: what a site is asked to do
+TASKS = ("train", "evaluate")
 
 
 class SiteLate(TimeoutError):
@@ -69,11 +77,36 @@ class SiteSession:
         sealed = seal(encode_update(update), self.identity, run=run, round_=round_, kind="update")
         return self.exchange.put(self.exchange.update(round_, self.client), sealed)
 
+    def evaluate(self, round_: int) -> int:
+        """Scores the state after round ``round_`` on the site's held-out rows (every variant,
+        its personal head fitted and kept here); the sealed records out; returns the bytes."""
+        run = self.exchange.run
+        blob = self.exchange.get(self.exchange.evaluation_state(round_))
+        if blob is None:
+            raise FileNotFoundError(
+                f"site '{self.client}': no state to evaluate for round {round_} yet"
+            )
+        payload = open_envelope(
+            blob, self.known, sender=COORDINATOR, run=run, round_=round_, kind="evaluation-state"
+        )
+        records = self.fed.evaluate_clients([self.client], decode_state(payload))
+        body = json.dumps(records, default=float).encode()
+        sealed = seal(body, self.identity, run=run, round_=round_, kind="evaluation")
+        return self.exchange.put(self.exchange.evaluation(round_, self.client), sealed)
+
+    def run_task(self, task: str, round_: int) -> int:
+        """``train`` or ``evaluate`` (what a launcher asks of the site)."""
+        if task not in TASKS:
+            raise ValueError(
+                f"site '{self.client}': unknown task {task!r}; allowed: {', '.join(TASKS)}"
+            )
+        return self.train(round_) if task == "train" else self.evaluate(round_)
+
 
 class Launcher(Protocol):
-    """Starts a site's local training for a round and waits for it."""
+    """Starts a site's task (``train`` or ``evaluate``) for a round and waits for it."""
 
-    def launch(self, site: str, round_: int) -> Any: ...
+    def launch(self, site: str, round_: int, task: str = "train") -> Any: ...
 
     def wait(self, handle: Any, timeout: float) -> None:
         """Returns when the site is done; raises its error, or ``TimeoutError`` at ``timeout``."""
@@ -91,8 +124,8 @@ class InProcessLauncher:
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="site")
 
-    def launch(self, site: str, round_: int) -> Future:
-        return self._pool.submit(self.sessions[site].train, round_)
+    def launch(self, site: str, round_: int, task: str = "train") -> Future:
+        return self._pool.submit(self.sessions[site].run_task, task, round_)
 
     def wait(self, handle: Future, timeout: float) -> None:
         try:
@@ -128,18 +161,57 @@ class SiteSteps(Steps):
                 encode_state(state), self.coordinator, run=run, round_=round_, kind="global-state"
             ),
         )
-        handles = {site: self.launcher.launch(site, round_) for site in chosen}
+        updates, failed = self._gather(
+            chosen, round_, "train", lambda site: self._receive(site, round_, state)
+        )
+        self.traffic = {site: (sent, size) for site, (_, size) in updates.items()}
+        return [updates[s][0] for s in chosen if s in updates], failed, 0
+
+    def evaluate(
+        self, fed: Federation, state: ServerState, clients: list[str]
+    ) -> tuple[pd.DataFrame, dict[str, float], dict[str, ClientFailure]]:
+        """Each site scores the state on its own held-out rows; a site that is late, fails or
+        sends a refused message is left out, named. Per-client records only (module docs)."""
+        if not fed.privacy.per_client_metrics:
+            raise NotImplementedError(
+                "evaluation at sites with per-client metrics off "
+                "(privacy.evaluation.client_metrics, off by default with privacy on) needs the "
+                "secure sum across site processes, which is not built yet; set "
+                "privacy.evaluation.client_metrics=true where privacy allows it"
+            )
+        round_, run = state.round, self.exchange.run
+        self.exchange.put(
+            self.exchange.evaluation_state(round_),
+            seal(
+                encode_state(state),
+                self.coordinator,
+                run=run,
+                round_=round_,
+                kind="evaluation-state",
+            ),
+        )
+        got, skipped = self._gather(
+            clients, round_, "evaluate", lambda site: self._records(site, round_)
+        )
+        records = [r for site in clients if site in got for r in got[site][0]]
+        return pd.DataFrame(records), {}, skipped
+
+    def _gather(
+        self, sites: list[str], round_: int, task: str, receive
+    ) -> tuple[dict, dict[str, ClientFailure]]:
+        """Starts ``task`` at every site, waits until the deadline, receives what each sent:
+        (site -> (what, bytes), site -> why it was dropped or refused)."""
+        handles = {site: self.launcher.launch(site, round_, task) for site in sites}
         end = self.clock() + self.deadline
         failed: dict[str, ClientFailure] = {}
-        by_site: dict[str, ClientUpdate] = {}
-        self.traffic = {}
+        got: dict[str, tuple[Any, int]] = {}
         for site, handle in handles.items():
             try:
                 self.launcher.wait(handle, max(0.0, end - self.clock()))
             except TimeoutError:
                 failed[site] = ClientFailure.of(
                     SiteLate(
-                        f"site '{site}': no update by the round's deadline "
+                        f"site '{site}': nothing by the round's deadline "
                         f"({self.deadline:g} s); dropped"
                     )
                 )
@@ -148,14 +220,27 @@ class SiteSteps(Steps):
                 failed[site] = ClientFailure.of(exc)
                 continue
             try:
-                update, size = self._receive(site, round_, state)
+                got[site] = receive(site)
             except Exception as exc:  # noqa: BLE001 - refused (tampered, replayed, unreadable): named
                 message = str(exc) if f"site '{site}'" in str(exc) else f"site '{site}': {exc}"
                 failed[site] = ClientFailure(FailureKind.REJECTED, type(exc).__name__, message)
-                continue
-            by_site[site] = update
-            self.traffic[site] = (sent, size)
-        return [by_site[s] for s in chosen if s in by_site], failed, 0
+        return got, failed
+
+    def _records(self, site: str, round_: int) -> tuple[list[dict], int]:
+        blob = self.exchange.get(self.exchange.evaluation(round_, site))
+        if blob is None:
+            raise EnvelopeRefused(
+                site, f"site '{site}': finished but left no evaluation for round {round_}"
+            )
+        payload = open_envelope(
+            blob, self.known, sender=site, run=self.exchange.run, round_=round_, kind="evaluation"
+        )
+        records = json.loads(payload)
+        if not isinstance(records, list) or any(r.get("client") != site for r in records):
+            raise EnvelopeRefused(
+                site, f"site '{site}': its evaluation holds records of other clients"
+            )
+        return records, len(blob)
 
     def _receive(self, site: str, round_: int, state: ServerState) -> tuple[ClientUpdate, int]:
         blob = self.exchange.get(self.exchange.update(round_, site))

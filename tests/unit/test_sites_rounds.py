@@ -56,16 +56,24 @@ def sites(data, tmp_path, run_id: str = "run1"):
     return exchange, coordinator, at_coordinator, sessions
 
 
-def test_training_at_sites_gives_the_simulated_model(data, tmp_path):
+def test_training_and_evaluation_at_sites_give_the_simulated_model_and_figures(data, tmp_path):
     _, _, manifest = data
     clients = manifest.client_ids
-    simulated, _, _ = run_rounds(federation(data, "sim"), clients, 3, evaluate_every=0)
+    simulated, sim_records, _ = run_rounds(federation(data, "sim"), clients, 3, evaluate_every=3)
     exchange, coordinator, known, sessions = sites(data, tmp_path)
     launcher = InProcessLauncher(sessions)
     steps = SiteSteps(exchange, coordinator, known, launcher, deadline=120)
     coord = federation(data, "coordinator")
-    outcome = run(coord, coord.initial_state(), clients, 3, steps=steps, evaluate_every=0)
+    outcome = run(coord, coord.initial_state(), clients, 3, steps=steps, evaluate_every=3)
     launcher.close()
+    key = ["client", "variant", "task"]
+    at_sites = outcome.records.sort_values(key).reset_index(drop=True)
+    simulated_records = sim_records.sort_values(key).reset_index(drop=True)
+    assert len(at_sites) == len(simulated_records) == 3 * len(clients)
+    for column in ("accuracy", "f1", "n_test"):
+        assert at_sites[column].tolist() == pytest.approx(
+            simulated_records[column].tolist(), abs=1e-6
+        )
     assert outcome.state.round == simulated.round == 3
     assert torch.allclose(outcome.state.base, simulated.base, atol=1e-6)
     for group, heads in simulated.group_heads.items():
@@ -86,7 +94,7 @@ class Misbehaving(InProcessLauncher):
         super().__init__(sessions, workers=len(sessions))
         self.exchange, self.mischief, self.victim = exchange, mischief, victim
 
-    def launch(self, site, round_):
+    def launch(self, site, round_, task="train"):
         def job():
             if self.mischief.get(site) == "late":
                 threading.Event().wait(5)
@@ -168,3 +176,18 @@ def test_a_site_refuses_a_global_state_not_signed_by_its_coordinator(data, tmp_p
         ValueError, match="site 'coordinator': global-state of round 1 refused: the signature"
     ):
         sessions[manifest.client_ids[0]].train(1)
+
+
+def test_pooled_evaluation_at_sites_is_refused_until_the_secure_sum_spans_processes(data, tmp_path):
+    root, cfg, manifest = data
+    exchange, coordinator, known, sessions = sites(data, tmp_path, "run4")
+    private = Federation.from_config(
+        load_config(
+            None, tiny_overrides(root, **SETTINGS, **{"privacy.evaluation.client_metrics": False})
+        ),
+        manifest,
+        ClientStore(root / "coordinator4"),
+    )
+    steps = SiteSteps(exchange, coordinator, known, InProcessLauncher(sessions))
+    with pytest.raises(NotImplementedError, match="secure sum across site processes"):
+        steps.evaluate(private, private.initial_state(), manifest.client_ids)
