@@ -30,7 +30,7 @@ MAGIC = b"FEDMTL-ENVELOPE-1\n"
 _DOMAIN = b"fedmtl envelope v1\x00"
 _SIGNATURE = 64
 #: the kinds of message
-KINDS = ("global-state", "update", "evaluation-state", "evaluation", "validation")
+KINDS = ("run-settings", "global-state", "update", "evaluation-state", "evaluation", "validation")
 
 
 class EnvelopeRefused(ValueError):
