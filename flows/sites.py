@@ -14,6 +14,8 @@ id; models and updates travel sealed through the exchange store (:mod:`fedmtl.si
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +25,13 @@ from uuid import UUID
 from prefect import flow, get_client
 from prefect.deployments import run_deployment
 
-from fedmtl.sites.site import open_session
+from fedmtl.config import Config
+from fedmtl.data.manifest import Manifest
+from fedmtl.data.validation import ValidationReport
+from fedmtl.sites.exchange import Exchange
+from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
+from fedmtl.sites.rounds import SiteSteps
+from fedmtl.sites.site import gather_sites, open_session, publish_settings
 
 #: the site flow's name: the site NAME's deployment is ``fedmtl-site/NAME``
 SITE_FLOW = "fedmtl-site"
@@ -89,3 +97,38 @@ def serve_site(root: str | Path, **serve_options: Any) -> None:
     name = read_site(root)["site"]
     os.environ[SITE_DIR_ENV] = str(Path(root).resolve())
     site_task.serve(name=name, **serve_options)
+
+
+def sites_data(cfg: Config) -> tuple[Manifest, ValidationReport, list[str], dict[str, str], str]:
+    """The coordinator's view of the sites' data (``federation.mode: sites``): the manifest and
+    validation report from their sealed summaries, the sites that left none, the data version
+    (a digest of the summaries: the sites' data as validated) and the summaries as JSON."""
+    manifest, report, missing = gather_sites(cfg.federation.exchange, cfg.federation.sites)
+    summary = json.dumps(
+        {
+            "manifest": json.loads(manifest.to_json()),
+            "validation": report.to_dict(),
+            "sites_without_summary": missing,
+        },
+        indent=2,
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(summary.encode()).hexdigest()
+    version = {
+        "data_version": f"sites:{digest[:16]}",
+        "data_version_source": "sites",
+        "data_hash": digest,
+    }
+    return manifest, report, missing, version, summary
+
+
+def site_steps(cfg: Config, run: str) -> SiteSteps:
+    """The round's steps with local training and evaluation at the sites, for ``run`` (the run's
+    key: its messages' folder in the exchange store); the run's settings sealed there first."""
+    coordinator = Identity.load(cfg.federation.keys, COORDINATOR)
+    known = KnownParties.from_folder(cfg.federation.sites)
+    exchange = Exchange(cfg.federation.exchange, run)
+    publish_settings(exchange, coordinator, cfg)
+    return SiteSteps(
+        exchange, coordinator, known, PrefectLauncher(run), deadline=cfg.federation.deadline
+    )

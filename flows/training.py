@@ -37,6 +37,7 @@ from fedmtl.state import ServerState
 from flows import interrupt, progress
 from flows.registration import finish
 from flows.reporting import RoundReporting
+from flows.sites import site_steps, sites_data
 from flows.steps import PrefectSteps
 from tasks.registry import CHAMPION, champion_bundle, check_registered_model
 from tasks.round import evaluate
@@ -58,16 +59,23 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
     cfg = config if isinstance(config, Config) else Config.model_validate(config)
     logger = get_run_logger()
     interrupt.reinstall()  # fedmtl train: SIGTERM stops at the next safe point, as SIGINT does
-    manifest = read_manifest(cfg.data.partitions_dir)
-    # bound to what was validated: the manifest must be the one validated, a client whose file
-    # changed since is quarantined (named), and every read of a partition checks its SHA-256
-    report, digests = bind_partitions(
-        cfg.data.partitions_dir, manifest, read_report(cfg.data.validation_dir)
-    )
+    at_sites = cfg.federation.mode == "sites"
+    if at_sites:  # the sites' sealed summaries: public metadata and validation outcomes, no data
+        manifest, report, missing, version, summary = sites_data(cfg)
+        digests = None
+        for site in missing:
+            logger.warning("site '%s' has left no validation summary: not in this run", site)
+    else:
+        manifest, version = read_manifest(cfg.data.partitions_dir), None
+        # bound to what was validated: the manifest must be the one validated, a client whose
+        # file changed since is quarantined (named), and every read of a partition checks it
+        report, digests = bind_partitions(
+            cfg.data.partitions_dir, manifest, read_report(cfg.data.validation_dir)
+        )
     for client, why in report.changed.items():
         logger.warning("client '%s' is quarantined: %s", client, why)
     clients = usable_clients(manifest, report, cfg.training.min_clients)
-    tags = run_tags(cfg, manifest, report)
+    tags = run_tags(cfg, manifest, report, version)
     runs_root = Path(cfg.training.workdir) / "runs"
     settings = cfg.flat()
     found = find_resumable(
@@ -131,7 +139,10 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
         )
         record.save(run_dir)
         tracker.log_text(dump_config(cfg), "config/params.yaml")
-        tracker.log_artifact(cfg.data.validation_dir, "validation")
+        if at_sites:
+            tracker.log_text(summary, "validation/sites.json")
+        else:
+            tracker.log_artifact(cfg.data.validation_dir, "validation")
     logger.info(
         "MLflow run %s: %d clients (%d quarantined)",
         record.mlflow_run_id,
@@ -156,6 +167,7 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
                 state.round
             )  # a warm start's champion rounds and the rounds before a resume count
         progress.current().start(cfg.training.rounds)
+        steps = site_steps(cfg, record.key) if at_sites else PrefectSteps(cfg)
         report_round = RoundReporting(
             fed,
             cfg,
@@ -177,7 +189,7 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
             state,
             clients,
             cfg.training.rounds - (state.round - start_round),
-            steps=PrefectSteps(cfg),
+            steps=steps,
             per_round=cfg.training.clients_per_round,
             min_clients=cfg.training.min_clients,
             evaluate_every=0
@@ -204,7 +216,11 @@ def federated_training(config: Config, resume: bool = False) -> dict[str, Any]:
                 fed, state, clients, history, budget, tracker, checkpoints
             )
         elif records is None:  # resumed after the last round: score the final state again
-            records, _, _ = evaluate(quote(fed), quote(state), quote(clients))
+            records, _, _ = (
+                steps.evaluate(fed, state, clients)
+                if at_sites
+                else evaluate(quote(fed), quote(state), quote(clients))
+            )
         if budget is not None:
             tracker.set_tags({"privacy_epsilon": f"{budget.epsilon():.6g}"})
         if fed.sample_level is not None:
@@ -297,9 +313,12 @@ def release_final_evaluation(fed, state, clients, history, budget, tracker, chec
     return history, pd.DataFrame()
 
 
-def run_tags(cfg: Config, manifest: Manifest, report) -> dict[str, str]:
+def run_tags(
+    cfg: Config, manifest: Manifest, report, version: dict | None = None
+) -> dict[str, str]:
     tags = {
-        **data_version(cfg.data.partitions_dir),
+        **(version or data_version(cfg.data.partitions_dir)),
+        "federation": cfg.federation.mode,
         **git_commit(),
         "method": cfg.algorithm.method,
         "server_optimizer": cfg.server.optimizer,

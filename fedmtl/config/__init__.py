@@ -9,6 +9,7 @@ every section is frozen and handed as it is to what it configures.
 """
 
 from fedmtl.config.data import DataConfig, HarConfig, PartitionConfig, SyntheticConfig, TableConfig
+from fedmtl.config.federation import FederationConfig
 from fedmtl.config.operations import (
     ColdStartConfig,
     PromotionConfig,
@@ -57,6 +58,7 @@ __all__ = [
     "DataConfig",
     "EvaluationPrivacyConfig",
     "FaultsConfig",
+    "FederationConfig",
     "GroupingConfig",
     "HarConfig",
     "Method",

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fedmtl.config.data import DataConfig
+from fedmtl.config.federation import FederationConfig
 from fedmtl.config.operations import (
     ColdStartConfig,
     PromotionConfig,
@@ -48,6 +49,7 @@ class Config(_Section):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
 
     @model_validator(mode="after")
     def _check_dp_sgd(self) -> "Config":
@@ -81,6 +83,23 @@ class Config(_Section):
                 "guarantee (ε) and would be published in the registered model; set "
                 "tracking.bundle_personal_heads=false (clients fit and keep their own heads: "
                 "`fedmtl personalize`), or turn DP-FedAvg and DP-SGD off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> Config:
+        if self.federation.mode != "sites":
+            return self
+        if self.privacy.secure:
+            raise ValueError(
+                "federation.mode=sites with privacy.secure_sum.enabled: the secure sum across site "
+                "processes is not built yet (the coordinator would see each update); turn one off"
+            )
+        if not self.privacy.per_client_metrics:
+            raise ValueError(
+                "federation.mode=sites evaluates at the sites with per-client records only; the "
+                "pooled evaluation across site processes is not built yet: set "
+                "privacy.evaluation.client_metrics=true where privacy allows it"
             )
         return self
 

@@ -24,7 +24,9 @@ import yaml
 
 from fedmtl.client.store import ClientStore
 from fedmtl.config import Config
-from fedmtl.data.manifest import read_manifest
+from fedmtl.config.sections import ValidationConfig
+from fedmtl.data.manifest import Manifest, read_manifest
+from fedmtl.data.validation import ClientValidation, ValidationReport, validate_partitions
 from fedmtl.federation import Federation
 from fedmtl.sites.envelope import open_envelope, seal
 from fedmtl.sites.exchange import Exchange
@@ -33,6 +35,10 @@ from fedmtl.sites.rounds import SiteSession
 
 SITE_FILE = "site.yaml"
 SETTINGS = "run.env"
+#: the exchange store's area outside any run, where each site leaves its sealed summary
+SUMMARIES = "sites"
+#: what every site's data must share with the others' (the model is built from it)
+SCHEMA = ("features", "tasks", "input_shape", "feature_range")
 
 
 class SiteError(ValueError):
@@ -61,7 +67,82 @@ def init_site(
     KnownParties.from_folder(root / "trusted")  # refuses a file that is not a public key
     settings = {"site": name, "exchange": exchange, "partitions": str(Path(partitions).resolve())}
     (root / SITE_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
+    publish_summary(root)
     return root
+
+
+def publish_summary(
+    root: str | Path, validation: ValidationConfig | None = None
+) -> ValidationReport:
+    """Validates the site's partition at the site (Great Expectations, the same suite as in
+    simulation; results and Data Docs in ``SITE/validation``) and leaves its sealed summary in the
+    exchange store: its manifest entry (row counts, group, the data's schema) and the outcome
+    (passed, or quarantined with each failing expectation). Never a row."""
+    root = Path(root)
+    site = read_site(root)
+    name = site["site"]
+    manifest = read_manifest(site["partitions"])
+    report = validate_partitions(
+        site["partitions"], manifest, validation or ValidationConfig(), root / "validation"
+    )
+    outcome = report.clients[name]
+    body = {
+        "manifest": json.loads(manifest.to_json()),
+        "validation": {"passed": outcome.passed, "failures": outcome.failures},
+    }
+    identity = Identity.load(root / "keys", name)
+    exchange = Exchange(site["exchange"], SUMMARIES)
+    sealed = seal(json.dumps(body).encode(), identity, run=SUMMARIES, round_=0, kind="validation")
+    exchange.put(f"{name}.env", sealed)
+    return report
+
+
+def gather_sites(
+    exchange_url: str, sites_keys: str | Path
+) -> tuple[Manifest, ValidationReport, list[str]]:
+    """The coordinator's side: every known site's sealed summary (``sites_keys``: a folder of
+    ``NAME.pub``), checked, as one manifest (public metadata only: no site's data is read) and a
+    validation report; and the sites that left no summary, named. A site whose data's schema
+    differs from the others' is refused, naming it."""
+    known = KnownParties.from_folder(sites_keys)
+    known.keys.pop(COORDINATOR, None)
+    if not known.keys:
+        raise SiteError(f"no site public keys (NAME.pub) in {sites_keys} (federation.sites)")
+    exchange = Exchange(exchange_url, SUMMARIES)
+    entries, results, missing, schema, first = [], {}, [], None, None
+    for name in sorted(known.keys):
+        blob = exchange.get(f"{name}.env")
+        if blob is None:
+            missing.append(name)
+            continue
+        body = json.loads(
+            open_envelope(blob, known, sender=name, run=SUMMARIES, round_=0, kind="validation")
+        )
+        raw = body["manifest"]
+        described = [c["client"] for c in raw["clients"]]
+        if described != [name]:
+            raise SiteError(f"site '{name}': its summary describes clients {described}")
+        mine = {k: raw.get(k) for k in SCHEMA}
+        if schema is None:
+            schema, first = mine, {k: v for k, v in raw.items() if k != "clients"}
+        elif mine != schema:
+            differ = [k for k in SCHEMA if mine[k] != schema[k]]
+            raise SiteError(
+                f"site '{name}': its data's {', '.join(differ)} differ from the other sites'; "
+                "every site must hold the same columns and tasks"
+            )
+        entries.append(raw["clients"][0])
+        verdict = body["validation"]
+        results[name] = ClientValidation(
+            name, f"(at site '{name}')", bool(verdict["passed"]), list(verdict["failures"])
+        )
+    if not entries:
+        raise SiteError(
+            f"no site has left a summary in {exchange_url} yet "
+            "(run `fedmtl site init` at each site)"
+        )
+    manifest = Manifest.from_dict({**first, "clients": entries})
+    return manifest, ValidationReport(results), missing
 
 
 def read_site(root: str | Path) -> dict:

@@ -312,3 +312,63 @@ def test_sites_train_and_evaluate_the_simulated_model_through_prefect(federation
             text=True,
         )
         assert probe.returncode != 0 and "PermissionError" in probe.stderr
+
+
+def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_of_sites):
+    """`fedmtl train` as the coordinator, in a process of its own with no partition: the sites'
+    sealed summaries give the manifest, the rounds run at the sites, MLflow gets the run and the
+    registry the model; the figures are the simulation's."""
+    from mlflow.tracking import MlflowClient
+
+    root, cfg, manifest, api, coordinator, users, procs, logs = federation_of_sites
+    clients = manifest.client_ids
+    wait_for_deployments(api, clients, procs, logs)
+    keys = root / "site-keys"
+    keys.mkdir(exist_ok=True)
+    for client in clients:
+        shutil.copyfile(
+            root / f"site-{client}" / "site" / "keys" / f"{client}.pub", keys / f"{client}.pub"
+        )
+    home = root / "coordinator-home"
+    home.mkdir()
+    sites = {
+        "federation.mode": "sites",
+        "federation.exchange": f"file://{root / 'exchange'}",
+        "federation.keys": str(root / "coordinator-keys"),
+        "federation.sites": str(keys),
+        "federation.deadline": 180,
+        "data.partitions_dir": str(root / "none"),
+        "tracking.registered_model": "fedmtl-sites-test",
+    }
+    overrides = tiny_overrides(root, **SETTINGS, **sites)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    args = [sys.executable, "-m", "cli", "train"]  # no params.yaml in its folder: the defaults
+    for override in overrides:
+        args += ["-s", override]
+    done = subprocess.run(
+        args, cwd=home, env=env, capture_output=True, text=True, timeout=600, umask=0
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((root / "metrics.json").read_text())
+    _, _, history = run_rounds(
+        Federation.from_config(cfg, manifest, ClientStore(root / "sim2")),
+        clients,
+        2,
+        evaluate_every=2,
+    )
+    assert metrics["personal_accuracy"] == pytest.approx(
+        history[-1]["personal/accuracy/mean"], abs=1e-6
+    )
+    assert metrics["global_accuracy"] == pytest.approx(
+        history[-1]["global/accuracy/mean"], abs=1e-6
+    )
+    assert metrics["clients"] == len(clients) and metrics["rounds"] == 2
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["federation"] == "sites"
+    assert run.data.tags["data_version"].startswith("sites:") and metrics["model_version"]
+    assert not (root / "none").exists()
