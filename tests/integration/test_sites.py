@@ -27,11 +27,12 @@ from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import Manifest, read_manifest, write_manifest
 from fedmtl.federation import Federation
-from fedmtl.rounds import run, run_rounds
+from fedmtl.rounds import run, run_round, run_rounds
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
 from fedmtl.sites.rounds import SiteSteps
 from fedmtl.sites.site import publish_settings
+from fedmtl.state import FailureKind
 from tests.conftest import tiny_overrides
 from tests.integration.test_schedule import free_port, tail
 
@@ -144,6 +145,17 @@ def federation_of_sites():
         if user:
             os.chown(logs[name], *user)
 
+    def serve(client: str) -> None:
+        """(Re)starts the site's `fedmtl site serve`."""
+        home = root / f"site-{client}"
+        start(
+            f"site-{client}",
+            [sys.executable, "-m", "cli", "site", "serve", "--dir", str(home / "site")],
+            home,
+            users.get(client),
+            {"HOME": str(home), "PREFECT_HOME": str(home / "prefect")},
+        )
+
     start(
         "server",
         [
@@ -214,14 +226,8 @@ def federation_of_sites():
             os.chmod(home, 0o700)
             if user:
                 chown_tree(home, *user)
-            start(
-                f"site-{client}",
-                [sys.executable, "-m", "cli", "site", "serve", "--dir", str(home / "site")],
-                home,
-                user,
-                {"HOME": str(home), "PREFECT_HOME": str(home / "prefect")},
-            )
-        yield root, cfg, manifest, api, coordinator, users, procs, logs
+            serve(client)
+        yield root, cfg, manifest, api, coordinator, users, procs, logs, serve
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -261,7 +267,7 @@ def test_sites_train_and_evaluate_the_simulated_model_through_prefect(federation
 
     from flows.sites import PrefectLauncher
 
-    root, cfg, manifest, api, coordinator, users, procs, logs = federation_of_sites
+    root, cfg, manifest, api, coordinator, users, procs, logs, _ = federation_of_sites
     clients = manifest.client_ids
     wait_for_deployments(api, clients, procs, logs)
     simulated, sim_records, _ = run_rounds(
@@ -323,7 +329,7 @@ def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_o
     registry the model; the figures are the simulation's."""
     from mlflow.tracking import MlflowClient
 
-    root, cfg, manifest, api, coordinator, users, procs, logs = federation_of_sites
+    root, cfg, manifest, api, coordinator, users, procs, logs, _ = federation_of_sites
     clients = manifest.client_ids
     wait_for_deployments(api, clients, procs, logs)
     keys = root / "site-keys"
@@ -375,3 +381,43 @@ def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_o
     assert run.info.status == "FINISHED" and run.data.tags["federation"] == "sites"
     assert run.data.tags["data_version"].startswith("sites:") and metrics["model_version"]
     assert not (root / "none").exists()
+
+
+def test_a_killed_site_is_dropped_at_the_deadline_and_rejoins_after_a_restart(federation_of_sites):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sites import PrefectLauncher
+
+    root, cfg, manifest, api, coordinator, users, procs, logs, serve = federation_of_sites
+    clients = manifest.client_ids
+    wait_for_deployments(api, clients, procs, logs)
+    victim = clients[2]
+    os.killpg(procs[f"site-{victim}"].pid, signal.SIGKILL)  # the site and any flow run of it
+    procs[f"site-{victim}"].wait()
+    blind = load_config(
+        None, tiny_overrides(root, **SETTINGS, **{"data.partitions_dir": str(root / "none")})
+    )
+    coord = Federation.from_config(blind, manifest, ClientStore(root / "coordinator3"))
+    known = KnownParties()
+    for client in clients:
+        known.add(client, Identity.load(root / f"site-{client}" / "site" / "keys", client).public)
+    exchange = Exchange(f"file://{root / 'exchange'}", "sitesrun3")
+    publish_settings(exchange, coordinator, cfg)
+    umask = os.umask(0)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            steps = SiteSteps(
+                exchange, coordinator, known, PrefectLauncher("sitesrun3"), deadline=15
+            )
+            state, first = run_round(
+                coord, coord.initial_state(), clients, steps, min_clients=2, evaluate=False
+            )
+            assert state.round == 1 and [u.client for u in first.updates] == clients[:2]
+            assert first.failed[victim].kind is FailureKind.TIMEOUT
+            assert f"site '{victim}': nothing by the round's deadline" in str(first.failed[victim])
+            serve(victim)  # back: its next round's run is picked up when its runner polls
+            steps.deadline = 180
+            state, second = run_round(coord, state, clients, steps, min_clients=2, evaluate=False)
+    finally:
+        os.umask(umask)
+    assert state.round == 2 and [u.client for u in second.updates] == clients and not second.failed
