@@ -125,7 +125,7 @@ def sites_data(cfg: Config) -> tuple[Manifest, ValidationReport, list[str], dict
 def site_steps(cfg: Config, run: str) -> SiteSteps:
     """The round's steps with local training and evaluation at the sites, for ``run`` (the run's
     key: its messages' folder in the exchange store); the run's settings sealed there first."""
-    coordinator = Identity.load(cfg.federation.keys, COORDINATOR)
+    coordinator = Identity.load(cfg.federation.coordinator_keys, COORDINATOR)
     known = KnownParties.from_folder(cfg.federation.sites)
     exchange = Exchange(cfg.federation.exchange, run)
     publish_settings(exchange, coordinator, cfg)

@@ -17,7 +17,8 @@ class FederationConfig(_Section):
     exchange: str | None = Field(
         None, description="sites: the exchange store's URL (fsspec: a folder, s3://, gs://, az://)"
     )
-    keys: str = Field(
+    # not "keys": Prefect takes a model with a keys attribute for a mapping when it walks inputs
+    coordinator_keys: str = Field(
         ".fedmtl/coordinator-keys",
         description="sites: the coordinator's key pair (fedmtl site coordinator-key --dir)",
     )

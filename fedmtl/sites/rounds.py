@@ -226,35 +226,36 @@ class SiteSteps(Steps):
                 failed[site] = ClientFailure(FailureKind.REJECTED, type(exc).__name__, message)
         return got, failed
 
-    def _records(self, site: str, round_: int) -> tuple[list[dict], int]:
-        blob = self.exchange.get(self.exchange.evaluation(round_, site))
+    def _open(self, site: str, path: str, round_: int, kind: str) -> tuple[bytes, int]:
+        """The payload of ``site``'s ``kind`` message at ``path`` and its sealed size; refused,
+        naming the site, when it is missing or does not open."""
+        blob = self.exchange.get(path)
         if blob is None:
             raise EnvelopeRefused(
-                site, f"site '{site}': finished but left no evaluation for round {round_}"
+                site, f"site '{site}': finished but left no {kind} for round {round_}"
             )
         payload = open_envelope(
-            blob, self.known, sender=site, run=self.exchange.run, round_=round_, kind="evaluation"
+            blob, self.known, sender=site, run=self.exchange.run, round_=round_, kind=kind
+        )
+        return payload, len(blob)
+
+    def _records(self, site: str, round_: int) -> tuple[list[dict], int]:
+        payload, size = self._open(
+            site, self.exchange.evaluation(round_, site), round_, "evaluation"
         )
         records = json.loads(payload)
         if not isinstance(records, list) or any(r.get("client") != site for r in records):
             raise EnvelopeRefused(
                 site, f"site '{site}': its evaluation holds records of other clients"
             )
-        return records, len(blob)
+        return records, size
 
     def _receive(self, site: str, round_: int, state: ServerState) -> tuple[ClientUpdate, int]:
-        blob = self.exchange.get(self.exchange.update(round_, site))
-        if blob is None:
-            raise EnvelopeRefused(
-                site, f"site '{site}': finished but left no update for round {round_}"
-            )
-        payload = open_envelope(
-            blob, self.known, sender=site, run=self.exchange.run, round_=round_, kind="update"
-        )
+        payload, size = self._open(site, self.exchange.update(round_, site), round_, "update")
         update = decode_update(payload)
         if update.client != site:
             raise EnvelopeRefused(
                 site, f"site '{site}': its update names another client, '{update.client}'"
             )
         check_update(update, state)
-        return update, len(blob)
+        return update, size

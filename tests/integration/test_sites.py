@@ -244,6 +244,14 @@ def federation_of_sites():
             subprocess.run(["userdel", user], capture_output=True)
 
 
+def site_keys(root: Path, clients: list[str]) -> KnownParties:
+    """The sites' public keys, as the coordinator is given them."""
+    known = KnownParties()
+    for client in clients:
+        known.add(client, Identity.load(root / f"site-{client}" / "site" / "keys", client).public)
+    return known
+
+
 def wait_for_deployments(api: str, names: list[str], procs, logs, timeout: float = 120) -> None:
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -281,9 +289,7 @@ def test_sites_train_and_evaluate_the_simulated_model_through_prefect(federation
         None, tiny_overrides(root, **SETTINGS, **{"data.partitions_dir": str(root / "none")})
     )
     coord = Federation.from_config(blind, manifest, ClientStore(root / "coordinator"))
-    known = KnownParties()
-    for client in clients:
-        known.add(client, Identity.load(root / f"site-{client}" / "site" / "keys", client).public)
+    known = site_keys(root, clients)
     exchange = Exchange(f"file://{root / 'exchange'}", RUN)
     publish_settings(exchange, coordinator, cfg)
     umask = os.umask(0)  # the shared exchange folder (see start())
@@ -343,7 +349,7 @@ def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_o
     sites = {
         "federation.mode": "sites",
         "federation.exchange": f"file://{root / 'exchange'}",
-        "federation.keys": str(root / "coordinator-keys"),
+        "federation.coordinator_keys": str(root / "coordinator-keys"),
         "federation.sites": str(keys),
         "federation.deadline": 180,
         "data.partitions_dir": str(root / "none"),
@@ -398,9 +404,7 @@ def test_a_killed_site_is_dropped_at_the_deadline_and_rejoins_after_a_restart(fe
         None, tiny_overrides(root, **SETTINGS, **{"data.partitions_dir": str(root / "none")})
     )
     coord = Federation.from_config(blind, manifest, ClientStore(root / "coordinator3"))
-    known = KnownParties()
-    for client in clients:
-        known.add(client, Identity.load(root / f"site-{client}" / "site" / "keys", client).public)
+    known = site_keys(root, clients)
     exchange = Exchange(f"file://{root / 'exchange'}", "sitesrun3")
     publish_settings(exchange, coordinator, cfg)
     umask = os.umask(0)
