@@ -86,6 +86,11 @@ class PrefectLauncher:
                     raise TimeoutError
                 time.sleep(self.poll)
 
+    def finished(self, handle: UUID) -> bool:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(handle).state
+        return state is not None and state.is_final()
+
     def close(self) -> None:
         pass
 

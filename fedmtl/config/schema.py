@@ -90,10 +90,28 @@ class Config(_Section):
     def _check_sites(self) -> Config:
         if self.federation.mode != "sites":
             return self
-        if self.privacy.secure:
+        secure = self.privacy.secure_sum
+        if secure.enabled and secure.protocol != "secagg":
             raise ValueError(
-                "federation.mode=sites with privacy.secure_sum.enabled: the secure sum across site "
-                "processes is not built yet (the coordinator would see each update); turn one off"
+                f"federation.mode=sites with privacy.secure_sum.protocol={secure.protocol}: "
+                "across site processes the secure sum is SecAgg+ (protocol: secagg)"
+            )
+        learned = self.algorithm.method == "ifca" or self.grouping.method in ("ifca", "cluster")
+        if secure.enabled and (self.server.aggregator != "mean" or learned):
+            what = (
+                f"server.aggregator={self.server.aggregator}"
+                if self.server.aggregator != "mean"
+                else "groups learned from the updates"
+            )
+            raise ValueError(
+                f"federation.mode=sites with privacy.secure_sum.enabled and {what}: the "
+                "coordinator sees sums only, never the single updates these need"
+            )
+        if secure.enabled and secure.dropout:
+            raise ValueError(
+                f"federation.mode=sites with privacy.secure_sum.dropout={secure.dropout}: the "
+                "simulated dropout does not apply to sites, whose real dropouts SecAgg+ recovers "
+                "from; set it to 0"
             )
         if not self.privacy.per_client_metrics:
             raise ValueError(

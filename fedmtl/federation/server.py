@@ -13,7 +13,7 @@ import functools
 import torch
 
 from fedmtl.algorithms import ALL
-from fedmtl.privacy.aggregation import RoundPrivacy
+from fedmtl.privacy.aggregation import RoundPrivacy, Summer
 from fedmtl.privacy.sample_level import EPSILON_KEY, client_epsilons
 from fedmtl.server.aggregation import global_merge
 from fedmtl.server.grouping import WARMUP_GROUP, regroup
@@ -57,9 +57,12 @@ class ServerSteps:
         state: ServerState,
         clients: list[str],
         per_round: float = 1.0,
+        summer: Summer | None = None,
     ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
         """The group_aggregate step, as :attr:`release` does it: plain per-group means, or the
-        private releases of :mod:`fedmtl.privacy.aggregation` and their report."""
+        private releases of :mod:`fedmtl.privacy.aggregation` and their report; ``summer``: the
+        secure sum where the clients are (sites), ``updates`` then giving their layout only."""
+        where = {} if summer is None else {"summer": summer}
         return self.release.aggregate(
             updates,
             state,
@@ -67,6 +70,7 @@ class ServerSteps:
             per_round,
             lambda c: self.release_group(c, state),
             self.manifest_rows,
+            **where,
         )
 
     def screen(

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +78,7 @@ class RoundPrivacy:
     pooled_groups: list[str] = field(default_factory=list)
     held_back: dict[str, str] = field(default_factory=dict)  # client -> why it released nothing
     dropped_mid_protocol: list[str] = field(default_factory=list)
+    dropped_reasons: dict[str, str] = field(default_factory=dict)  # sites: who, and why
     secagg_seconds: float = 0.0
     under_clip: float | None = None  # Σ [‖u_c‖ ≤ C] over the released clients (adaptive clipping)
     released_clients: int = 0
@@ -144,6 +145,39 @@ def plan_releases(
     return releases, held, pooled_groups
 
 
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """One release as its members must compute their input to the sum (public): its members,
+    the vector's length, the head tasks it carries (none for a pooled release), this round's C
+    and the public weight scale."""
+
+    name: str
+    members: list[str]
+    dim: int
+    tasks: list[str]
+    clip: float
+    weight_scale: float
+
+
+#: sums one release's inputs where they are: (Σ vectors, Σ scalars, the members left out of
+#: the sum, seconds)
+Summer = Callable[[ReleaseSpec], tuple[Vector, float, list[str], float]]
+
+
+def release_input(
+    u: ClientUpdate, spec: PrivacyConfig, clip: float, weight_scale: float, tasks: list[str]
+) -> tuple[Vector, float]:
+    """What a client puts into its release's sum: its vector (base update, then the ``tasks``'
+    head updates) clipped to L2 norm C with its under-clip bit (DP), or weighted by its train
+    rows over the public scale with its weight, each coordinate clipped to ±``secure_sum.range``."""
+    v = _vector(u, tasks)
+    if spec.dp:
+        v, norm = dp.clip_update(v, clip)
+        return v, 1.0 if norm <= clip else 0.0  # the client's bit for adaptive clipping
+    w = max(u.n_samples, 0) / weight_scale
+    return (v * w).clamp(-spec.secure_sum.range, spec.secure_sum.range), w
+
+
 def _layout(updates: Sequence[ClientUpdate], heads: bool) -> tuple[int, dict[str, int], list[str]]:
     first = updates[0]
     base = first.delta_base.numel() if first.delta_base is not None else -1
@@ -181,11 +215,14 @@ def private_aggregate(
     generator: torch.Generator | SecretStream,
     seed: int,
     like: ClientUpdate | None = None,
+    summer: Summer | None = None,
 ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
     """The round's group aggregates under ``spec`` (see the module docstring). ``clip``: this
     round's C (adaptive clipping changes it); ``weight_scale``: the public sample-count scale
     of the weights without DP (the largest client's train rows); ``like``: an update with the
-    release's layout, for DP releases of groups with no participant this round (pure noise)."""
+    release's layout, for DP releases of groups with no participant this round (pure noise);
+    ``summer``: sums a release where its members are (sites: SecAgg+ across their processes,
+    :mod:`fedmtl.sites.secure`), the updates then standing for their members' layout only."""
     report = RoundPrivacy(clip=clip, expected_total=sum(expected.values()))
     releases, held, pooled = plan_releases(updates, spec, expected)
     report.held_back, report.pooled_groups = held, pooled
@@ -216,23 +253,25 @@ def private_aggregate(
             continue
         base, sizes, tasks = _layout(template, release.heads)
         dim = max(base, 0) + sum(sizes.values())
-        vectors, scalars = {}, {}
-        for u in members:
-            v = _vector(u, tasks)
-            if spec.dp:
-                v, norm = dp.clip_update(v, clip)
-                scalars[u.client] = (
-                    1.0 if norm <= clip else 0.0
-                )  # the client's bit for adaptive clipping
-            else:
-                w = max(u.n_samples, 0) / weight_scale
-                v = (v * w).clamp(-spec.secure_sum.range, spec.secure_sum.range)
-                scalars[u.client] = w
-            vectors[u.client] = v
         try:
-            total, weight_sum, dropped, seconds = _sum(
-                vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys
-            )
+            if (
+                summer is not None and members
+            ):  # the members hold their vectors: summed where they are
+                total, weight_sum, dropped, seconds = summer(
+                    ReleaseSpec(
+                        release.name, [u.client for u in members], dim, tasks, clip, weight_scale
+                    )
+                )
+                members = [u for u in members if u.client not in set(dropped)]  # not in the sum
+            else:
+                vectors, scalars = {}, {}
+                for u in members:
+                    vectors[u.client], scalars[u.client] = release_input(
+                        u, spec, clip, weight_scale, tasks
+                    )
+                total, weight_sum, dropped, seconds = _sum(
+                    vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys
+                )
         except (
             SecAggError,
             HEError,
@@ -241,7 +280,7 @@ def private_aggregate(
                 held[u.client] = f"secure aggregation of release '{release.name}' failed: {exc}"
             if not spec.dp:
                 continue
-            members, vectors = [], {}
+            members = []
             total, weight_sum, dropped, seconds = torch.zeros(dim), 0.0, [], 0.0
         report.dropped_mid_protocol += dropped
         report.secagg_seconds += seconds

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedmtl.config.privacy import PrivacyConfig
-from fedmtl.privacy.aggregation import RoundPrivacy, private_aggregate
+from fedmtl.privacy.aggregation import RoundPrivacy, Summer, private_aggregate
 from fedmtl.privacy.dp import AdaptiveClip
 from fedmtl.privacy.randomness import SecretRandom, SecretStream
 from fedmtl.server.dispatch import clients_for_round, sample_rate
@@ -66,9 +66,11 @@ class PrivateRelease:
         per_round: float,
         release_group: Callable[[str], str],
         rows: Callable[[str], int],
+        summer: Summer | None = None,
     ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
         """The round's private releases. ``release_group``: the fixed, public group whose sum a
-        client joins; ``rows``: a client's train rows as the manifest records them (public)."""
+        client joins; ``rows``: a client's train rows as the manifest records them (public);
+        ``summer``: where the sums are made when the coordinator holds no update (sites)."""
         rate = sample_rate(per_round, len(clients))
         expected: dict[str, float] = {}
         if self.config.dp:
@@ -88,6 +90,7 @@ class PrivateRelease:
             self.secret.stream("server", state.round, "dp-noise"),
             client_seed(self.seed, state.round, "server", "secagg"),
             like,
+            summer,
         )
 
     def after_merge(

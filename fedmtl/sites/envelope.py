@@ -30,7 +30,28 @@ MAGIC = b"FEDMTL-ENVELOPE-1\n"
 _DOMAIN = b"fedmtl envelope v1\x00"
 _SIGNATURE = 64
 #: the kinds of message
-KINDS = ("run-settings", "global-state", "update", "evaluation-state", "evaluation", "validation")
+#: SecAgg+ across sites (:mod:`fedmtl.sites.secure`): each stage's message is a kind of its own
+SECAGG_STAGES = (
+    "ready",
+    "session",
+    "keys",
+    "neighbour-keys",
+    "shares",
+    "inbox",
+    "masked",
+    "unmask-request",
+    "unmask",
+    "abort",
+)
+KINDS = (
+    "run-settings",
+    "global-state",
+    "update",
+    "evaluation-state",
+    "evaluation",
+    "validation",
+    *(f"secagg-{stage}" for stage in SECAGG_STAGES),
+)
 
 
 class EnvelopeRefused(ValueError):

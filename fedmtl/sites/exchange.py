@@ -41,6 +41,13 @@ class Exchange:
         """Where ``site``'s evaluation of a round's state is (relative to the run)."""
         return posixpath.join(f"round-{int(round_):06d}", "evaluations", f"{check_name(site)}.env")
 
+    def secagg(self, round_: int, stage: str, party: str) -> str:
+        """Where a SecAgg+ ``stage`` message of a round from (or, the coordinator's, to)
+        ``party`` is (relative to the run)."""
+        return posixpath.join(
+            f"round-{int(round_):06d}", "secagg", stage, f"{check_name(party)}.env"
+        )
+
     def put(self, relpath: str, blob: bytes) -> int:
         """Writes ``blob`` at ``relpath`` atomically; returns its size in bytes."""
         path = self._path(relpath)

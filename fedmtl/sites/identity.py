@@ -103,16 +103,24 @@ class Identity:
         return cls(name, key)
 
 
+def public_from_hex(text: str, where: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from its 32 bytes as hex; ``where`` names it in the error."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.strip()))
+    except ValueError as exc:
+        raise IdentityError(
+            f"{where} is not an Ed25519 public key (32 bytes as hex): {exc}"
+        ) from None
+
+
 def load_public(path: str | Path) -> Ed25519PublicKey:
     """A public key saved by :meth:`Identity.save` (``NAME.pub``: 32 bytes as hex)."""
     path = Path(path)
     try:
-        raw = bytes.fromhex(path.read_text().strip())
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (ValueError, OSError) as exc:
-        raise IdentityError(
-            f"{path} is not an Ed25519 public key (32 bytes as hex): {exc}"
-        ) from None
+        text = path.read_text()
+    except OSError as exc:
+        raise IdentityError(f"{path} is not an Ed25519 public key: {exc}") from None
+    return public_from_hex(text, str(path))
 
 
 @dataclass

@@ -23,6 +23,7 @@ not built yet, and is refused with that reason rather than done in the clear).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,13 +34,17 @@ from typing import Any, Protocol
 import pandas as pd
 
 from fedmtl.federation import Federation
+from fedmtl.privacy.aggregation import RoundPrivacy
 from fedmtl.rounds import Steps
 from fedmtl.server.screening import check_update
 from fedmtl.sites.envelope import EnvelopeRefused, open_envelope, seal
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
+from fedmtl.sites.secure import CoordinatorSecureSum, SiteSecureSum, stand_in
 from fedmtl.sites.wire import decode_state, decode_update, encode_state, encode_update
-from fedmtl.state import ClientFailure, ClientUpdate, FailureKind, ServerState
+from fedmtl.state import ClientFailure, ClientUpdate, FailureKind, GroupAggregate, ServerState
+
+log = logging.getLogger(__name__)
 
 #: what a site is asked to do
 TASKS = ("train", "evaluate")
@@ -61,6 +66,8 @@ class SiteSession:
     exchange: Exchange
     fed: Federation
     client: str
+    #: seconds the site waits for each of the coordinator's SecAgg+ messages
+    patience: float = 600.0
 
     def train(self, round_: int) -> int:
         """Local training for round ``round_`` (1-based): the coordinator's sealed state in, the
@@ -74,6 +81,8 @@ class SiteSession:
         )
         state = decode_state(payload)
         update = self.fed.client_round(self.client, state)
+        if self.fed.privacy.secure:  # the update leaves the site masked, inside the secure sum
+            return SiteSecureSum(self, round_).take_part(update)
         sealed = seal(encode_update(update), self.identity, run=run, round_=round_, kind="update")
         return self.exchange.put(self.exchange.update(round_, self.client), sealed)
 
@@ -109,7 +118,12 @@ class Launcher(Protocol):
     def launch(self, site: str, round_: int, task: str = "train") -> Any: ...
 
     def wait(self, handle: Any, timeout: float) -> None:
-        """Returns when the site is done; raises its error, or ``TimeoutError`` at ``timeout``."""
+        """Returns when the site is done; raises its error, or ``TimeoutError`` at ``timeout``
+        (and stops the site's task)."""
+        ...
+
+    def finished(self, handle: Any) -> bool:
+        """Whether the site's task has ended (it will send nothing more)."""
         ...
 
 
@@ -133,6 +147,9 @@ class InProcessLauncher:
         except FutureTimeout:
             raise TimeoutError from None
 
+    def finished(self, handle: Future) -> bool:
+        return handle.done()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -147,9 +164,13 @@ class SiteSteps(Steps):
     known: KnownParties  # every site's public key
     launcher: Launcher
     deadline: float = 600.0
-    #: bytes through the exchange store per site, last round: (global state, its update)
+    #: with the secure sum: the seconds each SecAgg+ stage waits for the sites, after training
+    stage_deadline: float = 120.0
+    #: bytes through the exchange store per site, last round: (to the site, from the site)
     traffic: dict[str, tuple[int, int]] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
+    _secure: CoordinatorSecureSum | None = field(default=None, init=False, repr=False)
+    _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def local_train(
         self, fed: Federation, state: ServerState, chosen: list[str]
@@ -161,11 +182,112 @@ class SiteSteps(Steps):
                 encode_state(state), self.coordinator, run=run, round_=round_, kind="global-state"
             ),
         )
+        if fed.privacy.secure:
+            return self._train_secure(fed, state, chosen, sent)
         updates, failed = self._gather(
             chosen, round_, "train", lambda site: self._receive(site, round_, state)
         )
         self.traffic = {site: (sent, size) for site, (_, size) in updates.items()}
         return [updates[s][0] for s in chosen if s in updates], failed, 0
+
+    def _train_secure(
+        self, fed: Federation, state: ServerState, chosen: list[str], sent: int
+    ) -> tuple[list[ClientUpdate], dict[str, ClientFailure], int]:
+        """Training under the secure sum: each site trains and says it is ready (its update's
+        layout only), then waits at the site for the sum (:meth:`group_aggregate`); the updates
+        returned stand for the ready sites' layout, with no values (:mod:`fedmtl.sites.secure`)."""
+        round_ = state.round + 1
+        handles = {site: self.launcher.launch(site, round_, "train") for site in chosen}
+        secure = CoordinatorSecureSum(
+            self.exchange,
+            self.coordinator,
+            self.known,
+            fed.privacy,
+            round_,
+            finished=lambda site: self.launcher.finished(handles[site]),
+            stage_deadline=self.deadline,
+        )
+        ready = secure.collect("ready", chosen)
+        secure.stage_deadline = self.stage_deadline
+        updates, failed = [], {}
+        for site in chosen:
+            why = secure.dropped.pop(site, None)
+            if site in ready:
+                try:
+                    update = stand_in(site, json.loads(ready[site][0]))
+                    check_update(update, state)
+                except Exception as exc:  # noqa: BLE001 - a layout the model does not have
+                    failed[site] = ClientFailure(
+                        FailureKind.REJECTED, type(exc).__name__, f"site '{site}': {exc}"
+                    )
+                    continue
+                updates.append(update)
+            elif why is not None and site in secure.refused:
+                failed[site] = ClientFailure(FailureKind.REJECTED, "EnvelopeRefused", why)
+            else:
+                failed[site] = self._not_ready(site, handles[site])
+        secure.refused.clear()
+        for site in chosen:
+            secure.traffic.setdefault(site, [0, 0])[0] += sent
+        self._secure, self._handles = secure, handles
+        return updates, failed, 0
+
+    def _not_ready(self, site: str, handle: Any) -> ClientFailure:
+        """Why a site sent nothing: its own error, or late (its task is stopped)."""
+        try:
+            self.launcher.wait(handle, 0.0)
+        except TimeoutError:
+            return ClientFailure.of(
+                SiteLate(
+                    f"site '{site}': nothing by the round's deadline ({self.deadline:g} s); dropped"
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - the site's own error, named in the report
+            return ClientFailure.of(exc)
+        return ClientFailure(
+            FailureKind.REJECTED, "EnvelopeRefused", f"site '{site}': finished but sent nothing"
+        )
+
+    def group_aggregate(
+        self,
+        fed: Federation,
+        updates: list[ClientUpdate],
+        state: ServerState,
+        clients: list[str],
+        per_round: float,
+    ) -> tuple[dict[str, GroupAggregate], RoundPrivacy | None]:
+        """As in simulation; under the secure sum, each release is summed by SecAgg+ across its
+        member sites (:class:`fedmtl.sites.secure.CoordinatorSecureSum`), and the sites dropped
+        from it are named in the round's privacy report."""
+        secure, handles = self._secure, self._handles
+        if secure is None:
+            return fed.aggregate(updates, state, clients, per_round)
+        self._secure, self._handles = None, {}
+        privacy = None
+        try:
+            groups, privacy = fed.aggregate(updates, state, clients, per_round, summer=secure)
+        finally:
+            secure.hold_back(
+                [u.client for u in updates], privacy.held_back if privacy is not None else {}
+            )
+            self._finish(handles)
+            self.traffic = {site: (a, b) for site, (a, b) in secure.traffic.items()}
+        if privacy is not None and secure.dropped:
+            privacy.dropped_mid_protocol = sorted(
+                set(privacy.dropped_mid_protocol) | set(secure.dropped)
+            )
+            privacy.dropped_reasons = dict(secure.dropped)
+        return groups, privacy
+
+    def _finish(self, handles: dict[str, Any]) -> None:
+        """Waits a stage's deadline at most for the sites' tasks to end (stopping the rest);
+        their errors are already in the round's report."""
+        end = self.clock() + self.stage_deadline
+        for site, handle in handles.items():
+            try:
+                self.launcher.wait(handle, max(0.0, end - self.clock()))
+            except Exception as exc:  # noqa: BLE001 - reported through the protocol already
+                log.info("site '%s': its task ended with %s", site, exc)
 
     def evaluate(
         self, fed: Federation, state: ServerState, clients: list[str]

@@ -186,4 +186,4 @@ def open_session(root: str | Path, run: str) -> SiteSession:
     cfg = Config.model_validate(tree)
     manifest = read_manifest(site["partitions"])
     fed = Federation.from_config(cfg, manifest, ClientStore(root / "store" / check_name(run)))
-    return SiteSession(identity, known, exchange, fed, name)
+    return SiteSession(identity, known, exchange, fed, name, patience=cfg.federation.deadline)
