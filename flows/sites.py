@@ -1,107 +1,181 @@
-"""Sites through Prefect (issue 18, in progress): each site serves a deployment of its own,
-``fedmtl-site/NAME`` (``fedmtl site serve``: :meth:`prefect.Flow.serve` in the site's process,
-on the site's machine, under the site's user), and the coordinator's round starts a flow run of
-the deployment of each site it sampled (:class:`PrefectLauncher`) and waits for it until the
-round's deadline.
+"""Sites through Prefect: each site is a Prefect **task worker** serving a task of its own,
+``fedmtl_site_NAME`` (``fedmtl site serve``: :func:`prefect.task_worker.serve` in the site's
+process, on the site's machine, under the site's user); the coordinator's round submits a
+background run of each sampled site's task (:class:`PrefectLauncher`, ``Task.delay``) and waits
+for it until the round's deadline.
 
-Why a served deployment per site rather than a work pool per site: a run of
-``fedmtl-site/NAME`` can only be picked up by the process serving that deployment (the site's),
-no code storage or pull step is needed (the site runs the fedmtl it installed), and a site
-that is offline simply leaves its run scheduled: the coordinator's deadline drops it and
-cancels the run. Prefect carries only the task (``train`` or ``evaluate``), the round and the run
-id; models and updates travel sealed through the exchange store (:mod:`fedmtl.sites`).
+Why task workers, of the Prefect mechanisms that route work to one named place:
+
+* a run of ``fedmtl_site_NAME`` reaches only the workers subscribed to that task key (the site's),
+  pushed over the server's websocket: no polling interval;
+* it runs *in* the site's long-lived process, which keeps torch, fedmtl and the run's session
+  (its partition, its federation) loaded between rounds: a task costs about 0.1 s of Prefect
+  overhead, where a run of a served deployment or a work pool's worker starts a new Python
+  process each time (4-5 s here, importing torch and fedmtl: ``benchmarks/sites.py`` measured
+  both);
+* no code storage or pull step: the site runs the fedmtl it installed;
+* a site that is offline leaves its run scheduled: the coordinator's deadline drops it and
+  cancels the run (a worker that comes back skips it).
+
+Prefect carries only the task (``train`` or ``evaluate``), the round and the run id, as the task
+run's tags (no parameters, so nothing goes to Prefect's result storage); models and updates travel
+sealed through the exchange store (:mod:`fedmtl.sites`). The server is reached with Prefect's
+own settings (``PREFECT_API_URL``; a self-hosted server with ``PREFECT_SERVER_API_AUTH_STRING``
+is reached with ``PREFECT_API_AUTH_STRING`` at the coordinator and every site).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
-from prefect import flow, get_client
-from prefect.deployments import run_deployment
+from prefect import Task, get_client, task
+from prefect.futures import PrefectDistributedFuture
 
 from fedmtl.config import Config
 from fedmtl.data.manifest import Manifest
 from fedmtl.data.validation import ValidationReport
 from fedmtl.sites.exchange import Exchange
-from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
-from fedmtl.sites.rounds import SiteSteps
+from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties, check_name
+from fedmtl.sites.rounds import SiteSession, SiteSteps
 from fedmtl.sites.site import gather_sites, open_session, publish_settings
 
-#: the site flow's name: the site NAME's deployment is ``fedmtl-site/NAME``
-SITE_FLOW = "fedmtl-site"
+#: the site NAME's task (its key starts with ``fedmtl_site_NAME-``)
+SITE_TASK = "fedmtl_site"
 #: where a serving site keeps its folder (set by ``fedmtl site serve``)
 SITE_DIR_ENV = "FEDMTL_SITE_DIR"
+#: the task run's tags that say what to do: fedmtl-task=train, fedmtl-round=3, fedmtl-run=ID
+TAG = "fedmtl-"
 
 
-@flow(name=SITE_FLOW, log_prints=False)
-def site_task(task: str, round: int, run: str) -> int:  # noqa: A002 - the parameter name Prefect shows
-    """One task at this site: ``train`` (the round's local training) or ``evaluate``; returns
-    the bytes it wrote to the exchange store."""
+def _task_name(site: str) -> str:
+    return f"{SITE_TASK}_{check_name(site).replace('-', '_').replace('.', '_')}"
+
+
+@functools.lru_cache(maxsize=4)
+def _session(root: str, run: str) -> SiteSession:
+    """The site's session of a run, kept while the site serves (its partition and federation
+    loaded once)."""
+    return open_session(Path(root), run)
+
+
+def _never_cached(*_: Any) -> str:
+    return uuid.uuid4().hex  # every run of a site's task runs (a task worker caches by default)
+
+
+def _work() -> int:
+    """One task at this site (what the task run's tags say): ``train`` (the round's local
+    training) or ``evaluate``; returns the bytes it wrote to the exchange store."""
+    from prefect.runtime import task_run
+
     root = os.environ.get(SITE_DIR_ENV)
     if not root:
         raise RuntimeError(
-            f"{SITE_DIR_ENV} is not set: a site's flow runs under `fedmtl site serve`"
+            f"{SITE_DIR_ENV} is not set: a site's task runs under `fedmtl site serve`"
         )
-    return open_session(Path(root), run).run_task(task, round)
+    with get_client(sync_client=True) as client:
+        tags = client.read_task_run(task_run.id).tags
+    job = dict(t[len(TAG) :].split("=", 1) for t in tags if t.startswith(TAG) and "=" in t)
+    missing = {"task", "round", "run"} - set(job)
+    if missing:
+        raise ValueError(f"the task run's tags lack {', '.join(sorted(missing))}: {tags}")
+    return _session(root, job["run"]).run_task(job["task"], int(job["round"]))
+
+
+def site_task(site: str) -> Task:
+    """The task that only ``site``'s worker runs (one key per site)."""
+
+    def work() -> int:
+        return _work()
+
+    work.__qualname__ = work.__name__ = _task_name(site)
+    return task(work, name=f"fedmtl-site-{site}", cache_key_fn=_never_cached)
+
+
+def served_keys() -> dict[str, str]:
+    """The task key each site's worker serves now (from the server's live task workers):
+    site task name -> key."""
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/task_workers/filter", json={})
+    keys = {}
+    for worker in response.json():
+        for key in worker.get("task_keys", []):
+            if key.startswith(f"{SITE_TASK}_"):
+                keys[key.rsplit("-", 1)[0]] = key
+    return keys
+
+
+def online(sites: list[str]) -> list[str]:
+    """Those of ``sites`` whose worker is subscribed now."""
+    keys = served_keys()
+    return [s for s in sites if _task_name(s) in keys]
 
 
 class PrefectLauncher:
-    """Starts a site's task as a run of its deployment and waits for it (module docs)."""
+    """Submits a site's task as a background task run and waits for it (module docs)."""
 
-    def __init__(self, run: str, poll: float = 0.5) -> None:
+    def __init__(self, run: str, poll: float = 0.2) -> None:
         self.run, self.poll = run, poll
 
-    def launch(self, site: str, round_: int, task: str = "train") -> UUID:
-        flow_run = run_deployment(
-            f"{SITE_FLOW}/{site}",
-            parameters={"task": task, "round": round_, "run": self.run},
-            timeout=0,  # started, not awaited: the round waits for all its sites together
-            as_subflow=False,
+    def launch(self, site: str, round_: int, task: str = "train") -> PrefectDistributedFuture:
+        job = site_task(site).with_options(
+            tags={f"{TAG}task={task}", f"{TAG}round={int(round_)}", f"{TAG}run={self.run}"}
         )
-        return flow_run.id
+        # the key the site's worker serves (its fedmtl may sit at another path or version);
+        # this process's own when the site is not subscribed now (its run waits for it)
+        job.task_key = served_keys().get(_task_name(site), job.task_key)
+        return job.delay()
 
-    def wait(self, handle: UUID, timeout: float) -> None:
+    def wait(self, handle: PrefectDistributedFuture, timeout: float) -> None:
+        # the task run's state, polled: not the future's event subscription, which stays with
+        # the first API a process used
         end = time.monotonic() + timeout
         with get_client(sync_client=True) as client:
             while True:
-                state = client.read_flow_run(handle).state
+                state = client.read_task_run(handle.task_run_id).state
                 if state is not None and state.is_final():
                     if state.is_completed():
                         return
                     raise RuntimeError(
-                        f"the site's flow run ended {state.name}: {state.message or ''}".strip()
+                        f"the site's task run ended {state.name}: {state.message or ''}".strip()
                     )
                 if time.monotonic() >= end:
                     from prefect.states import Cancelled
 
-                    client.set_flow_run_state(
-                        handle, Cancelled(message="past the round's deadline"), force=True
+                    client.set_task_run_state(
+                        handle.task_run_id,
+                        Cancelled(message="past the round's deadline"),
+                        force=True,
                     )
                     raise TimeoutError
                 time.sleep(self.poll)
 
-    def finished(self, handle: UUID) -> bool:
+    def finished(self, handle: PrefectDistributedFuture) -> bool:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(handle).state
+            state = client.read_task_run(handle.task_run_id).state
         return state is not None and state.is_final()
 
     def close(self) -> None:
         pass
 
 
-def serve_site(root: str | Path, **serve_options: Any) -> None:
-    """Serves this site's deployment ``fedmtl-site/NAME`` until interrupted."""
+def serve_site(root: str | Path) -> None:
+    """Serves this site's task ``fedmtl_site_NAME`` until interrupted (one task at a time)."""
+    from prefect.task_worker import serve
+
     from fedmtl.sites.site import read_site
 
     name = read_site(root)["site"]
     os.environ[SITE_DIR_ENV] = str(Path(root).resolve())
-    site_task.serve(name=name, **serve_options)
+    # a background task has no flow run for its logs to go to: they stay in the site's own log
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    serve(site_task(name), limit=1)
 
 
 def sites_data(cfg: Config) -> tuple[Manifest, ValidationReport, list[str], dict[str, str], str]:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
+from fedmtl.bundle import PersonalizedBundle
 from fedmtl.client.store import ClientStore
 from fedmtl.config import Config
 from fedmtl.config.sections import ValidationConfig
@@ -32,6 +34,7 @@ from fedmtl.sites.envelope import open_envelope, seal
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties, check_name
 from fedmtl.sites.rounds import SiteSession
+from fedmtl.state import PersonalState
 
 SITE_FILE = "site.yaml"
 SETTINGS = "run.env"
@@ -187,3 +190,34 @@ def open_session(root: str | Path, run: str) -> SiteSession:
     manifest = read_manifest(site["partitions"])
     fed = Federation.from_config(cfg, manifest, ClientStore(root / "store" / check_name(run)))
     return SiteSession(identity, known, exchange, fed, name, patience=cfg.federation.deadline)
+
+
+def personal_state(root: str | Path, run: str | None = None) -> tuple[str, PersonalState]:
+    """The personal state this site keeps for ``run`` (default: the run it trained in last):
+    (the run, its personal heads and base). Never leaves the site unless it opts in."""
+    root = Path(root)
+    name = check_name(read_site(root)["site"])
+    stores = root / "store"
+    runs = sorted(
+        (p for p in stores.iterdir() if p.is_dir()) if stores.is_dir() else [],
+        key=lambda p: p.stat().st_mtime,
+    )
+    if run is None and not runs:
+        raise SiteError(f"site '{name}': no personal state in {stores} yet (train first)")
+    chosen = stores / check_name(run) if run is not None else runs[-1]
+    kept = ClientStore(chosen).load(name) if chosen.is_dir() else None
+    if kept is None:
+        raise SiteError(f"site '{name}': no personal state for run '{chosen.name}' in {stores}")
+    return chosen.name, kept
+
+
+def with_personal(
+    bundle: PersonalizedBundle, client: str, kept: PersonalState
+) -> PersonalizedBundle:
+    """``bundle`` (the registered shared model) answering for ``client`` with its own personal
+    heads (and base), and for nobody else's: the site's personalised model."""
+    return replace(
+        bundle,
+        personal_heads={client: dict(kept.heads)} if kept.heads else {},
+        personal_bases={client: kept.base} if kept.base is not None else {},
+    )
