@@ -46,7 +46,7 @@ def schedule(
     if (cron is None) == (interval is None):
         _fail(ValueError('give exactly one schedule: --cron "0 2 * * *" or --interval SECONDS'), 2)
     _check_schedule(cron, interval, timezone)  # before the DVC and Prefect server checks
-    if cfg.schedule.refresh_data:
+    if cfg.refreshes_data:
         from fedmtl.lifecycle.datarefresh import DataRefreshError, check_params, require_project
 
         try:
@@ -96,7 +96,7 @@ def schedule(
         "DVC data refresh (prepare, partition, validate"
         + (", push" if cfg.schedule.push_data else "")
         + ") → "
-        if cfg.schedule.refresh_data
+        if cfg.refreshes_data
         else ""
     )
     start = "the champion" if cfg.schedule.warm_start == "champion" else "a fresh initialisation"

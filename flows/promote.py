@@ -55,6 +55,20 @@ def score_model(
         ) from None
 
 
+def score_at_sites(cfg: Config, registry: Registry, version: str, sites: list[str]) -> pd.DataFrame:
+    """Every site's held-out metrics under one model version, scored at the sites; a site that
+    gives none is named in the log and left out of the gates."""
+    from flows.sites import score_at_sites as scored
+
+    predictor = registry.predictor(registry.version(version))  # its artifacts' hashes checked
+    scores, missing = scored(cfg, predictor.bundle, version, sites)
+    for why in missing.values():
+        get_run_logger().warning("version %s not scored at a site: %s", version, why)
+    if scores.empty:
+        raise RegistryError(f"no site scored version {version} of '{registry.name}'")
+    return scores
+
+
 @flow(name="fedmtl-promote", log_prints=False)
 def promote(
     config: dict[str, Any],
@@ -78,8 +92,15 @@ def promote(
     about = registry.context(new, old, cfg.promotion.metric, cfg.promotion.task)
     for note in about["notes"]:
         logger.warning("%s", note)
-    manifest = read_manifest(cfg.data.partitions_dir)
-    clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
+    at_sites = cfg.federation.mode == "sites"
+    if at_sites:  # the sites' summaries; each site scores both versions on its own rows
+        from flows.sites import sites_data
+
+        manifest, report, *_ = sites_data(cfg)
+        clients = usable_clients(manifest, report, 1)
+    else:
+        manifest = read_manifest(cfg.data.partitions_dir)
+        clients = usable_clients(manifest, read_report(cfg.data.validation_dir), 1)
     who = actor_name(actor)
     scores: dict[str, pd.DataFrame] = {}  # by version: a version's scores do not change
     changed: list[
@@ -96,7 +117,9 @@ def promote(
             )
         versions = [str(new.version)] + ([str(old.version)] if old is not None else [])
         missing = [v for v in versions if v not in scores]
-        if missing:
+        if missing and at_sites:
+            scores.update({v: score_at_sites(cfg, registry, v, clients) for v in missing})
+        elif missing:
             futures = score_model.map(
                 missing, unmapped(registry), unmapped(cfg.data.partitions_dir), unmapped(clients)
             )

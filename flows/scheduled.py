@@ -47,10 +47,12 @@ def scheduled_training(config: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = load_config("params.yaml") if config is None else validate_config(config)
     logger = get_run_logger()
     refreshed: dict[str, Any] = {}
-    if cfg.schedule.refresh_data:
+    if cfg.refreshes_data:
         refreshed = refresh_data(cfg)
         if cfg.schedule.push_data:
             push_data()
+    elif cfg.federation.mode == "sites":
+        logger.info("federation.mode is sites: each site validates its own data")
     else:
         logger.info("schedule.refresh_data is false: training on the data as it is")
     with worker_environment(cfg.runner):

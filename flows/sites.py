@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -35,12 +36,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
 from prefect import Task, get_client, task
 from prefect.futures import PrefectDistributedFuture
 
 from fedmtl.config import Config
 from fedmtl.data.manifest import Manifest
 from fedmtl.data.validation import ValidationReport
+from fedmtl.sites.envelope import open_envelope, seal
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties, check_name
 from fedmtl.sites.rounds import SiteSession, SiteSteps
@@ -50,6 +54,8 @@ from fedmtl.sites.site import gather_sites, open_session, publish_settings
 SITE_TASK = "fedmtl_site"
 #: where a serving site keeps its folder (set by ``fedmtl site serve``)
 SITE_DIR_ENV = "FEDMTL_SITE_DIR"
+#: the task that scores a registered model version at a site (the promotion gates)
+SCORE = "score"
 #: the task run's tags that say what to do: fedmtl-task=train, fedmtl-round=3, fedmtl-run=ID
 TAG = "fedmtl-"
 
@@ -85,7 +91,73 @@ def _work() -> int:
     missing = {"task", "round", "run"} - set(job)
     if missing:
         raise ValueError(f"the task run's tags lack {', '.join(sorted(missing))}: {tags}")
+    if job["task"] == SCORE:  # the promotion gates: a registered version, scored here
+        return _score_here(root, job["run"], job["round"])
     return _session(root, job["run"]).run_task(job["task"], int(job["round"]))
+
+
+def _score_here(root: str, run: str, version: str) -> int:
+    """Scores the model version the coordinator sealed for ``run`` on this site's held-out rows
+    (as the promotion gates score every client in simulation); the sealed records out."""
+    from fedmtl.bundle import PersonalizedBundle
+    from fedmtl.sites.site import read_site
+    from models.personalized import PersonalizedPredictor
+    from models.scoring import held_out_rows, score_clients
+
+    site = read_site(root)
+    name = check_name(site["site"])
+    known = KnownParties.from_folder(Path(root) / "trusted")
+    exchange = Exchange(site["exchange"], run)
+    blob = exchange.get(exchange.scoring(version))
+    if blob is None:
+        raise FileNotFoundError(f"site '{name}': no model version {version} to score in {run}")
+    payload = open_envelope(
+        blob, known, sender=COORDINATOR, run=run, round_=int(version), kind="score-model"
+    )
+    bundle = PersonalizedBundle.from_dict(torch.load(io.BytesIO(payload), weights_only=True))
+    scores = score_clients(PersonalizedPredictor(bundle), held_out_rows(site["partitions"], [name]))
+    identity = Identity.load(Path(root) / "keys", name)
+    body = scores.to_json(orient="records").encode()
+    sealed = seal(body, identity, run=run, round_=int(version), kind="scores")
+    return exchange.put(exchange.scores(version, name), sealed)
+
+
+def score_at_sites(
+    cfg: Config, bundle: Any, version: str, sites: list[str]
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The coordinator's side of the promotion gates with sites: ``bundle`` (a registered
+    version's model, checked against its hashes by the caller) sealed into the exchange store,
+    scored by every site on its own held-out rows; (the scores as ``score_clients`` gives them,
+    site -> why it gave none)."""
+    run = f"promote-{uuid.uuid4().hex[:12]}"
+    coordinator = Identity.load(cfg.federation.coordinator_keys, COORDINATOR)
+    known = KnownParties.from_folder(cfg.federation.sites)
+    exchange = Exchange(cfg.federation.exchange, run)
+    buffer = io.BytesIO()
+    torch.save(bundle.to_dict(), buffer)
+    sealed = seal(buffer.getvalue(), coordinator, run=run, round_=int(version), kind="score-model")
+    exchange.put(exchange.scoring(version), sealed)
+    launcher = PrefectLauncher(run)
+    handles = {site: launcher.launch(site, int(version), SCORE) for site in sites}
+    end = time.monotonic() + cfg.federation.deadline
+    frames, missing = [], {}
+    for site, handle in handles.items():
+        try:
+            launcher.wait(handle, max(0.0, end - time.monotonic()))
+            blob = exchange.get(exchange.scores(version, site))
+            if blob is None:
+                raise FileNotFoundError(f"site '{site}': finished but left no scores")
+            payload = open_envelope(
+                blob, known, sender=site, run=run, round_=int(version), kind="scores"
+            )
+            frame = pd.read_json(io.StringIO(payload.decode()), orient="records")
+            if not frame.empty and set(frame["client"].astype(str)) != {site}:
+                raise ValueError(f"site '{site}': its scores hold other clients")
+        except Exception as exc:  # noqa: BLE001 - a site that cannot score is named, left out
+            missing[site] = f"site '{site}': {exc}" if f"'{site}'" not in str(exc) else str(exc)
+            continue
+        frames.append(frame)
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), missing
 
 
 def site_task(site: str) -> Task:

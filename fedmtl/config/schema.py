@@ -121,6 +121,13 @@ class Config(_Section):
             )
         return self
 
+    @property
+    def refreshes_data(self) -> bool:
+        """Whether a scheduled run re-runs the DVC data stages at the coordinator first: with
+        ``schedule.refresh_data``, in simulation only (sites validate and version their own
+        data: their summaries give the run's data version)."""
+        return self.schedule.refresh_data and self.federation.mode == "simulation"
+
     def flat(self) -> dict[str, Any]:
         """Every setting as ``section.key`` -> value (for MLflow params and DVC)."""
         return flatten(self.model_dump(mode="json"))

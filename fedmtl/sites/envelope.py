@@ -50,6 +50,8 @@ KINDS = (
     "evaluation-state",
     "evaluation",
     "validation",
+    "score-model",
+    "scores",
     *(f"secagg-{stage}" for stage in SECAGG_STAGES),
 )
 

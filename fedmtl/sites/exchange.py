@@ -48,6 +48,16 @@ class Exchange:
             f"round-{int(round_):06d}", "secagg", stage, f"{check_name(party)}.env"
         )
 
+    def scoring(self, version: str) -> str:
+        """Where a registered model version to score at the sites is (promotion gates)."""
+        return posixpath.join(f"score-v{check_name(str(version))}", "model.env")
+
+    def scores(self, version: str, site: str) -> str:
+        """Where ``site``'s scores of a model version are."""
+        return posixpath.join(
+            f"score-v{check_name(str(version))}", "sites", f"{check_name(site)}.env"
+        )
+
     def put(self, relpath: str, blob: bytes) -> int:
         """Writes ``blob`` at ``relpath`` atomically; returns its size in bytes."""
         path = self._path(relpath)

@@ -309,6 +309,17 @@ def owners(paths) -> set[int]:
     return {p.stat().st_uid for p in paths}
 
 
+def site_keys_folder(root: Path, clients: list[str]) -> Path:
+    """The folder of the sites' public keys (NAME.pub) the coordinator is given."""
+    keys = root / "site-keys"
+    keys.mkdir(exist_ok=True)
+    for client in clients:
+        shutil.copyfile(
+            root / f"site-{client}" / "site" / "keys" / f"{client}.pub", keys / f"{client}.pub"
+        )
+    return keys
+
+
 def site_keys(root: Path, clients: list[str]) -> KnownParties:
     """The sites' public keys, as the coordinator is given them."""
     known = KnownParties()
@@ -401,12 +412,7 @@ def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_o
     root, manifest = sites.root, sites.manifest
     clients = manifest.client_ids
     wait_for_sites(sites.api, clients, sites.procs, sites.logs)
-    keys = root / "site-keys"
-    keys.mkdir(exist_ok=True)
-    for client in clients:
-        shutil.copyfile(
-            root / f"site-{client}" / "site" / "keys" / f"{client}.pub", keys / f"{client}.pub"
-        )
+    site_keys_folder(root, clients)
     home = coordinator_home(root)
     (home / "tmp").mkdir(parents=True)
     overrides = coordinator_overrides(root)
@@ -490,6 +496,49 @@ def test_fedmtl_train_with_federation_mode_sites_runs_the_same_flow(federation_o
         f"name='fedmtl-site-{site}'"
     )
     assert [v.tags.get("site") for v in registered] == [site]  # registered only when asked
+
+
+def test_a_scheduled_run_trains_at_the_sites_and_passes_the_promotion_gates(federation_of_sites):
+    """What `fedmtl schedule` runs each time (flows.scheduled, the deployment's flow) with
+    federation.mode sites: no DVC refresh at the coordinator (the sites validate their own
+    data), training at the sites, the promotion gates on what the sites reported."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.scheduled import scheduled_training
+
+    sites = federation_of_sites
+    root, manifest = sites.root, sites.manifest
+    clients = manifest.client_ids
+    wait_for_sites(sites.api, clients, sites.procs, sites.logs)
+    home = root / "scheduled-home"
+    at_sites = {
+        "federation.mode": "sites",
+        "federation.exchange": f"file://{root / 'exchange'}",
+        "federation.coordinator_keys": str(root / "coordinator-keys"),
+        "federation.sites": str(site_keys_folder(root, clients)),
+        "federation.deadline": 180,
+        "data.partitions_dir": str(root / "none"),
+        "tracking.registered_model": "fedmtl-sites-scheduled",
+        "schedule.refresh_data": True,  # not at the coordinator, with sites
+        "promotion.min_metric": 0.0,  # one round of one epoch: the first version passes
+    }
+    cfg = load_config(None, tiny_overrides(home, **{**SETTINGS, "training.rounds": 1}, **at_sites))
+    umask = os.umask(0)
+    try:
+        with prefect_at(sites.api):
+            summary = scheduled_training(cfg.model_dump(mode="json"))
+    finally:
+        os.umask(umask)
+    assert summary["model_version"] and summary["promoted"], summary.get("promotion_reasons")
+    registry = MlflowClient(cfg.tracking.tracking_uri)
+    champion = registry.get_model_version_by_alias("fedmtl-sites-scheduled", "champion")
+    assert str(champion.version) == str(summary["model_version"])
+    run = registry.get_run(champion.run_id)
+    assert run.data.tags["federation"] == "sites" and "data_changed" not in summary
+    # the gates scored the version at every site (the coordinator has no rows to score it on)
+    scored = sorted((root / "exchange").glob("promote-*/score-v*/sites/*.env"))
+    assert sorted(p.stem for p in scored) == clients
+    assert not (root / "none").exists()
 
 
 def test_the_secure_sum_runs_across_the_site_processes(federation_of_sites):
