@@ -1,18 +1,18 @@
 """Sites benchmark: rounds at site processes through a real Prefect server, against the
-simulation of the same work (issue 18, first measurement).
+simulation of the same work (issue 18).
 
     python -m benchmarks.sites [--sites 3,10] [--rounds 3] [--modes plain,secagg]
-                               [--hidden 512,384]
+                               [--hidden 512,384] [--sources digits,har]
 
-For each number of sites and mode: a ``prefect server`` on 127.0.0.1, one ``fedmtl site serve``
-process per site (digits, one client each; the MLP's hidden widths ``--hidden``: 512,384 is a
-~1 MB model), and the coordinator's round loop with :class:`fedmtl.sites.rounds.SiteSteps`
-(``PrefectLauncher``); the same partitions and seeds in the simulation (``InProcess``,
-per-client path). ``secagg``: the secure sum on (SecAgg+ across the site processes). Reports
-seconds per round (median), where a round's time goes at the sites (from the task runs' own
-timestamps: start = the task run created until it runs, i.e. Prefect's push to the site's
-worker; run = the site's task itself), bytes per site per round through the exchange store,
-and the gap in final personalised accuracy. Writes ``benchmarks/results/sites.md`` and ``.json``.
+For each data source, number of sites and mode: a ``prefect server`` on 127.0.0.1, one ``fedmtl
+site serve`` process per site (one client each; the MLP's hidden widths ``--hidden``: 512,384 is
+a ~1 MB model), and the coordinator's round loop with :class:`fedmtl.sites.rounds.SiteSteps`
+(``PrefectLauncher``); the same partitions and seeds in the simulation (``InProcess``, per-
+client path). ``secagg``: the secure sum on (SecAgg+ across the site processes). Reports seconds
+per round (median), where a round's time goes at the sites (from the task runs' own timestamps:
+start = the task run created until it runs, i.e. Prefect's push to the site's worker; run = the
+site's task itself), bytes per site per round through the exchange store, and the gap in final
+personalised accuracy. Writes ``benchmarks/results/sites.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ class Timed:
     """A launcher that keeps the round's task runs, to read their timestamps after it."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.runs = inner, []
+        self.inner, self.runs, self.submitting = inner, [], 0.0
 
     def launch(self, site, round_, task="train"):
+        start = time.perf_counter()
         handle = self.inner.launch(site, round_, task)
+        self.submitting += time.perf_counter() - start
         self.runs.append(handle)
         return handle
 
@@ -60,8 +62,9 @@ class Timed:
     def finished(self, handle):
         return self.inner.finished(handle)
 
-    def phases(self) -> tuple[float, float]:
-        """Medians over this round's task runs: (created → running, running → done)."""
+    def phases(self) -> tuple[float, float, float]:
+        """Medians over this round's task runs: (created → running, running → done), and the
+        seconds the coordinator spent submitting them."""
         from prefect import get_client
 
         starts, runs = [], []
@@ -71,14 +74,15 @@ class Timed:
                 if run.start_time and run.end_time:
                     starts.append((run.start_time - run.created).total_seconds())
                     runs.append((run.end_time - run.start_time).total_seconds())
-        self.runs = []
+        self.runs, submitting, self.submitting = [], self.submitting, 0.0
         return (
             statistics.median(starts) if starts else float("nan"),
             statistics.median(runs) if runs else float("nan"),
+            submitting,
         )
 
 
-def one(n_sites: int, rounds: int, mode: str, hidden: str) -> dict:
+def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits") -> dict:
     import torch
 
     torch.set_num_threads(1)  # as each site (the same sums: the same model, to the bit)
@@ -99,6 +103,8 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="fedmtl-bench-sites-"))
     settings = {
+        "data.source": source,
+        "data.har.max_users": n_sites,  # HAR: one client per user, the first N users
         "data.partition.n_clients": n_sites,
         "data.partition.n_groups": 1 if n_sites < 6 else 2,  # SecAgg+ needs ≥ 3 a group
         "model.hidden": f"[{hidden}]",
@@ -229,7 +235,7 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str) -> dict:
                     coord, state_sites, clients, steps, evaluate=last
                 )
                 at_sites.append(time.perf_counter() - start_t)
-                phases.append(launcher.phases())
+                phases.append((*launcher.phases(), report_sites.seconds["group_aggregate"]))
                 traffic.append(
                     sum(a + b for a, b in steps.traffic.values()) / max(len(steps.traffic), 1)
                 )
@@ -243,11 +249,14 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str) -> dict:
         train_sites = statistics.median(at_sites[:-1]) if rounds > 1 else at_sites[0]
         train_sim = statistics.median(simulated[:-1]) if rounds > 1 else simulated[0]
         return {
+            "source": source,
             "sites": n_sites,
             "mode": mode,
             "model_floats": int(coord.initial_state().base.numel()),
             "start_s": statistics.median(p[0] for p in phases[: max(rounds - 1, 1)]),
             "run_s": statistics.median(p[1] for p in phases[: max(rounds - 1, 1)]),
+            "submit_s": statistics.median(p[2] for p in phases[: max(rounds - 1, 1)]),
+            "aggregate_s": statistics.median(p[3] for p in phases[: max(rounds - 1, 1)]),
             "rounds": rounds,
             "round_s_sites": train_sites,
             "round_s_sim": train_sim,
@@ -274,18 +283,20 @@ def report(rows: list[dict]) -> str:
     lines = [
         "# Sites: rounds at site processes through Prefect, against the simulation",
         "",
-        f"`python -m benchmarks.sites` on this machine ({cores} cores): digits, one client per "
+        f"`python -m benchmarks.sites` on this machine ({cores} cores): one client per "
         "site, 5 local epochs, FedMTL, the per-client path in both, one torch thread per site and "
         "for the simulation (the same sums: the same model); a real Prefect server and "
         "one `fedmtl site serve` process (a Prefect task worker) per site. Round: a training "
-        "round (median); start and run: the median site task run's time from created to "
-        "running (Prefect's push to the site's task worker) and from running to done (the "
-        "site's task).",
+        "round (median); submit: the coordinator's time creating the round's task runs (all "
+        "sites); start and run: the median site task run's time from created to running "
+        "(Prefect's push to the site's task worker) and from running to done (the site's "
+        "task); aggregate: the group aggregate step (with SecAgg+: the protocol after training).",
         "",
-        "| sites | mode | model (MB) | round at sites (s) | start / run at a site (s) "
+        "| data | sites | mode | model (MB) | round at sites (s) "
+        "| submit / start / run at a site / aggregate (s) "
         "| simulated (s) | × | last round with evaluation, sites / sim (s) "
         "| bytes per site per round | personalised accuracy sites / sim | gap (points) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["round_s_sites"] / r["round_s_sim"]
@@ -296,8 +307,10 @@ def report(rows: list[dict]) -> str:
         last = f"{sites_s:.2f} / {sim_s:.3f}"
         accuracy = f"{r['personal_accuracy_sites']:.4f} / {r['personal_accuracy_sim']:.4f}"
         lines.append(
-            f"| {r['sites']} | {r['mode']} | {4 * r['model_floats'] / 1e6:.2f} "
-            f"| {r['round_s_sites']:.2f} | {r['start_s']:.1f} / {r['run_s']:.1f} "
+            f"| {r.get('source', 'digits')} | {r['sites']} | {r['mode']} "
+            f"| {4 * r['model_floats'] / 1e6:.2f} "
+            f"| {r['round_s_sites']:.2f} | {r['submit_s']:.1f} / {r['start_s']:.1f} / "
+            f"{r['run_s']:.1f} / {r['aggregate_s']:.1f} "
             f"| {r['round_s_sim']:.3f} | {ratio:.1f} | "
             f"{last} | {r['bytes_per_site_round']:,.0f} | {accuracy} | {r['gap_points']:+.2f} |"
         )
@@ -311,27 +324,29 @@ def main() -> None:
     parser.add_argument("--modes", default="plain,secagg")
     parser.add_argument("--hidden", default="512,384", help="the MLP's hidden widths")
     parser.add_argument("--out", type=Path, default=RESULTS / "sites")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # N,MODE: one measurement, as JSON
+    parser.add_argument("--sources", default="digits", help="digits, har (the har extra)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # N,MODE[,SOURCE]: one row, as JSON
     args = parser.parse_args()
     if args.one:
-        n, mode = args.one.split(",")
-        print(json.dumps(one(int(n), args.rounds, mode, args.hidden)))
+        n, mode, *source = args.one.split(",")
+        print(json.dumps(one(int(n), args.rounds, mode, args.hidden, *source)))
         return
     rows = []
-    for n in [int(x) for x in args.sites.split(",")]:
-        for mode in args.modes.split(","):
-            # a process each: Prefect's clients (events, waiters) stay with the first API they met
-            done = subprocess.run(
-                [sys.executable, "-m", "benchmarks.sites", "--one", f"{n},{mode}"]
-                + ["--rounds", str(args.rounds), "--hidden", args.hidden],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"{n} sites, {mode}: {done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+    for source in args.sources.split(","):
+        for n in [int(x) for x in args.sites.split(",")]:
+            for mode in args.modes.split(","):
+                # a process each: Prefect's clients (events, waiters) keep the first API they met
+                done = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.sites", "--one", f"{n},{mode},{source}"]
+                    + ["--rounds", str(args.rounds), "--hidden", args.hidden],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"{source}, {n} sites, {mode}: {done.stderr[-3000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
     write_results(args.out, report(rows), {"rows": rows})
 
 

@@ -194,6 +194,14 @@ class PrefectLauncher:
 
     def __init__(self, run: str, poll: float = 0.2) -> None:
         self.run, self.poll = run, poll
+        self._keys: tuple[float, dict[str, str]] = (float("-inf"), {})
+
+    def _served(self) -> dict[str, str]:
+        """:func:`served_keys`, asked once for a round's launches (kept for 5 s)."""
+        at, keys = self._keys
+        if time.monotonic() - at > 5.0:
+            self._keys = (time.monotonic(), keys := served_keys())
+        return keys
 
     def launch(self, site: str, round_: int, task: str = "train") -> PrefectDistributedFuture:
         job = site_task(site).with_options(
@@ -201,7 +209,7 @@ class PrefectLauncher:
         )
         # the key the site's worker serves (its fedmtl may sit at another path or version);
         # this process's own when the site is not subscribed now (its run waits for it)
-        job.task_key = served_keys().get(_task_name(site), job.task_key)
+        job.task_key = self._served().get(_task_name(site), job.task_key)
         return job.delay()
 
     def wait(self, handle: PrefectDistributedFuture, timeout: float) -> None:

@@ -42,7 +42,9 @@ from fedmtl.config import Config, load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import Manifest, read_manifest, write_manifest
 from fedmtl.federation import Federation
+from fedmtl.privacy.secagg.wire import decode_masked
 from fedmtl.rounds import run, run_round, run_rounds
+from fedmtl.sites.envelope import open_envelope
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
 from fedmtl.sites.rounds import SiteSteps
@@ -52,6 +54,7 @@ from tests.conftest import tiny_overrides
 from tests.integration.isolation import as_user, isolation_problem, run_as
 from tests.integration.rows import RowFinder, encodings
 from tests.integration.test_schedule import free_port, tail
+from tests.unit.test_sites_secure import plain_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -580,11 +583,24 @@ def test_the_secure_sum_runs_across_the_site_processes(federation_of_sites):
     assert torch.allclose(state.base, simulated.base, atol=1e-6)
     stored = exchange.listing()
     assert not [p for p in stored if "/sites/" in p], "no plain update in the store"
+    # each site's plain release input (as the simulation computes it): in no stored file, and
+    # uncorrelated with the masked words the coordinator received
+    plain = plain_inputs((root, cfg, manifest), coord.initial_state(), clients)
+    files = [Path(exchange.root) / p for p in stored]
     for client in clients:
         masked = Path(exchange.root) / exchange.secagg(1, "masked", client)
         assert masked.is_file(), stored
         if users[client] is not None:
             assert owners([masked]) == {users[client][0]}  # masked at the site, by its user
+        vector = plain[client][0].numpy()
+        payload = open_envelope(
+            masked.read_bytes(), site_keys(root, clients), sender=client, run="sitesrun5",
+            round_=1, kind="secagg-masked",
+        )  # fmt: skip
+        words = decode_masked(client, payload, vector.size + 1).words[: vector.size]
+        assert abs(np.corrcoef(words.astype(np.float64), vector.astype(np.float64))[0, 1]) < 0.1
+        window = vector[:32].astype("<f4").tobytes()
+        assert not [f for f in files if window in f.read_bytes()], client
 
 
 def test_a_killed_site_is_dropped_at_the_deadline_and_rejoins_after_a_restart(federation_of_sites):
