@@ -91,14 +91,14 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
     from fedmtl.client.store import ClientStore
     from fedmtl.config import load_config
     from fedmtl.data import partition, prepare
-    from fedmtl.data.manifest import Manifest, read_manifest, write_manifest
+    from fedmtl.data.manifest import read_manifest
     from fedmtl.eval.metrics import summarize
     from fedmtl.federation import Federation
     from fedmtl.rounds import InProcess, run_round
     from fedmtl.sites.exchange import Exchange
     from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
     from fedmtl.sites.rounds import SiteSteps
-    from fedmtl.sites.site import publish_settings
+    from fedmtl.sites.site import publish_settings, site_partition
     from flows.sites import PrefectLauncher, online
 
     root = Path(tempfile.mkdtemp(prefix="fedmtl-bench-sites-"))
@@ -170,18 +170,10 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
                 if time.monotonic() > end:
                     raise RuntimeError("prefect server did not start") from None
                 time.sleep(0.5)
-        raw = json.loads(manifest.to_json())
         known = KnownParties()
-        for i, client in enumerate(clients):
+        for client in clients:
             home = root / f"site-{client}"
-            (home / "partition").mkdir(parents=True)
-            entry = manifest.entry(client)
-            shutil.copyfile(
-                Path(cfg.data.partitions_dir) / entry.file, home / "partition" / entry.file
-            )
-            write_manifest(
-                home / "partition", Manifest.from_dict({**raw, "clients": [raw["clients"][i]]})
-            )
+            site_partition(cfg.data.partitions_dir, client, home / "partition")
             subprocess.run(
                 [
                     sys.executable,

@@ -97,6 +97,13 @@ def session_params(body: dict) -> SecAggParams:
     )
 
 
+def from_site(site: str, message: Any, what: str) -> Any:
+    """A decoded SecAgg+ ``message`` if it names ``site``, the sender it came sealed from."""
+    if message.client != site:
+        raise SecAggError(f"site '{site}': its {what} name '{message.client}'")
+    return message
+
+
 def layout_of(update: ClientUpdate) -> dict:
     """An update's shape, without its values: what a site's ``ready`` message says (and its
     DP-SGD ε, the accountant's figure, which the coordinator records)."""
@@ -194,10 +201,7 @@ class SiteSecureSum:
                 bytes.fromhex(blob), roster, sender=v, run=ex.run, round_=self.round_,
                 kind="secagg-keys",
             )  # fmt: skip
-            keys = secagg_wire.decode_keys(payload)
-            if keys.client != v:
-                raise EnvelopeRefused(v, f"site '{v}': its keys name another client")
-            neighbour_keys[v] = keys
+            neighbour_keys[v] = from_site(v, secagg_wire.decode_keys(payload), "advertised keys")
         sent += self._put("shares", secagg_wire.encode_shares(client.share_keys(neighbour_keys)))
         inbox = secagg_wire.decode_shares(self._await("inbox"))
         update.n_samples = fed.manifest_rows(me)  # the public weight, as the coordinator's screen
@@ -300,7 +304,12 @@ class CoordinatorSecureSum:
         server = SecAggServer(params)
         keys = self.collect("keys", body["members"])
         for site, (payload, _) in keys.items():
-            self._accept(site, lambda p=payload, s=site: server.receive_keys(self._keys(s, p)))
+            self._accept(
+                site,
+                lambda p=payload, s=site: server.receive_keys(
+                    from_site(s, secagg_wire.decode_keys(p), "advertised keys")
+                ),
+            )
         for site in sorted(keys):
             if site in self.dropped:
                 continue
@@ -330,7 +339,10 @@ class CoordinatorSecureSum:
             )
         for site, (payload, _) in self.collect("unmask", survivors).items():
             self._accept(
-                site, lambda p=payload, s=site: server.receive_unmask(self._response(s, p))
+                site,
+                lambda p=payload, s=site: server.receive_unmask(
+                    from_site(s, secagg_wire.decode_response(p), "unmask response")
+                ),
             )
         result = server.aggregate()
         total = torch.from_numpy(result.vector.astype("float64")).to(torch.float32)
@@ -350,20 +362,6 @@ class CoordinatorSecureSum:
             self.dropped[site] = f"site '{site}': SecAgg+ message refused: {exc}"
             log.warning("%s", self.dropped[site])
             self._tell_dropped()
-
-    @staticmethod
-    def _keys(site: str, payload: bytes):
-        keys = secagg_wire.decode_keys(payload)
-        if keys.client != site:
-            raise SecAggError(f"site '{site}': its advertised keys name '{keys.client}'")
-        return keys
-
-    @staticmethod
-    def _response(site: str, payload: bytes):
-        response = secagg_wire.decode_response(payload)
-        if response.client != site:
-            raise SecAggError(f"site '{site}': its unmask response names '{response.client}'")
-        return response
 
     def hold_back(self, ready: list[str], why: dict[str, str]) -> None:
         """Tells every ready site that was given no session that it sits this round out."""

@@ -27,7 +27,7 @@ from fedmtl.bundle import PersonalizedBundle
 from fedmtl.client.store import ClientStore
 from fedmtl.config import Config
 from fedmtl.config.sections import ValidationConfig
-from fedmtl.data.manifest import Manifest, read_manifest
+from fedmtl.data.manifest import Manifest, read_manifest, write_manifest
 from fedmtl.data.validation import ClientValidation, ValidationReport, validate_partitions
 from fedmtl.federation import Federation
 from fedmtl.sites.envelope import open_envelope, seal
@@ -221,3 +221,17 @@ def with_personal(
         personal_heads={client: dict(kept.heads)} if kept.heads else {},
         personal_bases={client: kept.base} if kept.base is not None else {},
     )
+
+
+def site_partition(partitions: str | Path, client: str, dest: str | Path) -> Path:
+    """``client``'s partition file from a partition folder, with a manifest naming it alone, in
+    ``dest``: a site's own partition (e.g. a simulated federation's client handed to its site)."""
+    manifest = read_manifest(partitions)
+    entry = manifest.entry(client)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(partitions) / entry.file, dest / entry.file)
+    raw = json.loads(manifest.to_json())
+    mine = [c for c in raw["clients"] if c["client"] == client]
+    write_manifest(dest, Manifest.from_dict({**raw, "clients": mine}))
+    return dest

@@ -40,7 +40,7 @@ import torch
 from fedmtl.client.store import ClientStore
 from fedmtl.config import Config, load_config
 from fedmtl.data import partition, prepare
-from fedmtl.data.manifest import Manifest, read_manifest, write_manifest
+from fedmtl.data.manifest import Manifest, read_manifest
 from fedmtl.federation import Federation
 from fedmtl.privacy.secagg.wire import decode_masked
 from fedmtl.rounds import run, run_round, run_rounds
@@ -48,7 +48,7 @@ from fedmtl.sites.envelope import open_envelope
 from fedmtl.sites.exchange import Exchange
 from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
 from fedmtl.sites.rounds import SiteSteps
-from fedmtl.sites.site import publish_settings
+from fedmtl.sites.site import publish_settings, site_partition
 from fedmtl.state import FailureKind
 from tests.conftest import tiny_overrides
 from tests.integration.isolation import as_user, isolation_problem, run_as
@@ -224,23 +224,7 @@ def federation_of_sites():
             warnings.warn(f"the sites and the coordinator run as this test's user: {why}")
         for client in manifest.client_ids:
             home = root / f"site-{client}"
-            part = home / "partition"
-            part.mkdir(parents=True)
-            entry = manifest.entry(client)
-            shutil.copyfile(Path(cfg.data.partitions_dir) / entry.file, part / entry.file)
-            write_manifest(
-                part,
-                Manifest.from_dict(
-                    {
-                        **json.loads(manifest.to_json()),
-                        "clients": [
-                            json.loads(manifest.to_json())["clients"][
-                                manifest.client_ids.index(client)
-                            ]
-                        ],
-                    }
-                ),
-            )
+            part = site_partition(cfg.data.partitions_dir, client, home / "partition")
             done = subprocess.run(
                 [
                     sys.executable,
