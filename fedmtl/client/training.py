@@ -39,14 +39,18 @@ class LocalConfig:
     prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
     personal_lambda: float = 0.3  # fedmtl: pull of ψ_c towards φ_g
     personal_fit: str = "map"  # fedmtl: "map" (exact, L-BFGS) or "sgd" (personal_epochs)
-    personal_lambda_search: str = (
-        "cv"  # fedmtl: "off" (personal_lambda) or "cv" (per client, from the grid)
-    )
+    #: fedmtl: "off" (personal_lambda), "cv" (λ per client from the grid) or "holdout" (per
+    #: client and task: the λ path, the group or the global head, on a validation fold)
+    personal_lambda_search: str = "off"
     personal_lambda_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     ditto_lambda: float = 0.1
     pfedme_lambda: float = 15.0
     pfedme_inner_steps: int = 5
     pfedme_personal_lr: float = 0.05
+    #: GPFL: λ of the magnitude-level guidance and μ, the weight decay of the CoV and GCE (the
+    #: GPFL authors' values for MLPs and small CNNs; PFLlib's generic defaults are 1.0 and 0.0)
+    gpfl_lambda: float = 0.01
+    gpfl_mu: float = 0.1
     #: a :class:`fedmtl.privacy.dpsgd.DPSGDSession` while a client trains under
     #: ``privacy.dp_sgd.enabled``: every :func:`fit` is then DP-SGD and its steps are recorded
     #: there (set per client round, never here)

@@ -1,5 +1,5 @@
-"""The ``data`` section: the source (digits, synthetic, the user's table, HAR), how it is
-split into clients, and where the data's stages write."""
+"""The ``data`` section: the source (digits, synthetic, the user's table, HAR, Heart Disease),
+how it is split into clients, and where the data's stages write."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pydantic import Field, model_validator
 
 from fedmtl.config.sections import _Section
 
-Source = Literal["digits", "synthetic", "table", "har"]
+#: ``heart`` has no section of its own: FLamby's Fed-Heart-Disease is fixed (its four hospitals,
+#: its split), which is what makes its results comparable with FLamby's.
+Source = Literal["digits", "synthetic", "table", "har", "heart"]
 Scheme = Literal["iid", "dirichlet", "shards", "label-permutation", "rotation"]
 TaskKind = Literal["classification", "regression"]
 HarWindows = Literal["segment", "session"]

@@ -22,6 +22,7 @@ from fedmtl.config.operations import (
 )
 from fedmtl.config.privacy import PrivacyConfig, renamed
 from fedmtl.config.sections import (
+    NOT_SERVABLE,
     AlgorithmConfig,
     FaultsConfig,
     GroupingConfig,
@@ -84,6 +85,13 @@ class Config(_Section):
                 "tracking.bundle_personal_heads=false (clients fit and keep their own heads: "
                 "`fedmtl personalize`), or turn DP-FedAvg and DP-SGD off"
             )
+        if self.tracking.register_model and self.algorithm.method in NOT_SERVABLE:
+            raise ValueError(
+                f"algorithm.method={self.algorithm.method} with tracking.register_model=true: "
+                "its model is not the plain multi-task model (GPFL: conditional valve and class "
+                "embeddings; FedEM: a mixture of components), which the registered model serves; "
+                "set tracking.register_model=false (a benchmark method, not served yet)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -141,6 +149,12 @@ def dp_sgd_blocker(method: str, grouping: str) -> str | None:
             "algorithm.method=pfedme with privacy.dp_sgd.enabled: pFedMe's client loop (K inner "
             "steps per batch on a personal model) is its own and is not made private; use another "
             "method"
+        )
+    if method in ("fedala", "feddbe", "gpfl", "fedem"):
+        return (
+            f"algorithm.method={method} with privacy.dp_sgd.enabled: its client loop (FedALA's "
+            "adaptive aggregation, FedDBE's bias memory, GPFL's guidance losses, FedEM's "
+            "E-step) is its own and is not made private; use another method"
         )
     if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
         how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"

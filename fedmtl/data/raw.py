@@ -32,3 +32,6 @@ class RawData:
     input_shape: list[int] | None  # e.g. [1, 8, 8] for images
     has_clients: bool  # whether ``frame`` already has ``client`` and ``group`` columns
     true_groups: bool  # whether ``group`` is a known ground truth
+    #: whether ``frame`` has a ``split`` column (``train``/``test``) that the partition step
+    #: keeps instead of drawing its own: a benchmark's published split (``heart``: FLamby's)
+    fixed_split: bool = False

@@ -142,12 +142,14 @@ class Federation(ClientSteps, ServerSteps):
         return "ifca" if self.algorithm.learns_groups else self.grouping.method
 
     def new_model(self) -> torch.nn.Module:
-        return build_model(
+        """The configured model, as the method shapes it (:meth:`Algorithm.build_model`)."""
+        model = build_model(
             self.model_cfg,
             len(self.manifest.features),
             self.manifest.tasks,
             self.manifest.input_shape,
         )
+        return self.algorithm.build_model(model, self.manifest.tasks)
 
     @functools.cached_property
     def _manifest_key(self) -> ManifestKey:

@@ -32,20 +32,29 @@ class ServerSteps:
     """The coordinator-side methods of :class:`fedmtl.federation.Federation`."""
 
     def initial_state(self) -> ServerState:
+        """Round 0: the model's initial weights, plus the method's extra heads (if any) beside the
+        task heads (:meth:`fedmtl.algorithms.base.Algorithm.extra_heads`)."""
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = self.new_model()
-            method = self.grouping_method
-            if method is None:
-                return initial_state(model, [], {c: ALL for c in self.groups})
-            if method == "column":
-                return initial_state(model, sorted(set(self.groups.values())) or ["0"], self.groups)
-            if method == "cluster":
-                return initial_state(model, [WARMUP_GROUP])
-            # ifca: k heads, each its own random initialisation, so that losses differ
-            names = [str(i) for i in range(self.grouping.n_groups)]
-            heads = [{t: _fresh_head(h) for t, h in model.heads.items()} for _ in names]
-            return initial_state(model, names, distinct_heads=heads)
+            state = self._initial_state(model)
+        extra = self.algorithm.extra_heads(model)
+        for heads in [state.global_heads, *state.group_heads.values()]:
+            heads.update({k: v.clone() for k, v in extra.items()})
+        return state
+
+    def _initial_state(self, model: torch.nn.Module) -> ServerState:
+        method = self.grouping_method
+        if method is None:
+            return initial_state(model, [], {c: ALL for c in self.groups})
+        if method == "column":
+            return initial_state(model, sorted(set(self.groups.values())) or ["0"], self.groups)
+        if method == "cluster":
+            return initial_state(model, [WARMUP_GROUP])
+        # ifca: k heads, each its own random initialisation, so that losses differ
+        names = [str(i) for i in range(self.grouping.n_groups)]
+        heads = [{t: _fresh_head(h) for t, h in model.heads.items()} for _ in names]
+        return initial_state(model, names, distinct_heads=heads)
 
     def participants(self, clients: list[str], per_round: float, round_: int) -> list[str]:
         """The dispatch step: this round's clients (:attr:`release` decides how they are drawn)."""

@@ -72,19 +72,25 @@ class SiteSession:
     def train(self, round_: int) -> int:
         """Local training for round ``round_`` (1-based): the coordinator's sealed state in, the
         sealed update out; returns the bytes written."""
-        run = self.exchange.run
+        run, start = self.exchange.run, time.perf_counter()
         blob = self.exchange.get(self.exchange.global_state(round_))
         if blob is None:
             raise FileNotFoundError(f"site '{self.client}': no global state for round {round_} yet")
         payload = open_envelope(
             blob, self.known, sender=COORDINATOR, run=run, round_=round_, kind="global-state"
         )
-        state = decode_state(payload)
-        update = self.fed.client_round(self.client, state)
+        update = self.fed.client_round(self.client, decode_state(payload))
+        trained = time.perf_counter() - start
         if self.fed.privacy.secure:  # the update leaves the site masked, inside the secure sum
-            return SiteSecureSum(self, round_).take_part(update)
-        sealed = seal(encode_update(update), self.identity, run=run, round_=round_, kind="update")
-        return self.exchange.put(self.exchange.update(round_, self.client), sealed)
+            sent = SiteSecureSum(self, round_).take_part(update)
+        else:
+            sealed = seal(
+                encode_update(update), self.identity, run=run, round_=round_, kind="update"
+            )
+            sent = self.exchange.put(self.exchange.update(round_, self.client), sealed)
+        took = (self.client, round_, trained, time.perf_counter() - start)
+        log.info("site '%s': round %d: trained in %.2f s, %.2f s in all", *took)
+        return sent
 
     def evaluate(self, round_: int) -> int:
         """Scores the state after round ``round_`` on the site's held-out rows (every variant,
@@ -117,6 +123,9 @@ class Launcher(Protocol):
 
     def launch(self, site: str, round_: int, task: str = "train") -> Any: ...
 
+    def launch_all(self, sites: list[str], round_: int, task: str = "train") -> dict[str, Any]:
+        """:meth:`launch` at each of ``sites`` (at once where it can): site -> handle."""
+
     def wait(self, handle: Any, timeout: float) -> None:
         """Returns when the site is done; raises its error, or ``TimeoutError`` at ``timeout``
         (and stops the site's task)."""
@@ -140,6 +149,9 @@ class InProcessLauncher:
 
     def launch(self, site: str, round_: int, task: str = "train") -> Future:
         return self._pool.submit(self.sessions[site].run_task, task, round_)
+
+    def launch_all(self, sites: list[str], round_: int, task: str = "train") -> dict[str, Any]:
+        return {site: self.launch(site, round_, task) for site in sites}
 
     def wait(self, handle: Future, timeout: float) -> None:
         try:
@@ -197,7 +209,7 @@ class SiteSteps(Steps):
         layout only), then waits at the site for the sum (:meth:`group_aggregate`); the updates
         returned stand for the ready sites' layout, with no values (:mod:`fedmtl.sites.secure`)."""
         round_ = state.round + 1
-        handles = {site: self.launcher.launch(site, round_, "train") for site in chosen}
+        handles = self.launcher.launch_all(chosen, round_, "train")
         secure = CoordinatorSecureSum(
             self.exchange,
             self.coordinator,
@@ -323,7 +335,7 @@ class SiteSteps(Steps):
     ) -> tuple[dict, dict[str, ClientFailure]]:
         """Starts ``task`` at every site, waits until the deadline, receives what each sent:
         (site -> (what, bytes), site -> why it was dropped or refused)."""
-        handles = {site: self.launcher.launch(site, round_, task) for site in sites}
+        handles = self.launcher.launch_all(sites, round_, task)
         end = self.clock() + self.deadline
         failed: dict[str, ClientFailure] = {}
         got: dict[str, tuple[Any, int]] = {}

@@ -47,10 +47,12 @@ def _train(root, **extra):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_through_the_flow(prefect_harness, digits_root, method):
+    rounds = 4 if method == "gpfl" else 2  # GPFL learns slowly at first (test_algorithms.py)
     cfg, result = _train(
         digits_root,
         **{
             "algorithm.method": method,
+            "training.rounds": rounds,
             "tracking.register_model": False,
             "tracking.client_runs": False,
         },
@@ -59,7 +61,7 @@ def test_every_method_runs_through_the_flow(prefect_harness, digits_root, method
     assert run.info.status == "FINISHED"
     assert run.info.run_name.startswith(f"digits-{method}-")
     assert run.data.tags["method"] == method and run.data.params["algorithm.method"] == method
-    assert result["rounds"] == 2 and result["personal_accuracy"] > 0.2
+    assert result["rounds"] == rounds and result["personal_accuracy"] > 0.2
 
 
 def _final_clients(cfg, run_id: str) -> pd.DataFrame:

@@ -634,10 +634,11 @@ class Meddling:
         self.launcher, self.meddle = launcher, meddle
         self.launched: dict[int, tuple[object, str, int, str]] = {}
 
-    def launch(self, site: str, round_: int, task: str = "train"):
-        handle = self.launcher.launch(site, round_, task)
-        self.launched[id(handle)] = (handle, site, round_, task)
-        return handle
+    def launch_all(self, sites: list[str], round_: int, task: str = "train"):
+        handles = self.launcher.launch_all(sites, round_, task)
+        for site, handle in handles.items():
+            self.launched[id(handle)] = (handle, site, round_, task)
+        return handles
 
     def wait(self, handle, timeout: float) -> None:
         self.launcher.wait(handle, timeout)

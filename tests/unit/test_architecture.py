@@ -256,7 +256,12 @@ CORE_GROUPS = {
     [
         {p: p for p in PACKAGES},
         CORE_GROUPS,
-        {"fedmtl.data.sources": "sources", "fedmtl.data.har": "har", "fedmtl.data.raw": "raw"},
+        {
+            "fedmtl.data.sources": "sources",
+            "fedmtl.data.har": "har",
+            "fedmtl.data.heart": "heart",
+            "fedmtl.data.raw": "raw",
+        },
     ],
     ids=["top-level packages", "core packages", "data sources"],
 )

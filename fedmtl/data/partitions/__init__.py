@@ -4,7 +4,7 @@
   order; a row's position is its ``row`` id) and ``<raw_dir>/schema.json`` (what the rows are).
 - :func:`partition` reads them (never writes them), splits the rows into clients (the
   source's own clients, else ``data.partition.scheme``), splits each client's rows into
-  ``train``/``test`` and writes one Parquet file per client plus ``manifest.json`` to
+  ``train``/``test`` (or keeps the source's own split: ``heart``'s, FLamby's) and writes one Parquet file per client plus ``manifest.json`` to
   ``partitions_dir`` (the contract of :mod:`fedmtl.data.manifest`).
 - :func:`load_partition` reads one client's file back.
 

@@ -1,6 +1,6 @@
 """Splitting the prepared rows into clients (by ``data.partition.scheme`` when the source has
-none) and each client's rows into train/test; the clients' file names, and the warnings about
-a table's own client ids."""
+none) and each client's rows into train/test (or keeping the source's own split); the clients'
+file names, and the warnings about a table's own client ids."""
 
 from __future__ import annotations
 
@@ -203,6 +203,20 @@ def train_test_rows(
         _, test_pos = train_test_split(positions, test_size=test_fraction, random_state=seed)
     test[test_pos] = True
     return test
+
+
+def given_test_rows(frame: pd.DataFrame, client: str) -> np.ndarray:
+    """A boolean mask of a client's test rows from the source's own ``split`` column (a
+    benchmark's published split, :attr:`RawData.fixed_split`): every value ``train`` or
+    ``test``."""
+    split = frame["split"].astype(str).to_numpy()
+    bad = sorted(set(split.tolist()) - {"train", "test"})
+    if bad:
+        raise DataError(
+            f"client '{client}': split values {bad[:5]} are not 'train' or 'test'; "
+            "run `fedmtl data prepare` again"
+        )
+    return split == "test"
 
 
 def _split_seed(seed: int, client_index: int) -> int:

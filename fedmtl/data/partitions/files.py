@@ -26,13 +26,14 @@ from fedmtl.data.partitions.clients import (
     _scheme_split,
     _split_seed,
     _warn_about_clients,
+    given_test_rows,
     train_test_rows,
 )
 from fedmtl.data.partitions.prepared import _parquet_bytes, load_prepared
 from fedmtl.data.sources import DataError, client_ids
 
 
-#: The scheme recorded when the source already has clients (synthetic, table).
+#: The scheme recorded when the source already has clients (synthetic, table, har, heart).
 NATURAL = "natural"
 
 
@@ -75,7 +76,10 @@ def partition(cfg: DataConfig) -> Manifest:
         _warn_about_clients(ids, names, frames, raw.tasks)
     outputs: list[tuple[ClientEntry, bytes]] = []
     for i, (client, group, rows, rows_frame) in enumerate(zip(ids, groups, indices, frames)):
-        test = train_test_rows(rows_frame, task, cfg.test_fraction, _split_seed(cfg.seed, i))
+        if raw.fixed_split:  # the source's published split: test_fraction and seed do not apply
+            test = given_test_rows(rows_frame, client)
+        else:
+            test = train_test_rows(rows_frame, task, cfg.test_fraction, _split_seed(cfg.seed, i))
         out = pd.DataFrame(
             {
                 "client": pd.Series([client] * len(rows), dtype=str),

@@ -38,6 +38,7 @@ def prepare(cfg: DataConfig) -> Path:
         "input_shape": raw.input_shape,
         "has_clients": raw.has_clients,
         "true_groups": raw.true_groups,
+        "fixed_split": raw.fixed_split,
     }
     try:
         schema_bytes = json.dumps(schema, indent=2).encode()
@@ -75,10 +76,13 @@ def load_prepared(raw_dir: str | Path) -> tuple[RawData, str]:
         input_shape=schema["input_shape"],
         has_clients=bool(schema["has_clients"]),
         true_groups=bool(schema["true_groups"]),
+        fixed_split=bool(schema.get("fixed_split", False)),  # absent before heart existed
     )
     expected = [*raw.features, *(t.name for t in raw.tasks)]
     if raw.has_clients:
         expected += ["client", "group"]
+    if raw.fixed_split:
+        expected.append("split")
     missing = [c for c in expected if c not in frame.columns]
     if missing:
         raise DataError(

