@@ -10,7 +10,7 @@
   client keeps one stratified fifth of its train rows out of the shared step (a validation
   fold), walks a short λ path on the rest and, per task, keeps whichever of the MAP head at each
   λ, its group head φ_g and the global head φ₀ has the least log-loss on the validation fold.
-  Measured below the fixed λ on 7 of 8 scenarios (docs/quality.md: the shared model trained on
+  Measured below the fixed λ on all 8 scenarios (docs/quality.md: the shared model trained on
   80 % of the rows, and one fold of ~20 rows is a noisy judge): not the default.
 
 The held-out split is never read. Everything is deterministic: the folds are fixed by the row
