@@ -36,7 +36,7 @@ from fedmtl.state import Heads, Vector, assign
 LAMBDA_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 #: folds of the cross-validation; a client with fewer than 2 × FOLDS train rows keeps the fixed λ
 FOLDS = 5
-#: the λ path of the default choice (``holdout``), walked from the largest: decade steps
+#: the λ path of ``holdout``, walked from the largest: decade steps
 HOLDOUT_PATH: tuple[float, ...] = (30.0, 3.0, 0.3, 0.03)
 #: what a task's choice may be besides a λ: the group head φ_g (λ → ∞) and the global head φ₀
 GROUP, GLOBAL = "group", "global"
@@ -159,7 +159,7 @@ def select_lambda(
 def validation_rows(
     data: ClientData, tasks: Sequence[TaskSpec], folds: int = FOLDS
 ) -> torch.Tensor:
-    """The client's validation rows for the default personal step: one stratified fold of its
+    """The client's validation rows for ``holdout``'s choice: one stratified fold of its
     train rows (fold 0 of :func:`cv_folds`), which the shared step never trains on, so that
     the shared heads and the personal candidates are compared on rows none of them has seen.
     None of a client's rows when it has fewer than 2·``folds`` train rows."""
