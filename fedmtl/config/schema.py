@@ -95,6 +95,20 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_feddbe_server(self) -> Config:
+        # FedDBE's global mean representation rides as an extra head that the server averages:
+        # a mean only under plain averaging (fedmtl/algorithms/feddbe.py)
+        server = self.server
+        if self.algorithm.method == "feddbe" and (server.optimizer != "fedavg" or server.lr != 1):
+            raise ValueError(
+                f"algorithm.method=feddbe with server.optimizer={server.optimizer}, "
+                f"server.lr={server.lr}: FedDBE's global mean representation is the server's "
+                "average of the clients' means, which needs server.optimizer=fedavg and "
+                "server.lr=1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_sites(self) -> Config:
         if self.federation.mode != "sites":
             return self

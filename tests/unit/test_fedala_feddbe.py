@@ -259,3 +259,12 @@ def test_personal_state_extra_round_trips_through_the_store(tmp_path):
     assert store.load("c2").extra == {}
     # a state written before ``extra`` existed still loads
     assert PersonalState.from_dict({"heads": {}, "base": None}).extra == {}
+
+
+def test_feddbe_needs_plain_averaging_at_the_server():
+    from fedmtl.config import load_config
+
+    for setting in ("server.optimizer=fedadam", "server.lr=0.5"):
+        with pytest.raises(ValueError, match="server.optimizer=fedavg and server.lr=1"):
+            load_config(None, ["algorithm.method=feddbe", setting])
+    load_config(None, ["algorithm.method=feddbe"])
