@@ -77,8 +77,6 @@ class FedALA(Algorithm):
         group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
-        if ctx.cfg.dp_sgd is not None:
-            raise ValueError("fedala: the ALA step learns on the client's rows outside DP-SGD")
         start, weights = self._start(ctx, state, data, personal)
         base, heads, loss = train_joint(
             ctx.model,

@@ -78,8 +78,6 @@ class FedDBE(Algorithm):
         group: str,
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
-        if ctx.cfg.dp_sgd is not None:
-            raise ValueError("feddbe: mean regularisation couples a batch's rows (no DP-SGD)")
         received, target = _split(state.global_heads)
         ready = state.round > 0  # z̄ was formed in round 1: PRBM and MR from round 2
         model = _Biased(ctx.model, _bias(ctx.model, personal), self.momentum, ready)

@@ -182,8 +182,6 @@ class FedEM(Algorithm):
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         cfg, model, tasks = ctx.cfg, ctx.model, ctx.tasks
-        if cfg.dp_sgd is not None:
-            raise ValueError("algorithm.method 'fedem' has its own client loop, not made private")
         received = state.global_heads
         load_weights(model, state.base, received)
         pi = self.mixture_weights(personal)

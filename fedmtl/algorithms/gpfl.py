@@ -202,8 +202,6 @@ class GPFL(Algorithm):
         personal: PersonalState | None,
     ) -> tuple[ClientUpdate, PersonalState]:
         cfg, model, tasks = ctx.cfg, ctx.model, ctx.tasks
-        if cfg.dp_sgd is not None:
-            raise ValueError("algorithm.method 'gpfl' has its own client loop, not made private")
         start = personal.heads if personal is not None else state.global_heads
         load_weights(model, state.base, start)
         base: GPFLBase = model.base

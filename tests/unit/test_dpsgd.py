@@ -358,6 +358,10 @@ def test_old_flat_keys_still_work_and_name_their_new_key(old, new, value, tmp_pa
         ("training.batched=on", "training.batched=on with privacy.dp_sgd.*per-sample gradients"),
         ("algorithm.method=pfedme", "algorithm.method=pfedme with privacy.dp_sgd.enabled"),
         ("algorithm.method=ifca", "algorithm.method=ifca with privacy.dp_sgd.enabled"),
+        *(
+            (f"algorithm.method={m}", f"algorithm.method={m} with privacy.dp_sgd.enabled")
+            for m in ("fedala", "feddbe", "gpfl", "fedem")
+        ),
         ("grouping.method=cluster", "grouping.method=cluster with privacy.dp_sgd.enabled"),
     ],
 )
