@@ -121,9 +121,9 @@ SCENARIOS = {
     ]
 }
 QUICK_SCENARIOS = ("digits-shards", "digits-label-permutation", "synthetic-0.5-fedprox")
-#: the methods; "fedmtl" runs with its defaults; "fedmtl-cluster" learns its groups by
-#: clustering; "fedmtl-cv" chooses λ per client by 5-fold CV; "fedmtl-holdout" chooses between
-#: the shared heads and a λ path on a validation fold the shared step leaves out
+#: the methods; "fedmtl" runs with its defaults (the personal step's choice by approximate
+#: leave-one-out, ``loo``); "fedmtl-cluster" learns its groups by clustering; "fedmtl-off" keeps
+#: one λ (0.3) for every client; "fedmtl-cv" chooses λ per client by 5-fold CV
 METHODS = (
     "local",
     "fedavg",
@@ -140,15 +140,12 @@ METHODS = (
     "fedem",
     "fedmtl",
     "fedmtl-cluster",
+    "fedmtl-off",
     "fedmtl-cv",
-    "fedmtl-holdout",
 )
 METHOD_OVERRIDES = {
     "fedmtl-cluster": {"algorithm.method": "fedmtl", "grouping.method": "cluster"},
-    "fedmtl-holdout": {
-        "algorithm.method": "fedmtl",
-        "algorithm.personal_lambda_search": "holdout",
-    },
+    "fedmtl-off": {"algorithm.method": "fedmtl", "algorithm.personal_lambda_search": "off"},
     "fedmtl-cv": {"algorithm.method": "fedmtl", "algorithm.personal_lambda_search": "cv"},
 }
 

@@ -84,13 +84,6 @@ class Algorithm:
         every variant, the personalised one included, must be such a pair of vectors."""
         return model
 
-    def shared_rows(
-        self, data: ClientData, cfg: LocalConfig, tasks: Sequence[TaskSpec]
-    ) -> ClientData:
-        """The rows the client trains on in a round (default: all its train rows). fedmtl keeps
-        a validation fold out for its personal step's choice."""
-        return data
-
     def client_round(
         self,
         ctx: ClientContext,

@@ -9,21 +9,20 @@ Client round (docs/algorithm.md):
 - **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
   ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
   pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly
-  (``personal_fit: map``, :mod:`fedmtl.client.personal`) with λ fixed, chosen per client by
-  cross-validation (``personal_lambda_search: cv``), or chosen together with the shared heads
-  on a validation fold the shared step leaves out (``holdout``). ψ_c is fitted on the base it
-  will be used with, and never leaves the client.
+  (``personal_fit: map``, :mod:`fedmtl.client.personal`): by default per task either the group
+  head with the client's own output bias or the personal head at the best λ of a path, whichever
+  the approximate leave-one-out loss on the client's rows shows better by more than one standard
+  error (``personal_lambda_search: loo``); or λ fixed (``off``) or chosen by k-fold
+  cross-validation (``cv``). ψ_c is fitted on the base it will be used with, and never leaves
+  the client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fedmtl.algorithms.base import Algorithm, ClientContext, SharedStart
 from fedmtl.client.data import ClientData
-from fedmtl.client.personal import fit_personal_heads, without_validation_rows
+from fedmtl.client.personal import fit_personal_heads
 from fedmtl.client.training import LocalConfig, train_heads
-from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
 
 
@@ -34,16 +33,6 @@ class FedMTL(Algorithm):
     batchable = (
         True  # the client round is the shared step from (θ, φ_g); ψ_c is fitted in personalized
     )
-
-    def shared_rows(
-        self, data: ClientData, cfg: LocalConfig, tasks: Sequence[TaskSpec]
-    ) -> ClientData:
-        """With the default personal step (``holdout``) the shared step leaves out the client's
-        validation fold, on which the personal step compares the shared and personal heads
-        unbiased (:func:`fedmtl.client.personal.validation_rows`)."""
-        if cfg.personal_fit == "map" and cfg.personal_lambda_search == "holdout":
-            return without_validation_rows(data, tasks)
-        return data
 
     def shared_start(
         self, cfg: LocalConfig, state: ServerState, group: str, personal: PersonalState | None
@@ -78,7 +67,6 @@ class FedMTL(Algorithm):
                 ctx.cfg.personal_lambda,
                 ctx.cfg.personal_lambda_search,
                 ctx.cfg.personal_lambda_grid,
-                global_heads=state.global_heads,
             )
         else:
             psi, _ = train_heads(

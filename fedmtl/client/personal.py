@@ -3,15 +3,14 @@
 ψ_c = argmin_ψ Σ_i loss_i(ψ) + λ/2·‖ψ − φ_g‖² on the frozen base (linear heads: convex).
 ``algorithm.personal_lambda_search`` says how λ is chosen:
 
-- ``off`` (the default): ``personal_lambda`` for every client.
+- ``loo`` (the default, :func:`choose_by_loo`): per client and task, the group head with the
+  client's own output bias, or the personal head at the best λ of a short path, whichever the
+  approximate leave-one-out loss on the client's train rows (:mod:`fedmtl.client.loo`) shows
+  better by more than one standard error: a personal head only where the client's rows support
+  it, at 4 warm-started fits and one linear solve each.
+- ``off``: ``personal_lambda`` for every client.
 - ``cv``: λ from ``personal_lambda_grid`` by k-fold cross-validation (:func:`select_lambda`),
   then one fit on all rows: 41 fits a client.
-- ``holdout`` (:func:`choose_heads`): a choice *between* the shared and personal heads. Each
-  client keeps one stratified fifth of its train rows out of the shared step (a validation
-  fold), walks a short λ path on the rest and, per task, keeps whichever of the MAP head at each
-  λ, its group head φ_g and the global head φ₀ has the least log-loss on the validation fold.
-  Measured below the fixed λ on all 8 scenarios (docs/quality.md: the shared model trained on
-  80 % of the rows, and one fold of ~20 rows is a noisy judge): not the default.
 
 The held-out split is never read. Everything is deterministic: the folds are fixed by the row
 order (stratified by the first task's class), and L-BFGS has no random draws.
@@ -19,7 +18,6 @@ order (stratified by the first task's class), and L-BFGS has no random draws.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmtl.client.data import ClientData
+from fedmtl.client.loo import MAX_SYSTEM, alo_losses, system_size
 from fedmtl.client.training import load_weights, multitask_loss, read_heads
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
@@ -36,10 +35,10 @@ from fedmtl.state import Heads, Vector, assign
 LAMBDA_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 #: folds of the cross-validation; a client with fewer than 2 × FOLDS train rows keeps the fixed λ
 FOLDS = 5
-#: the λ path of ``holdout``, walked from the largest: decade steps
-HOLDOUT_PATH: tuple[float, ...] = (30.0, 3.0, 0.3, 0.03)
-#: what a task's choice may be besides a λ: the group head φ_g (λ → ∞) and the global head φ₀
-GROUP, GLOBAL = "group", "global"
+#: the λ path of ``loo``, walked from the largest: decade steps
+LOO_PATH: tuple[float, ...] = (100.0, 10.0, 1.0, 0.1)
+#: ``loo``: precision of the prior on the client's shift of its group head's output bias
+BIAS_LAMBDA = 1.0
 
 
 def cv_folds(labels: np.ndarray, k: int = FOLDS) -> np.ndarray:
@@ -62,12 +61,17 @@ def _map_solve(
     anchor: list[torch.Tensor],
     lam: float,
     max_iter: int,
+    bias_only: bool = False,
 ) -> None:
     """In place, from the heads' current values: argmin Σ_i loss_i + λ/2·‖ψ − anchor‖² (L-BFGS,
     strong Wolfe line search; the objective is divided by the row count). ``anchor`` holds the
-    parameters of ``names``' heads, in order."""
+    parameters of ``names``' heads, in order (``bias_only``: only their biases, which alone
+    move)."""
     tasks = [task for task in tasks if task.name in names]
-    params = [p for t in names for p in heads[t].parameters()]
+    if bias_only:
+        params = [heads[t].bias for t in names]
+    else:
+        params = [p for t in names for p in heads[t].parameters()]
     n = float(z.shape[0])
     opt = torch.optim.LBFGS(
         params,
@@ -156,29 +160,6 @@ def select_lambda(
     return grid[best], scores.tolist()
 
 
-def validation_rows(
-    data: ClientData, tasks: Sequence[TaskSpec], folds: int = FOLDS
-) -> torch.Tensor:
-    """The client's validation rows for ``holdout``'s choice: one stratified fold of its
-    train rows (fold 0 of :func:`cv_folds`), which the shared step never trains on, so that
-    the shared heads and the personal candidates are compared on rows none of them has seen.
-    None of a client's rows when it has fewer than 2·``folds`` train rows."""
-    if data.n_train < 2 * folds:
-        return torch.zeros(data.n_train, dtype=torch.bool)
-    return torch.as_tensor(cv_folds(data.y_train[tasks[0].name].numpy(), folds) == 0)
-
-
-def without_validation_rows(data: ClientData, tasks: Sequence[TaskSpec]) -> ClientData:
-    """``data`` with its validation rows (:func:`validation_rows`) left out of the train split:
-    what the shared step trains on under ``personal_lambda_search: holdout``."""
-    keep = ~validation_rows(data, tasks)
-    if bool(keep.all()):
-        return data
-    return dataclasses.replace(
-        data, x_train=data.x_train[keep], y_train={t: v[keep] for t, v in data.y_train.items()}
-    )
-
-
 def _snapshot(heads: nn.ModuleDict, name: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in heads[name].parameters()]
 
@@ -189,80 +170,104 @@ def _load(heads: nn.ModuleDict, name: str, values: list[torch.Tensor]) -> None:
         p.copy_(v)
 
 
-@torch.no_grad()
-def _row_losses(
-    heads: nn.ModuleDict, name: str, z: torch.Tensor, y: torch.Tensor, task: TaskSpec
-) -> torch.Tensor:
-    """Each row's loss under task ``name``'s head: cross-entropy, or squared error."""
-    out = heads[name](z)
-    if task.kind == "classification":
-        return F.cross_entropy(out, y, reduction="none")
-    return (out.squeeze(-1) - y) ** 2
+def _loo_rows(
+    heads: nn.ModuleDict,
+    name: str,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    task: TaskSpec,
+    lam: float,
+    scope: str,
+) -> np.ndarray:
+    with torch.no_grad():
+        eta = heads[name](z)
+    return alo_losses(z, eta, y, task.kind, lam, scope)  # type: ignore[arg-type]
 
 
-def choose_heads(
+def choose_by_loo(
     model: nn.Module,
     base: Vector,
     prior: Heads,
-    global_heads: Heads | None,
     data: ClientData,
     tasks: Sequence[TaskSpec],
     lam: float,
-    path: Sequence[float] = HOLDOUT_PATH,
-    folds: int = FOLDS,
+    path: Sequence[float] = LOO_PATH,
+    bias_lambda: float = BIAS_LAMBDA,
     max_iter: int = 100,
-) -> tuple[Heads, dict[str, float | str]]:
-    """``personal_lambda_search: holdout`` (module docs). Per task, of the group head ``prior``
-    (φ_g), the global head ``global_heads`` (φ₀) and the MAP heads on ``path`` (fitted on the
-    client's train rows but its validation fold, :func:`validation_rows`, large λ first, each
-    warm-started from the previous one), the one with the least log-loss on the validation fold
-    (ties: the shared heads, then the larger λ); a chosen personal head is refitted on every
-    train row at its λ, warm-started. The shared step must have left the validation fold out
-    (:meth:`fedmtl.algorithms.FedMTL.shared_rows`), or the shared heads, trained on those rows,
-    win unfairly. Returns the heads (model.heads holds them too) and each task's choice: its λ,
-    ``"group"`` or ``"global"``. A client with fewer than 2·``folds`` train rows takes the MAP
-    fit at ``lam``."""
+) -> tuple[Heads, dict[str, float]]:
+    """``personal_lambda_search: loo`` (the default; module docs, docs/algorithm.md). Per task,
+    two nested candidates are scored by their approximate leave-one-out log-loss on the client's
+    train rows (:func:`fedmtl.client.loo.alo_losses`):
+
+    - the **bias-adapted group head**: φ_g's weights with the client's own output bias, the MAP
+      shift δ = argmin Σ_i loss_i + ``bias_lambda``/2·‖δ‖² (C parameters: the client's label
+      prior, well estimated from a few rows);
+    - the **personal head** at the λ of ``path`` whose fit has the least ALO loss (the path walked
+      from the largest λ, each fit warm-started from the previous one).
+
+    The personal head is kept only where it beats the bias-adapted head by more than one
+    standard error of the paired per-row differences (the one-standard-error rule of Breiman et
+    al. 1984, applied to the simpler model as the reference): a client whose rows do not show a
+    personal head to be better keeps (almost) its group head. Returns the heads (``model.heads``
+    holds them too) and each task's λ (∞: the bias-adapted head). A client with fewer than 3
+    train rows, or a head too large for the ALO's linear solve, takes the MAP fit at ``lam``."""
     names = list(prior)
     by_name = {task.name: task for task in tasks}
     z = _features(model, base, prior, data)
     heads = model.heads
     anchor = {t: _snapshot(heads, t) for t in names}
     flat_anchor = [a for t in names for a in anchor[t]]
-    if data.n_train < 2 * folds:
+    n = data.n_train
+    too_large = any(
+        not isinstance(heads[t], nn.Linear)
+        or system_size(n, heads[t].out_features, heads[t].in_features) > MAX_SYSTEM
+        for t in names
+    )
+    if n < 3 or too_large:
         _map_solve(heads, names, z, data.y_train, tasks, flat_anchor, lam, max_iter)
         return read_heads(model, prior), dict.fromkeys(names, lam)
-    held = validation_rows(data, tasks, folds)
-    y_fit = {t: v[~held] for t, v in data.y_train.items()}
-    y_held = {t: v[held] for t, v in data.y_train.items()}
-    z_fit, z_held = z[~held], z[held]
-    # per task, in order of preference: (choice, the head's parameters, held-out row losses)
-    candidates: dict[str, list[tuple[float | str, list[torch.Tensor], torch.Tensor]]] = {
-        t: [] for t in names
+    y = data.y_train
+    # the bias-adapted group heads: only the output biases move
+    _map_solve(
+        heads,
+        names,
+        z,
+        y,
+        tasks,
+        [anchor[t][1] for t in names],
+        bias_lambda,
+        max_iter,
+        bias_only=True,
+    )
+    reference = {
+        t: (_snapshot(heads, t), _loo_rows(heads, t, z, y[t], by_name[t], bias_lambda, "bias"))
+        for t in names
     }
-
-    def offer(name: str, choice: float | str) -> None:
-        rows = _row_losses(heads, name, z_held, y_held[name], by_name[name])
-        candidates[name].append((choice, _snapshot(heads, name), rows))
-
     for t in names:
-        offer(t, GROUP)
-        if global_heads is not None:
-            assign(heads[t], global_heads[t])
-            offer(t, GLOBAL)
-            _load(heads, t, anchor[t])
+        _load(heads, t, anchor[t])
+    best: dict[str, tuple[float, list[torch.Tensor], np.ndarray]] = {}
+    walking = list(names)
     for value in sorted(path, reverse=True):
-        _map_solve(heads, names, z_fit, y_fit, tasks, flat_anchor, value, max_iter)
-        for t in names:
-            offer(t, value)
-    choices: dict[str, float | str] = {}
+        walking_anchor = [a for t in walking for a in anchor[t]]
+        _map_solve(heads, walking, z, y, tasks, walking_anchor, value, max_iter)
+        for t in list(walking):
+            rows = _loo_rows(heads, t, z, y[t], by_name[t], value, "all")
+            if t not in best or rows.mean() < best[t][2].mean():  # ties: the larger λ
+                best[t] = (value, _snapshot(heads, t), rows)
+            else:  # the loss rose: this task's path stops (it is unimodal in λ in practice)
+                walking.remove(t)
+        if not walking:
+            break
+    choices: dict[str, float] = {}
     for t in names:
-        # the least held-out log-loss; ties: the shared heads, then the larger λ
-        scores = [float(c[2].mean()) for c in candidates[t]]
-        choice, values, _ = candidates[t][min(range(len(scores)), key=lambda i: (scores[i], i))]
-        _load(heads, t, values)
-        choices[t] = choice
-        if not isinstance(choice, str):  # a personal head: refit on every train row, warm
-            _map_solve(heads, [t], z, data.y_train, tasks, anchor[t], choice, max_iter)
+        value, values, rows = best[t]
+        gain = reference[t][1] - rows
+        if gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
+            choices[t] = value
+            _load(heads, t, values)
+        else:
+            choices[t] = float("inf")
+            _load(heads, t, reference[t][0])
     return read_heads(model, prior), choices
 
 
@@ -273,40 +278,34 @@ def fit_personal_heads(
     data: ClientData,
     tasks: Sequence[TaskSpec],
     lam: float,
-    search: str = "off",
+    search: str = "loo",
     grid: Sequence[float] = LAMBDA_GRID,
     max_iter: int = 100,
-    global_heads: Heads | None = None,
 ) -> tuple[Heads, float, float]:
-    """ψ_c's MAP fit with a prior of precision λ at ``prior`` (φ_g) on the client's train rows;
-    with ``search="cv"`` λ is chosen per client by :func:`select_lambda` (``lam`` is kept when
-    the client has too few rows to cross-validate); with ``search="holdout"`` each task's head is
-    chosen by :func:`choose_heads` among the λ path, φ_g and ``global_heads``. Returns the heads,
-    their mean train loss and the λ used (``holdout``: the first task's; ∞ where it kept φ_g,
-    NaN where it took the global head)."""
+    """ψ_c's MAP fit with a prior at ``prior`` (φ_g) on the client's train rows: with
+    ``search="loo"`` the bias-adapted group head or the personal head on a λ path, chosen per task
+    by :func:`choose_by_loo`; with ``"off"`` at precision ``lam``; with ``"cv"`` at the λ chosen by
+    :func:`select_lambda` (``lam`` when the client has too few rows to cross-validate). Returns
+    the heads, their mean train loss and the λ used (the first task's; ∞: the bias-adapted head)."""
     if data.n_train == 0:
         return {t: v.clone() for t, v in prior.items()}, float("nan"), lam
-    if search == "holdout":
-        chosen_heads, choices = choose_heads(
-            model, base, prior, global_heads, data, tasks, lam, max_iter=max_iter
+    names = list(prior)
+    if search == "loo":
+        chosen_heads, choices = choose_by_loo(
+            model, base, prior, data, tasks, lam, max_iter=max_iter
         )
         z = _features(model, base, chosen_heads, data)
         with torch.no_grad():
-            names = list(prior)
             loss = float(multitask_loss({t: model.heads[t](z) for t in names}, data.y_train, tasks))
-        first = choices[next(iter(prior))]
-        used = {GROUP: float("inf"), GLOBAL: float("nan")}.get(first, first)
-        return chosen_heads, loss, float(used)
+        return chosen_heads, loss, choices[names[0]]
     if search == "cv":
         chosen, _ = select_lambda(model, base, prior, data, tasks, grid, max_iter=max_iter)
         lam = lam if chosen is None else chosen
     elif search != "off":
         raise ValueError(
-            f"personal_lambda_search '{search}' is not known; allowed values: 'holdout', 'cv', "
-            "'off'"
+            f"personal_lambda_search '{search}' is not known; allowed values: 'loo', 'off', 'cv'"
         )
     z = _features(model, base, prior, data)
-    names = list(prior)
     heads = model.heads
     anchor = [p.detach().clone() for t in names for p in heads[t].parameters()]
     _map_solve(heads, names, z, data.y_train, tasks, anchor, lam, max_iter)

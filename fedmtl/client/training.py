@@ -39,9 +39,9 @@ class LocalConfig:
     prox_mu: float = 0.0  # FedProx μ on the shared step (0 = plain FedAvg local training)
     personal_lambda: float = 0.3  # fedmtl: pull of ψ_c towards φ_g
     personal_fit: str = "map"  # fedmtl: "map" (exact, L-BFGS) or "sgd" (personal_epochs)
-    #: fedmtl: "off" (personal_lambda), "cv" (λ per client from the grid) or "holdout" (per
-    #: client and task: the λ path, the group or the global head, on a validation fold)
-    personal_lambda_search: str = "off"
+    #: fedmtl: "loo" (per client and task: the bias-adapted group head or the personal head on a
+    #: λ path, by approximate leave-one-out), "off" (personal_lambda) or "cv" (λ from the grid)
+    personal_lambda_search: str = "loo"
     personal_lambda_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     ditto_lambda: float = 0.1
     pfedme_lambda: float = 15.0

@@ -33,7 +33,7 @@ Method = Literal[
 NOT_SERVABLE = ("gpfl", "fedem")
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 PersonalFit = Literal["sgd", "map"]
-PersonalLambdaSearch = Literal["off", "cv", "holdout"]
+PersonalLambdaSearch = Literal["loo", "off", "cv"]
 RunnerKind = Literal["thread", "process", "dask", "ray"]
 
 
@@ -137,14 +137,14 @@ class AlgorithmConfig(_Section):
         0.3, ge=0, description="fedmtl: precision of the prior pulling ψ_c towards φ_g"
     )
     personal_lambda_search: PersonalLambdaSearch = Field(
-        "off",
-        description="fedmtl (personal_fit map): off: every client uses personal_lambda; cv: each "
+        "loo",
+        description="fedmtl (personal_fit map): loo: per client and task, the group head with the "
+        "client's own output bias, or its MAP head at the best λ of 100, 10, 1, 0.1 where the "
+        "approximate leave-one-out log-loss on its train rows shows it better by more than one "
+        "standard error (docs/algorithm.md); off: every client uses personal_lambda; cv: each "
         "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train "
-        "rows (least log-loss on the left-out folds), then refits on all of them (41 fits a "
-        "client); holdout: the shared step leaves a fifth of each client's train rows out, and "
-        "the client keeps whichever of its group head, the global head and its MAP head at "
-        "λ = 30, 3, 0.3, 0.03 has the least log-loss on them (fedmtl/client/personal.py, "
-        "docs/quality.md; personal_lambda for clients with fewer than 10 train rows)",
+        "rows, then refits on all of them (41 fits a client). personal_lambda is also the λ of "
+        "clients with fewer than 3 train rows under loo",
     )
     personal_lambda_grid: list[float] = Field(
         [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],

@@ -77,10 +77,9 @@ class ClientSteps:
         return self.faults.byzantine(self.manifest.client_ids)
 
     def train_data(self, client: str) -> ClientData:
-        """The client's partition as it trains on it: the rows its method trains on
-        (:meth:`Algorithm.shared_rows`), a label-flipping attacker's labels flipped."""
-        data = self.algorithm.shared_rows(self.data(client), self.local, self.manifest.tasks)
-        return self.faults.poison_data(data, self.manifest.tasks, self.byzantine)
+        """The client's partition as it trains on it: a label-flipping attacker's labels
+        flipped."""
+        return self.faults.poison_data(self.data(client), self.manifest.tasks, self.byzantine)
 
     def client_round(self, client: str, state: ServerState, attempt: int = 0) -> ClientUpdate:
         """Local training on ``client``: keeps its personal state, returns what it releases.

@@ -356,68 +356,63 @@ def test_fedmtl_personal_lambda_search_is_a_setting(setup):
         load_config(None, ["algorithm.personal_lambda_search=evidence"])
 
 
-def test_fedmtl_holdout_compares_shared_and_personal_heads_on_rows_the_shared_step_left_out(
+def test_fedmtl_loo_keeps_the_group_head_unless_the_clients_rows_show_a_personal_head_better(
     setup,
 ):
-    """personal_lambda_search: holdout. The shared step trains on all train rows but a
-    validation fold, the same one the personal step scores on; of the group head, the global
-    head and the λ path, the least validation log-loss wins: the global head where only it is
-    right, a personal head where the labels follow neither; reads only train rows; deterministic."""
-    from fedmtl.client.personal import GLOBAL, choose_heads, fit_personal_heads, validation_rows
+    """personal_lambda_search: loo, the default. Labels drawn from the group head: the client
+    stays at the group head (the bias-adapted head, λ = ∞, whose weights are the group head's, or
+    the path's largest λ); labels that follow a very different head: a personal head at a small
+    λ, better than the group head on the client's rows. Reads only train rows; deterministic;
+    under 3 rows, the MAP fit at the fixed λ."""
+    from fedmtl.client.personal import LOO_PATH, choose_by_loo, fit_personal_heads
 
     make, manifest = setup
-    fed = make("fedmtl", "holdout", **{"algorithm.personal_lambda_search": "holdout"})
-    client = manifest.client_ids[0]
-    full, trained = fed.data(client), fed.train_data(client)
-    held = validation_rows(full, list(manifest.tasks))
-    assert 0 < int(held.sum()) < full.n_train and trained.n_train == full.n_train - int(held.sum())
-    assert torch.equal(trained.x_train, full.x_train[~held])  # the fold is left out, in order
-    off = make("fedmtl", "holdout-off")
-    assert off.local.personal_lambda_search == "off"  # the default: every row trains
-    assert off.train_data(client).n_train == full.n_train
-
+    fed = make("fedmtl", "loo")
+    assert fed.local.personal_lambda_search == "loo"  # the default
     _, ctx, state, data = one_client(fed)
     head = ctx.model.heads["label"]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(300, data.x_train.shape[1], generator=gen)
-    right = 3 * torch.randn(state.heads_for(data.group)["label"].shape, generator=gen)
+    group = {"label": 3 * torch.randn(state.heads_for(data.group)["label"].shape, generator=gen)}
     with torch.no_grad():
         assign(ctx.model.base, state.base)
         ctx.model.base.eval()
         z = ctx.model.base(x)
-        assign(head, right)
-        agree = head(z).argmax(1)  # the labels a head gives: that head is right on every row
-        assign(head, -right)
+        assign(head, -group["label"])
         differ = head(z).argmax(1)
-    wrong = {"label": -right}
 
-    def choose(labels, prior, global_heads):
+    def choose(labels):
         rows = _client_like(data, x, {"label": labels})
-        return choose_heads(ctx.model, state.base, prior, global_heads, rows, ctx.tasks, 0.3)
+        return choose_by_loo(ctx.model, state.base, group, rows, ctx.tasks, 0.3)
 
-    _, choice = choose(agree, wrong, {"label": right})
-    assert choice == {"label": GLOBAL}
-    heads, choice = choose(differ, {"label": right}, {"label": right})
-    assert isinstance(choice["label"], float), choice
+    for seed in range(3):
+        gen.manual_seed(seed)
+        with torch.no_grad():
+            assign(head, group["label"])
+            drawn = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
+        heads, choice = choose(drawn)
+        assert choice["label"] >= max(LOO_PATH), choice
+        if choice["label"] == float("inf"):  # the bias-adapted head: only the bias moved
+            weights = ctx.model.heads["label"].weight.numel()
+            assert torch.equal(heads["label"][:weights], group["label"][:weights])
+            assert not torch.equal(heads["label"], group["label"])
+    heads, choice = choose(differ)
+    assert choice["label"] <= 1, choice
     with torch.no_grad():
         assign(head, heads["label"])
         personal_errors = int((head(z).argmax(1) != differ).sum())
-    assert personal_errors < int((agree != differ).sum())  # better than the shared heads here
+        assign(head, group["label"])
+        group_errors = int((head(z).argmax(1) != differ).sum())
+    assert personal_errors < group_errors / 5
 
     # the held-out split is never read: NaN test rows change nothing; deterministic
     rows = _client_like(data, x, {"label": differ})
     poisoned = _client_like(
         data, x, {"label": differ}, x_test=torch.full_like(data.x_test, float("nan"))
     )
-    a, _, lam_a = fit_personal_heads(
-        ctx.model, state.base, wrong, rows, ctx.tasks, 0.3, "holdout", global_heads=wrong
-    )
-    b, _, lam_b = fit_personal_heads(
-        ctx.model, state.base, wrong, poisoned, ctx.tasks, 0.3, "holdout", global_heads=wrong
-    )
-    assert lam_a == lam_b and torch.equal(a["label"], b["label"])
-    # too few rows to hold any out: the MAP fit at the fixed λ
-    few = _client_like(data, x[:9], {"label": differ[:9]})
-    assert choose_heads(ctx.model, state.base, wrong, wrong, few, ctx.tasks, 0.3)[1] == {
-        "label": 0.3
-    }
+    a, _, lam_a = fit_personal_heads(ctx.model, state.base, group, rows, ctx.tasks, 0.3)
+    b, _, lam_b = fit_personal_heads(ctx.model, state.base, group, poisoned, ctx.tasks, 0.3)
+    assert lam_a == lam_b == choice["label"] and torch.equal(a["label"], b["label"])
+    # too few rows for a standard error: the MAP fit at the fixed λ
+    few = _client_like(data, x[:2], {"label": differ[:2]})
+    assert choose_by_loo(ctx.model, state.base, group, few, ctx.tasks, 0.3)[1] == {"label": 0.3}
