@@ -158,6 +158,15 @@ class ClientUpdate:
     delta_base: Vector | None
     delta_heads: Heads
     metrics: dict[str, float] = field(default_factory=dict)
+    #: train rows holding each task's label, where some lack it (optional tasks); None: all do.
+    #: A head is averaged with these weights, so a client without a task's labels leaves it be.
+    task_samples: dict[str, int] | None = None
+
+    def samples_for(self, task: str) -> int:
+        """The rows behind this update's head of ``task``."""
+        if self.task_samples is None:
+            return self.n_samples
+        return self.task_samples.get(task, self.n_samples)
 
 
 @dataclass
@@ -175,6 +184,8 @@ class GroupAggregate:
     clients: list[str] = field(default_factory=list)
     weight: float | None = None
     pooled: bool = False
+    #: per task, the members' train rows holding its label (None: n_samples for every task)
+    task_samples: dict[str, int] | None = None
 
 
 def initial_state(

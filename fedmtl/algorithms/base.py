@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fedmtl.client.data import ClientData
+from fedmtl.client.data import ClientData, labelled_counts
 from fedmtl.client.training import LocalConfig, train_joint
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
@@ -185,6 +185,7 @@ class Algorithm:
             delta_base=delta_base if self.shares_base else None,
             delta_heads=delta_heads if self.shares_heads else {},
             metrics=dict(metrics),
+            task_samples=labelled_counts(data),
         )
 
 

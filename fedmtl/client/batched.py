@@ -45,10 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 
 from fedmtl.client.data import ClientData
-from fedmtl.client.training import LocalConfig, multitask_loss
+from fedmtl.client.training import LocalConfig, multitask_loss, task_row_losses
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector
 
@@ -142,15 +141,15 @@ def _masked_loss(
     count: torch.Tensor,
     tasks: Sequence[TaskSpec],
 ) -> torch.Tensor:
-    """:func:`~fedmtl.client.training.multitask_loss` over the rows where ``mask`` is set."""
+    """:func:`~fedmtl.client.training.multitask_loss` over the rows where ``mask`` is set (and,
+    per task, that hold its label)."""
     total = torch.zeros(())
     for task in tasks:
-        out, y = outputs[task.name], targets[task.name]
-        if task.kind == "classification":
-            rows = F.cross_entropy(out, y, reduction="none")
-        else:
-            rows = (out.squeeze(-1) - y) ** 2
-        total = total + torch.where(mask, rows, torch.zeros_like(rows)).sum() / count
+        rows, have = task_row_losses(task, outputs[task.name], targets[task.name])
+        have = have & mask
+        total = total + torch.where(have, rows, torch.zeros_like(rows)).sum() / have.sum().clamp(
+            min=1
+        )
     return total
 
 

@@ -88,14 +88,39 @@ class ClientData:
         return int(self.x_test.shape[0])
 
 
+#: the encoded class label of a row without this task's label (torch's ignore_index)
+MISSING_CLASS = -100
+
+
+def labelled(task: TaskSpec, y: torch.Tensor) -> torch.Tensor:
+    """The rows that hold ``task``'s label (an optional task's may be missing: -100 or NaN)."""
+    if task.kind == "classification":
+        return y != MISSING_CLASS
+    return torch.isfinite(y)
+
+
+def labelled_counts(data: ClientData) -> dict[str, int] | None:
+    """Per task, the train rows that hold its label; None when every row holds every label."""
+    counts = {}
+    for name, y in data.y_train.items():
+        have = torch.isfinite(y) if y.is_floating_point() else y != MISSING_CLASS
+        counts[name] = int(have.sum())
+    return None if all(c == data.n_train for c in counts.values()) else counts
+
+
 def encode_labels(
     values: pd.Series | np.ndarray, task: TaskSpec, client: str = "?"
 ) -> torch.Tensor:
-    """Class labels -> indices into ``task.classes``; regression targets -> float32."""
-    values = np.asarray(values)
+    """Class labels -> indices into ``task.classes``; regression targets -> float32. An optional
+    task's missing labels (null) -> -100 (:data:`MISSING_CLASS`) or NaN."""
+    missing = pd.isna(values).to_numpy() if isinstance(values, pd.Series) else pd.isna(values)
+    values = np.asarray(values, dtype=object if missing.any() else None)
     if task.kind == "regression":
-        return torch.tensor(values.astype(np.float32))
+        return torch.tensor(np.where(missing, np.nan, values).astype(np.float32))
     index = {c: i for i, c in enumerate(task.classes)}
+    if task.optional and missing.any():  # (3.0 from a column with nulls finds the class 3)
+        codes = [MISSING_CLASS if m else index[v] for v, m in zip(values.tolist(), missing)]
+        return torch.as_tensor(np.array(codes, dtype=np.int64))
     try:
         return torch.as_tensor(np.array([index[v] for v in values.tolist()], dtype=np.int64))
     except KeyError as exc:
@@ -136,9 +161,15 @@ def check_frame(
         )
         raise invalid(f"holds {int(bad.sum())} NaN or infinite feature value(s): {where}")
     for task in manifest.tasks:
+        missing = frame[task.name].isna()
+        if missing.any() and not task.optional:
+            raise invalid(
+                f"lacks {int(missing.sum())} label(s) of task '{task.name}' (null in its column), "
+                "which the manifest does not declare optional"
+            )
         if task.kind == "regression":
             y = pd.to_numeric(frame[task.name], errors="coerce").to_numpy(dtype=np.float64)
-            if not np.isfinite(y).all():
+            if not np.isfinite(y[~missing.to_numpy()]).all():
                 raise invalid(f"holds NaN, infinite or non-numeric labels of task '{task.name}'")
 
 

@@ -23,11 +23,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from fedmtl.client.data import ClientData
+from fedmtl.client.data import ClientData, labelled
 from fedmtl.client.loo import MAX_SYSTEM, alo_losses, system_size
-from fedmtl.client.training import load_weights, multitask_loss, read_heads
+from fedmtl.client.training import load_weights, multitask_loss, read_heads, task_row_losses
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
 
@@ -63,16 +62,19 @@ def _map_solve(
     max_iter: int,
     bias_only: bool = False,
 ) -> None:
-    """In place, from the heads' current values: argmin Σ_i loss_i + λ/2·‖ψ − anchor‖² (L-BFGS,
-    strong Wolfe line search; the objective is divided by the row count). ``anchor`` holds the
-    parameters of ``names``' heads, in order (``bias_only``: only their biases, which alone
-    move)."""
+    """In place, from the heads' current values, per task: argmin Σ_i loss_i + λ/2·‖ψ − anchor‖²
+    over the rows that hold the task's label (L-BFGS, strong Wolfe line search; each task's
+    objective is divided by its row count). ``anchor`` holds the parameters of ``names``' heads,
+    in order (``bias_only``: only their biases, which alone move)."""
     tasks = [task for task in tasks if task.name in names]
-    if bias_only:
-        params = [heads[t].bias for t in names]
-    else:
-        params = [p for t in names for p in heads[t].parameters()]
-    n = float(z.shape[0])
+    by_name = {task.name: task for task in tasks}
+    owners = [
+        (t, p)
+        for t in names
+        for p in ([heads[t].bias] if bias_only else list(heads[t].parameters()))
+    ]
+    params = [p for _, p in owners]
+    rows = {t: max(int(labelled(by_name[t], y[t]).sum()), 1) for t in names}
     opt = torch.optim.LBFGS(
         params,
         lr=1.0,
@@ -86,8 +88,8 @@ def _map_solve(
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = multitask_loss({t: heads[t](z) for t in names}, y, tasks)
-        prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-        objective = loss + 0.5 * lam / n * prox
+        prox = sum(((p - a) ** 2).sum() / rows[t] for (t, p), a in zip(owners, anchor))
+        objective = loss + 0.5 * lam * prox
         objective.backward()
         return objective
 
@@ -107,11 +109,7 @@ def _held_out_loss(
     for task in tasks:
         if task.name not in names:
             continue
-        out = heads[task.name](z)
-        if task.kind == "classification":
-            total += float(F.cross_entropy(out, y[task.name], reduction="sum"))
-        else:
-            total += float(F.mse_loss(out.squeeze(-1), y[task.name], reduction="sum"))
+        total += float(task_row_losses(task, heads[task.name](z), y[task.name])[0].sum())
     return total
 
 
@@ -179,6 +177,11 @@ def _loo_rows(
     lam: float,
     scope: str,
 ) -> np.ndarray:
+    """The ALO losses of the rows that hold ``task``'s label."""
+    have = labelled(task, y)
+    z, y = z[have], y[have]
+    if y.numel() == 0:
+        return np.zeros(0)
     with torch.no_grad():
         eta = heads[name](z)
     return alo_losses(z, eta, y, task.kind, lam, scope)  # type: ignore[arg-type]
@@ -245,24 +248,25 @@ def choose_by_loo(
     }
     for t in names:
         _load(heads, t, anchor[t])
-    best: dict[str, tuple[float, list[torch.Tensor], np.ndarray]] = {}
+    best: dict[str, tuple[float, list[torch.Tensor], np.ndarray, float]] = {}
     walking = list(names)
     for value in sorted(path, reverse=True):
         walking_anchor = [a for t in walking for a in anchor[t]]
         _map_solve(heads, walking, z, y, tasks, walking_anchor, value, max_iter)
         for t in list(walking):
             rows = _loo_rows(heads, t, z, y[t], by_name[t], value, "all")
-            if t not in best or rows.mean() < best[t][2].mean():  # ties: the larger λ
-                best[t] = (value, _snapshot(heads, t), rows)
+            score = float(rows.mean()) if rows.size else float("inf")
+            if t not in best or score < best[t][3]:  # ties: the larger λ
+                best[t] = (value, _snapshot(heads, t), rows, score)
             else:  # the loss rose: this task's path stops (it is unimodal in λ in practice)
                 walking.remove(t)
         if not walking:
             break
     choices: dict[str, float] = {}
     for t in names:
-        value, values, rows = best[t]
+        value, values, rows, _ = best[t]
         gain = reference[t][1] - rows
-        if gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
+        if gain.size >= 3 and gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
             choices[t] = value
             _load(heads, t, values)
         else:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmtl.client.data import ClientData
+from fedmtl.client.data import MISSING_CLASS, ClientData, labelled
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign, flat
 
@@ -86,15 +86,27 @@ def client_seed(seed: int, round_: int, client: str, purpose: str = "") -> int:
 def multitask_loss(
     outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], tasks: Sequence[TaskSpec]
 ) -> torch.Tensor:
-    """Sum over tasks: cross-entropy for classification, mean squared error for regression."""
+    """Sum over tasks: cross-entropy for classification, mean squared error for regression, each
+    the mean over the rows that hold the task's label (an optional task's rows without one add
+    nothing; a task no row holds adds 0)."""
     total = torch.zeros(())
     for task in tasks:
-        out, y = outputs[task.name], targets[task.name]
-        if task.kind == "classification":
-            total = total + F.cross_entropy(out, y)
-        else:
-            total = total + F.mse_loss(out.squeeze(-1), y)
+        rows, have = task_row_losses(task, outputs[task.name], targets[task.name])
+        total = total + rows.sum() / have.sum().clamp(min=1)
     return total
+
+
+def task_row_losses(
+    task: TaskSpec, out: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss for ``task`` (0 where the row lacks its label) and which rows hold one:
+    cross-entropy on logits, or squared error. Safe under ``torch.func.vmap`` and for gradients
+    (a missing regression label is replaced before the subtraction, not masked after it)."""
+    have = labelled(task, y)
+    if task.kind == "classification":
+        return F.cross_entropy(out, y, reduction="none", ignore_index=MISSING_CLASS), have
+    target = torch.where(have, y, torch.zeros_like(y))
+    return torch.where(have, (out.squeeze(-1) - target) ** 2, torch.zeros_like(target)), have
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

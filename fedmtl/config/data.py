@@ -27,6 +27,15 @@ class PartitionConfig(_Section):
     n_groups: int = Field(
         4, ge=1, description="groups (scheme=label-permutation: any; rotation: 1..4)"
     )
+    missing_tasks: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of the clients that hold no labels of each task after the first "
+        "(drawn per task with data.seed; the first task is never missing): clients that differ "
+        "in their tasks (any source with several tasks, e.g. synthetic n_tasks, har's "
+        "is_transition)",
+    )
 
 
 class SyntheticConfig(_Section):

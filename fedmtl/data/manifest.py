@@ -42,6 +42,9 @@ class TaskSpec:
     name: str
     kind: str = "classification"  # or "regression"
     classes: list[Any] = field(default_factory=list)  # the declared label set (classification)
+    #: some clients or rows lack this task's labels (null in its column): they train and are
+    #: scored on the tasks they have (``data.partition.missing_tasks``)
+    optional: bool = False
 
     @property
     def n_outputs(self) -> int:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fedmtl.client.data import ClientData
+from fedmtl.client.data import ClientData, labelled
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import Heads, Vector, assign
 
@@ -145,7 +145,7 @@ def evaluate_clients(
             outputs[task.name] = torch.split(model.heads[task.name](z), sizes)
         scored[key] = {
             i: {
-                t.name: score(t, jobs[i][0].y_test[t.name].numpy(), outputs[t.name][j].numpy())
+                t.name: _score_labelled(score, t, jobs[i][0].y_test[t.name], outputs[t.name][j])
                 for t in tasks
             }
             for j, i in enumerate(members)
@@ -156,6 +156,8 @@ def evaluate_clients(
         for variant, (base, heads) in variants.items():
             key = _weights_key(base, heads)
             for task in tasks:
+                if scored[key][i][task.name] is None:  # no held-out row holds the task's label
+                    continue
                 records.append(
                     {
                         "client": data.client,
@@ -167,6 +169,16 @@ def evaluate_clients(
                     }
                 )
     return records
+
+
+def _score_labelled(score, task: TaskSpec, y: torch.Tensor, output: torch.Tensor):
+    """``score`` on the rows that hold ``task``'s label; None when none does."""
+    have = labelled(task, y)
+    if not bool(have.all()):
+        if not bool(have.any()):
+            return None
+        y, output = y[have], output[have]
+    return score(task, y.numpy(), output.numpy())
 
 
 def _weights_key(base: Vector, heads: Heads) -> tuple[int, ...]:

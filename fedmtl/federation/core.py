@@ -73,6 +73,34 @@ class Federation(ClientSteps, ServerSteps):
             problem = dp_sgd_blocker(self.algorithm.name, self.grouping.method)
             if problem is not None:
                 raise ValueError(problem)
+        problem = self.missing_tasks_blocker()
+        if problem is not None:
+            raise ValueError(problem)
+
+    def missing_tasks_blocker(self) -> str | None:
+        """Why this federation cannot train clients that lack some tasks' labels (the manifest's
+        optional tasks), or None. A head is averaged over the clients that hold its labels, with
+        their counts as weights: the client-level DP release and the secure sum average every
+        head with one weight per client, and the robust rules compare whole updates (a client's
+        unmoved head counts as a vote for no change); GPFL's and FedEM's own losses do not skip
+        missing labels."""
+        optional = [t.name for t in self.manifest.tasks if t.optional]
+        if not optional:
+            return None
+        why = None
+        if self.algorithm.name in ("gpfl", "fedem"):
+            why = f"algorithm.method '{self.algorithm.name}' does not support them"
+        elif self.privacy.dp or self.privacy.secure:
+            why = "privacy.dp_fedavg and privacy.secure_sum weigh every head per client"
+        elif self.robust.rule != "mean":
+            why = f"server.aggregator '{self.robust.rule}' compares whole updates"
+        if why is None:
+            return None
+        return (
+            f"some clients hold no labels of task(s) {optional} (optional in the manifest: "
+            f"data.partition.missing_tasks or nulls in the label column), and {why}; use another "
+            "setting or give every client every task's labels"
+        )
 
     @functools.cached_property
     def release(self) -> PlainRelease | PrivateRelease:

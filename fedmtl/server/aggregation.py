@@ -96,6 +96,8 @@ def group_aggregate(
                 f"group '{group}': some clients released a base update and some did not"
             )
         tasks = members[0].delta_heads.keys()
+        partial = any(u.task_samples is not None for u in members)
+        task_samples = {t: sum(u.samples_for(t) for u in members) for t in tasks}
         out[group] = GroupAggregate(
             group=group,
             n_clients=len(members),
@@ -103,12 +105,25 @@ def group_aggregate(
             delta_base=weighted_mean([u.delta_base for u in members], weights)
             if shares_base
             else None,
-            delta_heads={
-                t: weighted_mean([u.delta_heads[t] for u in members], weights) for t in tasks
-            },
+            delta_heads={t: _head_mean(members, t, weights, partial) for t in tasks},
             clients=[u.client for u in members],
+            task_samples=task_samples if partial else None,
         )
     return out
+
+
+def _head_mean(
+    members: Sequence[ClientUpdate], task: str, weights: list[int], partial: bool
+) -> Vector:
+    """The members' mean update of ``task``'s head: weighted by their rows holding its label when
+    some lack it (a client without the task's labels does not pull its head towards no change;
+    no member with them: no change)."""
+    if not partial:
+        return weighted_mean([u.delta_heads[task] for u in members], weights)
+    counts = [u.samples_for(task) for u in members]
+    if sum(counts) == 0:
+        return torch.zeros_like(members[0].delta_heads[task])
+    return weighted_mean([u.delta_heads[task] for u in members], counts)
 
 
 def global_merge(
@@ -190,7 +205,11 @@ def global_merge(
             }
     elif head_scope == "global":
         for t in tasks:
-            delta = weighted_mean([a.delta_heads[t] for a, _ in headed], [w for _, w in headed])
+            # groups without a row of the task's labels leave its head out of the mean
+            having = [(a, w) for a, w in headed if a.task_samples is None or a.task_samples[t]]
+            if not having:
+                continue
+            delta = weighted_mean([a.delta_heads[t] for a, _ in having], [w for _, w in having])
             global_heads[t] = optimizer.step(f"head/{t}", state.global_heads[t], delta, moments)
     else:
         raise ValueError(

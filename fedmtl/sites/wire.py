@@ -40,6 +40,7 @@ def encode_update(update: ClientUpdate) -> bytes:
             "delta_base": update.delta_base,
             "delta_heads": dict(update.delta_heads),
             "metrics": {k: float(v) for k, v in update.metrics.items()},
+            "task_samples": update.task_samples,
         }
     )
 
@@ -53,4 +54,13 @@ def decode_update(blob: bytes) -> ClientUpdate:
         delta_base=raw["delta_base"],
         delta_heads=dict(raw["delta_heads"]),
         metrics=dict(raw["metrics"]),
+        task_samples=_task_samples(raw.get("task_samples")),
     )
+
+
+def _task_samples(raw: object) -> dict[str, int] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"an update's task_samples must be a mapping, got {type(raw).__name__}")
+    return {str(t): int(n) for t, n in raw.items()}

@@ -4,6 +4,7 @@ client's file back."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from fedmtl.config import DataConfig
 from fedmtl.data.manifest import (
     MANIFEST,
     ClientEntry,
+    TaskSpec,
     Manifest,
     atomic_write_bytes,
     check_entries,
@@ -45,6 +47,25 @@ def _clear_partitions(directory: Path) -> None:
             path.unlink()
 
 
+def _missing_tasks(
+    tasks: list[TaskSpec], clients: list[str], fraction: float, seed: int
+) -> tuple[list[TaskSpec], dict[str, set[str]]]:
+    """``data.partition.missing_tasks``: for each task after the first, the clients (a
+    ``fraction`` of them, at least one when the fraction is above 0, never all) that hold none of
+    its labels, drawn with ``seed``; those tasks become optional in the manifest."""
+    if fraction <= 0 or len(tasks) < 2:
+        return list(tasks), {}
+    rng = np.random.default_rng([seed, 0x7A5C])
+    n = len(clients)
+    k = min(max(1, round(fraction * n)), n - 1)
+    if k < 1:
+        return list(tasks), {}
+    without = {
+        t.name: {clients[i] for i in rng.choice(n, size=k, replace=False)} for t in tasks[1:]
+    }
+    return [tasks[0], *(replace(t, optional=True) for t in tasks[1:])], without
+
+
 def partition(cfg: DataConfig) -> Manifest:
     """Split the prepared raw data into client partitions and write them with their manifest."""
     raw_dir, out_dir = Path(cfg.raw_dir), Path(cfg.partitions_dir)
@@ -71,6 +92,7 @@ def partition(cfg: DataConfig) -> Manifest:
 
     task = _first_classification(raw.tasks)
     label_columns = [t.name for t in raw.tasks]
+    tasks, without = _missing_tasks(raw.tasks, ids, cfg.partition.missing_tasks, cfg.seed)
     names = _file_names(ids)
     if raw.has_clients and source == "table":  # the user's rows (generated ones are as designed)
         _warn_about_clients(ids, names, frames, raw.tasks)
@@ -92,6 +114,9 @@ def partition(cfg: DataConfig) -> Manifest:
         out = pd.concat([out, pd.DataFrame(features, columns=raw.features)], axis=1)
         for name in label_columns:
             out[name] = rows_frame[name].reset_index(drop=True)
+            if client in without.get(name, ()):  # this client holds none of the task's labels
+                out[name] = out[name].astype("Int64" if out[name].dtype.kind in "iu" else object)
+                out[name] = out[name].where(pd.Series(False, index=out.index))
         out = out.sort_values("row", kind="stable").reset_index(drop=True)
         entry = ClientEntry(client, group, names[i], int((~test).sum()), int(test.sum()))
         outputs.append((entry, _parquet_bytes(out)))
@@ -100,7 +125,7 @@ def partition(cfg: DataConfig) -> Manifest:
         source=source,
         scheme=scheme,
         features=raw.features,
-        tasks=raw.tasks,
+        tasks=tasks,
         clients=[entry for entry, _ in outputs],
         feature_range=raw.feature_range,
         input_shape=raw.input_shape,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmtl.data.manifest import SPLITS, Manifest
-from fedmtl.data.validation.expectations import (FINITE_MAX, FLOAT_TYPES, INT_TYPES,
+from fedmtl.data.validation.expectations import (FINITE_MAX, FLOAT_TYPES, INT_TYPES, NULLABLE_INT_TYPES,
                                                  _column_kinds, _generic_detail, _value_problem)
 from fedmtl.data.validation.report import ClientValidation, _failure
 
@@ -97,7 +97,10 @@ class _GxRun:
         gxe, meta = self.gxe, {"column": column}
         if kind == "str":  # pandas 3 "str" dtype (and object columns holding str values)
             return gxe.ExpectColumnValuesToBeOfType(column=column, type_="str", meta=meta)
-        types = list(INT_TYPES if kind == "int" else FLOAT_TYPES)
+        if kind == "nullable-int":  # an optional task's labels: with or without nulls
+            types = [*INT_TYPES, *NULLABLE_INT_TYPES, *FLOAT_TYPES]
+        else:
+            types = list(INT_TYPES if kind == "int" else FLOAT_TYPES)
         return gxe.ExpectColumnValuesToBeInTypeList(column=column, type_list=types, meta=meta)
 
     def contract_suite(self) -> Any:
@@ -130,7 +133,10 @@ class _GxRun:
     def values_suite(self) -> Any:
         """Per-value checks, run once over every partition that passed its column/dtype checks."""
         gxe = self.gxe
-        exps: list[Any] = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in self.columns]
+        optional = {t.name for t in self.manifest.tasks if t.optional}  # labels may be missing
+        exps: list[Any] = [
+            gxe.ExpectColumnValuesToNotBeNull(column=c) for c in self.columns if c not in optional
+        ]
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
         exps.append(gxe.ExpectColumnValuesToBeBetween(column="row", min_value=0))
         lo, hi = self.manifest.feature_range or (-FINITE_MAX, FINITE_MAX)

@@ -1,0 +1,184 @@
+"""Clients that differ in their tasks (data.partition.missing_tasks, optional tasks): a client
+without a task's labels trains the heads it has, shares the base, leaves that task's head be and
+is not scored on it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedmtl.client.data import MISSING_CLASS, PartitionInvalid, load_client_data
+from fedmtl.client.store import ClientStore
+from fedmtl.client.training import multitask_loss
+from fedmtl.config import load_config
+from fedmtl.data import partition, prepare
+from fedmtl.data.manifest import TaskSpec
+from fedmtl.data.validation import validate_partitions
+from fedmtl.federation import Federation
+from fedmtl.rounds import run_rounds
+from fedmtl.server.aggregation import group_aggregate
+from fedmtl.state import ClientUpdate
+from tests.conftest import tiny_overrides
+
+
+def _settings(root: Path, **extra: object) -> list[str]:
+    return tiny_overrides(
+        root,
+        **{
+            "data.source": "synthetic",
+            "data.synthetic.n_clients": 8,
+            "data.synthetic.n_tasks": 3,
+            "data.partition.missing_tasks": 0.5,
+            "model.hidden": "[16]",
+            **extra,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("missing-tasks")
+    cfg = load_config(None, _settings(root))
+    prepare(cfg.data)
+    raw = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in Path(cfg.data.raw_dir).iterdir()
+        if p.is_file()
+    }
+    manifest = partition(cfg.data)
+    return root, cfg, manifest, raw
+
+
+def _without(cfg, manifest, task: str) -> list[str]:
+    out = []
+    for c in manifest.client_ids:
+        data = load_client_data(cfg.data.partitions_dir, manifest, c)
+        if bool((data.y_train[task] == MISSING_CLASS).all()):
+            out.append(c)
+    return out
+
+
+def test_partition_drops_whole_tasks_for_a_fraction_of_clients(made):
+    root, cfg, manifest, raw = made
+    assert [t.optional for t in manifest.tasks] == [False, True, True]  # the first: never
+    for task in ("label_1", "label_2"):
+        lacking = _without(cfg, manifest, task)
+        assert len(lacking) == 4, (task, lacking)  # half of the 8 clients
+        for c in lacking:  # no label in either split, and the other tasks still there
+            data = load_client_data(cfg.data.partitions_dir, manifest, c)
+            assert bool((data.y_test[task] == MISSING_CLASS).all())
+            assert bool((data.y_train["label"] != MISSING_CLASS).all())
+    # the draw is the seed's, and the raw data is never modified
+    again = load_config(None, _settings(root))
+    assert _without(cfg, partition(again.data), "label_1") == _without(cfg, manifest, "label_1")
+    after = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in Path(cfg.data.raw_dir).iterdir()
+        if p.is_file()
+    }
+    assert after == raw
+    # great expectations: nulls are allowed in an optional task's column, nowhere else
+    report = validate_partitions(
+        cfg.data.partitions_dir, manifest, cfg.validation, root / "validation"
+    )
+    assert report.passed, report
+
+
+def test_a_required_tasks_missing_label_is_refused_naming_client_task_and_file(made, tmp_path):
+    _, cfg, manifest, _ = made
+    client = manifest.clients[0]
+    frame = pd.read_parquet(Path(cfg.data.partitions_dir) / client.file)
+    frame["label"] = frame["label"].astype("Int64")
+    frame.loc[2, "label"] = pd.NA
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    frame.to_parquet(parts / client.file)
+    with pytest.raises(PartitionInvalid) as err:
+        load_client_data(parts, manifest, client.client)
+    message = str(err.value)
+    assert client.client in message and "'label'" in message and client.file in message
+    assert "optional" in message
+
+
+def test_the_loss_skips_missing_labels_and_a_task_nobody_holds_adds_nothing():
+    tasks = [TaskSpec("a", "classification", [0, 1, 2]), TaskSpec("r", "regression", optional=True)]
+    tasks[0] = TaskSpec("a", "classification", [0, 1, 2], optional=True)
+    out_a = torch.randn(4, 3, requires_grad=True)
+    out_r = torch.randn(4, 1, requires_grad=True)
+    y_a = torch.tensor([0, MISSING_CLASS, 2, MISSING_CLASS])
+    y_r = torch.tensor([0.5, float("nan"), float("nan"), 1.0])
+    loss = multitask_loss({"a": out_a, "r": out_r}, {"a": y_a, "r": y_r}, tasks)
+    have_a, have_r = y_a != MISSING_CLASS, torch.isfinite(y_r)
+    expected = (
+        torch.nn.functional.cross_entropy(out_a[have_a], y_a[have_a])
+        + ((out_r[have_r, 0] - y_r[have_r]) ** 2).mean()
+    )
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.isfinite(out_r.grad).all() and bool((out_r.grad[~have_r] == 0).all())
+    assert bool((out_a.grad[~have_a] == 0).all())
+    # a batch where no row holds task r's label: r adds 0, and no NaN anywhere
+    none = multitask_loss(
+        {"a": out_a, "r": out_r}, {"a": y_a, "r": torch.full((4,), float("nan"))}, tasks
+    )
+    assert torch.isfinite(none) and torch.allclose(
+        none, torch.nn.functional.cross_entropy(out_a[have_a], y_a[have_a])
+    )
+
+
+def test_a_head_is_averaged_over_the_clients_that_hold_its_labels():
+    def update(client, delta, task_samples):
+        return ClientUpdate(
+            client,
+            "g",
+            10,
+            torch.full((2,), delta),
+            {"a": torch.full((3,), delta), "b": torch.full((3,), delta)},
+            task_samples=task_samples,
+        )
+
+    both = update("c1", 1.0, None)
+    only_a = update("c2", 3.0, {"a": 10, "b": 0})
+    agg = group_aggregate([both, only_a])["g"]
+    assert torch.allclose(agg.delta_base, torch.full((2,), 2.0))  # every client: the base
+    assert torch.allclose(agg.delta_heads["a"], torch.full((3,), 2.0))
+    assert torch.allclose(agg.delta_heads["b"], torch.full((3,), 1.0))  # not halved by c2
+    assert agg.task_samples == {"a": 20, "b": 10}
+    nobody = group_aggregate([update("c3", 5.0, {"a": 10, "b": 0})])["g"]
+    assert torch.equal(nobody.delta_heads["b"], torch.zeros(3))  # no labels: no change
+
+
+@pytest.mark.parametrize("method", ["fedmtl", "fedavg"])
+def test_a_run_trains_the_heads_clients_have_and_scores_only_those(made, tmp_path, method):
+    _, cfg, manifest, _ = made
+    run_cfg = load_config(None, _settings(tmp_path, **{"algorithm.method": method}))
+    run_cfg = run_cfg.model_copy(update={"data": cfg.data})
+    fed = Federation.from_config(run_cfg, manifest, ClientStore(tmp_path / "store"))
+    state0 = fed.initial_state()
+    state, records, history = run_rounds(fed, manifest.client_ids, 2, state=state0)
+    lacking = set(_without(cfg, manifest, "label_1"))
+    scored = set(records[records["task"] == "label_1"]["client"])
+    assert scored == set(manifest.client_ids) - lacking  # not scored where it has no labels
+    assert set(records[records["task"] == "label"]["client"]) == set(manifest.client_ids)
+    final = history[-1]
+    assert final["label_1/personal/accuracy/mean"] > 0.5  # trained by the clients that have it
+    heads = state.global_heads["label_1"]
+    assert not torch.equal(heads, state0.global_heads["label_1"])
+    assert all(torch.isfinite(v).all() for v in state.global_heads.values())
+
+
+def test_settings_that_cannot_skip_missing_labels_are_refused(made, tmp_path):
+    _, cfg, manifest, _ = made
+    for extra, why in (
+        ({"algorithm.method": "gpfl", "tracking.register_model": "false"}, "gpfl"),
+        ({"server.aggregator": "median"}, "median"),
+        ({"privacy.secure_sum.enabled": "true"}, "secure_sum"),
+    ):
+        run_cfg = load_config(None, _settings(tmp_path, **extra))
+        with pytest.raises(ValueError, match="label_1") as err:
+            Federation.from_config(run_cfg, manifest, ClientStore(tmp_path / "s"))
+        assert why in str(err.value)
