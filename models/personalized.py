@@ -34,7 +34,10 @@ HEAD_COLUMN = "head"  # which heads answered: personal | group | cold-start | gl
 class PersonalizedPredictor:
     def __init__(self, bundle: PersonalizedBundle) -> None:
         self.bundle = bundle
-        self.tasks = [SimpleNamespace(n_outputs=_n_outputs(t), **t) for t in bundle.tasks]
+        self.tasks = [
+            SimpleNamespace(n_outputs=_n_outputs(t), **{"optional": False, **t})
+            for t in bundle.tasks
+        ]
         self.model = build_model(
             SimpleNamespace(**bundle.model_cfg),
             len(bundle.features),

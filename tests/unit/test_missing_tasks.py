@@ -182,3 +182,47 @@ def test_settings_that_cannot_skip_missing_labels_are_refused(made, tmp_path):
         with pytest.raises(ValueError, match="label_1") as err:
             Federation.from_config(run_cfg, manifest, ClientStore(tmp_path / "s"))
         assert why in str(err.value)
+
+
+def test_a_users_table_with_a_partly_empty_label_column_makes_that_task_optional(tmp_path):
+    """Bring-your-own data: a later label column with empty cells (clients or rows without that
+    task) is an optional task; the run trains on what each client has."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for c in range(4):
+        x = torch.randn(40, 4, generator=gen)
+        for i in range(40):
+            smoker = None if c >= 2 or (c == 0 and i == 5) else int(x[i, 1] > 0)
+            rows.append(
+                {
+                    "site": f"h{c}",
+                    **{f"f{j}": float(x[i, j]) for j in range(4)},
+                    "label": int(x[i, 0] > 0) + int(x[i, 2] > 1),
+                    "smoker": smoker,
+                }
+            )
+    path = tmp_path / "table.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cfg = load_config(
+        None,
+        _settings(
+            tmp_path,
+            **{
+                "data.source": "table",
+                "data.table.path": str(path),
+                "data.table.client_column": "site",
+                "data.table.label_columns": '["label", "smoker"]',
+                "data.partition.missing_tasks": 0.0,
+            },
+        ),
+    )
+    prepare(cfg.data)
+    manifest = partition(cfg.data)
+    assert [(t.name, t.optional) for t in manifest.tasks] == [("label", False), ("smoker", True)]
+    assert manifest.tasks[1].classes == [0, 1]
+    report = validate_partitions(cfg.data.partitions_dir, manifest, cfg.validation, tmp_path / "v")
+    assert report.passed, report
+    fed = Federation.from_config(cfg, manifest, ClientStore(tmp_path / "store"))
+    _, records, history = run_rounds(fed, manifest.client_ids, 1)
+    assert set(records[records["task"] == "smoker"]["client"]) == {"h0", "h1"}
+    assert 0 <= history[-1]["smoker/personal/accuracy/mean"] <= 1

@@ -140,7 +140,8 @@ def load_table(cfg: TableConfig) -> RawData:
     column but the client, group and label columns and the reserved names
     :data:`RESERVED_COLUMNS`; they are cast to float32. Labels keep their values; each task is
     a classification (classes: the sorted distinct values) unless ``cfg.task_kinds`` says
-    regression.
+    regression. A label column after the first may have missing values: that task is optional
+    (clients or rows without its labels train and are scored on the tasks they have).
     """
     if not cfg.path:
         raise DataError("data.table.path must be set when data.source is 'table'")
@@ -164,10 +165,12 @@ def load_table(cfg: TableConfig) -> RawData:
                 f"data.table.label_columns: column '{name}' of '{path}' cannot be a label: "
                 f"it is the client/group column or a reserved name {RESERVED_COLUMNS}"
             )
-        if table[name].isna().any():
+        if name == labels[0] and table[name].isna().any():
             raise DataError(
                 f"data.table.label_columns: label column '{name}' of '{path}' has missing values "
-                f"in {_where(table, table[name].isna(), name, client_col, values=False)}"
+                f"in {_where(table, table[name].isna(), name, client_col, values=False)}; the "
+                "first label column must give every row's label (a later one may lack some: a "
+                "task some clients do not have)"
             )
     unknown = sorted(set(cfg.task_kinds) - set(labels))
     if unknown:
@@ -219,6 +222,7 @@ def load_table(cfg: TableConfig) -> RawData:
     tasks: list[TaskSpec] = []
     for name in labels:
         kind = cfg.task_kinds.get(name, "classification")
+        optional = bool(table[name].isna().any())  # rows (or whole clients) without this task
         if kind == "regression":
             if not pd.api.types.is_numeric_dtype(table[name]):
                 raise DataError(
@@ -226,9 +230,10 @@ def load_table(cfg: TableConfig) -> RawData:
                     f"not numeric (dtype {table[name].dtype}): text in "
                     f"{_where(table, _not_numbers(table[name]), name, client_col)}"
                 )
-            tasks.append(TaskSpec(name, "regression", []))
+            tasks.append(TaskSpec(name, "regression", [], optional=optional))
         else:
-            tasks.append(TaskSpec(name, "classification", _classes(table[name], name, path)))
+            classes = _classes(table[name].dropna(), name, path)
+            tasks.append(TaskSpec(name, "classification", classes, optional=optional))
 
     groups_per_client = group.groupby(client).nunique()
     mixed = groups_per_client[groups_per_client > 1]
