@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fedmtl.algorithms import METHODS, get_algorithm
+from fedmtl.client.personal import fit_heads_map
 from fedmtl.client.store import ClientStore
-from fedmtl.client.training import LocalConfig, fit_heads_map, multitask_loss, train_joint
+from fedmtl.client.training import LocalConfig, multitask_loss, train_joint
 from fedmtl.config import load_config
 from fedmtl.config.sections import NOT_SERVABLE
 from fedmtl.data import partition, prepare
