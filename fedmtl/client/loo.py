@@ -61,38 +61,50 @@ def alo_losses(
     kind: str,
     lam: float,
     scope: Scope = "all",
+    rows: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Each row's approximate leave-one-out loss for a head fitted at (near) the optimum of
-    Σ_i ℓ_i + λ/2·‖ψ − φ‖² on features ``z`` (n × d) with outputs ``eta`` (n × C). Computed in
-    float64. ``lam`` must be > 0."""
+    Σ_i ℓ_i + λ/2·‖ψ − φ‖² on features ``z`` (n × d) with outputs ``eta`` (n × C); ``rows``
+    (indices): only those rows' (the Hessian still sums every row). Computed in float64.
+    ``lam`` must be > 0."""
     if lam <= 0:
         raise ValueError(f"the ALO needs a prior precision > 0, got {lam}")
     z, eta = z.to(torch.float64), eta.detach().to(torch.float64)
     n, c = eta.shape
     losses, g, w = loss_derivatives(kind, eta, y)
+    picked = rows is None  # whether a, eta, g, w and y are down to ``rows`` yet
     if scope == "bias":
         h = w.sum(0) + lam * torch.eye(c, dtype=torch.float64)
         a = torch.linalg.inv(h).expand(n, c, c)
     else:
         x = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], 1)
         d = x.shape[1]
-        if c * d <= n * c:  # the P × P Hessian
-            hess = torch.einsum("icd,ia,ib->cadb", w, x, x).reshape(c * d, c * d)
-            hess += lam * torch.eye(c * d, dtype=torch.float64)
+        if c * d <= n * c:  # the P × P Hessian, one symmetric block pair at a time
+            hess = torch.empty(c, d, c, d, dtype=torch.float64)
+            for i in range(c):
+                for j in range(i, c):
+                    block = (x * w[:, i, j, None]).T @ x
+                    hess[i, :, j, :] = block
+                    hess[j, :, i, :] = block.T
+            hess = hess.reshape(c * d, c * d) + lam * torch.eye(c * d, dtype=torch.float64)
             inv = torch.cholesky_inverse(torch.linalg.cholesky(hess)).reshape(c, d, c, d)
+            if not picked:
+                x, eta, g, w, y = x[rows], eta[rows], g[rows], w[rows], y[rows]
+                picked = True
             a = torch.einsum("ia,cadb,ib->icd", x, inv, x)
         else:  # the n·C × n·C kernel form: X H⁻¹ Xᵀ = K (W K + λI)⁻¹
             k = x @ x.T
             big_k = torch.einsum("ij,cd->icjd", k, torch.eye(c, dtype=torch.float64))
             big_w = torch.zeros(n, c, n, c, dtype=torch.float64)
-            rows = torch.arange(n)
-            big_w[rows, :, rows, :] = w
+            every = torch.arange(n)
+            big_w[every, :, every, :] = w
             big_k, big_w = big_k.reshape(n * c, n * c), big_w.reshape(n * c, n * c)
             full = big_k @ torch.linalg.inv(
                 big_w @ big_k + lam * torch.eye(n * c, dtype=torch.float64)
             )
-            full = full.reshape(n, c, n, c)
-            a = full[rows, :, rows, :]
+            a = full.reshape(n, c, n, c)[every, :, every, :]
+    if not picked:
+        a, eta, g, w, y = a[rows], eta[rows], g[rows], w[rows], y[rows]
     shift = torch.linalg.solve(torch.eye(c, dtype=torch.float64) - a @ w, a @ g[:, :, None])
     left_out = eta + shift[:, :, 0]
     if kind == "classification":

@@ -4,10 +4,10 @@
 ``algorithm.personal_lambda_search`` says how λ is chosen:
 
 - ``loo`` (the default, :func:`choose_by_loo`): per client and task, the group head with the
-  client's own output bias, or the personal head at the best λ of a short path, whichever the
-  approximate leave-one-out loss on the client's train rows (:mod:`fedmtl.client.loo`) shows
-  better by more than one standard error: a personal head only where the client's rows support
-  it, at 4 warm-started fits and one linear solve each.
+  client's own output bias, or the personal head at ``personal_lambda``, whose approximate
+  leave-one-out loss on the client's train rows (:mod:`fedmtl.client.loo`) must be better by
+  more than one standard error: a personal head only where the client's rows support it, at the
+  cost of a fit of C biases and one linear solve besides the fixed λ's fit.
 - ``off``: ``personal_lambda`` for every client.
 - ``cv``: λ from ``personal_lambda_grid`` by k-fold cross-validation (:func:`select_lambda`),
   then one fit on all rows: 41 fits a client.
@@ -34,10 +34,11 @@ from fedmtl.state import Heads, Vector, assign
 LAMBDA_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 #: folds of the cross-validation; a client with fewer than 2 × FOLDS train rows keeps the fixed λ
 FOLDS = 5
-#: the λ path of ``loo``, walked from the largest: decade steps
-LOO_PATH: tuple[float, ...] = (100.0, 10.0, 1.0, 0.1)
 #: ``loo``: precision of the prior on the client's shift of its group head's output bias
 BIAS_LAMBDA = 1.0
+#: ``loo``: a client with more train rows scores its choice on this many of them (every k-th):
+#: the standard error needs no more, and the ALO's per-row work is the bulk of its cost
+SCORED_ROWS = 2048
 
 
 def cv_folds(labels: np.ndarray, k: int = FOLDS) -> np.ndarray:
@@ -177,14 +178,17 @@ def _loo_rows(
     lam: float,
     scope: str,
 ) -> np.ndarray:
-    """The ALO losses of the rows that hold ``task``'s label."""
+    """The ALO losses of the rows that hold ``task``'s label (above :data:`SCORED_ROWS` of them,
+    of every k-th: the same rows for every candidate)."""
     have = labelled(task, y)
     z, y = z[have], y[have]
     if y.numel() == 0:
         return np.zeros(0)
     with torch.no_grad():
         eta = heads[name](z)
-    return alo_losses(z, eta, y, task.kind, lam, scope)  # type: ignore[arg-type]
+    step = -(-y.numel() // SCORED_ROWS)  # ceil
+    rows = None if step == 1 else torch.arange(0, y.numel(), step)
+    return alo_losses(z, eta, y, task.kind, lam, scope, rows)  # type: ignore[arg-type]
 
 
 def choose_by_loo(
@@ -194,7 +198,6 @@ def choose_by_loo(
     data: ClientData,
     tasks: Sequence[TaskSpec],
     lam: float,
-    path: Sequence[float] = LOO_PATH,
     bias_lambda: float = BIAS_LAMBDA,
     max_iter: int = 100,
 ) -> tuple[Heads, dict[str, float]]:
@@ -205,13 +208,13 @@ def choose_by_loo(
     - the **bias-adapted group head**: φ_g's weights with the client's own output bias, the MAP
       shift δ = argmin Σ_i loss_i + ``bias_lambda``/2·‖δ‖² (C parameters: the client's label
       prior, well estimated from a few rows);
-    - the **personal head** at the λ of ``path`` whose fit has the least ALO loss (the path walked
-      from the largest λ, each fit warm-started from the previous one).
+    - the **personal head**: the MAP fit at ``lam`` (``personal_lambda``) with the prior at φ_g.
 
     The personal head is kept only where it beats the bias-adapted head by more than one
     standard error of the paired per-row differences (the one-standard-error rule of Breiman et
     al. 1984, applied to the simpler model as the reference): a client whose rows do not show a
-    personal head to be better keeps (almost) its group head. Returns the heads (``model.heads``
+    personal head to be better keeps (almost) its group head. Cost: the fixed λ's fit, a fit of
+    C biases and one ALO solve per task. Returns the heads (``model.heads``
     holds them too) and each task's λ (∞: the bias-adapted head). A client with fewer than 3
     train rows, or a head too large for the ALO's linear solve, takes the MAP fit at ``lam``."""
     names = list(prior)
@@ -248,27 +251,13 @@ def choose_by_loo(
     }
     for t in names:
         _load(heads, t, anchor[t])
-    best: dict[str, tuple[float, list[torch.Tensor], np.ndarray, float]] = {}
-    walking = list(names)
-    for value in sorted(path, reverse=True):
-        walking_anchor = [a for t in walking for a in anchor[t]]
-        _map_solve(heads, walking, z, y, tasks, walking_anchor, value, max_iter)
-        for t in list(walking):
-            rows = _loo_rows(heads, t, z, y[t], by_name[t], value, "all")
-            score = float(rows.mean()) if rows.size else float("inf")
-            if t not in best or score < best[t][3]:  # ties: the larger λ
-                best[t] = (value, _snapshot(heads, t), rows, score)
-            else:  # the loss rose: this task's path stops (it is unimodal in λ in practice)
-                walking.remove(t)
-        if not walking:
-            break
+    # the personal heads: the MAP fit at the fixed λ, from the group heads
+    _map_solve(heads, names, z, y, tasks, flat_anchor, lam, max_iter)
     choices: dict[str, float] = {}
     for t in names:
-        value, values, rows, _ = best[t]
-        gain = reference[t][1] - rows
+        gain = reference[t][1] - _loo_rows(heads, t, z, y[t], by_name[t], lam, "all")
         if gain.size >= 3 and gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
-            choices[t] = value
-            _load(heads, t, values)
+            choices[t] = lam  # the personal head (model.heads holds it)
         else:
             choices[t] = float("inf")
             _load(heads, t, reference[t][0])
@@ -287,7 +276,7 @@ def fit_personal_heads(
     max_iter: int = 100,
 ) -> tuple[Heads, float, float]:
     """ψ_c's MAP fit with a prior at ``prior`` (φ_g) on the client's train rows: with
-    ``search="loo"`` the bias-adapted group head or the personal head on a λ path, chosen per task
+    ``search="loo"`` the bias-adapted group head or the personal head at ``lam``, chosen per task
     by :func:`choose_by_loo`; with ``"off"`` at precision ``lam``; with ``"cv"`` at the λ chosen by
     :func:`select_lambda` (``lam`` when the client has too few rows to cross-validate). Returns
     the heads, their mean train loss and the λ used (the first task's; ∞: the bias-adapted head)."""

@@ -104,3 +104,18 @@ def test_alo_needs_a_proper_prior_and_sizes_its_system():
     assert system_size(100, 10, 64) == 650  # P = C·(d + 1)
     assert system_size(20, 10, 64) == 200  # n·C when smaller
     assert system_size(20, 10, 64, "bias") == 10
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "c", "scope"), [(50, 3, 4, "all"), (6, 12, 3, "all"), (50, 3, 4, "bias")]
+)
+def test_alo_on_some_rows_is_those_rows_of_the_full_computation(n, d, c, scope):
+    """``rows``: the same left-out losses for those rows (the Hessian still sums every row)."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    eta = torch.randn(n, c, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, c, (n,), generator=gen)
+    rows = torch.arange(0, n, 3)
+    full = alo_losses(z, eta, y, "classification", 1.5, scope)
+    some = alo_losses(z, eta, y, "classification", 1.5, scope, rows)
+    np.testing.assert_allclose(some, full[rows.numpy()], rtol=1e-10)
