@@ -3,11 +3,12 @@
 ψ_c = argmin_ψ Σ_i loss_i(ψ) + λ/2·‖ψ − φ_g‖² on the frozen base (linear heads: convex).
 ``algorithm.personal_lambda_search`` says how λ is chosen:
 
-- ``loo`` (the default, :func:`choose_by_loo`): per client and task, the group head with the
-  client's own output bias, or the personal head at ``personal_lambda``, whose approximate
-  leave-one-out loss on the client's train rows (:mod:`fedmtl.client.loo`) must be better by
-  more than one standard error: a personal head only where the client's rows support it, at the
-  cost of a fit of C biases and one linear solve besides the fixed λ's fit.
+- ``loo`` (the default, :func:`choose_by_loo`): per client and task, the group head, the group
+  head with the client's own output bias, or the personal head at ``personal_lambda``, each
+  step kept only where its approximate leave-one-out loss on the client's train rows
+  (:mod:`fedmtl.client.loo`) is better by more than one standard error: a personal head only
+  where the client's rows support it, at the cost of a fit of C biases and one linear solve
+  besides the fixed λ's fit.
 - ``off``: ``personal_lambda`` for every client.
 - ``cv``: λ from ``personal_lambda_grid`` by k-fold cross-validation (:func:`select_lambda`),
   then one fit on all rows: 41 fits a client.
@@ -169,26 +170,43 @@ def _load(heads: nn.ModuleDict, name: str, values: list[torch.Tensor]) -> None:
         p.copy_(v)
 
 
+def _scored_rows(n: int) -> torch.Tensor | None:
+    """Which of a task's n labelled rows score the choice: all (None), or above
+    :data:`SCORED_ROWS` every k-th (the same rows for every candidate)."""
+    step = -(-n // SCORED_ROWS)  # ceil
+    return None if step == 1 else torch.arange(0, n, step)
+
+
 def _loo_rows(
     heads: nn.ModuleDict,
     name: str,
     z: torch.Tensor,
     y: torch.Tensor,
     task: TaskSpec,
-    lam: float,
-    scope: str,
+    lam: float | None,
+    scope: str = "all",
 ) -> np.ndarray:
-    """The ALO losses of the rows that hold ``task``'s label (above :data:`SCORED_ROWS` of them,
-    of every k-th: the same rows for every candidate)."""
+    """Per scored row that holds ``task``'s label: the ALO loss of the head fitted with prior
+    precision ``lam`` (``scope``: which of its parameters were fitted), or with ``lam`` None the
+    in-sample loss of a head the client did not fit (its group head)."""
     have = labelled(task, y)
     z, y = z[have], y[have]
     if y.numel() == 0:
         return np.zeros(0)
+    rows = _scored_rows(y.numel())
     with torch.no_grad():
         eta = heads[name](z)
-    step = -(-y.numel() // SCORED_ROWS)  # ceil
-    rows = None if step == 1 else torch.arange(0, y.numel(), step)
+    if lam is None:
+        losses = task_row_losses(task, eta, y)[0]
+        return (losses if rows is None else losses[rows]).numpy()
     return alo_losses(z, eta, y, task.kind, lam, scope, rows)  # type: ignore[arg-type]
+
+
+def _beats(candidate: np.ndarray, reference: np.ndarray) -> bool:
+    """The one-standard-error rule: ``candidate``'s mean loss below ``reference``'s by more than
+    one standard error of the paired per-row differences (and at least 3 rows to tell)."""
+    gain = reference - candidate
+    return gain.size >= 3 and gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size)
 
 
 def choose_by_loo(
@@ -202,21 +220,23 @@ def choose_by_loo(
     max_iter: int = 100,
 ) -> tuple[Heads, dict[str, float]]:
     """``personal_lambda_search: loo`` (the default; module docs, docs/algorithm.md). Per task,
-    two nested candidates are scored by their approximate leave-one-out log-loss on the client's
-    train rows (:func:`fedmtl.client.loo.alo_losses`):
+    three nested heads, each kept only where it beats the one before by more than one standard
+    error of the paired per-row differences in log-loss on the client's train rows (the
+    one-standard-error rule of Breiman et al. 1984, the simpler model as the reference):
 
-    - the **bias-adapted group head**: φ_g's weights with the client's own output bias, the MAP
-      shift δ = argmin Σ_i loss_i + ``bias_lambda``/2·‖δ‖² (C parameters: the client's label
-      prior, well estimated from a few rows);
-    - the **personal head**: the MAP fit at ``lam`` (``personal_lambda``) with the prior at φ_g.
+    1. the **group head** φ_g, scored in-sample (it trained on these rows: a bias in its favour);
+    2. the **bias-adapted group head**: φ_g's weights with the client's own output bias, the MAP
+       shift δ = argmin Σ_i loss_i + ``bias_lambda``/2·‖δ‖² (C parameters: the client's label
+       prior, well estimated from a few rows), scored by its approximate leave-one-out loss
+       (:func:`fedmtl.client.loo.alo_losses`);
+    3. the **personal head**: the MAP fit at ``lam`` (``personal_lambda``) with the prior at
+       φ_g, scored likewise.
 
-    The personal head is kept only where it beats the bias-adapted head by more than one
-    standard error of the paired per-row differences (the one-standard-error rule of Breiman et
-    al. 1984, applied to the simpler model as the reference): a client whose rows do not show a
-    personal head to be better keeps (almost) its group head. Cost: the fixed λ's fit, a fit of
-    C biases and one ALO solve per task. Returns the heads (``model.heads``
-    holds them too) and each task's λ (∞: the bias-adapted head). A client with fewer than 3
-    train rows, or a head too large for the ALO's linear solve, takes the MAP fit at ``lam``."""
+    A client whose rows do not show a step to be better stays where it is. Cost: the fixed λ's
+    fit, a fit of C biases and one ALO solve per task. Returns the heads (``model.heads`` holds
+    them too) and each task's λ (∞: the group head or the bias-adapted one). A client with fewer
+    than 3 train rows, or a head too large for the ALO's linear solve, takes the MAP fit at
+    ``lam``."""
     names = list(prior)
     by_name = {task.name: task for task in tasks}
     z = _features(model, base, prior, data)
@@ -233,34 +253,29 @@ def choose_by_loo(
         _map_solve(heads, names, z, data.y_train, tasks, flat_anchor, lam, max_iter)
         return read_heads(model, prior), dict.fromkeys(names, lam)
     y = data.y_train
-    # the bias-adapted group heads: only the output biases move
-    _map_solve(
-        heads,
-        names,
-        z,
-        y,
-        tasks,
-        [anchor[t][1] for t in names],
-        bias_lambda,
-        max_iter,
-        bias_only=True,
-    )
-    reference = {
-        t: (_snapshot(heads, t), _loo_rows(heads, t, z, y[t], by_name[t], bias_lambda, "bias"))
-        for t in names
+    # 1. the group heads, scored in-sample: they were trained on these rows (a bias in their
+    # favour, so every step away from them must earn its place)
+    chosen = {
+        t: (float("inf"), anchor[t], _loo_rows(heads, t, z, y[t], by_name[t], None)) for t in names
     }
+    # 2. the bias-adapted group heads: only the output biases move
+    bias_anchor = [anchor[t][1] for t in names]
+    _map_solve(heads, names, z, y, tasks, bias_anchor, bias_lambda, max_iter, bias_only=True)
     for t in names:
+        rows = _loo_rows(heads, t, z, y[t], by_name[t], bias_lambda, "bias")
+        if _beats(rows, chosen[t][2]):
+            chosen[t] = (float("inf"), _snapshot(heads, t), rows)
         _load(heads, t, anchor[t])
-    # the personal heads: the MAP fit at the fixed λ, from the group heads
+    # 3. the personal heads: the MAP fit at the fixed λ, from the group heads
     _map_solve(heads, names, z, y, tasks, flat_anchor, lam, max_iter)
     choices: dict[str, float] = {}
     for t in names:
-        gain = reference[t][1] - _loo_rows(heads, t, z, y[t], by_name[t], lam, "all")
-        if gain.size >= 3 and gain.mean() > gain.std(ddof=1) / np.sqrt(gain.size):
+        rows = _loo_rows(heads, t, z, y[t], by_name[t], lam, "all")
+        if _beats(rows, chosen[t][2]):
             choices[t] = lam  # the personal head (model.heads holds it)
         else:
-            choices[t] = float("inf")
-            _load(heads, t, reference[t][0])
+            choices[t] = chosen[t][0]
+            _load(heads, t, chosen[t][1])
     return read_heads(model, prior), choices
 
 

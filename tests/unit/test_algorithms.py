@@ -361,9 +361,9 @@ def test_fedmtl_loo_keeps_the_group_head_unless_the_clients_rows_show_a_personal
     setup,
 ):
     """personal_lambda_search: loo, the default. Labels drawn from the group head: the client
-    keeps the bias-adapted group head (λ = ∞: the group head's weights, its own output bias);
+    keeps the group head's weights (λ = ∞: the group head, or it with its own output bias);
     labels that follow a very different head: the personal head at the fixed λ, better than the
-    group head on the client's rows. Reads only train rows; deterministic;
+    group head on the client's rows; a label shift: the group head does not stay. Reads only train rows; deterministic;
     under 3 rows, the MAP fit at the fixed λ."""
     from fedmtl.client.personal import choose_by_loo, fit_personal_heads
 
@@ -392,12 +392,25 @@ def test_fedmtl_loo_keeps_the_group_head_unless_the_clients_rows_show_a_personal
             assign(head, group["label"])
             drawn = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
         heads, choice = choose(drawn)
-        assert choice == {"label": float("inf")}  # the bias-adapted head: only the bias moved
+        assert choice == {"label": float("inf")}  # the group head's weights (its bias may move)
         weights = ctx.model.heads["label"].weight.numel()
         assert torch.equal(heads["label"][:weights], group["label"][:weights])
-        assert not torch.equal(heads["label"], group["label"])
     heads, choice = choose(differ)
     assert choice == {"label": 0.3}, choice  # the personal head at the fixed λ
+    # a label shift alone (class 0's bias raised above every other class's): the bias moves
+    shifted = group["label"].clone()
+    n_weights = ctx.model.heads["label"].weight.numel()
+    shifted[n_weights] = shifted[n_weights:].max() + 2.0  # the bias of class 0
+    with torch.no_grad():
+        assign(head, shifted)
+        prior_shift = torch.multinomial(torch.softmax(head(z), 1), 1, generator=gen).squeeze(1)
+    shift_heads, shift_choice = choose(prior_shift)
+    assert float(shift_heads["label"][n_weights] - group["label"][n_weights]) > 2.0  # moved
+    if shift_choice == {"label": float("inf")}:  # the bias-adapted head: only the bias moved
+        assert torch.equal(shift_heads["label"][:n_weights], group["label"][:n_weights])
+    else:
+        assert shift_choice == {"label": 0.3}
+    heads, choice = choose(differ)
     with torch.no_grad():
         assign(head, heads["label"])
         personal_errors = int((head(z).argmax(1) != differ).sum())
