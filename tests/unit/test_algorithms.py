@@ -363,8 +363,8 @@ def test_fedmtl_loo_keeps_the_group_head_unless_the_clients_rows_show_a_personal
     """personal_lambda_search: loo, the default. Labels drawn from the group head: the client
     keeps the group head's weights (λ = ∞: the group head, or it with its own output bias);
     labels that follow a very different head: the personal head at the fixed λ, better than the
-    group head on the client's rows; a label shift: the group head does not stay. Reads only train rows; deterministic;
-    under 3 rows, the MAP fit at the fixed λ."""
+    group head on the client's rows; a label shift: the group head does not stay. Reads only
+    train rows; deterministic; under 3 rows, the MAP fit at the fixed λ."""
     from fedmtl.client.personal import choose_by_loo, fit_personal_heads
 
     make, manifest = setup
