@@ -91,9 +91,15 @@ class ServerSteps:
         C; under a secure sum the server never sees one, and each coordinate is clipped to
         ±``privacy.secure_sum.range``), an update whose L2 norm exceeds that multiple of the
         round's lower median norm is refused (:func:`fedmtl.server.screening.screen_norms`).
-        Returns (kept updates, refused client -> reason)."""
+        A client's per-task counts (``task_samples``, optional tasks) are clamped to those rows:
+        a client cannot weigh more on one head than on the base. Returns (kept updates, refused
+        client -> reason)."""
         for u in updates:
             u.n_samples = self.manifest_rows(u.client)
+            if u.task_samples is not None:
+                u.task_samples = {
+                    t: min(max(int(c), 0), u.n_samples) for t, c in u.task_samples.items()
+                }
         return screen_norms(updates, self.max_norm_ratio if self.release.screens_norms else None)
 
     def release_group(self, client: str, state: ServerState) -> str:

@@ -226,3 +226,22 @@ def test_a_users_table_with_a_partly_empty_label_column_makes_that_task_optional
     _, records, history = run_rounds(fed, manifest.client_ids, 1)
     assert set(records[records["task"] == "smoker"]["client"]) == {"h0", "h1"}
     assert 0 <= history[-1]["smoker/personal/accuracy/mean"] <= 1
+
+
+def test_a_client_cannot_weigh_more_on_a_head_than_its_rows(made, tmp_path):
+    """Bounded influence: the per-task counts a client reports are clamped to its train rows as
+    the manifest records them (as its overall weight is)."""
+    _, cfg, manifest, _ = made
+    fed = Federation.from_config(cfg, manifest, ClientStore(tmp_path / "store"))
+    client = manifest.clients[0]
+    liar = ClientUpdate(
+        client.client,
+        "0",
+        10**9,
+        None,
+        {"label": torch.zeros(3)},
+        task_samples={"label": 10**9, "label_1": -5},
+    )
+    kept, refused = fed.screen([liar])
+    assert not refused and kept[0].n_samples == client.n_train
+    assert kept[0].task_samples == {"label": client.n_train, "label_1": 0}
