@@ -1,4 +1,4 @@
-"""``fedmtl site``: a client as a site on its own machine (issue 18, in progress)."""
+"""``fedmtl site``: a client as a site on its own machine (docs/sites.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from cli.app import _fail, app, console
 
 site_app = typer.Typer(
-    help="A site: a client on its own machine, its data never leaving it (issue 18, in progress).",
+    help="A site: a client on its own machine, its data never leaving it (docs/sites.md).",
     no_args_is_help=True,
 )
 app.add_typer(site_app, name="site")

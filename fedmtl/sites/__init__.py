@@ -1,4 +1,4 @@
-"""Sites: clients that run on their own machines (issue 18, in progress).
+"""Sites: clients that run on their own machines (docs/sites.md).
 
 What is here so far are the trust primitives the coordinator and the sites share, with no
 Prefect and no MLflow:

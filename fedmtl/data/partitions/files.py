@@ -66,6 +66,15 @@ def _missing_tasks(
     return [tasks[0], *(replace(t, optional=True) for t in tasks[1:])], without
 
 
+def _label_column(values: pd.Series, optional: bool) -> pd.Series:
+    """A label column as written: an optional task's numeric labels as float64, so that a
+    missing one is a NaN whichever client lacks it (every partition has the same dtype; pandas'
+    nullable integers are not a dtype the contract suite or every reader takes)."""
+    if optional and values.dtype.kind in "iuf":  # numpy's and pandas' nullable numbers
+        return values.astype("float64")
+    return values
+
+
 def partition(cfg: DataConfig) -> Manifest:
     """Split the prepared raw data into client partitions and write them with their manifest."""
     raw_dir, out_dir = Path(cfg.raw_dir), Path(cfg.partitions_dir)
@@ -93,6 +102,7 @@ def partition(cfg: DataConfig) -> Manifest:
     task = _first_classification(raw.tasks)
     label_columns = [t.name for t in raw.tasks]
     tasks, without = _missing_tasks(raw.tasks, ids, cfg.partition.missing_tasks, cfg.seed)
+    optional = {t.name: t.optional for t in tasks}
     names = _file_names(ids)
     if raw.has_clients and source == "table":  # the user's rows (generated ones are as designed)
         _warn_about_clients(ids, names, frames, raw.tasks)
@@ -113,9 +123,8 @@ def partition(cfg: DataConfig) -> Manifest:
         features = rows_frame[raw.features].to_numpy(dtype=np.float32)
         out = pd.concat([out, pd.DataFrame(features, columns=raw.features)], axis=1)
         for name in label_columns:
-            out[name] = rows_frame[name].reset_index(drop=True)
+            out[name] = _label_column(rows_frame[name].reset_index(drop=True), optional[name])
             if client in without.get(name, ()):  # this client holds none of the task's labels
-                out[name] = out[name].astype("Int64" if out[name].dtype.kind in "iu" else object)
                 out[name] = out[name].where(pd.Series(False, index=out.index))
         out = out.sort_values("row", kind="stable").reset_index(drop=True)
         entry = ClientEntry(client, group, names[i], int((~test).sum()), int(test.sum()))

@@ -11,8 +11,6 @@ from fedmtl.data.manifest import Manifest, TaskSpec
 
 STRING_COLUMNS = ("client", "group", "split")
 INT_TYPES = ("int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8")
-#: an optional task's integer labels with nulls: pandas' nullable integers
-NULLABLE_INT_TYPES = ("Int64", "Int32", "Int16", "Int8", "UInt64", "UInt32", "UInt16", "UInt8")
 FLOAT_TYPES = ("float32", "float64")
 FINITE_MAX = sys.float_info.max  # |x| <= this  <=>  x is finite (NaN is caught as a null)
 
@@ -23,7 +21,8 @@ def _column_kinds(manifest: Manifest) -> dict[str, str | None]:
     kinds["row"] = "int"
     kinds.update({f: "float" for f in manifest.features})
     kinds.update({t.name: _label_kind(t) for t in manifest.tasks})
-    kinds.update({t.name: "nullable-int" for t in manifest.tasks if t.optional and kinds[t.name] == "int"})
+    # an optional task's integer classes are written as float64 (NaN: a missing label)
+    kinds.update({t.name: "float" for t in manifest.tasks if t.optional and kinds[t.name] == "int"})
     return kinds
 
 

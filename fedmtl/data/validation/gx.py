@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmtl.data.manifest import SPLITS, Manifest
-from fedmtl.data.validation.expectations import (FINITE_MAX, FLOAT_TYPES, INT_TYPES, NULLABLE_INT_TYPES,
+from fedmtl.data.validation.expectations import (FINITE_MAX, FLOAT_TYPES, INT_TYPES,
                                                  _column_kinds, _generic_detail, _value_problem)
 from fedmtl.data.validation.report import ClientValidation, _failure
 
@@ -97,10 +97,7 @@ class _GxRun:
         gxe, meta = self.gxe, {"column": column}
         if kind == "str":  # pandas 3 "str" dtype (and object columns holding str values)
             return gxe.ExpectColumnValuesToBeOfType(column=column, type_="str", meta=meta)
-        if kind == "nullable-int":  # an optional task's labels: with or without nulls
-            types = [*INT_TYPES, *NULLABLE_INT_TYPES, *FLOAT_TYPES]
-        else:
-            types = list(INT_TYPES if kind == "int" else FLOAT_TYPES)
+        types = list(INT_TYPES if kind == "int" else FLOAT_TYPES)
         return gxe.ExpectColumnValuesToBeInTypeList(column=column, type_list=types, meta=meta)
 
     def contract_suite(self) -> Any:
