@@ -162,6 +162,7 @@ METHODS = (
     "feddbe",
     "gpfl",
     "fedem",
+    "fedbabu",
     "fedmtl",
     "fedmtl-cluster",
     "fedmtl-off",

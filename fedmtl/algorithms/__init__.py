@@ -7,6 +7,7 @@ from fedmtl.algorithms.ditto import Ditto
 from fedmtl.algorithms.fedala import FedALA
 from fedmtl.algorithms.fedavg import FedAvg
 from fedmtl.algorithms.fedavg_ft import FedAvgFT
+from fedmtl.algorithms.fedbabu import FedBABU
 from fedmtl.algorithms.feddbe import FedDBE
 from fedmtl.algorithms.fedem import FedEM
 from fedmtl.algorithms.fedmtl import FedMTL
@@ -35,6 +36,7 @@ METHODS: dict[str, type[Algorithm]] = {
         FedDBE,
         GPFL,
         FedEM,
+        FedBABU,
     )
 }
 

@@ -27,6 +27,7 @@ Method = Literal[
     "feddbe",
     "gpfl",
     "fedem",
+    "fedbabu",
 ]
 #: methods whose model is not the plain multi-task model (GPFL's conditional valve and class
 #: embeddings, FedEM's mixture): the registered model cannot serve them yet
