@@ -13,6 +13,7 @@ from fedmtl.algorithms.fedem import FedEM
 from fedmtl.algorithms.fedmtl import FedMTL
 from fedmtl.algorithms.fedper import FedPer
 from fedmtl.algorithms.fedrep import FedRep
+from fedmtl.algorithms.fedrod import FedRoD
 from fedmtl.algorithms.gpfl import GPFL
 from fedmtl.algorithms.ifca import IFCA
 from fedmtl.algorithms.lg_fedavg import LGFedAvg
@@ -37,6 +38,7 @@ METHODS: dict[str, type[Algorithm]] = {
         GPFL,
         FedEM,
         FedBABU,
+        FedRoD,
     )
 }
 

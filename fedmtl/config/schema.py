@@ -164,11 +164,11 @@ def dp_sgd_blocker(method: str, grouping: str) -> str | None:
             "steps per batch on a personal model) is its own and is not made private; use another "
             "method"
         )
-    if method in ("fedala", "feddbe", "gpfl", "fedem"):
+    if method in ("fedala", "feddbe", "gpfl", "fedem", "fedrod"):
         return (
             f"algorithm.method={method} with privacy.dp_sgd.enabled: its client loop (FedALA's "
             "adaptive aggregation, FedDBE's bias memory, GPFL's guidance losses, FedEM's "
-            "E-step) is its own and is not made private; use another method"
+            "E-step, FedRoD's two heads) is its own and is not made private; use another method"
         )
     if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
         how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"

@@ -28,6 +28,7 @@ Method = Literal[
     "gpfl",
     "fedem",
     "fedbabu",
+    "fedrod",
 ]
 #: methods whose model is not the plain multi-task model (GPFL's conditional valve and class
 #: embeddings, FedEM's mixture): the registered model cannot serve them yet

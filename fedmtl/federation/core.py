@@ -82,13 +82,13 @@ class Federation(ClientSteps, ServerSteps):
         optional tasks), or None. A head is averaged over the clients that hold its labels, with
         their counts as weights: the client-level DP release and the secure sum average every
         head with one weight per client, and the robust rules compare whole updates (a client's
-        unmoved head counts as a vote for no change); GPFL's and FedEM's own losses do not skip
-        missing labels."""
+        unmoved head counts as a vote for no change); GPFL's, FedEM's and FedRoD's own losses do
+        not skip missing labels."""
         optional = [t.name for t in self.manifest.tasks if t.optional]
         if not optional:
             return None
         why = None
-        if self.algorithm.name in ("gpfl", "fedem"):
+        if self.algorithm.name in ("gpfl", "fedem", "fedrod"):
             why = f"algorithm.method '{self.algorithm.name}' does not support them"
         elif self.privacy.dp or self.privacy.secure:
             why = "privacy.dp_fedavg and privacy.secure_sum weigh every head per client"
