@@ -163,6 +163,7 @@ METHODS = (
     "gpfl",
     "fedem",
     "fedbabu",
+    "fedrod",
     "fedmtl",
     "fedmtl-cluster",
     "fedmtl-off",
