@@ -12,15 +12,20 @@ harness's ``personal_epochs``)."""
 
 from __future__ import annotations
 
-from fedmtl.algorithms.base import Algorithm, ClientContext
+from fedmtl.algorithms.base import ClientContext
+from fedmtl.algorithms.fedavg_ft import FedAvgFT
 from fedmtl.client.data import ClientData
 from fedmtl.client.training import train_joint
-from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector
+from fedmtl.state import ClientUpdate, PersonalState, ServerState
 
 
-class FedBABU(Algorithm):
+class FedBABU(FedAvgFT):
+    """FedAvg-FT's personalisation (the global model fine-tuned, base and head), after a
+    federated training that never moves the head."""
+
     name = "fedbabu"
     shares_heads = False  # the head is never aggregated: it stays at its initial values
+    batchable = False  # the batched shared step trains heads too
 
     def client_round(
         self,
@@ -43,23 +48,3 @@ class FedBABU(Algorithm):
             prox_mu=ctx.cfg.prox_mu,
         )
         return self.update(data, group, base - state.base, {}, train_loss=loss), None
-
-    def personalized(
-        self,
-        ctx: ClientContext,
-        state: ServerState,
-        data: ClientData,
-        group: str,
-        personal: PersonalState | None,
-    ) -> tuple[Vector, Heads, PersonalState]:
-        base, heads, _ = train_joint(
-            ctx.model,
-            state.base,
-            state.global_heads,
-            data,
-            ctx.tasks,
-            ctx.cfg,
-            ctx.generator,
-            ctx.cfg.personal_epochs,
-        )
-        return base, heads, PersonalState(heads, base)
