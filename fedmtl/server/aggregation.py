@@ -105,14 +105,14 @@ def group_aggregate(
             delta_base=weighted_mean([u.delta_base for u in members], weights)
             if shares_base
             else None,
-            delta_heads={t: _head_mean(members, t, weights, partial) for t in tasks},
+            delta_heads={t: head_mean(members, t, weights, partial) for t in tasks},
             clients=[u.client for u in members],
             task_samples=task_samples if partial else None,
         )
     return out
 
 
-def _head_mean(
+def head_mean(
     members: Sequence[ClientUpdate], task: str, weights: list[int], partial: bool
 ) -> Vector:
     """The members' mean update of ``task``'s head: weighted by their rows holding its label when

@@ -27,7 +27,7 @@ from torch import nn
 from fedmtl.client.data import ClientData
 from fedmtl.client.training import train_loss
 from fedmtl.data.manifest import TaskSpec
-from fedmtl.server.aggregation import weighted_mean
+from fedmtl.server.aggregation import head_mean, weighted_mean
 from fedmtl.state import ClientUpdate, ServerState
 
 METHODS = ("column", "ifca", "cluster")
@@ -110,17 +110,19 @@ def regroup(
     regrouped state and the silhouette of the split."""
     ordered = sorted(updates, key=lambda u: u.client)
     tasks = list(before.global_heads)
-    vectors = np.stack([torch.cat([u.delta_heads[t] for t in tasks]).numpy() for u in ordered])
+    # clustered on the heads every client trained: a client without a task's labels has an
+    # unmoved head there, which would look like a group of its own
+    shared = [t for t in tasks if all(u.samples_for(t) > 0 for u in ordered)] or tasks
+    vectors = np.stack([torch.cat([u.delta_heads[t] for t in shared]).numpy() for u in ordered])
     labels, score = cluster_vectors(vectors, spec.n_groups, spec.min_silhouette)
     names = [f"g{int(x)}" for x in labels]
     group_heads = {}
     for name in sorted(set(names)):
         members = [u for u, n in zip(ordered, names) if n == name]
         weights = [max(u.n_samples, 1) for u in members]
+        partial = any(u.task_samples is not None for u in members)
         start = before.heads_for(members[0].group)
-        group_heads[name] = {
-            t: start[t] + weighted_mean([u.delta_heads[t] for u in members], weights) for t in tasks
-        }
+        group_heads[name] = {t: start[t] + head_mean(members, t, weights, partial) for t in tasks}
     assignment = {u.client: n for u, n in zip(ordered, names)}
     global_heads = {
         t: weighted_mean([group_heads[g][t] for g in sorted(group_heads)], [1.0] * len(group_heads))

@@ -245,3 +245,40 @@ def test_a_client_cannot_weigh_more_on_a_head_than_its_rows(made, tmp_path):
     kept, refused = fed.screen([liar])
     assert not refused and kept[0].n_samples == client.n_train
     assert kept[0].task_samples == {"label": client.n_train, "label_1": 0}
+
+
+def test_learned_groups_cluster_on_the_heads_every_client_trained(made, tmp_path):
+    """grouping: cluster with optional tasks: a client without a task's labels has an unmoved
+    head there; the clustering looks at the heads every client trained, so two true groups are
+    found whichever of their members lack a task, and a group head is averaged over the members
+    that hold its labels."""
+    from fedmtl.server.grouping import GroupingSpec, regroup
+
+    _, cfg, manifest, _ = made
+    fed = Federation.from_config(cfg, manifest, ClientStore(tmp_path / "store"))
+    state = fed.initial_state()
+    gen = torch.Generator().manual_seed(0)
+    directions = {g: torch.randn(state.global_heads["label"].numel(), generator=gen) for g in "ab"}
+    updates = []
+    for i in range(8):
+        group = "ab"[i % 2]
+        lacks = i < 4  # the first four lack label_1 and label_2
+        heads = {
+            t: torch.zeros_like(v) if (lacks and t != "label") else 3.0 * torch.randn(v.shape)
+            for t, v in state.global_heads.items()
+        }
+        heads["label"] = directions[group] + 0.05 * torch.randn(heads["label"].shape)
+        samples = {"label": 50, "label_1": 0, "label_2": 0} if lacks else None
+        updates.append(ClientUpdate(f"c{i}", "all", 50, None, heads, task_samples=samples))
+    regrouped, score = regroup(state, state, updates, GroupingSpec("cluster", 2, 0, 0.1))
+    found = {u.client: regrouped.assignment[u.client] for u in updates}
+    assert len(set(found.values())) == 2 and score > 0.5
+    for i in range(2, 8):
+        assert found[f"c{i}"] == found[f"c{i % 2}"], found  # by true group, not by missing task
+    # a group head of label_1: the mean of the members that hold it, not pulled to zero
+    members = [u for u in updates if found[u.client] == found["c4"]]
+    holding = [u for u in members if u.task_samples is None]
+    expected = state.global_heads["label_1"] + torch.stack(
+        [u.delta_heads["label_1"] for u in holding]
+    ).mean(0)
+    assert torch.allclose(regrouped.heads_for(found["c4"])["label_1"], expected, atol=1e-6)
