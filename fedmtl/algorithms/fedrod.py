@@ -20,20 +20,18 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.nn import functional as F
 
 from fedmtl.algorithms.base import Algorithm, ClientContext, copy_heads, diff
 from fedmtl.client.data import ClientData
-from fedmtl.client.training import batches, load_weights, read_heads
+from fedmtl.client.training import batches, load_weights, multitask_loss, read_heads
 from fedmtl.data.manifest import TaskSpec
 from fedmtl.state import ClientUpdate, Heads, PersonalState, ServerState, Vector, assign, flat
 
 
-def balanced_softmax_loss(
-    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of ``logits + log counts`` (a class the client never saw: count 1e-8)."""
-    return F.cross_entropy(logits + counts.clamp(min=1e-8).log(), y)
+def balanced_logits(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``logits + log counts``: their cross-entropy is the balanced softmax loss (a class the
+    client never saw: count 1e-8)."""
+    return logits + counts.clamp(min=1e-8).log()
 
 
 def _class_counts(data: ClientData, task: TaskSpec) -> torch.Tensor:
@@ -72,26 +70,18 @@ class FedRoD(Algorithm):
             for idx in batches(data.n_train, cfg.batch_size, ctx.generator):
                 xb, yb = data.x_train[idx], {k: v[idx] for k, v in data.y_train.items()}
                 rep = model.base(xb)
-                generic = {t.name: model.heads[t.name](rep) for t in ctx.tasks}
-                loss = torch.zeros(())
-                for t in ctx.tasks:
-                    if t.kind == "classification":
-                        loss = loss + balanced_softmax_loss(
-                            generic[t.name], yb[t.name], counts[t.name]
-                        )
-                    else:
-                        loss = loss + F.mse_loss(generic[t.name].squeeze(-1), yb[t.name])
+                generic = {t: head(rep) for t, head in model.heads.items()}
+                balanced = {
+                    t: balanced_logits(out, counts[t]) if t in counts else out
+                    for t, out in generic.items()
+                }
+                loss = multitask_loss(balanced, yb, ctx.tasks)
                 shared.zero_grad(set_to_none=True)
                 loss.backward()
                 shared.step()
                 detached = rep.detach()
-                loss_p = torch.zeros(())
-                for t in ctx.tasks:
-                    out = generic[t.name].detach() + own[t.name](detached)
-                    if t.kind == "classification":
-                        loss_p = loss_p + F.cross_entropy(out, yb[t.name])
-                    else:
-                        loss_p = loss_p + F.mse_loss(out.squeeze(-1), yb[t.name])
+                combined = {t: generic[t].detach() + own[t](detached) for t in own}
+                loss_p = multitask_loss(combined, yb, ctx.tasks)
                 mine.zero_grad(set_to_none=True)
                 loss_p.backward()
                 mine.step()
