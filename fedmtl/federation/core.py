@@ -80,18 +80,16 @@ class Federation(ClientSteps, ServerSteps):
     def missing_tasks_blocker(self) -> str | None:
         """Why this federation cannot train clients that lack some tasks' labels (the manifest's
         optional tasks), or None. A head is averaged over the clients that hold its labels, with
-        their counts as weights: the client-level DP release and the secure sum average every
-        head with one weight per client, and the robust rules compare whole updates (a client's
-        unmoved head counts as a vote for no change); GPFL's, FedEM's and FedRoD's own losses do
-        not skip missing labels."""
+        their counts as weights (the secure sum carries them beside the heads; under
+        DP-FedAvg a client without a task's labels adds a zero head update); the robust rules
+        compare whole updates (a client's unmoved head counts as a vote for no change); GPFL's,
+        FedEM's and FedRoD's own losses do not skip missing labels."""
         optional = [t.name for t in self.manifest.tasks if t.optional]
         if not optional:
             return None
         why = None
         if self.algorithm.name in ("gpfl", "fedem", "fedrod"):
             why = f"algorithm.method '{self.algorithm.name}' does not support them"
-        elif self.privacy.dp or self.privacy.secure:
-            why = "privacy.dp_fedavg and privacy.secure_sum weigh every head per client"
         elif self.robust.rule != "mean":
             why = f"server.aggregator '{self.robust.rule}' compares whole updates"
         if why is None:
@@ -107,7 +105,8 @@ class Federation(ClientSteps, ServerSteps):
         """The server's side of a round, dispatch to merge: plain, or, with DP-FedAvg or a secure
         sum, the private release wrapped around it."""
         if self.privacy.enabled:
-            return PrivateRelease(self.privacy, self.secret, self.seed)
+            optional = any(t.optional for t in self.manifest.tasks)
+            return PrivateRelease(self.privacy, self.secret, self.seed, partial=optional)
         return PlainRelease(self.robust, self.seed)
 
     @functools.cached_property

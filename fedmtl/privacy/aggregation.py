@@ -157,6 +157,7 @@ class ReleaseSpec:
     tasks: list[str]
     clip: float
     weight_scale: float
+    partial: bool = False  # optional tasks: per-task weights ride in the vector (release_input)
 
 
 #: sums one release's inputs where they are: (Σ vectors, Σ scalars, the members left out of
@@ -165,17 +166,39 @@ Summer = Callable[[ReleaseSpec], tuple[Vector, float, list[str], float]]
 
 
 def release_input(
-    u: ClientUpdate, spec: PrivacyConfig, clip: float, weight_scale: float, tasks: list[str]
+    u: ClientUpdate,
+    spec: PrivacyConfig,
+    clip: float,
+    weight_scale: float,
+    tasks: list[str],
+    partial: bool = False,
 ) -> tuple[Vector, float]:
     """What a client puts into its release's sum: its vector (base update, then the ``tasks``'
     head updates) clipped to L2 norm C with its under-clip bit (DP), or weighted by its train
-    rows over the public scale with its weight, each coordinate clipped to ±``secure_sum.range``."""
+    rows over the public scale with its weight, each coordinate clipped to ±``secure_sum.range``.
+
+    ``partial`` (optional tasks, without DP): each head is weighted by the client's rows that
+    hold its label instead (at most its train rows), and those weights follow the vector, times
+    ``secure_sum.range`` (within the sum's range), so that the sum also gives each head's total
+    weight: a head is then the mean over the clients that hold its labels, as in the plain
+    release. Under DP nothing changes: a client without a task's labels adds a zero head
+    update, and each head is the release's sum over its expected number of clients."""
     v = _vector(u, tasks)
     if spec.dp:
         v, norm = dp.clip_update(v, clip)
         return v, 1.0 if norm <= clip else 0.0  # the client's bit for adaptive clipping
-    w = max(u.n_samples, 0) / weight_scale
-    return (v * w).clamp(-spec.secure_sum.range, spec.secure_sum.range), w
+    bound = spec.secure_sum.range
+    rows = max(u.n_samples, 0)
+    w = rows / weight_scale
+    if not (partial and tasks):
+        return (v * w).clamp(-bound, bound), w
+    weights = [min(max(u.samples_for(t), 0), rows) / weight_scale for t in tasks]
+    base = v.numel() - sum(u.delta_heads[t].numel() for t in tasks)
+    scale = torch.cat(
+        [torch.full((base,), w)]
+        + [torch.full((u.delta_heads[t].numel(),), wt) for t, wt in zip(tasks, weights)]
+    )
+    return torch.cat([(v * scale).clamp(-bound, bound), torch.tensor(weights) * bound]), w
 
 
 def _layout(updates: Sequence[ClientUpdate], heads: bool) -> tuple[int, dict[str, int], list[str]]:
@@ -216,13 +239,15 @@ def private_aggregate(
     seed: int,
     like: ClientUpdate | None = None,
     summer: Summer | None = None,
+    partial: bool = False,
 ) -> tuple[dict[str, GroupAggregate], RoundPrivacy]:
     """The round's group aggregates under ``spec`` (see the module docstring). ``clip``: this
     round's C (adaptive clipping changes it); ``weight_scale``: the public sample-count scale
     of the weights without DP (the largest client's train rows); ``like``: an update with the
     release's layout, for DP releases of groups with no participant this round (pure noise);
     ``summer``: sums a release where its members are (sites: SecAgg+ across their processes,
-    :mod:`fedmtl.sites.secure`), the updates then standing for their members' layout only."""
+    :mod:`fedmtl.sites.secure`), the updates then standing for their members' layout only;
+    ``partial``: some clients lack some tasks' labels (:func:`release_input`)."""
     report = RoundPrivacy(clip=clip, expected_total=sum(expected.values()))
     releases, held, pooled = plan_releases(updates, spec, expected)
     report.held_back, report.pooled_groups = held, pooled
@@ -252,14 +277,21 @@ def private_aggregate(
         if not template:
             continue
         base, sizes, tasks = _layout(template, release.heads)
-        dim = max(base, 0) + sum(sizes.values())
+        weighted = partial and not spec.dp and bool(tasks)  # per-task weights in the vector
+        dim = max(base, 0) + sum(sizes.values()) + (len(tasks) if weighted else 0)
         try:
             if (
                 summer is not None and members
             ):  # the members hold their vectors: summed where they are
                 total, weight_sum, dropped, seconds = summer(
                     ReleaseSpec(
-                        release.name, [u.client for u in members], dim, tasks, clip, weight_scale
+                        release.name,
+                        [u.client for u in members],
+                        dim,
+                        tasks,
+                        clip,
+                        weight_scale,
+                        partial,
                     )
                 )
                 members = [u for u in members if u.client not in set(dropped)]  # not in the sum
@@ -267,7 +299,7 @@ def private_aggregate(
                 vectors, scalars = {}, {}
                 for u in members:
                     vectors[u.client], scalars[u.client] = release_input(
-                        u, spec, clip, weight_scale, tasks
+                        u, spec, clip, weight_scale, tasks, partial
                     )
                 total, weight_sum, dropped, seconds = _sum(
                     vectors, scalars, spec, clip, dim, seed * 1_000_003 + i, keys
@@ -290,6 +322,17 @@ def private_aggregate(
             noise = dp.gaussian_noise(total.shape, z * clip, generator)
             mean = (total.to(torch.float64) + noise.to(torch.float64)) / release.expected
             weight = release.expected
+        elif weighted:
+            mean, task_weights = _per_task_mean(
+                total.to(torch.float64),
+                weight_sum,
+                base,
+                sizes,
+                tasks,
+                spec.secure_sum.range,
+                weight_scale,
+            )
+            weight = None
         else:
             mean = (
                 total.to(torch.float64) / weight_sum
@@ -310,10 +353,43 @@ def private_aggregate(
             clients=[u.client for u in members],
             weight=weight,
             pooled=not release.heads,
+            task_samples=(
+                {t: int(round(float(w) * weight_scale)) for t, w in zip(tasks, task_weights)}
+                if weighted
+                else None
+            ),
         )
     report.releases = sorted(out)
     report.under_clip = under if spec.dp else None
     return out, report
+
+
+def _per_task_mean(
+    total: torch.Tensor,
+    weight_sum: float,
+    base: int,
+    sizes: dict[str, int],
+    tasks: list[str],
+    bound: float,
+    weight_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``partial`` release's sum into its mean: the base over the members' weight sum, each
+    head over its own (the trailing coordinates, over ``bound``; a head no member holds labels
+    for: no change). Returns the mean's vector (without those coordinates) and the head weights
+    (the sums of rows / ``weight_scale``)."""
+    task_weights = total[-len(tasks) :] / bound
+    divisor = torch.cat(
+        [torch.full((max(base, 0),), weight_sum, dtype=total.dtype)]
+        + [
+            torch.full((sizes[t],), float(w), dtype=total.dtype)
+            for t, w in zip(tasks, task_weights)
+        ]
+    )
+    values = total[: -len(tasks)]
+    # weights are whole rows over the scale: under half a row is the secure sum's rounding of 0
+    some = divisor > 0.5 / weight_scale
+    mean = torch.where(some, values / torch.where(some, divisor, 1.0), torch.zeros_like(values))
+    return mean, torch.where(task_weights > 0.5 / weight_scale, task_weights, 0.0)
 
 
 def _sum(

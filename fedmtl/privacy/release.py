@@ -32,6 +32,9 @@ class PrivateRelease:
     config: PrivacyConfig
     secret: SecretRandom = field(repr=False, compare=False)
     seed: int = 0  # SecAgg+'s simulated dropout and graph (not a secret)
+    #: some clients lack some tasks' labels (optional tasks): each head is weighted by the rows
+    #: that hold its labels (:func:`fedmtl.privacy.aggregation.release_input`)
+    partial: bool = False
 
     #: the server never sees one client's update alone (DP clips, the secure sum hides it), so
     #: the bounded-influence screen by norm does not apply: clipping bounds influence instead
@@ -91,6 +94,7 @@ class PrivateRelease:
             client_seed(self.seed, state.round, "server", "secagg"),
             like,
             summer,
+            self.partial,
         )
 
     def after_merge(

@@ -75,6 +75,7 @@ def session_body(release: ReleaseSpec, spec: PrivacyConfig, roster: dict[str, st
         "tasks": list(release.tasks),
         "clip": release.clip,
         "weight_scale": release.weight_scale,
+        "partial": release.partial,
         "bound": release.clip if spec.dp else spec.secure_sum.range,
         "neighbours": spec.secure_sum.neighbours,
         "max_dropout": spec.secure_sum.max_dropout,
@@ -206,7 +207,12 @@ class SiteSecureSum:
         inbox = secagg_wire.decode_shares(self._await("inbox"))
         update.n_samples = fed.manifest_rows(me)  # the public weight, as the coordinator's screen
         vector, scalar = release_input(
-            update, spec, float(body["clip"]), float(body["weight_scale"]), list(body["tasks"])
+            update,
+            spec,
+            float(body["clip"]),
+            float(body["weight_scale"]),
+            list(body["tasks"]),
+            bool(body.get("partial", False)),
         )
         masked = client.masked_input(vector.numpy(), inbox, scalar)
         sent += self._put("masked", secagg_wire.encode_masked(masked))

@@ -176,12 +176,75 @@ def test_settings_that_cannot_skip_missing_labels_are_refused(made, tmp_path):
     for extra, why in (
         ({"algorithm.method": "gpfl", "tracking.register_model": "false"}, "gpfl"),
         ({"server.aggregator": "median"}, "median"),
-        ({"privacy.secure_sum.enabled": "true"}, "secure_sum"),
+        ({"algorithm.method": "fedrod", "tracking.register_model": "false"}, "fedrod"),
     ):
         run_cfg = load_config(None, _settings(tmp_path, **extra))
         with pytest.raises(ValueError, match="label_1") as err:
             Federation.from_config(run_cfg, manifest, ClientStore(tmp_path / "s"))
         assert why in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "ckks"])
+def test_the_secure_sum_weighs_each_head_by_the_rows_that_hold_its_labels(protocol):
+    """The secure sum gives the plain release's per-task means: each head over the clients that
+    hold its labels (their counts travel in the masked vector, at most a client's rows), a head
+    nobody holds does not move, and the weights come back as the head's rows."""
+    from fedmtl.config import PrivacyConfig
+    from fedmtl.privacy.aggregation import private_aggregate
+
+    gen = torch.Generator().manual_seed(0)
+
+    def update(client, n, task_samples):
+        return ClientUpdate(
+            client,
+            "g",
+            n,
+            torch.randn(5, generator=gen) * 0.1,
+            {t: torch.randn(4, generator=gen) * 0.1 for t in ("a", "b", "c")},
+            task_samples=task_samples,
+        )
+
+    ups = [
+        update("c1", 10, {"a": 10, "b": 10, "c": 0}),
+        update("c2", 20, {"a": 20, "b": 0, "c": 0}),
+        update("c3", 30, {"a": 30, "b": 5, "c": 0}),
+        update("c4", 40, {"a": 40, "b": 400, "c": 0}),  # claims more rows than it has: 40
+    ]
+    plain = group_aggregate(ups)["g"]
+    spec = PrivacyConfig(secure_sum={"enabled": True, "protocol": protocol})
+    secure, _ = private_aggregate(
+        ups, spec, 1.0, {}, 40.0, torch.Generator().manual_seed(1), seed=3, partial=True
+    )
+    got = secure["g"]
+    assert torch.allclose(got.delta_base, plain.delta_base, atol=1e-5)
+    clamped = [u.samples_for("b") for u in ups[:3]] + [40]
+    want_b = sum(w * u.delta_heads["b"] for w, u in zip(clamped, ups)) / sum(clamped)
+    assert torch.allclose(got.delta_heads["b"], want_b, atol=1e-5)  # not pulled to 0 by c2
+    assert torch.allclose(got.delta_heads["a"], plain.delta_heads["a"], atol=1e-5)
+    assert torch.equal(got.delta_heads["c"], torch.zeros(4))  # nobody holds c: no change
+    assert got.task_samples == {"a": 100, "b": 55, "c": 0}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"privacy.secure_sum.enabled": "true"},
+        {"privacy.dp_fedavg.enabled": "true", "privacy.dp_fedavg.noise_multiplier": "0.3"},
+    ],
+    ids=["secure-sum", "dp-fedavg"],
+)
+def test_private_runs_train_the_heads_clients_have(made, tmp_path, extra):
+    _, cfg, manifest, _ = made
+    run_cfg = load_config(
+        None, _settings(tmp_path, **{"privacy.min_group_size": "2", **extra})
+    ).model_copy(update={"data": cfg.data})
+    fed = Federation.from_config(run_cfg, manifest, ClientStore(tmp_path / "store"))
+    state0 = fed.initial_state()
+    state, _, history = run_rounds(fed, manifest.client_ids, 2, state=state0)
+    for task in ("label", "label_1", "label_2"):
+        assert not torch.equal(state.global_heads[task], state0.global_heads[task])
+        assert torch.isfinite(state.global_heads[task]).all()
+    assert history[-1]["label_1/personal/accuracy/mean"] > 0.5
 
 
 def test_a_users_table_with_a_partly_empty_label_column_makes_that_task_optional(tmp_path):

@@ -205,3 +205,41 @@ def test_settings_the_secure_sum_at_sites_cannot_honour_are_refused_naming_them(
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         load_config(None, tiny_overrides(tmp_path, **SETTINGS, **sites_mode, **setting))
     load_config(None, tiny_overrides(tmp_path, **SETTINGS, **sites_mode))  # the rest is fine
+
+
+def test_sites_lacking_some_tasks_sum_each_head_over_the_sites_that_hold_it(tmp_path):
+    """Optional tasks across sites: each site puts its per-task rows into the masked vector (the
+    session says so), and the model equals the simulation's secure sum."""
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            **{
+                **SETTINGS,
+                "data.source": "synthetic",
+                "data.synthetic.n_clients": 8,
+                "data.synthetic.n_tasks": 2,
+                "data.partition.missing_tasks": 0.5,
+                "model.hidden": "[8]",
+            },
+        ),
+    )
+    prepare(cfg.data)
+    partition(cfg.data)
+    made = (tmp_path, cfg, read_manifest(cfg.data.partitions_dir))
+    clients = made[2].client_ids
+    assert made[2].tasks[1].optional
+    sim = federation(made, "sim")
+    assert sim.release.partial
+    simulated, _ = run_round(sim, sim.initial_state(), clients, InProcess(), evaluate=False)
+    exchange, coordinator, known, sessions = sites(made, tmp_path, "secure-partial")
+    launcher = InProcessLauncher(sessions, workers=len(clients))
+    steps = SiteSteps(exchange, coordinator, known, launcher, deadline=60, stage_deadline=30)
+    coord = federation(made, "coordinator")
+    state, report = run_round(coord, coord.initial_state(), clients, steps, evaluate=False)
+    launcher.close()
+    assert report.privacy is not None and not report.privacy.dropped_mid_protocol
+    assert torch.allclose(state.base, simulated.base, atol=1e-6)
+    for group, heads in simulated.group_heads.items():
+        for task, head in heads.items():
+            assert torch.allclose(state.group_heads[group][task], head, atol=1e-6), task
