@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedmtl.config.privacy import PrivacyConfig
-from fedmtl.privacy.aggregation import ReleaseSpec, release_input
+from fedmtl.privacy.aggregation import ReleaseSpec
+from fedmtl.privacy.release_vector import release_input
 from fedmtl.privacy.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer
 from fedmtl.privacy.secagg import wire as secagg_wire
 from fedmtl.sites.envelope import EnvelopeRefused, open_envelope, seal

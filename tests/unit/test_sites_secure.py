@@ -14,7 +14,7 @@ from fedmtl.config import load_config
 from fedmtl.data import partition, prepare
 from fedmtl.data.manifest import read_manifest
 from fedmtl.federation import Federation
-from fedmtl.privacy.aggregation import release_input
+from fedmtl.privacy.release_vector import release_input
 from fedmtl.privacy.secagg import wire as secagg_wire
 from fedmtl.rounds import InProcess, run_round
 from fedmtl.sites.envelope import open_envelope
