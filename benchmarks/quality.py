@@ -144,6 +144,9 @@ SCENARIOS = {
         ),
     ]
 }
+#: scenarios with at most this many clients (cross-silo: heart's 4 hospitals) also record each
+#: client's personalised accuracy and macro-F1 (``client/<id>/<metric>``; benchmarks.heart)
+PER_CLIENT_UP_TO = 8
 QUICK_SCENARIOS = ("digits-shards", "digits-label-permutation", "synthetic-0.5-fedprox")
 #: the methods; "fedmtl" runs with its defaults (the personal step's choice by approximate
 #: leave-one-out, ``loo``); "fedmtl-cluster" learns its groups by clustering; "fedmtl-off" keeps
@@ -247,6 +250,13 @@ def run_one(
             task, variant, metric, stat = key.split("/")
             if variant == "personal" and stat == "mean" and metric in ("accuracy", "f1"):
                 metrics[f"{task}/personal_{metric}"] = value
+    if len(manifest.client_ids) <= PER_CLIENT_UP_TO and not records.empty:  # cross-silo: per site
+        first = manifest.tasks[0].name
+        mine = records[(records["variant"] == "personal") & (records["task"] == first)]
+        for row in mine.itertuples():
+            for metric in ("accuracy", "f1"):
+                if hasattr(row, metric):
+                    metrics[f"client/{row.client}/{metric}"] = float(getattr(row, metric))
     if sc.grouped and fed.grouping_method not in (None, "column"):
         metrics["ari"] = adjusted_rand(state.assignment, fed.groups)
     return [

@@ -9,12 +9,12 @@ Client round (docs/algorithm.md):
 - **personal step**, whenever the client receives a new model: with θ frozen, fit ψ_c for
   ``personal_epochs`` starting from φ_g (a fine-tune anchored to the group, optionally
   pulled towards it by ``personal_lambda``/2·‖ψ_c − φ_g‖²), or exactly
-  (``personal_fit: map``, :mod:`fedmtl.client.personal`): by default per task either the group
-  head with the client's own output bias or the personal head at the best λ of a path, whichever
-  the approximate leave-one-out loss on the client's rows shows better by more than one standard
-  error (``personal_lambda_search: loo``); or λ fixed (``off``) or chosen by k-fold
-  cross-validation (``cv``). ψ_c is fitted on the base it will be used with, and never leaves
-  the client.
+  (``personal_fit: map``, :mod:`fedmtl.client.personal`): by default per task the group head,
+  the group head with the client's own output bias or the personal head at ``personal_lambda``,
+  each step kept where the approximate leave-one-out loss on the client's rows shows it better
+  by more than 1.5 standard errors (``personal_lambda_search: loo``); or λ fixed (``off``) or
+  chosen by k-fold cross-validation (``cv``). ψ_c is fitted on the base it will be used with,
+  and never leaves the client.
 """
 
 from __future__ import annotations

@@ -429,3 +429,36 @@ def test_fedmtl_loo_keeps_the_group_head_unless_the_clients_rows_show_a_personal
     # too few rows for a standard error: the MAP fit at the fixed λ
     few = _client_like(data, x[:2], {"label": differ[:2]})
     assert choose_by_loo(ctx.model, state.base, group, few, ctx.tasks, 0.3)[1] == {"label": 0.3}
+
+
+def test_fedmtl_loo_does_not_score_a_class_the_client_holds_once(setup):
+    """The stratified leave-one-out: leaving out the only row of a class removes the class from
+    the refit, while the group head (scored in-sample) saw it; such rows are left out of every
+    candidate's score, and the paired rows stay aligned. A regression task scores every row."""
+    import dataclasses
+
+    from fedmtl.client.personal import _loo_rows
+
+    make, _ = setup
+    fed = make("fedmtl", "loo")
+    _, ctx, state, data = one_client(fed)
+    task = ctx.tasks[0]
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(40, ctx.model.heads["label"].in_features, generator=gen)
+    labels = torch.arange(40) % 2  # classes 0 and 1, twenty rows each
+    labels[7] = 2  # class 2: held once (row 7)
+    heads = ctx.model.heads
+    group = _loo_rows(heads, "label", z, labels, task, None)
+    alo = _loo_rows(heads, "label", z, labels, task, 0.3)
+    with torch.no_grad():
+        in_sample = torch.nn.functional.cross_entropy(heads["label"](z), labels, reduction="none")
+    kept = torch.arange(40) != 7
+    assert group.shape == alo.shape == (39,)
+    np.testing.assert_allclose(group, in_sample[kept].numpy(), rtol=1e-6)
+    labels[7] = 1  # every class held at least twice: every row scored
+    assert _loo_rows(heads, "label", z, labels, task, None).shape == (40,)
+    regression = dataclasses.replace(task, kind="regression", classes=())
+    one = torch.nn.ModuleDict({"label": torch.nn.Linear(z.shape[1], 1)})
+    target = torch.randn(40, generator=gen)
+    assert _loo_rows(one, "label", z, target, regression, None).shape == (40,)
+    assert _loo_rows(one, "label", z, target, regression, 0.3).shape == (40,)
