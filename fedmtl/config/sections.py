@@ -140,14 +140,13 @@ class AlgorithmConfig(_Section):
     )
     personal_lambda_search: PersonalLambdaSearch = Field(
         "loo",
-        description="fedmtl (personal_fit map): loo: per client and task, the group head, the group "
-        "head with the client's own output bias, or its MAP head at personal_lambda, each step "
-        "kept where the approximate leave-one-out log-loss on its train rows shows it better by "
-        "more than 1.5 standard errors (docs/algorithm.md); off: every client uses "
-        "personal_lambda; cv: each "
-        "client picks its own λ from personal_lambda_grid by 5-fold cross-validation on its train "
-        "rows, then refits on all of them (41 fits a client). personal_lambda is also the λ of "
-        "clients with fewer than 3 train rows under loo",
+        description="fedmtl (personal_fit map): loo: per client and task, the group head, the "
+        "group head with the client's own output bias, or its MAP head at personal_lambda, each "
+        "step kept where the approximate leave-one-out log-loss on its train rows shows it "
+        "better by more than 1.5 standard errors (docs/algorithm.md); off: every client uses "
+        "personal_lambda; cv: each client picks its own λ from personal_lambda_grid by 5-fold "
+        "cross-validation on its train rows, then refits on all of them (41 fits a client). "
+        "personal_lambda is also the λ of clients with fewer than 3 train rows under loo",
     )
     personal_lambda_grid: list[float] = Field(
         [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
