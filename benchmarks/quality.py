@@ -167,6 +167,7 @@ METHODS = (
     "fedem",
     "fedbabu",
     "fedrod",
+    "fedcp",
     "fedmtl",
     "fedmtl-cluster",
     "fedmtl-off",

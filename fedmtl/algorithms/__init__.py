@@ -8,6 +8,7 @@ from fedmtl.algorithms.fedala import FedALA
 from fedmtl.algorithms.fedavg import FedAvg
 from fedmtl.algorithms.fedavg_ft import FedAvgFT
 from fedmtl.algorithms.fedbabu import FedBABU
+from fedmtl.algorithms.fedcp import FedCP
 from fedmtl.algorithms.feddbe import FedDBE
 from fedmtl.algorithms.fedem import FedEM
 from fedmtl.algorithms.fedmtl import FedMTL
@@ -39,6 +40,7 @@ METHODS: dict[str, type[Algorithm]] = {
         FedEM,
         FedBABU,
         FedRoD,
+        FedCP,
     )
 }
 

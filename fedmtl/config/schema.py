@@ -89,7 +89,8 @@ class Config(_Section):
             raise ValueError(
                 f"algorithm.method={self.algorithm.method} with tracking.register_model=true: "
                 "its model is not the plain multi-task model (GPFL: conditional valve and class "
-                "embeddings; FedEM: a mixture of components), which the registered model serves; "
+                "embeddings; FedEM: a mixture of components; FedCP: a policy network in its "
+                "heads), which the registered model serves; "
                 "set tracking.register_model=false (a benchmark method, not served yet)"
             )
         return self
@@ -164,11 +165,12 @@ def dp_sgd_blocker(method: str, grouping: str) -> str | None:
             "steps per batch on a personal model) is its own and is not made private; use another "
             "method"
         )
-    if method in ("fedala", "feddbe", "gpfl", "fedem", "fedrod"):
+    if method in ("fedala", "feddbe", "gpfl", "fedem", "fedrod", "fedcp"):
         return (
             f"algorithm.method={method} with privacy.dp_sgd.enabled: its client loop (FedALA's "
             "adaptive aggregation, FedDBE's bias memory, GPFL's guidance losses, FedEM's "
-            "E-step, FedRoD's two heads) is its own and is not made private; use another method"
+            "E-step, FedRoD's two heads, FedCP's feature-discrepancy term) is its own and is "
+            "not made private; use another method"
         )
     if method == "ifca" or (method == "fedmtl" and grouping in ("ifca", "cluster")):
         how = "algorithm.method=ifca" if method == "ifca" else f"grouping.method={grouping}"

@@ -29,10 +29,11 @@ Method = Literal[
     "fedem",
     "fedbabu",
     "fedrod",
+    "fedcp",
 ]
 #: methods whose model is not the plain multi-task model (GPFL's conditional valve and class
-#: embeddings, FedEM's mixture): the registered model cannot serve them yet
-NOT_SERVABLE = ("gpfl", "fedem")
+#: embeddings, FedEM's mixture, FedCP's policy network): the registered model cannot serve them yet
+NOT_SERVABLE = ("gpfl", "fedem", "fedcp")
 ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
 PersonalFit = Literal["sgd", "map"]
 PersonalLambdaSearch = Literal["loo", "off", "cv"]

@@ -83,12 +83,13 @@ class Federation(ClientSteps, ServerSteps):
         their counts as weights (the secure sum carries them beside the heads; under
         DP-FedAvg a client without a task's labels adds a zero head update); the robust rules
         compare whole updates (a client's unmoved head counts as a vote for no change); GPFL's,
-        FedEM's and FedRoD's own losses do not skip missing labels."""
+        FedEM's and FedRoD's own losses do not skip missing labels, and a FedCP client would
+        propose its untrained personal head as the global one."""
         optional = [t.name for t in self.manifest.tasks if t.optional]
         if not optional:
             return None
         why = None
-        if self.algorithm.name in ("gpfl", "fedem", "fedrod"):
+        if self.algorithm.name in ("gpfl", "fedem", "fedrod", "fedcp"):
             why = f"algorithm.method '{self.algorithm.name}' does not support them"
         elif self.robust.rule != "mean":
             why = f"server.aggregator '{self.robust.rule}' compares whole updates"

@@ -210,8 +210,9 @@ def test_every_method_learns_something_and_is_deterministic(setup, method):
     make, manifest = setup
     # GPFL's personal head first sees nearly constant features (its conditional valve's β
     # dominates the base's output at initialisation, as in PFLlib): 0.12 after 2 rounds here,
-    # 0.22 after 4
-    rounds = 4 if method == "gpfl" else 2
+    # 0.22 after 4; FedCP's heads each see about half of every feature at first (the policies
+    # start near ½): 0.19 after 2 rounds
+    rounds = 4 if method in ("gpfl", "fedcp") else 2
     a = run_rounds(make(method, f"det-{method}-a"), manifest.client_ids, rounds)
     b = run_rounds(make(method, f"det-{method}-b"), manifest.client_ids, rounds)
     assert torch.equal(a[0].base, b[0].base)
