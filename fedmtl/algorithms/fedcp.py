@@ -101,12 +101,12 @@ def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
 
-def _proposed(head: FedCPHead, received_generic: list[torch.Tensor]) -> None:
-    """The head the client releases: ψ and φ both ½ψ_c + ½φ, and its CPN (in place)."""
+def _proposed(head: FedCPHead, received: nn.Module) -> None:
+    """The head the client releases: ψ and φ both ½ψ_c + ½φ (``received``: φ as it came), and
+    its CPN (in place)."""
     with torch.no_grad():
-        for p, g, g0 in zip(
-            head.personal.parameters(), head.generic.parameters(), received_generic
-        ):
+        pairs = zip(head.personal.parameters(), head.generic.parameters())
+        for (p, g), g0 in zip(pairs, received.parameters()):
             mean = 0.5 * p + 0.5 * g0
             g.copy_(mean)
             p.copy_(mean)
@@ -129,7 +129,7 @@ class FedCP(Algorithm):
     ) -> tuple[ClientUpdate, PersonalState]:
         cfg, model, tasks = ctx.cfg, ctx.model, ctx.tasks
         load_weights(model, state.base, self._with_own(model, state.global_heads, personal))
-        received = {t.name: flat(model.heads[t.name].generic).clone() for t in tasks}
+        received = {t.name: _frozen_copy(model.heads[t.name].generic) for t in tasks}
         frozen = _frozen_copy(model.base)
         params = [*model.base.parameters()]
         for t in tasks:
@@ -163,8 +163,7 @@ class FedCP(Algorithm):
         own = {t.name: flat(model.heads[t.name].personal).detach().clone() for t in tasks}
         for t in tasks:
             head = model.heads[t.name]
-            generic0 = [v.clone() for v in _unflatten_like(head.generic, received[t.name])]
-            _proposed(head, generic0)
+            _proposed(head, received[t.name])
         proposed = read_heads(model, state.global_heads)
         update = self.update(
             data,
@@ -214,11 +213,3 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
-
-
-def _unflatten_like(module: nn.Module, vector: Vector) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for p in module.parameters():
-        out.append(vector[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return out

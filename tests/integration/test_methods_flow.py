@@ -47,7 +47,8 @@ def _train(root, **extra):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_through_the_flow(prefect_harness, digits_root, method):
-    rounds = 4 if method == "gpfl" else 2  # GPFL learns slowly at first (test_algorithms.py)
+    # GPFL and FedCP learn slowly at first (test_algorithms.py)
+    rounds = 4 if method in ("gpfl", "fedcp") else 2
     cfg, result = _train(
         digits_root,
         **{
