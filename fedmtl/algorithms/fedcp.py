@@ -158,11 +158,11 @@ class FedCP(Algorithm):
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         self._noise(model, None)
-        for t in tasks:
-            model.heads[t.name].generic.requires_grad_(True)
-        own = {t.name: flat(model.heads[t.name].personal).detach().clone() for t in tasks}
+        own = {}
         for t in tasks:
             head = model.heads[t.name]
+            head.generic.requires_grad_(True)
+            own[t.name] = flat(head.personal).detach().clone()
             _proposed(head, received[t.name])
         proposed = read_heads(model, state.global_heads)
         update = self.update(
@@ -184,10 +184,7 @@ class FedCP(Algorithm):
     ) -> tuple[Vector, Heads, None]:
         """The server's θ, CPN and φ with the client's ψ_c (the server's heads, ψ ≡ φ, for a
         client that never trained)."""
-        if personal is None:
-            return state.base, state.global_heads, None
-        load_weights(ctx.model, state.base, self._with_own(ctx.model, state.global_heads, personal))
-        return state.base, read_heads(ctx.model, state.global_heads), None
+        return state.base, self._with_own(ctx.model, state.global_heads, personal), None
 
     @staticmethod
     def _with_own(model: nn.Module, heads: Heads, personal: PersonalState | None) -> Heads:

@@ -33,7 +33,7 @@ class PrivateRelease:
     secret: SecretRandom = field(repr=False, compare=False)
     seed: int = 0  # SecAgg+'s simulated dropout and graph (not a secret)
     #: some clients lack some tasks' labels (optional tasks): each head is weighted by the rows
-    #: that hold its labels (:func:`fedmtl.privacy.aggregation.release_input`)
+    #: that hold its labels (:func:`fedmtl.privacy.release_vector.release_input`)
     partial: bool = False
 
     #: the server never sees one client's update alone (DP clips, the secure sum hides it), so
