@@ -72,23 +72,25 @@ def shared_settings(scenario: str, method: str) -> float | None:
     return sum(got) / len(got) if got else None
 
 
-def markdown(results: list[dict], args: argparse.Namespace, wall: float) -> str:
-    grid = args.grid
+def markdown(results: list[dict], commands: dict[str, str]) -> str:
     lines = [
         "# Learning rates tuned per method",
         "",
-        f"`python -m benchmarks.tune_lr {' '.join(args.argv)}`: {wall / 60:.1f} min on "
-        f"{os.cpu_count()} cores. Each method's learning rate is chosen from the grid by its "
-        f"client-mean personalised accuracy on tuning seeds {list(args.tune_seeds)} and reported "
-        f"on seeds {list(REPORT_SEEDS)} at that learning rate (module docstring). Shared: the "
-        "quality benchmark's row (every method at the scenario's shared learning rate, the same "
-        "reported seeds).",
+        "Each method's learning rate is chosen from the grid by its client-mean personalised "
+        f"accuracy on the tuning seeds ({list(TUNE_SEEDS)} unless the command says otherwise) and "
+        "reported on seeds "
+        f"{list(REPORT_SEEDS)} at that learning rate (`benchmarks/tune_lr.py`). Shared settings: "
+        "the quality benchmark's row (every method at the scenario's shared learning rate, the "
+        "same reported seeds).",
         "",
     ]
     for scenario in dict.fromkeys(r["scenario"] for r in results):
         here = [r for r in results if r["scenario"] == scenario]
+        grid = tuple(sorted({r["lr"] for r in here if r["phase"] == "tune"}))
         lines += [
             f"## {scenario}",
+            "",
+            commands.get(scenario, ""),
             "",
             "Tuning seeds, mean personalised accuracy (%) per learning rate (— : diverged on a "
             "seed):",
@@ -141,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-seeds", default=",".join(map(str, TUNE_SEEDS)))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(RESULTS / "tuned"))
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the existing lr.json's runs of other scenarios",
+    )
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     args.grid = tuple(float(g) for g in args.grid.split(","))
@@ -187,8 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lr.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = markdown(results, args, wall)
+    commands = {
+        s: f"`python -m benchmarks.tune_lr {' '.join(args.argv)}`: {wall / 60:.1f} min on "
+        f"{os.cpu_count()} cores (tuning and reported runs)."
+        for s in scenarios
+    }
+    if args.update and (out / "lr.json").exists():
+        old = json.loads((out / "lr.json").read_text())
+        results = [r for r in old["runs"] if r["scenario"] not in scenarios] + results
+        commands = {**{k: v for k, v in old["commands"].items() if k not in scenarios}, **commands}
+    (out / "lr.json").write_text(json.dumps({"commands": commands, "runs": results}, indent=1))
+    text = markdown(results, commands)
     (out / "lr.md").write_text(text + "\n")
     print(text)
 
