@@ -33,9 +33,12 @@ METRICS = ("personal_accuracy", "personal_accuracy_worst10", "personal_f1")
 
 def _run(job: tuple) -> dict:
     scenario, method, seed, lr, workdir = job
+    from fedmtl.rounds import RoundFailed
+    from fedmtl.server.screening import RejectedUpdate
+
     try:
         records = run_one(scenario, method, seed, False, workdir, (f"training.lr={lr}",))
-    except Exception as exc:  # a diverged run: the server rejects every update
+    except (RejectedUpdate, RoundFailed) as exc:  # diverged: updates with NaN are rejected
         return {"scenario": scenario, "method": method, "seed": seed, "lr": lr, "failed": str(exc)}
     values = {r["metric"]: r["value"] for r in records}
     return {
