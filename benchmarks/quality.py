@@ -390,6 +390,16 @@ def _further_tasks(table) -> list[str]:
     return lines
 
 
+def check_names(parser: argparse.ArgumentParser, scenarios: list[str], methods: list[str]) -> None:
+    """Refuse (``parser.error``) a scenario or method this benchmark does not know, naming it."""
+    for name in scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario '{name}'; choose from {', '.join(SCENARIOS)}")
+    for name in methods:
+        if name not in METHODS:
+            parser.error(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -434,12 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         else list(QUICK_SCENARIOS if args.quick else SCENARIOS)
     )
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    for name in scenarios:
-        if name not in SCENARIOS:
-            parser.error(f"unknown scenario '{name}'; choose from {', '.join(SCENARIOS)}")
-    for name in methods:
-        if name not in METHODS:
-            parser.error(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    check_names(parser, scenarios, methods)
     args.seeds = args.seeds or (1 if args.quick else 3)
 
     from fedmtl import quiet

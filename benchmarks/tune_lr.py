@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchmarks.quality import METHODS, RESULTS, SCENARIOS, run_one
+from benchmarks.quality import METHODS, RESULTS, SCENARIOS, check_names, run_one
 
 GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
 TUNE_SEEDS = (10, 11, 12)
@@ -156,12 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args.grid = tuple(float(g) for g in args.grid.split(","))
     args.tune_seeds = tuple(int(s) for s in args.tune_seeds.split(","))
     scenarios, methods = args.scenarios.split(","), args.methods.split(",")
-    for name in scenarios:
-        if name not in SCENARIOS:
-            parser.error(f"unknown scenario '{name}'; choose from {', '.join(SCENARIOS)}")
-    for name in methods:
-        if name not in METHODS:
-            parser.error(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    check_names(parser, scenarios, methods)
     if set(args.tune_seeds) & set(REPORT_SEEDS):
         parser.error(f"--tune-seeds must not include the reported seeds {list(REPORT_SEEDS)}")
 
