@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -128,9 +129,8 @@ def markdown(results: list[dict], commands: dict[str, str]) -> str:
                 if len(vals) < len(rep) or not vals:
                     cells.append("diverged")
                     continue
-                mean = sum(vals) / len(vals)
-                std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
-                cells.append(f"{mean:.2f} ± {std:.1f}")
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.fmean(vals):.2f} ± {std:.1f}")
             shared = shared_settings(scenario, method)
             cells.append("" if shared is None else f"{100 * shared:.2f}")
             lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + " |")
